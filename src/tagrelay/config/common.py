@@ -1,0 +1,106 @@
+"""Building blocks of the configuration models shared by the core and every forwarder.
+
+Every option carries a ``description`` and an ``examples`` entry: the JSON Schema and the
+README's reference are generated from them, and a test enforces that none is missing.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EVENT_TYPES = ("page", "track", "identify", "group", "alias", "screen")
+EventType = Literal["page", "track", "identify", "group", "alias", "screen"]
+
+ForwarderId = Annotated[
+    str,
+    Field(
+        pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        description="Unique id of this forwarder; used in metrics, logs and the spool cursor.",
+        examples=["warehouse"],
+    ),
+]
+
+
+class ConfigModel(BaseModel):
+    """Base of every configuration model: unknown keys are errors, models are immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BatchConfig(ConfigModel):
+    """How a forwarder groups events before sending them."""
+
+    max_events: int = Field(
+        100, ge=1, le=10_000, description="Send when this many events are waiting.", examples=[100]
+    )
+    max_wait_secs: float = Field(
+        1.0,
+        ge=0,
+        le=3600,
+        description="Send a partial batch once its oldest event has waited this long.",
+        examples=[1.0],
+    )
+
+
+class RetryConfig(ConfigModel):
+    """Retries of a failed batch: capped exponential backoff with full jitter."""
+
+    max_attempts: int = Field(
+        10, ge=1, description="Dead-letter a batch after this many failed attempts.", examples=[10]
+    )
+    initial_backoff_secs: float = Field(
+        1.0, gt=0, description="Backoff ceiling after the first failure.", examples=[1.0]
+    )
+    max_backoff_secs: float = Field(
+        300.0, gt=0, description="Upper bound of any single backoff.", examples=[300.0]
+    )
+    max_age_secs: float = Field(
+        86_400.0,
+        gt=0,
+        description="Dead-letter a batch that has been failing for longer than this.",
+        examples=[86_400.0],
+    )
+
+
+class FilterConfig(ConfigModel):
+    """Which events a forwarder receives. Empty include lists mean 'everything'."""
+
+    include_types: list[EventType] = Field(
+        default_factory=list, description="Only these event types.", examples=[["track", "page"]]
+    )
+    exclude_types: list[EventType] = Field(
+        default_factory=list, description="Never these event types.", examples=[["identify"]]
+    )
+    include_events: list[str] = Field(
+        default_factory=list,
+        description="Only track events with these names (other types are not affected).",
+        examples=[["Order Completed"]],
+    )
+    exclude_events: list[str] = Field(
+        default_factory=list,
+        description="Never track events with these names.",
+        examples=[["Internal Test"]],
+    )
+
+
+class ForwarderConfigBase(ConfigModel):
+    """Options every forwarder has. Each forwarder module subclasses this with its own
+    ``type`` literal and options."""
+
+    id: ForwarderId
+    enabled: bool = Field(
+        True, description="A disabled forwarder keeps no cursor and receives nothing.", examples=[True]
+    )
+    batch: BatchConfig = Field(
+        default_factory=BatchConfig, description="Batching.", examples=[{"max_events": 100}]
+    )
+    retry: RetryConfig = Field(
+        default_factory=RetryConfig, description="Retries and dead letters.", examples=[{"max_attempts": 10}]
+    )
+    filter: FilterConfig = Field(
+        default_factory=FilterConfig,
+        description="Which events this forwarder receives.",
+        examples=[{"include_types": ["track"]}],
+    )

@@ -1,0 +1,78 @@
+"""The exception tree of tagrelay.
+
+::
+
+    TagrelayError
+     +-- ConfigError            the configuration file is invalid (carries every problem)
+     +-- IngestError            one request or event is rejected (-> 4xx with a reason code)
+     |    +-- AuthError         missing or unknown write key (-> 401)
+     +-- SpoolUnavailable       the spool cannot commit (disk full, permissions) (-> 503)
+     +-- WarehouseError         a warehouse statement failed
+          +-- QueryRejected     ``tagrelay sql`` got a statement it may not run
+
+Messages say what was expected, what arrived and what to do; they never carry secrets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class TagrelayError(Exception):
+    """Base class of every error raised on purpose by tagrelay."""
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    """One problem in a configuration file: where it is and what is wrong."""
+
+    path: str
+    """Dotted key path, e.g. ``forwarders[1].batch.max_events``; empty for the root."""
+    line: int | None
+    """1-based line in the YAML file, when known."""
+    message: str
+
+    def __str__(self) -> str:
+        where = self.path or "<root>"
+        if self.line is not None:
+            where = f"line {self.line}: {where}"
+        return f"{where}: {self.message}"
+
+
+class ConfigError(TagrelayError):
+    """The configuration is invalid. ``problems`` lists every problem found, not just the first."""
+
+    def __init__(self, source: str, problems: list[ConfigProblem]) -> None:
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s) in the configuration:\n{lines}")
+
+
+class IngestError(TagrelayError):
+    """A request or an event was rejected. ``code`` is a bounded reason used in metrics."""
+
+    status = 400
+
+    def __init__(self, code: str, message: str) -> None:
+        self.code = code
+        self.message = message
+        super().__init__(f"{code}: {message}")
+
+
+class AuthError(IngestError):
+    """The write key is missing, unknown or not allowed on this endpoint."""
+
+    status = 401
+
+
+class SpoolUnavailable(TagrelayError):
+    """The spool could not commit; nothing in the failed commit was acknowledged."""
+
+
+class WarehouseError(TagrelayError):
+    """A warehouse statement failed."""
+
+
+class QueryRejected(WarehouseError):
+    """``tagrelay sql`` was given a statement that is not a read-only query."""

@@ -1,0 +1,18 @@
+"""Forwarders: one module per destination, registered here by ``type``.
+
+Adding a destination: a module with a config model and a ``Forwarder`` subclass, one line
+in ``FORWARDERS``, one test file under ``tests/forwarders/``.
+"""
+
+from __future__ import annotations
+
+from tagrelay.forwarders._base import Forwarder, ForwarderContext
+from tagrelay.forwarders.warehouse import WarehouseForwarder
+from tagrelay.forwarders.webhook import WebhookForwarder
+
+FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
+    "warehouse": WarehouseForwarder,
+    "webhook": WebhookForwarder,
+}
+
+__all__ = ["FORWARDERS", "Forwarder", "ForwarderContext"]

@@ -1,0 +1,108 @@
+"""Shared HTTP sending and the one table that classifies responses.
+
+==========================================  ==========================================
+what came back                              outcome
+==========================================  ==========================================
+2xx                                         ``Delivered``
+408, 429, 5xx                               ``Retry`` (honouring ``Retry-After``)
+timeout, connection error                   ``Retry``
+any other status                            ``Dead`` with the response body as detail
+==========================================  ==========================================
+
+A forwarder builds ``HttpRequest`` values (a pure function of the batch, golden-tested) and
+calls ``send``; it overrides classification only for its platform's quirks, such as a 200
+that carries an error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from tagrelay.model import Dead, Delivered, Outcome, Retry
+
+MAX_DETAIL_CHARS = 2000
+"""Response bodies kept in dead letters and logs are cut to this length."""
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def text(self) -> str:
+        return self.body[:MAX_DETAIL_CHARS].decode("utf-8", "replace")
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def classify_status(response: HttpResponse) -> Outcome:
+    """The shared classification table (see the module docstring)."""
+    status = response.status
+    if 200 <= status < 300:
+        return Delivered()
+    if status == 408 or status == 429 or status >= 500:
+        reason = f"status_{status}" if status in (408, 429) else "status_5xx"
+        return Retry(
+            reason=reason,
+            detail=f"HTTP {status}: {response.text}",
+            after_secs=parse_retry_after(response.headers.get("Retry-After")),
+        )
+    return Dead(reason="status_4xx" if 400 <= status < 500 else f"status_{status // 100}xx",
+                detail=f"HTTP {status}: {response.text}")
+
+
+async def send(
+    session: aiohttp.ClientSession, request: HttpRequest, timeout_secs: float
+) -> HttpResponse | Retry:
+    """Send one request. Network failures come back as ``Retry``; responses, whatever their
+    status, as ``HttpResponse`` for the caller to classify."""
+    try:
+        async with session.request(
+            request.method,
+            request.url,
+            headers=request.headers,
+            data=request.body,
+            timeout=aiohttp.ClientTimeout(total=timeout_secs),
+            allow_redirects=False,
+        ) as resp:
+            body = await resp.content.read(64 * 1024)
+            return HttpResponse(resp.status, dict(resp.headers), body)
+    except TimeoutError:
+        return Retry(reason="timeout", detail=f"no response within {timeout_secs:g}s")
+    except aiohttp.ClientError as exc:
+        return Retry(reason="connection_error", detail=f"{type(exc).__name__}: {exc}")
+    except asyncio.CancelledError:
+        raise
+    except OSError as exc:
+        return Retry(reason="connection_error", detail=f"{type(exc).__name__}: {exc}")

@@ -1,0 +1,56 @@
+"""``webhook``: POST each batch as JSON to a URL of the user's choosing.
+
+Body: ``{"batch": [event, ...], "sentAt": "<iso>"}`` (Segment's batch shape), with the
+configured headers. Classification is the shared table of ``_http``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Literal
+
+import orjson
+from pydantic import Field
+
+from tagrelay.config.common import ForwarderConfigBase
+from tagrelay.forwarders._base import Forwarder
+from tagrelay.forwarders._http import HttpRequest, classify_status, send
+from tagrelay.model import Event, Outcome, Retry
+
+
+class WebhookConfig(ForwarderConfigBase):
+    """POST batches of events as JSON to an HTTP endpoint."""
+
+    type: Literal["webhook"] = Field(description="Forwarder type.", examples=["webhook"])
+    endpoint: str = Field(
+        pattern=r"^https?://",
+        description="URL the batches are POSTed to.",
+        examples=["https://hooks.example.com/tagrelay"],
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra request headers, e.g. an Authorization token (never logged).",
+        examples=[{"Authorization": "Bearer ${HOOK_TOKEN}"}],
+    )
+    timeout_secs: float = Field(
+        10.0, gt=0, le=300, description="Per-request timeout.", examples=[10.0]
+    )
+
+
+def build_request(config: WebhookConfig, events: list[Event], now: datetime) -> HttpRequest:
+    """The exact request for one batch (pure)."""
+    body = orjson.dumps({"batch": events, "sentAt": now.isoformat(timespec="milliseconds")})
+    headers = {"Content-Type": "application/json", "User-Agent": "tagrelay"}
+    headers.update(config.headers)
+    return HttpRequest("POST", config.endpoint, headers, body)
+
+
+class WebhookForwarder(Forwarder[WebhookConfig]):
+    config_model = WebhookConfig
+
+    async def deliver(self, events: list[Event]) -> Outcome:
+        request = build_request(self.config, events, datetime.now(UTC))
+        response = await send(self.context.http, request, self.config.timeout_secs)
+        if isinstance(response, Retry):
+            return response
+        return classify_status(response)

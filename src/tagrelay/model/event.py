@@ -1,0 +1,38 @@
+"""The one event model every source produces and every forwarder consumes.
+
+It is Segment's spec, kept as a plain ``dict`` (events are decoded from and encoded to JSON
+at high rates; a class per event would cost more than it adds). The keys, after
+normalization by ``tagrelay.pipeline.normalize``:
+
+=====================  =====================================================================
+``type``               page, track, identify, group, alias or screen
+``event``              the name of a track event (required for track)
+``name``               the name of a page or screen (optional)
+``messageId``          unique id of the event; the deduplication key everywhere
+``anonymousId``        the visitor's anonymous id
+``userId``             the known user id
+``groupId``            group events: the account/company id
+``previousId``         alias events: the previous id
+``properties``         object: what happened (track, page, screen)
+``traits``             object: who it is (identify, group)
+``context``            object: ``page``, ``ip``, ``userAgent``, ``locale``, ``campaign``,
+                       ``library``, ``consent``, ``clientIds``, ``traits``, ...
+``timestamp``          when it happened, corrected for the client's clock skew (ISO 8601, UTC)
+``originalTimestamp``  the client's own timestamp, as sent
+``sentAt``             the client's clock when it sent the request
+``receivedAt``         the relay's clock when the request arrived
+``integrations``       Segment's per-destination switches, kept as sent
+=====================  =====================================================================
+
+Every event is stored with ``context.source`` naming the protocol it arrived by and
+``context.writeKeyId`` naming the write key's id (never its secret).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+Event = dict[str, Any]
+"""An event: a JSON object following the table above."""
+
+EVENT_TYPES: Final = frozenset({"page", "track", "identify", "group", "alias", "screen"})

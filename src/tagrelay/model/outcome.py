@@ -1,0 +1,40 @@
+"""What a forwarder says about one batch. Retry is a value, not an exception.
+
+- ``Delivered``: the destination took the batch. ``rejected`` names events (by index in
+  the batch) that the destination refused individually; they become dead letters.
+- ``Retry``: a transient failure (408, 429, 5xx, timeout, connection error). ``after_secs``
+  is the destination's Retry-After when it gave one.
+- ``Dead``: a permanent failure (other 4xx, a payload the destination will never take). The
+  batch becomes dead letters with ``reason`` and ``detail`` (e.g. the response body).
+
+``reason`` is a bounded code used as a metric label (``status_429``, ``status_5xx``,
+``timeout``, ``connection_error``, ``status_4xx``, ...). ``detail`` is free text for humans and
+the dead-letter table; it must never contain a secret.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    rejected: Mapping[int, str] = field(default_factory=dict)
+    """index in the batch -> reason, for events refused one by one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Retry:
+    reason: str
+    detail: str = ""
+    after_secs: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    reason: str
+    detail: str = ""
+
+
+Outcome = Delivered | Retry | Dead
