@@ -54,9 +54,11 @@ class IngestError(TagrelayError):
 
     status = 400
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
         self.code = code
         self.message = message
+        if status is not None:
+            self.status = status
         super().__init__(f"{code}: {message}")
 
 

@@ -1,0 +1,22 @@
+"""Sources: one module per inbound protocol, registered here by name.
+
+Each exposes ``decode(parsed_body, path_name) -> Decoded`` (pure). The name is the
+``source`` label of the ingest metrics and ``context.source`` of the stored events.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from tagrelay.sources import jitsu, segment
+from tagrelay.sources._base import Decoded, parse_json_body
+
+Decoder = Callable[[Any, str], Decoded]
+
+SOURCES: dict[str, Decoder] = {
+    "segment": segment.decode,
+    "jitsu": jitsu.decode,
+}
+
+__all__ = ["SOURCES", "Decoded", "Decoder", "parse_json_body"]

@@ -1,0 +1,189 @@
+"""``create_app(config)``: the one place that wires the parts of the relay together.
+
+Start-up order (``cleanup_ctx``, torn down in reverse): the spool opens; the shared HTTP
+client session opens; the forwarders start their workers; the admin socket (for
+``tagrelay sql``) listens. On shutdown aiohttp first stops accepting connections and lets
+in-flight requests finish (their commits included), then the workers finish their batches,
+then the spool closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from tagrelay.config.models import Config
+from tagrelay.forwarders import FORWARDERS, ForwarderContext
+from tagrelay.forwarders._worker import ForwarderWorker
+from tagrelay.metrics import Metrics
+from tagrelay.spool.sqlite import SqliteSpool
+from tagrelay.web.ingest import IngestService, Route, json_response
+from tagrelay.web.routes import ingest_routes
+
+log = logging.getLogger(__name__)
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+SPOOL = web.AppKey("spool", SqliteSpool)
+WORKERS = web.AppKey("workers", dict[str, ForwarderWorker])
+INGEST = web.AppKey("ingest", IngestService)
+READY = web.AppKey("ready", dict[str, bool])
+
+
+def spool_path(data_dir: Path) -> Path:
+    return data_dir / "spool.sqlite3"
+
+
+def admin_socket_path(data_dir: Path) -> Path:
+    return data_dir / "admin.sock"
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Times every request by route template, and turns any unexpected exception into a
+    JSON 500 (a bug, logged with its traceback) instead of a dropped connection."""
+    start = time.perf_counter()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        if exc.status == 404:
+            return json_response(404, {"error": "not_found", "message": "no such endpoint"})
+        if exc.status == 405:
+            return json_response(405, {"error": "method_not_allowed", "message": exc.reason})
+        raise
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error", extra={"path": request.path})
+        return json_response(500, {"error": "internal_error", "message": "internal error"})
+    finally:
+        info = request.match_info.route.resource
+        route = info.canonical if info is not None else "unmatched"
+        request.app[METRICS].http_duration.labels(
+            route, request.method, f"{status // 100}xx"
+        ).observe(time.perf_counter() - start)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response(200, {"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ready = request.app[READY]
+    problems = [name for name, ok in ready.items() if not ok]
+    spool = request.app[SPOOL]
+    if not spool.writable():
+        problems.append("spool_not_writable")
+    if problems:
+        return json_response(503, {"status": "not_ready", "problems": problems})
+    return json_response(200, {"status": "ready"})
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_app(config: Config, *, data_dir: Path | None = None, admin_socket: bool = True) -> web.Application:
+    """Build the relay. ``data_dir`` overrides ``config.data_dir`` (the CLI's ``--data-dir``)."""
+    data_dir = data_dir or config.data_dir
+    app = web.Application(
+        client_max_size=config.limits.max_request_bytes, middlewares=[observe]
+    )
+    metrics = Metrics()
+    spool = SqliteSpool(
+        spool_path(data_dir),
+        synchronous=config.spool.synchronous,
+        max_size_mb=config.spool.max_size_mb,
+    )
+    app[CONFIG] = config
+    app[METRICS] = metrics
+    app[SPOOL] = spool
+    app[WORKERS] = {}
+    app[READY] = {"spool": False, "forwarders": False}
+    app[INGEST] = IngestService(config, spool, metrics)
+    metrics.watch_spool_depth(lambda: {fid: spool.depth(fid) for fid in app[WORKERS]})
+
+    async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
+        await spool.open()
+        app[READY]["spool"] = True
+        pruner = asyncio.create_task(_prune_loop(spool, config.spool.prune_interval_secs))
+        yield
+        pruner.cancel()
+        app[READY]["spool"] = False
+        await spool.close()
+
+    async def forwarders_ctx(app: web.Application) -> AsyncIterator[None]:
+        enabled = [f for f in config.forwarders if f.enabled]
+        dropped = await spool.drop_cursors_except({f.id for f in enabled})
+        for name in dropped:
+            log.warning("forgot the cursor of a forwarder no longer configured",
+                        extra={"forwarder": name})
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+            headers={"User-Agent": "tagrelay"},
+        )
+        context = ForwarderContext(data_dir=data_dir, http=session)
+        workers = app[WORKERS]
+        try:
+            for fwd_config in enabled:
+                forwarder = FORWARDERS[fwd_config.type](fwd_config, context)
+                worker = ForwarderWorker(forwarder, spool, metrics)
+                await worker.start()
+                workers[fwd_config.id] = worker
+            app[READY]["forwarders"] = True
+            metrics.up.set(1)
+            yield
+        finally:
+            metrics.up.set(0)
+            app[READY]["forwarders"] = False
+            timeout = config.server.shutdown_timeout_secs
+            await asyncio.gather(*(w.stop(timeout) for w in workers.values()),
+                                 return_exceptions=True)
+            await session.close()
+
+    app.cleanup_ctx.append(spool_ctx)
+    app.cleanup_ctx.append(forwarders_ctx)
+    if admin_socket:
+        from tagrelay.web.admin import admin_socket_ctx
+
+        app.cleanup_ctx.append(admin_socket_ctx(admin_socket_path(data_dir)))
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    ingest_routes(app.router, app[INGEST])
+    return app
+
+
+async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await spool.prune()
+        except Exception:
+            log.warning("spool prune failed; will try again", exc_info=True)
+
+
+def warehouse_of(app: web.Application) -> Any:
+    """The first warehouse forwarder's open ``Warehouse``, for the admin socket."""
+    for worker in app[WORKERS].values():
+        wh = getattr(worker.forwarder, "warehouse", None)
+        if wh is not None:
+            return wh
+    return None

@@ -1,0 +1,35 @@
+"""``tagrelay serve``: run the relay until SIGTERM or SIGINT, then shut down gracefully."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from aiohttp import web
+
+from tagrelay.app import create_app
+from tagrelay.cli.logs import setup_logging
+from tagrelay.config.models import Config
+
+log = logging.getLogger("tagrelay")
+
+
+def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path | None) -> int:
+    setup_logging(config.logging.level, config.logging.format)
+    app = create_app(config, data_dir=data_dir)
+    host = host or config.server.host
+    port = config.server.port if port is None else port
+    log.info("tagrelay listening", extra={"host": host, "port": port,
+                                          "data_dir": str(data_dir or config.data_dir)})
+    # run_app handles SIGINT/SIGTERM: stop accepting, let in-flight requests finish (their
+    # spool commits included) for up to shutdown_timeout, then run the cleanup contexts.
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        shutdown_timeout=config.server.shutdown_timeout_secs,
+        access_log=None,
+        print=None,
+    )
+    log.info("tagrelay stopped")
+    return 0

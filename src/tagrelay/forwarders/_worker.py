@@ -1,0 +1,238 @@
+"""The forwarder runtime: one worker per configured forwarder, written once.
+
+A worker owns a cursor on the spool. It reads the next batch after its cursor (up to
+``batch.max_events``, waiting up to ``batch.max_wait_secs`` for a partial batch to fill),
+applies the forwarder's filter, calls ``deliver`` and acts on the outcome:
+
+- ``Delivered``: the cursor moves past the batch; events refused one by one become dead
+  letters.
+- ``Retry``: the same batch is tried again after a capped exponential backoff with full
+  jitter (or the destination's ``Retry-After``). The attempt count and the time of the first
+  failure are stored with the cursor, so a restart neither forgets nor resets them. After
+  ``retry.max_attempts`` attempts or ``retry.max_age_secs``, the batch becomes dead letters.
+- ``Dead``: the batch becomes dead letters at once, with the reason and detail.
+
+Ordering is kept per forwarder: a failing batch holds back the ones after it (they wait on
+disk, not in memory), and never holds back ingestion or another forwarder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+
+import orjson
+
+from tagrelay.config.common import ForwarderConfigBase, RetryConfig
+from tagrelay.forwarders._base import Forwarder
+from tagrelay.metrics import Metrics
+from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
+from tagrelay.spool.sqlite import CursorState, SpooledEvent, SqliteSpool
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_SECS = 5.0
+"""Upper bound on waiting for the spool's wake-up signal (a safety net, not the mechanism)."""
+
+
+def backoff_secs(attempt: int, retry: RetryConfig, rand: Callable[[], float] = random.random) -> float:
+    """Full jitter: uniform in [0, min(max_backoff, initial * 2**(attempt-1))]."""
+    ceiling = min(retry.max_backoff_secs, retry.initial_backoff_secs * (2 ** max(0, attempt - 1)))
+    return ceiling * rand()
+
+
+def accepts(config: ForwarderConfigBase, event: Event) -> bool:
+    """The forwarder's filter (include/exclude by type and by track event name)."""
+    f = config.filter
+    etype = event.get("type")
+    if f.include_types and etype not in f.include_types:
+        return False
+    if etype in f.exclude_types:
+        return False
+    if etype == "track":
+        name = event.get("event")
+        if f.include_events and name not in f.include_events:
+            return False
+        if name in f.exclude_events:
+            return False
+    return True
+
+
+class ForwarderWorker:
+    def __init__(
+        self,
+        forwarder: Forwarder,  # type: ignore[type-arg]
+        spool: SqliteSpool,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.time,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.forwarder = forwarder
+        self.config: ForwarderConfigBase = forwarder.config
+        self.spool = spool
+        self.metrics = metrics
+        self._clock = clock
+        self._rand = rand
+        self._wake = spool.subscribe()
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._state = CursorState(0)
+        self.idle = asyncio.Event()
+        """Set whenever the worker has caught up with the spool's head (tests wait on it)."""
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+    async def start(self) -> None:
+        self._state = await self.spool.register(self.id)
+        await self.forwarder.start()
+        self._task = asyncio.create_task(self._run(), name=f"forwarder-{self.id}")
+
+    async def stop(self, timeout_secs: float) -> None:
+        """Let the batch in flight finish (up to ``timeout_secs``), then stop."""
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout_secs)
+            except TimeoutError:
+                log.warning("forwarder did not stop in time; its batch will be sent again",
+                            extra={"forwarder": self.id})
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+        await self.forwarder.close()
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._step()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug or a spool failure: never let the worker die; back off and try again.
+                log.exception("forwarder step failed", extra={"forwarder": self.id})
+                await self._sleep(1.0)
+
+    async def _step(self) -> None:
+        batch_cfg = self.config.batch
+        self._wake.clear()
+        batch = await self.spool.read(self._state.position, batch_cfg.max_events)
+        if not batch:
+            self.idle.set()
+            await self._wait_for_wake(IDLE_POLL_SECS)
+            return
+        self.idle.clear()
+        if len(batch) < batch_cfg.max_events and self._state.attempts == 0:
+            waited = self._clock() - batch[0].received_ms / 1000
+            if waited < batch_cfg.max_wait_secs:
+                await self._wait_for_wake(batch_cfg.max_wait_secs - waited)
+                if not self._stopping.is_set():
+                    return  # re-read: the batch may have grown
+        await self._process(batch)
+
+    async def _process(self, batch: list[SpooledEvent]) -> None:
+        last = batch[-1].seq
+        kept: list[SpooledEvent] = []
+        events: list[Event] = []
+        for item in batch:
+            event = orjson.loads(item.payload)
+            if accepts(self.config, event):
+                kept.append(item)
+                events.append(event)
+        filtered = len(batch) - len(kept)
+        if filtered:
+            self.metrics.forwarder_events.labels(self.id, "filtered").inc(filtered)
+        if not events:
+            await self.spool.advance(self.id, last)
+            self._state = CursorState(last)
+            return
+
+        self.metrics.batch_size.labels(self.id).observe(len(events))
+        try:
+            outcome: Outcome = await self.forwarder.deliver(events)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("forwarder raised", extra={"forwarder": self.id})
+            outcome = Retry(reason="internal_error", detail=f"{type(exc).__name__}: {exc}")
+
+        if isinstance(outcome, Delivered):
+            await self._delivered(kept, outcome, last)
+        elif isinstance(outcome, Dead):
+            await self._dead(kept, outcome.reason, outcome.detail, last)
+        else:
+            await self._retry(kept, outcome, last)
+
+    async def _delivered(self, kept: list[SpooledEvent], outcome: Delivered, last: int) -> None:
+        rejected = [kept[i] for i in sorted(outcome.rejected) if 0 <= i < len(kept)]
+        if rejected:
+            for index in sorted(outcome.rejected):
+                if 0 <= index < len(kept):
+                    reason = outcome.rejected[index]
+                    await self.spool.dead_letter(
+                        self.id, [kept[index]], reason, reason, self._state.attempts + 1
+                    )
+                    self.metrics.dead_letters.labels(self.id, "rejected_by_destination").inc()
+            self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(rejected))
+        await self.spool.advance(self.id, last)
+        self._state = CursorState(last)
+        delivered = len(kept) - len(rejected)
+        if delivered:
+            self.metrics.forwarder_events.labels(self.id, "delivered").inc(delivered)
+            now = self._clock()
+            hist = self.metrics.delivery_latency.labels(self.id)
+            for item in kept:
+                hist.observe(max(0.0, now - item.received_ms / 1000))
+
+    async def _dead(self, kept: list[SpooledEvent], reason: str, detail: str, last: int) -> None:
+        attempts = self._state.attempts + 1
+        await self.spool.dead_letter(self.id, kept, reason, detail, attempts, advance_to=last)
+        self._state = CursorState(last)
+        self.metrics.dead_letters.labels(self.id, reason).inc(len(kept))
+        self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(kept))
+        log.error(
+            "events dead-lettered",
+            extra={"forwarder": self.id, "events": len(kept), "reason": reason, "attempts": attempts},
+        )
+
+    async def _retry(self, kept: list[SpooledEvent], outcome: Retry, last: int) -> None:
+        retry_cfg = self.config.retry
+        now_ms = int(self._clock() * 1000)
+        attempts = self._state.attempts + 1
+        first = self._state.first_failure_ms or now_ms
+        age_secs = (now_ms - first) / 1000
+        self.metrics.forwarder_retries.labels(self.id, outcome.reason).inc()
+        if attempts >= retry_cfg.max_attempts:
+            await self._dead(kept, "max_attempts", f"{attempts} attempts; last: {outcome.detail}", last)
+            return
+        if age_secs >= retry_cfg.max_age_secs:
+            await self._dead(kept, "max_age", f"failing for {age_secs:.0f}s; last: {outcome.detail}", last)
+            return
+        self._state = CursorState(self._state.position, attempts, first)
+        await self.spool.record_failure(self.id, self._state)
+        delay = backoff_secs(attempts, retry_cfg, self._rand)
+        if outcome.after_secs is not None:
+            delay = outcome.after_secs
+        delay = min(delay, max(0.0, retry_cfg.max_age_secs - age_secs))
+        log.warning(
+            "delivery failed; will retry",
+            extra={"forwarder": self.id, "reason": outcome.reason, "attempt": attempts,
+                   "retry_in_secs": round(delay, 3)},
+        )
+        await self._sleep(delay)
+
+    async def _wait_for_wake(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def _sleep(self, secs: float) -> None:
+        """Sleep, but wake up at once when stopping."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), secs)

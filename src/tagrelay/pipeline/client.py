@@ -1,0 +1,84 @@
+"""Who sent the request: the client IP behind trusted proxies, and the user agent.
+
+``context.ip`` comes from the socket. ``X-Forwarded-For`` and ``X-Real-IP`` are believed only
+when the peer is a configured trusted proxy; then the client is the right-most address in
+``X-Forwarded-For`` that is not itself a trusted proxy (addresses further left can be forged
+by the client). Only server keys may set ``context.ip`` and ``context.userAgent`` themselves;
+for browser keys the relay's view always wins.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+
+from tagrelay.model import Event
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@lru_cache(maxsize=4096)
+def _parse_ip(text: str) -> IPAddress | None:
+    text = text.strip()
+    if text.startswith("[") and "]" in text:  # [v6]:port
+        text = text[1 : text.index("]")]
+    elif text.count(":") == 1:  # v4:port
+        text = text.split(":", 1)[0]
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+class ClientResolver:
+    def __init__(self, trusted_proxies: Sequence[IPNetwork]) -> None:
+        self._trusted = tuple(trusted_proxies)
+
+    def _is_trusted(self, addr: IPAddress) -> bool:
+        return any(addr in net for net in self._trusted)
+
+    def client_ip(self, peer: str | None, headers: Mapping[str, str]) -> str | None:
+        """The client's address as the relay can prove it."""
+        if peer is None:
+            return None
+        peer_addr = _parse_ip(peer)
+        if peer_addr is None or not self._trusted or not self._is_trusted(peer_addr):
+            return peer
+        forwarded = headers.get("X-Forwarded-For")
+        if forwarded:
+            hops = [h for h in forwarded.split(",") if h.strip()]
+            for hop in reversed(hops):
+                addr = _parse_ip(hop)
+                if addr is None:
+                    break
+                if not self._is_trusted(addr):
+                    return str(addr)
+            else:
+                first = _parse_ip(hops[0]) if hops else None
+                if first is not None:
+                    return str(first)
+        real = headers.get("X-Real-IP")
+        if real:
+            addr = _parse_ip(real)
+            if addr is not None:
+                return str(addr)
+        return peer
+
+
+def apply_client(
+    event: Event, *, ip: str | None, user_agent: str | None, trusted_sender: bool
+) -> None:
+    """Set ``context.ip`` and ``context.userAgent`` from the request, unless a trusted
+    (server-key) sender set them itself."""
+    context = event.get("context")
+    if context is None:
+        context = event["context"] = {}
+    if not (trusted_sender and context.get("ip")):
+        if ip is not None:
+            context["ip"] = ip
+        else:
+            context.pop("ip", None)
+    if not (trusted_sender and context.get("userAgent")) and user_agent:
+        context["userAgent"] = user_agent

@@ -1,0 +1,176 @@
+"""Normalize one decoded event into the model of ``tagrelay.model.event`` (pure).
+
+Checks its shape (type, event name, object fields, ids, nesting depth) and raises
+``IngestError`` with a bounded reason code when it cannot be accepted; sanitizes or
+generates ``messageId``; sets ``receivedAt``; corrects ``timestamp`` for the client's clock
+skew the way Segment does::
+
+    timestamp = receivedAt - (sentAt - originalTimestamp)
+
+so an event sent by a device whose clock is an hour off lands at the right time. Without
+``sentAt`` the client's timestamp is kept (server libraries have good clocks); without a
+timestamp the event happened when it was received.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final
+
+from tagrelay.errors import IngestError
+from tagrelay.model import EVENT_TYPES, Event
+
+OBJECT_FIELDS: Final = ("properties", "traits", "context", "integrations")
+ID_FIELDS: Final = ("anonymousId", "userId", "groupId", "previousId")
+MAX_ID_CHARS: Final = 256
+MAX_MESSAGE_ID_CHARS: Final = 128
+_MESSAGE_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")
+_EPOCH_MS_THRESHOLD: Final = 100_000_000_000  # numbers above this are milliseconds
+
+
+def iso(dt: datetime) -> str:
+    """``2026-11-29T15:38:32.123Z``: the one timestamp format events carry."""
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: Any, field: str) -> datetime | None:
+    """An ISO 8601 string or an epoch number (seconds or milliseconds) as an aware UTC
+    datetime; ``None`` for absent values; ``IngestError`` for anything else."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            raise IngestError(
+                "invalid_timestamp", f"{field} must be an ISO 8601 date-time, got {value[:40]!r}"
+            ) from None
+        return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        secs = value / 1000 if value > _EPOCH_MS_THRESHOLD else value
+        try:
+            return datetime.fromtimestamp(secs, UTC)
+        except (OverflowError, OSError, ValueError):
+            raise IngestError("invalid_timestamp", f"{field} is out of range") from None
+    raise IngestError(
+        "invalid_timestamp", f"{field} must be a string or a number, got {type(value).__name__}"
+    )
+
+
+def nesting_depth_exceeds(value: Any, limit: int) -> bool:
+    """True when objects/arrays inside ``value`` nest deeper than ``limit`` levels."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def normalize_event(
+    raw: Any,
+    *,
+    received_at: datetime,
+    batch_sent_at: Any = None,
+    default_type: str | None = None,
+    max_depth: int,
+) -> Event:
+    """Validate and normalize one event. ``raw`` is what the client sent (already
+    decoded from JSON); it is modified in place and returned."""
+    if not isinstance(raw, dict):
+        raise IngestError("invalid_event", f"an event must be a JSON object, got {_type_name(raw)}")
+    event: Event = raw
+
+    etype = event.get("type") or default_type
+    if etype is None:
+        raise IngestError("missing_type", "the event has no type (page, track, identify, ...)")
+    if not isinstance(etype, str) or etype not in EVENT_TYPES:
+        raise IngestError(
+            "unknown_type",
+            f"unknown event type {str(etype)[:40]!r}; expected one of "
+            + ", ".join(sorted(EVENT_TYPES)),
+        )
+    event["type"] = etype
+
+    if etype == "track":
+        name = event.get("event")
+        if not isinstance(name, str) or not name.strip():
+            raise IngestError("missing_event", "a track event needs a non-empty 'event' name")
+
+    for key in OBJECT_FIELDS:
+        value = event.get(key)
+        if value is None:
+            if key in event:
+                del event[key]
+        elif not isinstance(value, dict):
+            raise IngestError(
+                "invalid_field", f"{key} must be an object, got {_type_name(value)}"
+            )
+
+    for key in ID_FIELDS:
+        value = event.get(key)
+        if value is None or value == "":
+            # RudderStack sends userId "" for "no user": the same as absent.
+            event.pop(key, None)
+        elif isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise IngestError(
+                "invalid_field", f"{key} must be a string, got {_type_name(value)}"
+            )
+        else:
+            text = value if isinstance(value, str) else str(value)
+            if len(text) > MAX_ID_CHARS:
+                raise IngestError("invalid_field", f"{key} is longer than {MAX_ID_CHARS} characters")
+            event[key] = text
+    if "userId" not in event and "anonymousId" not in event:
+        raise IngestError("missing_id", "the event needs a userId or an anonymousId")
+
+    message_id = event.get("messageId")
+    if isinstance(message_id, int | float) and not isinstance(message_id, bool):
+        message_id = str(message_id)
+    if isinstance(message_id, str):
+        message_id = message_id.strip()
+    if not isinstance(message_id, str) or not _MESSAGE_ID_OK.match(message_id):
+        message_id = str(uuid.uuid4())
+    event["messageId"] = message_id
+
+    if nesting_depth_exceeds(event, max_depth):
+        raise IngestError("too_deep", f"the event nests objects deeper than {max_depth} levels")
+
+    client_ts = parse_time(event.get("timestamp"), "timestamp")
+    original = parse_time(event.get("originalTimestamp"), "originalTimestamp") or client_ts
+    sent_raw = event.get("sentAt")
+    sent = parse_time(sent_raw if sent_raw is not None else batch_sent_at, "sentAt")
+
+    if original is None:
+        timestamp = received_at
+    elif sent is not None:
+        skew = sent - original
+        timestamp = received_at - skew
+        # A client clock that ran backwards between the event and the send cannot put an
+        # event in the future.
+        timestamp = min(timestamp, received_at)
+    else:
+        timestamp = original
+    if timestamp - received_at > timedelta(days=1):
+        timestamp = received_at
+
+    event["timestamp"] = iso(timestamp)
+    if original is not None:
+        event["originalTimestamp"] = iso(original)
+    if sent is not None:
+        event["sentAt"] = iso(sent)
+    event["receivedAt"] = iso(received_at)
+    event.pop("writeKey", None)
+    return event

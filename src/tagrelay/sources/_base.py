@@ -1,0 +1,52 @@
+"""What every source shares: the decoded form of a request, and JSON body parsing.
+
+A source is a pure function from a parsed request body (plus the route's parameters) to a
+``Decoded`` value. Authentication, normalization and the spool are the ingest handler's
+business (``tagrelay.web.ingest``), the same for every source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from tagrelay.errors import IngestError
+
+
+@dataclass
+class Decoded:
+    events: list[Any]
+    """The raw events, in request order (indexes in error reports refer to this list)."""
+    batch_sent_at: Any = None
+    default_type: str | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
+    """Batch-level ``context`` / ``integrations`` merged under each event's own."""
+    write_key: str | None = None
+    """A write key found in the body (``writeKey``), if any."""
+    is_batch: bool = False
+
+
+def parse_json_body(body: bytes) -> Any:
+    """Decode a request body as JSON; invalid UTF-8 and malformed JSON are 400s."""
+    if not body.strip():
+        raise IngestError("empty_body", "the request body is empty; expected a JSON object")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        message = str(exc)
+        if "UTF-8" in message or "utf-8" in message:
+            raise IngestError("invalid_utf8", "the request body is not valid UTF-8") from None
+        raise IngestError("malformed_json", f"the request body is not valid JSON: {message}") from None
+
+
+def require_object(obj: Any, what: str) -> dict[str, Any]:
+    if not isinstance(obj, dict):
+        raise IngestError("invalid_body", f"{what} must be a JSON object")
+    return obj
+
+
+def body_write_key(obj: dict[str, Any]) -> str | None:
+    key = obj.get("writeKey")
+    return key if isinstance(key, str) and key else None

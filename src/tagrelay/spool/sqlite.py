@@ -1,0 +1,394 @@
+"""The embedded spool: a durable queue of events in SQLite (WAL mode).
+
+Ingestion appends; every forwarder reads with its own cursor; events are pruned once every
+cursor is past them. The rules this module keeps:
+
+- ``append`` returns only after the events are committed (fsynced with ``synchronous=full``).
+  Requests arriving while a commit is in flight wait for the next one and share it (group
+  commit): one transaction per round, not per request.
+- All SQLite work runs off the event loop: writes on one writer thread and its connection,
+  reads on a reader thread with its own connection (WAL lets them run together).
+- A failed commit raises ``SpoolUnavailable`` to every waiter of that round, so nothing that
+  was not stored is acknowledged. ``max_size_mb`` turns into ``PRAGMA max_page_count``: a
+  full spool fails commits the same way a full disk does.
+- Control writes (cursor moves, dead letters, pruning) commit in their own transactions, so
+  a full spool can still be drained.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tagrelay.errors import SpoolUnavailable
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_ms INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cursors (
+    forwarder TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    first_failure_ms INTEGER
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    forwarder TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    payload BLOB NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    dead_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_by_forwarder ON dead_letters (forwarder, id);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SpooledEvent:
+    seq: int
+    received_ms: int
+    payload: bytes
+
+
+@dataclass(slots=True)
+class CursorState:
+    """Where a forwarder is, and how long its current batch has been failing."""
+
+    position: int
+    attempts: int = 0
+    first_failure_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetterRow:
+    id: int
+    forwarder: str
+    seq: int
+    payload: bytes
+    reason: str
+    detail: str
+    attempts: int
+    dead_at_ms: int
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class SqliteSpool:
+    """A durable event queue in ``<data_dir>/spool.sqlite3``."""
+
+    def __init__(self, path: Path, *, synchronous: str = "full", max_size_mb: int = 0) -> None:
+        self.path = path
+        self._synchronous = synchronous.upper()
+        self._max_size_mb = max_size_mb
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._pending: list[tuple[list[tuple[int, bytes]], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._listeners: list[asyncio.Event] = []
+        self._head = 0
+        self._positions: dict[str, int] = {}
+        self._closed = False
+        self._last_failure: float | None = None
+        self.commits = 0
+        """Number of append transactions committed (group commit makes it < requests)."""
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        await self._on_writer(self._open_writer)
+        await asyncio.get_running_loop().run_in_executor(self._reader, self._open_reader)
+        log.info("spool opened", extra={"path": str(self.path), "head": self._head})
+
+    def _open_writer(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self._synchronous}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        conn.executescript(SCHEMA)
+        if self._max_size_mb:
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            conn.execute(f"PRAGMA max_page_count={self._max_size_mb * 1024 * 1024 // page_size}")
+        # AUTOINCREMENT keeps seq monotonic even after pruning emptied the table, so a
+        # cursor is never ahead of new events after a restart.
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        self._head = int(row[0]) if row else 0
+        self._wconn = conn
+
+    def _open_reader(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        self._rconn = conn
+
+    async def close(self) -> None:
+        """Finish pending commits, then close the connections."""
+        if self._closed:
+            return
+        self._closed = True
+        while self._flusher is not None and not self._flusher.done():
+            await self._flusher
+        if self._pending:
+            await self._flush()
+        loop = asyncio.get_running_loop()
+        if self._wconn is not None:
+            await loop.run_in_executor(self._writer, self._wconn.close)
+        if self._rconn is not None:
+            await loop.run_in_executor(self._reader, self._rconn.close)
+        self._writer.shutdown(wait=True)
+        self._reader.shutdown(wait=True)
+
+    def writable(self, within_secs: float = 5.0) -> bool:
+        """Open, and no commit failed in the last ``within_secs`` (for ``/readyz``)."""
+        if self._wconn is None or self._closed:
+            return False
+        return self._last_failure is None or time.monotonic() - self._last_failure > within_secs
+
+    # -- append (group commit) ---------------------------------------------------------
+
+    @property
+    def head(self) -> int:
+        """The highest committed sequence number."""
+        return self._head
+
+    async def append(self, events: Sequence[tuple[int, bytes]]) -> None:
+        """Commit ``(received_ms, payload)`` rows; return once they are durable.
+
+        Raises ``SpoolUnavailable`` when the commit fails; then none of them is stored.
+        """
+        if self._closed:
+            raise SpoolUnavailable("the spool is closed (shutting down)")
+        if not events:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((list(events), fut))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="spool-group-commit")
+        await fut
+
+    async def _flush_loop(self) -> None:
+        while self._pending:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        rows = [row for batch, _ in pending for row in batch]
+        try:
+            head = await self._on_writer(self._insert, rows)
+        except SpoolUnavailable as exc:
+            self._last_failure = time.monotonic()
+            for _, fut in pending:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        self._head = head
+        self.commits += 1
+        for _, fut in pending:
+            if not fut.done():
+                fut.set_result(None)
+        for listener in self._listeners:
+            listener.set()
+
+    def _insert(self, rows: list[tuple[int, bytes]]) -> int:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN")
+            conn.executemany("INSERT INTO events (received_ms, payload) VALUES (?, ?)", rows)
+            head = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+            conn.execute("COMMIT")
+            return int(head)
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    # -- cursors -----------------------------------------------------------------------
+
+    def subscribe(self) -> asyncio.Event:
+        """An event that is set after every committed append (clear it before waiting)."""
+        listener = asyncio.Event()
+        self._listeners.append(listener)
+        return listener
+
+    async def register(self, forwarder: str) -> CursorState:
+        """The cursor of ``forwarder``; a new forwarder starts at the current head."""
+        state = await self._on_writer(self._register, forwarder)
+        self._positions[forwarder] = state.position
+        return state
+
+    def _register(self, forwarder: str) -> CursorState:
+        conn = self._conn()
+        conn.execute(
+            "INSERT OR IGNORE INTO cursors (forwarder, position) VALUES (?, ?)",
+            (forwarder, self._head),
+        )
+        row = conn.execute(
+            "SELECT position, attempts, first_failure_ms FROM cursors WHERE forwarder = ?",
+            (forwarder,),
+        ).fetchone()
+        return CursorState(int(row[0]), int(row[1]), row[2])
+
+    async def drop_cursors_except(self, keep: set[str]) -> list[str]:
+        """Forget cursors of forwarders no longer configured, so they stop holding events."""
+        dropped = await self._on_writer(self._drop_cursors, keep)
+        for name in dropped:
+            self._positions.pop(name, None)
+        return dropped
+
+    def _drop_cursors(self, keep: set[str]) -> list[str]:
+        conn = self._conn()
+        names = [r[0] for r in conn.execute("SELECT forwarder FROM cursors")]
+        dropped = [n for n in names if n not in keep]
+        for name in dropped:
+            conn.execute("DELETE FROM cursors WHERE forwarder = ?", (name,))
+        return dropped
+
+    def depth(self, forwarder: str) -> int:
+        """Events committed but not yet past ``forwarder``'s cursor."""
+        position = self._positions.get(forwarder)
+        return 0 if position is None else max(0, self._head - position)
+
+    def positions(self) -> dict[str, int]:
+        return dict(self._positions)
+
+    async def read(self, after: int, limit: int) -> list[SpooledEvent]:
+        """Up to ``limit`` events with ``seq > after``, in order."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, self._read, after, limit
+        )
+
+    def _read(self, after: int, limit: int) -> list[SpooledEvent]:
+        assert self._rconn is not None
+        rows = self._rconn.execute(
+            "SELECT seq, received_ms, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [SpooledEvent(r[0], r[1], r[2]) for r in rows]
+
+    async def advance(self, forwarder: str, position: int) -> None:
+        """Move the cursor past ``position`` and clear its failure state."""
+        await self._on_writer(self._save_cursor, forwarder, CursorState(position))
+        self._positions[forwarder] = position
+
+    async def record_failure(self, forwarder: str, state: CursorState) -> None:
+        """Persist the retry state of the batch at the cursor (survives restarts)."""
+        await self._on_writer(self._save_cursor, forwarder, state)
+
+    def _save_cursor(self, forwarder: str, state: CursorState) -> None:
+        self._conn().execute(
+            "UPDATE cursors SET position = ?, attempts = ?, first_failure_ms = ? WHERE forwarder = ?",
+            (state.position, state.attempts, state.first_failure_ms, forwarder),
+        )
+
+    # -- dead letters ------------------------------------------------------------------
+
+    async def dead_letter(
+        self,
+        forwarder: str,
+        events: Sequence[SpooledEvent],
+        reason: str,
+        detail: str,
+        attempts: int,
+        advance_to: int | None = None,
+    ) -> None:
+        """Store ``events`` as dead letters of ``forwarder`` and, in the same transaction,
+        move its cursor to ``advance_to`` when given."""
+        await self._on_writer(
+            self._dead_letter, forwarder, events, reason, detail, attempts, advance_to
+        )
+        if advance_to is not None:
+            self._positions[forwarder] = advance_to
+
+    def _dead_letter(
+        self,
+        forwarder: str,
+        events: Sequence[SpooledEvent],
+        reason: str,
+        detail: str,
+        attempts: int,
+        advance_to: int | None,
+    ) -> None:
+        conn = self._conn()
+        now = _now_ms()
+        try:
+            conn.execute("BEGIN")
+            conn.executemany(
+                "INSERT INTO dead_letters (forwarder, seq, payload, reason, detail, attempts, "
+                "dead_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(forwarder, e.seq, e.payload, reason, detail, attempts, now) for e in events],
+            )
+            if advance_to is not None:
+                conn.execute(
+                    "UPDATE cursors SET position = ?, attempts = 0, first_failure_ms = NULL "
+                    "WHERE forwarder = ?",
+                    (advance_to, forwarder),
+                )
+            conn.execute("COMMIT")
+        except sqlite3.Error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+
+    async def dead_letters(self, forwarder: str | None = None, limit: int = 100) -> list[DeadLetterRow]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, self._dead_letters, forwarder, limit
+        )
+
+    def _dead_letters(self, forwarder: str | None, limit: int) -> list[DeadLetterRow]:
+        assert self._rconn is not None
+        sql = (
+            "SELECT id, forwarder, seq, payload, reason, detail, attempts, dead_at_ms "
+            "FROM dead_letters"
+        )
+        params: tuple[Any, ...] = ()
+        if forwarder is not None:
+            sql += " WHERE forwarder = ?"
+            params = (forwarder,)
+        sql += " ORDER BY id LIMIT ?"
+        rows = self._rconn.execute(sql, (*params, limit)).fetchall()
+        return [DeadLetterRow(*r) for r in rows]
+
+    # -- pruning -----------------------------------------------------------------------
+
+    async def prune(self) -> int:
+        """Delete events every cursor is past. Returns how many were deleted."""
+        return await self._on_writer(self._prune)
+
+    def _prune(self) -> int:
+        conn = self._conn()
+        row = conn.execute("SELECT MIN(position) FROM cursors").fetchone()
+        upto = self._head if row[0] is None else int(row[0])
+        cur = conn.execute("DELETE FROM events WHERE seq <= ?", (upto,))
+        return cur.rowcount
+
+    # -- plumbing ----------------------------------------------------------------------
+
+    def _conn(self) -> sqlite3.Connection:
+        assert self._wconn is not None, "spool is not open"
+        return self._wconn
+
+    async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+        except sqlite3.Error as exc:
+            log.error("spool write failed", extra={"error": str(exc)})
+            raise SpoolUnavailable(f"the spool could not commit: {exc}") from exc

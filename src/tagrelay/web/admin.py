@@ -1,0 +1,89 @@
+"""The admin socket: a Unix socket in the data directory through which ``tagrelay sql``
+queries the warehouse of a running relay.
+
+DuckDB holds an exclusive lock on its file while the relay writes to it, so a second process
+cannot open the file at all. Instead the CLI sends its query here, and the relay runs it on
+its own connection (a separate cursor, read-only statements only) in a worker thread. The
+socket is created with mode 0600: only the relay's own user can talk to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from tagrelay.errors import QueryRejected, WarehouseError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_ROWS = 10_000
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body, default=str, option=orjson.OPT_NON_STR_KEYS),
+        content_type="application/json",
+    )
+
+
+def build_admin_app(main_app: web.Application) -> web.Application:
+    from tagrelay.app import warehouse_of
+
+    admin = web.Application()
+
+    async def sql(request: web.Request) -> web.Response:
+        try:
+            payload = await request.json(loads=orjson.loads)
+            query = payload["sql"]
+            max_rows = int(payload.get("max_rows", DEFAULT_MAX_ROWS))
+        except (ValueError, KeyError, TypeError):
+            return _json({"error": "bad_request", "message": "expected {\"sql\": ...}"}, 400)
+        warehouse = warehouse_of(main_app)
+        if warehouse is None:
+            return _json({"error": "no_warehouse", "message": "no warehouse forwarder is running"}, 404)
+        try:
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, warehouse.query, query, max_rows
+            )
+        except QueryRejected as exc:
+            return _json({"error": "query_rejected", "message": str(exc)}, 400)
+        except WarehouseError as exc:
+            return _json({"error": "query_failed", "message": str(exc)}, 400)
+        return _json(
+            {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
+        )
+
+    admin.router.add_post("/sql", sql)
+    return admin
+
+
+def admin_socket_ctx(path: Path) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(app: web.Application) -> AsyncIterator[None]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.UnixSite(runner, str(path))
+        old_umask = os.umask(0o177)
+        try:
+            await site.start()
+        finally:
+            os.umask(old_umask)
+        try:
+            yield
+        finally:
+            await runner.cleanup()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+
+    return ctx

@@ -1,0 +1,227 @@
+"""The ingest handler shared by every event source.
+
+request -> content type and size checks -> body (aiohttp has already inflated gzip)
+-> JSON -> source.decode -> write key and origin -> per event: normalize, client IP and user
+agent, campaign, size check -> spool commit -> answer.
+
+Bad input gets a 4xx JSON body ``{"error": code, "message": text}`` and is counted by reason.
+In a batch the valid events are stored and the invalid ones reported by index. The 2xx
+goes out only after the spool commit; if the spool cannot commit, the answer is 503 with
+``Retry-After`` and nothing of the request counts as accepted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from tagrelay.config.models import Config, WriteKeyConfig
+from tagrelay.errors import AuthError, IngestError, SpoolUnavailable
+from tagrelay.metrics import Metrics
+from tagrelay.pipeline.campaign import apply_campaign
+from tagrelay.pipeline.client import ClientResolver, apply_client
+from tagrelay.pipeline.normalize import normalize_event
+from tagrelay.sources import SOURCES, Decoded, parse_json_body
+from tagrelay.spool.sqlite import SqliteSpool
+from tagrelay.web.auth import CorsPolicy, KeyRing, key_from_headers
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_CONTENT_TYPES = frozenset({"application/json", "text/plain", ""})
+SPOOL_RETRY_AFTER_SECS = "5"
+
+
+def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=orjson.dumps(body),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def error_response(exc: IngestError, headers: dict[str, str] | None = None) -> web.Response:
+    return json_response(exc.status, {"error": exc.code, "message": exc.message}, headers)
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a route means for the ingest handler."""
+
+    source: str
+    server_keys_only: bool = False
+
+
+class IngestService:
+    def __init__(self, config: Config, spool: SqliteSpool, metrics: Metrics) -> None:
+        self.limits = config.limits
+        self.keys = KeyRing.from_config(config.keys)
+        self.cors = CorsPolicy(config.keys)
+        self.resolver = ClientResolver(config.server.trusted_proxies)
+        self.spool = spool
+        self.metrics = metrics
+
+    # -- CORS --------------------------------------------------------------------------
+
+    def cors_headers(self, request: web.Request, key: WriteKeyConfig | None) -> dict[str, str]:
+        origin = request.headers.get("Origin")
+        if not origin:
+            return {}
+        host = request.headers.get("Host")
+        allowed = (
+            self.cors.origin_allowed_for(key, origin, host)
+            if key is not None
+            else self.cors.origin_allowed_anywhere(origin, host)
+        )
+        return CorsPolicy.response_headers(origin) if allowed else {}
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        origin = request.headers.get("Origin")
+        if not origin or not self.cors.origin_allowed_anywhere(origin, request.headers.get("Host")):
+            return json_response(
+                403, {"error": "origin_not_allowed", "message": "this origin may not send events here"}
+            )
+        try:
+            headers = CorsPolicy.preflight_headers(
+                origin, request.headers.get("Access-Control-Request-Headers")
+            )
+        except IngestError as exc:
+            return error_response(exc)
+        return web.Response(status=204, headers=headers)
+
+    # -- the handler -------------------------------------------------------------------
+
+    async def handle(self, request: web.Request, route: Route, path_name: str) -> web.Response:
+        source = route.source
+        key: WriteKeyConfig | None = None
+        try:
+            key_text = key_from_headers(request.headers, request.query)
+            if key_text is not None:
+                key = self._authorize(key_text, route, request)
+            decoded = await self._decode(request, source, path_name)
+            if key is None:
+                key = self._authorize(decoded.write_key, route, request)
+            return await self._accept(request, source, key, decoded)
+        except IngestError as exc:
+            self.metrics.events_received.labels(source).inc()
+            self.metrics.events_rejected.labels(source, exc.code).inc()
+            log.debug("request rejected", extra={"source": source, "reason": exc.code})
+            return error_response(exc, self.cors_headers(request, key))
+
+    def _authorize(self, key_text: str | None, route: Route, request: web.Request) -> WriteKeyConfig:
+        key = self.keys.lookup(key_text)
+        if route.server_keys_only and key.kind != "server":
+            raise AuthError("server_key_required", "this endpoint takes server keys only")
+        origin = request.headers.get("Origin")
+        if origin and not self.cors.origin_allowed_for(key, origin, request.headers.get("Host")):
+            raise IngestError(
+                "origin_not_allowed", "this origin may not send events with this key", status=403
+            )
+        return key
+
+    async def _decode(self, request: web.Request, source: str, path_name: str) -> Decoded:
+        ctype = request.content_type if request.headers.get("Content-Type") else ""
+        if ctype not in ACCEPTED_CONTENT_TYPES:
+            raise IngestError(
+                "unsupported_content_type",
+                f"expected application/json or text/plain, got {ctype[:60]!r}",
+                status=415,
+            )
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise IngestError(
+                "body_too_large",
+                f"the request body is larger than {self.limits.max_request_bytes} bytes",
+                status=413,
+            ) from None
+        decoded = SOURCES[source](parse_json_body(body), path_name)
+        if len(decoded.events) > self.limits.max_batch_events:
+            raise IngestError(
+                "too_many_events",
+                f"{len(decoded.events)} events in one batch; at most {self.limits.max_batch_events}",
+                status=413,
+            )
+        return decoded
+
+    async def _accept(
+        self, request: web.Request, source: str, key: WriteKeyConfig, decoded: Decoded
+    ) -> web.Response:
+        now = datetime.now(UTC)
+        received_ms = int(now.timestamp() * 1000)
+        trusted = key.kind == "server"
+        ip = self.resolver.client_ip(request.remote, request.headers)
+        user_agent = request.headers.get("User-Agent")
+        limits = self.limits
+        rows: list[tuple[int, bytes]] = []
+        rejected: list[dict[str, Any]] = []
+        for index, raw in enumerate(decoded.events):
+            try:
+                event = normalize_event(
+                    raw,
+                    received_at=now,
+                    batch_sent_at=decoded.batch_sent_at,
+                    default_type=decoded.default_type,
+                    max_depth=limits.max_nesting_depth,
+                )
+                for shared_key, shared in decoded.shared.items():
+                    event[shared_key] = {**shared, **event.get(shared_key, {})}
+                apply_client(event, ip=ip, user_agent=user_agent, trusted_sender=trusted)
+                apply_campaign(event)
+                context = event["context"]
+                context["source"] = source
+                context["writeKeyId"] = key.id
+                payload = orjson.dumps(event)
+                if len(payload) > limits.max_event_bytes:
+                    raise IngestError(
+                        "event_too_large",
+                        f"the event is {len(payload)} bytes; at most {limits.max_event_bytes}",
+                    )
+                rows.append((received_ms, payload))
+            except IngestError as exc:
+                rejected.append({"index": index, "error": exc.code, "message": exc.message})
+                self.metrics.events_rejected.labels(source, exc.code).inc()
+        self.metrics.events_received.labels(source).inc(len(decoded.events))
+        cors = self.cors_headers(request, key)
+
+        if rows:
+            try:
+                await self.spool.append(rows)
+            except SpoolUnavailable:
+                self.metrics.spool_errors.inc()
+                self.metrics.events_rejected.labels(source, "spool_unavailable").inc(len(rows))
+                return json_response(
+                    503,
+                    {"error": "spool_unavailable",
+                     "message": "events could not be stored; nothing was accepted, retry later"},
+                    {**cors, "Retry-After": SPOOL_RETRY_AFTER_SECS},
+                )
+            self.metrics.events_accepted.labels(source).inc(len(rows))
+
+        if not decoded.is_batch:
+            if rejected:
+                first = rejected[0]
+                return json_response(400, {"error": first["error"], "message": first["message"]}, cors)
+            return json_response(200, self._ok(source), cors)
+        if rejected and not rows:
+            return json_response(
+                400,
+                {"error": "no_valid_events", "message": "no event in the batch was valid",
+                 "rejected": rejected},
+                cors,
+            )
+        body = self._ok(source)
+        body["accepted"] = len(rows)
+        if rejected:
+            body["rejected"] = rejected
+        return json_response(200, body, cors)
+
+    @staticmethod
+    def _ok(source: str) -> dict[str, Any]:
+        return {"ok": True} if source == "jitsu" else {"success": True}
+

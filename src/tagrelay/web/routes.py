@@ -1,0 +1,58 @@
+"""The public ingest routes and what each means.
+
+=================================  ===========================================  ============
+path                               protocol                                     keys
+=================================  ===========================================  ============
+``/v1/{type}``                     Segment HTTP API; ``type`` is track, page,   any
+                                   screen, identify, group, alias, batch,
+                                   import, or a one-letter code (t, p, s, i,
+                                   g, a, b)
+``/api/s/{type}``                  Jitsu browser ingest                         any
+``/api/s/s2s/{type}``              Jitsu server-to-server ingest                server only
+=================================  ===========================================  ============
+
+Every ingest route also answers CORS preflights (``OPTIONS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from tagrelay.sources.segment import BATCH_PATHS, PATH_TYPES
+from tagrelay.web.ingest import IngestService, Route, json_response
+
+SEGMENT_PATHS = "|".join(sorted({*PATH_TYPES, *BATCH_PATHS}, key=lambda p: (-len(p), p)))
+
+
+def _handler(
+    service: IngestService, route: Route
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    async def handle(request: web.Request) -> web.Response:
+        return await service.handle(request, route, request.match_info["kind"])
+
+    return handle
+
+
+def ingest_routes(router: web.UrlDispatcher, service: IngestService) -> None:
+    routes = [
+        (f"/v1/{{kind:(?:{SEGMENT_PATHS})}}", Route("segment")),
+        ("/api/s/s2s/{kind}", Route("jitsu", server_keys_only=True)),
+        ("/api/s/{kind:(?!s2s$)[^/]+}", Route("jitsu")),
+    ]
+    for path, route in routes:
+        resource = router.add_resource(path)
+        resource.add_route("POST", _handler(service, route))
+        resource.add_route("OPTIONS", service.preflight)
+
+    async def unknown_segment_type(request: web.Request) -> web.Response:
+        return json_response(
+            404,
+            {
+                "error": "unknown_endpoint",
+                "message": "expected /v1/{track,page,screen,identify,group,alias,batch}",
+            },
+        )
+
+    router.add_route("*", "/v1/{kind}", unknown_segment_type)
