@@ -91,13 +91,17 @@ class ForwarderConfigBase(ConfigModel):
 
     id: ForwarderId
     enabled: bool = Field(
-        True, description="A disabled forwarder keeps no cursor and receives nothing.", examples=[True]
+        True,
+        description="A disabled forwarder keeps no cursor and receives nothing.",
+        examples=[True],
     )
     batch: BatchConfig = Field(
         default_factory=BatchConfig, description="Batching.", examples=[{"max_events": 100}]
     )
     retry: RetryConfig = Field(
-        default_factory=RetryConfig, description="Retries and dead letters.", examples=[{"max_attempts": 10}]
+        default_factory=RetryConfig,
+        description="Retries and dead letters.",
+        examples=[{"max_attempts": 10}],
     )
     filter: FilterConfig = Field(
         default_factory=FilterConfig,

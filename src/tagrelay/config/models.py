@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from tagrelay.config.common import ConfigModel
+from tagrelay.config.common import ConfigModel, ForwarderConfigBase
 from tagrelay.forwarders import FORWARDERS
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -25,7 +25,10 @@ class ServerConfig(ConfigModel):
     host: str = Field("0.0.0.0", description="Address to listen on.", examples=["0.0.0.0"])
     port: int = Field(8080, ge=0, le=65535, description="TCP port to listen on.", examples=[8080])
     trusted_proxies: list[IPNetwork] = Field(
-        default_factory=lambda: [ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("::1/128")],
+        default_factory=lambda: [
+            ipaddress.ip_network("127.0.0.1/32"),
+            ipaddress.ip_network("::1/128"),
+        ],
         description=(
             "Peers (CIDR) whose X-Forwarded-For / X-Real-IP headers are believed. The client IP "
             "is the right-most address in X-Forwarded-For that is not itself a trusted proxy."
@@ -35,7 +38,9 @@ class ServerConfig(ConfigModel):
     shutdown_timeout_secs: float = Field(
         10.0,
         gt=0,
-        description="On SIGTERM/SIGINT, how long in-flight requests and forwarder batches may take.",
+        description=(
+            "On SIGTERM/SIGINT, how long in-flight requests and forwarder batches may take."
+        ),
         examples=[10.0],
     )
 
@@ -70,7 +75,9 @@ class WriteKeyConfig(ConfigModel):
     @model_validator(mode="after")
     def _origins_only_for_browser(self) -> WriteKeyConfig:
         if self.kind == "server" and self.allowed_origins:
-            raise ValueError("allowed_origins applies to browser keys only; server keys are not for pages")
+            raise ValueError(
+                "allowed_origins applies to browser keys only; server keys are not for pages"
+            )
         return self
 
 
@@ -132,7 +139,12 @@ def _forwarder_union() -> Any:
     return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007
 
 
-ForwarderConfig = _forwarder_union()
+if TYPE_CHECKING:
+    # The union is built from the registry at run time; statically every member is a
+    # ForwarderConfigBase, which is what code outside a forwarder may rely on.
+    ForwarderConfig = ForwarderConfigBase
+else:
+    ForwarderConfig = _forwarder_union()
 
 
 class Config(ConfigModel):
@@ -150,13 +162,19 @@ class Config(ConfigModel):
     keys: list[WriteKeyConfig] = Field(
         min_length=1,
         description="Write keys accepted on the ingest endpoints.",
-        examples=[[{"id": "website", "kind": "browser", "key": "wk_123", "allowed_origins": ["*"]}]],
+        examples=[
+            [{"id": "website", "kind": "browser", "key": "wk_123", "allowed_origins": ["*"]}]
+        ],
     )
     limits: LimitsConfig = Field(
-        default_factory=LimitsConfig, description="Input limits.", examples=[{"max_event_bytes": 32768}]
+        default_factory=LimitsConfig,
+        description="Input limits.",
+        examples=[{"max_event_bytes": 32768}],
     )
     spool: SpoolConfig = Field(
-        default_factory=SpoolConfig, description="The durable queue.", examples=[{"synchronous": "full"}]
+        default_factory=SpoolConfig,
+        description="The durable queue.",
+        examples=[{"synchronous": "full"}],
     )
     logging: LoggingConfig = Field(
         default_factory=LoggingConfig, description="Logging.", examples=[{"level": "info"}]
