@@ -140,9 +140,12 @@ def _forwarder_union() -> Any:
 
 
 if TYPE_CHECKING:
-    # The union is built from the registry at run time; statically every member is a
-    # ForwarderConfigBase, which is what code outside a forwarder may rely on.
-    ForwarderConfig = ForwarderConfigBase
+    # The union is built from the registry at run time, which mypy cannot follow.
+    # Statically, an item of ``Config.forwarders`` is what every member has in common.
+
+    class ForwarderConfig(ForwarderConfigBase):
+        type: str
+
 else:
     ForwarderConfig = _forwarder_union()
 
