@@ -47,6 +47,10 @@ def ingest_routes(router: web.UrlDispatcher, service: IngestService) -> None:
         resource.add_route("OPTIONS", service.preflight)
 
     async def unknown_segment_type(request: web.Request) -> web.Response:
+        if request.match_info["kind"] in PATH_TYPES or request.match_info["kind"] in BATCH_PATHS:
+            return json_response(
+                405, {"error": "method_not_allowed", "message": "use POST (or OPTIONS)"}
+            )
         return json_response(
             404,
             {

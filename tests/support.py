@@ -1,0 +1,109 @@
+"""Shared test helpers: configs built from inline dicts, relays from the real ``create_app``,
+and recording fake destinations (small aiohttp apps) for forwarder tests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from tagrelay.app import WORKERS, create_app
+from tagrelay.config.models import Config
+
+BROWSER_KEY = "test-browser-key"
+SERVER_KEY = "test-server-key"
+
+
+def basic(key: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{key}:".encode()).decode()}
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> Config:
+    raw: dict[str, Any] = {
+        "data_dir": str(tmp_path),
+        "keys": [
+            {"id": "website", "kind": "browser", "key": BROWSER_KEY,
+             "allowed_origins": ["https://www.shop.test"]},
+            {"id": "backend", "kind": "server", "key": SERVER_KEY},
+        ],
+        "forwarders": [],
+    }
+    raw.update(overrides)
+    return Config.model_validate(raw)
+
+
+def metric_value(app: web.Application, name: str, labels: dict[str, str] | None = None) -> float:
+    from tagrelay.app import METRICS
+
+    value = app[METRICS].registry.get_sample_value(name, labels or {})
+    return 0.0 if value is None else value
+
+
+@pytest.fixture
+async def relay(tmp_path: Path, aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
+    """``await relay(**config_overrides)`` -> a TestClient on a real app with a real spool."""
+
+    async def start(**overrides: Any) -> TestClient:
+        app = create_app(make_config(tmp_path, **overrides), admin_socket=False)
+        client: TestClient = await aiohttp_client(app)
+        return client
+
+    return start
+
+
+async def wait_idle(app: web.Application, timeout: float = 10.0) -> None:
+    """Wait until every forwarder has caught up with the spool."""
+    from tagrelay.app import SPOOL
+
+    spool = app[SPOOL]
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if all(spool.depth(fid) == 0 for fid in app[WORKERS]):
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"forwarders still behind: {spool.positions()} head={spool.head}")
+
+
+@dataclass
+class Recorder:
+    """A fake destination: records every request; answers from a script of responses."""
+
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    script: list[tuple[int, dict[str, str], bytes]] = field(default_factory=list)
+    url: str = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.requests.append(
+            {"method": request.method, "path": request.path, "query": dict(request.query),
+             "headers": dict(request.headers), "body": body}
+        )
+        if self.script:
+            status, headers, text = self.script.pop(0)
+            return web.Response(status=status, headers=headers, body=text)
+        return web.Response(status=200, body=b'{"ok":true}', content_type="application/json")
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[Recorder]:
+    rec = Recorder()
+    app = web.Application()
+    app.router.add_post("/hook", rec.handle)
+
+    async def unexpected(request: web.Request) -> web.Response:
+        raise AssertionError(f"unexpected request to the fake destination: {request.path}")
+
+    app.router.add_route("*", "/{tail:.*}", unexpected)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    rec.url = str(server.make_url("/hook"))
+    yield rec
+    await server.close()
