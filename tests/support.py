@@ -4,6 +4,7 @@ and recording fake destinations (small aiohttp apps) for forwarder tests."""
 from __future__ import annotations
 
 import asyncio
+import time
 import base64
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class Recorder:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.requests.append(
-            {"method": request.method, "path": request.path, "query": dict(request.query),
+            {"at": time.monotonic(), "method": request.method, "path": request.path, "query": dict(request.query),
              "headers": dict(request.headers), "body": body}
         )
         if self.script:

@@ -208,13 +208,13 @@ class ForwarderWorker:
         attempts = self._state.attempts + 1
         first = self._state.first_failure_ms or now_ms
         age_secs = (now_ms - first) / 1000
-        self.metrics.forwarder_retries.labels(self.id, outcome.reason).inc()
         if attempts >= retry_cfg.max_attempts:
             await self._dead(kept, "max_attempts", f"{attempts} attempts; last: {outcome.detail}", last)
             return
         if age_secs >= retry_cfg.max_age_secs:
             await self._dead(kept, "max_age", f"failing for {age_secs:.0f}s; last: {outcome.detail}", last)
             return
+        self.metrics.forwarder_retries.labels(self.id, outcome.reason).inc()
         self._state = CursorState(self._state.position, attempts, first)
         await self.spool.record_failure(self.id, self._state)
         delay = backoff_secs(attempts, retry_cfg, self._rand)

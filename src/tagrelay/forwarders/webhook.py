@@ -15,7 +15,7 @@ from pydantic import Field
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder
 from tagrelay.forwarders._http import HttpRequest, classify_status, send
-from tagrelay.model import Event, Outcome, Retry
+from tagrelay.model import Event, Outcome, Retry, iso
 
 
 class WebhookConfig(ForwarderConfigBase):
@@ -39,7 +39,7 @@ class WebhookConfig(ForwarderConfigBase):
 
 def build_request(config: WebhookConfig, events: list[Event], now: datetime) -> HttpRequest:
     """The exact request for one batch (pure)."""
-    body = orjson.dumps({"batch": events, "sentAt": now.isoformat(timespec="milliseconds")})
+    body = orjson.dumps({"batch": events, "sentAt": iso(now)})
     headers = {"Content-Type": "application/json", "User-Agent": "tagrelay"}
     headers.update(config.headers)
     return HttpRequest("POST", config.endpoint, headers, body)

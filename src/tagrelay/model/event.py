@@ -30,9 +30,15 @@ Every event is stored with ``context.source`` naming the protocol it arrived by 
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any, Final
 
 Event = dict[str, Any]
 """An event: a JSON object following the table above."""
 
 EVENT_TYPES: Final = frozenset({"page", "track", "identify", "group", "alias", "screen"})
+
+
+def iso(dt: datetime) -> str:
+    """``2026-11-29T15:38:32.123Z``: the one timestamp format events carry."""
+    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from tagrelay.errors import IngestError
-from tagrelay.model import EVENT_TYPES, Event
+from tagrelay.model import EVENT_TYPES, Event, iso
 
 OBJECT_FIELDS: Final = ("properties", "traits", "context", "integrations")
 ID_FIELDS: Final = ("anonymousId", "userId", "groupId", "previousId")
@@ -28,11 +28,6 @@ MAX_ID_CHARS: Final = 256
 MAX_MESSAGE_ID_CHARS: Final = 128
 _MESSAGE_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")
 _EPOCH_MS_THRESHOLD: Final = 100_000_000_000  # numbers above this are milliseconds
-
-
-def iso(dt: datetime) -> str:
-    """``2026-11-29T15:38:32.123Z``: the one timestamp format events carry."""
-    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(value: Any, field: str) -> datetime | None:

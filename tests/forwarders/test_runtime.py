@@ -1,0 +1,160 @@
+"""The forwarder runtime against a recording fake destination (the webhook forwarder):
+batching, filters, retry classification, backoff, Retry-After and dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+import pytest
+
+from tagrelay.app import SPOOL
+from tagrelay.config.common import RetryConfig
+from tagrelay.forwarders._worker import backoff_secs
+from tests.support import SERVER_KEY, Recorder, basic, metric_value, wait_idle
+
+AUTH = basic(SERVER_KEY)
+FAST_RETRY = {"max_attempts": 4, "initial_backoff_secs": 0.01, "max_backoff_secs": 0.05}
+
+
+def hook(rec: Recorder, **extra: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {"id": "hook", "type": "webhook", "endpoint": rec.url,
+                           "headers": {"Authorization": "Bearer s3cret"},
+                           "batch": {"max_events": 10, "max_wait_secs": 0.05},
+                           "retry": FAST_RETRY}
+    cfg.update(extra)
+    return cfg
+
+
+async def send(client: Any, n: int, name: str = "Clicked", start: int = 0) -> None:
+    batch = [{"type": "track", "event": name, "anonymousId": "a", "messageId": f"m-{start + i}"}
+             for i in range(n)]
+    resp = await client.post("/v1/batch", json={"batch": batch}, headers=AUTH)
+    assert resp.status == 200
+
+
+def delivered_ids(rec: Recorder) -> list[str]:
+    return [e["messageId"] for r in rec.requests for e in orjson.loads(r["body"])["batch"]]
+
+
+async def test_events_are_delivered_in_batches_with_configured_headers(
+    relay: Any, recorder: Recorder
+) -> None:
+    client = await relay(forwarders=[hook(recorder)])
+    await send(client, 25)
+    await wait_idle(client.app)
+    assert delivered_ids(recorder) == [f"m-{i}" for i in range(25)]
+    assert [len(orjson.loads(r["body"])["batch"]) for r in recorder.requests] == [10, 10, 5]
+    first = recorder.requests[0]
+    assert first["headers"]["Authorization"] == "Bearer s3cret"
+    assert first["headers"]["Content-Type"] == "application/json"
+    assert metric_value(client.app, "tagrelay_forwarder_events_total",
+                        {"forwarder": "hook", "outcome": "delivered"}) == 25
+    assert metric_value(client.app, "tagrelay_forwarder_batch_size_count",
+                        {"forwarder": "hook"}) == 3
+
+
+async def test_filters_drop_events_and_count_them(relay: Any, recorder: Recorder) -> None:
+    client = await relay(forwarders=[hook(recorder, filter={"exclude_events": ["Internal"]})])
+    await send(client, 3, "Internal")
+    await send(client, 2, "Purchase", start=3)
+    await wait_idle(client.app)
+    assert delivered_ids(recorder) == ["m-3", "m-4"]
+    assert metric_value(client.app, "tagrelay_forwarder_events_total",
+                        {"forwarder": "hook", "outcome": "filtered"}) == 3
+
+
+@pytest.mark.parametrize("status", [408, 429, 500, 503])
+async def test_transient_statuses_are_retried_until_delivered(
+    relay: Any, recorder: Recorder, status: int
+) -> None:
+    recorder.script = [(status, {}, b"busy"), (status, {}, b"busy")]
+    client = await relay(forwarders=[hook(recorder)])
+    await send(client, 3)
+    await wait_idle(client.app)
+    assert len(recorder.requests) == 3
+    assert delivered_ids(recorder)[-3:] == ["m-0", "m-1", "m-2"]
+    reason = f"status_{status}" if status in (408, 429) else "status_5xx"
+    assert metric_value(client.app, "tagrelay_forwarder_retries_total",
+                        {"forwarder": "hook", "reason": reason}) == 2
+    assert await client.app[SPOOL].dead_letters("hook") == []
+
+
+async def test_other_4xx_go_to_dead_letters_with_the_response(relay: Any, recorder: Recorder) -> None:
+    recorder.script = [(400, {}, b'{"error":"bad field"}')]
+    client = await relay(forwarders=[hook(recorder)])
+    await send(client, 2)
+    await wait_idle(client.app)
+    await send(client, 1, start=2)
+    await wait_idle(client.app)
+    dead = await client.app[SPOOL].dead_letters("hook")
+    assert sorted(d.seq for d in dead) == [1, 2]
+    assert {d.reason for d in dead} == {"status_4xx"}
+    assert 'bad field' in dead[0].detail
+    # the destination refused the first batch only: the next one went through
+    assert delivered_ids(recorder)[-1] == "m-2"
+    assert metric_value(client.app, "tagrelay_dead_letters_total",
+                        {"forwarder": "hook", "reason": "status_4xx"}) == 2
+
+
+async def test_dead_letter_after_max_attempts(relay: Any, recorder: Recorder) -> None:
+    recorder.script = [(503, {}, b"down")] * 10
+    client = await relay(forwarders=[hook(recorder)])
+    await send(client, 2)
+    await wait_idle(client.app)
+    assert len(recorder.requests) == FAST_RETRY["max_attempts"]
+    dead = await client.app[SPOOL].dead_letters("hook")
+    assert [d.reason for d in dead] == ["max_attempts", "max_attempts"]
+    assert dead[0].attempts == FAST_RETRY["max_attempts"]
+    assert "HTTP 503" in dead[0].detail
+    assert "s3cret" not in dead[0].detail
+
+
+async def test_retry_after_is_honoured(relay: Any, recorder: Recorder) -> None:
+    recorder.script = [(429, {"Retry-After": "1"}, b"slow down")]
+    client = await relay(forwarders=[hook(recorder)])
+    await send(client, 1)
+    await wait_idle(client.app)
+    stamps = [r["at"] for r in recorder.requests]
+    assert len(stamps) == 2
+    assert stamps[1] - stamps[0] >= 0.95
+
+
+async def test_connection_errors_are_retried(relay: Any) -> None:
+    # nothing listens on this port: every attempt is a connection error
+    cfg = {"id": "hook", "type": "webhook", "endpoint": "http://127.0.0.1:9/hook",
+           "batch": {"max_events": 10, "max_wait_secs": 0},
+           "retry": {**FAST_RETRY, "max_attempts": 3}}
+    client = await relay(forwarders=[cfg])
+    await send(client, 1)
+    await wait_idle(client.app)
+    assert metric_value(client.app, "tagrelay_forwarder_retries_total",
+                        {"forwarder": "hook", "reason": "connection_error"}) == 2
+    [dead] = await client.app[SPOOL].dead_letters("hook")
+    assert dead.reason == "max_attempts"
+
+
+async def test_a_failing_forwarder_does_not_hold_back_another(
+    relay: Any, recorder: Recorder
+) -> None:
+    broken = {"id": "broken", "type": "webhook", "endpoint": "http://127.0.0.1:9/hook",
+              "retry": {"max_attempts": 100, "initial_backoff_secs": 5, "max_backoff_secs": 5}}
+    client = await relay(forwarders=[broken, hook(recorder)])
+    await send(client, 5)
+    spool = client.app[SPOOL]
+    for _ in range(200):
+        if spool.depth("hook") == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert delivered_ids(recorder) == [f"m-{i}" for i in range(5)]
+    assert spool.depth("broken") == 5
+    # ingestion still works while one destination is down
+    await send(client, 1, start=5)
+
+
+def test_backoff_is_capped_exponential_with_full_jitter() -> None:
+    retry = RetryConfig(initial_backoff_secs=1, max_backoff_secs=10)
+    assert [backoff_secs(a, retry, lambda: 1.0) for a in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 8, 10, 10]
+    assert backoff_secs(3, retry, lambda: 0.5) == 2.0
+    assert backoff_secs(3, retry, lambda: 0.0) == 0.0

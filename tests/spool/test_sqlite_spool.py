@@ -1,0 +1,110 @@
+"""The SQLite spool: group commit, cursors, pruning, restarts, and a full spool."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tagrelay.errors import SpoolUnavailable
+from tagrelay.spool.sqlite import CursorState, SqliteSpool
+from tests.support import SERVER_KEY, basic, metric_value
+
+
+async def open_spool(path: Path, **kwargs: Any) -> SqliteSpool:
+    spool = SqliteSpool(path / "spool.sqlite3", **kwargs)
+    await spool.open()
+    return spool
+
+
+async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await asyncio.gather(*(spool.append([(1, f"e{i}".encode())]) for i in range(200)))
+    assert spool.head == 200
+    assert spool.commits < 200, "each request must not cost its own transaction"
+    rows = await spool.read(0, 1000)
+    assert sorted(r.payload for r in rows) == sorted(f"e{i}".encode() for i in range(200))
+    await spool.close()
+
+
+async def test_cursors_survive_a_restart_with_their_retry_state(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.append([(1, b"a"), (1, b"b"), (1, b"c")])
+    assert (await spool.register("w")).position == 3, "a new forwarder starts at the head"
+    await spool.append([(1, b"d"), (1, b"e")])
+    await spool.advance("w", 4)
+    await spool.record_failure("w", CursorState(4, attempts=3, first_failure_ms=1234))
+    await spool.close()
+
+    again = await open_spool(tmp_path)
+    state = await again.register("w")
+    assert (state.position, state.attempts, state.first_failure_ms) == (4, 3, 1234)
+    assert [r.payload for r in await again.read(state.position, 10)] == [b"e"]
+    await again.close()
+
+
+async def test_prune_keeps_what_the_slowest_cursor_needs(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.register("fast")
+    await spool.register("slow")
+    await spool.append([(1, b"1"), (1, b"2"), (1, b"3")])
+    await spool.advance("fast", 3)
+    await spool.advance("slow", 1)
+    assert await spool.prune() == 1
+    assert [r.seq for r in await spool.read(0, 10)] == [2, 3]
+    assert await spool.drop_cursors_except({"fast"}) == ["slow"]
+    assert await spool.prune() == 2
+    assert await spool.read(0, 10) == []
+    await spool.close()
+
+
+async def test_sequence_stays_monotonic_after_pruning_everything_and_restarting(
+    tmp_path: Path,
+) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.register("w")
+    await spool.append([(1, b"1"), (1, b"2")])
+    await spool.advance("w", 2)
+    await spool.prune()
+    await spool.close()
+    again = await open_spool(tmp_path)
+    state = await again.register("w")
+    await again.append([(1, b"3")])
+    rows = await again.read(state.position, 10)
+    assert [(r.seq, r.payload) for r in rows] == [(3, b"3")]
+    await again.close()
+
+
+async def test_a_full_spool_raises_and_stores_nothing(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path, max_size_mb=1)
+    big = b"x" * 100_000
+    with pytest.raises(SpoolUnavailable):
+        for _ in range(50):
+            await spool.append([(1, big)])
+    stored = len(await spool.read(0, 1000))
+    assert stored == spool.head < 50
+    assert not spool.writable()
+    await spool.close()
+
+
+async def test_full_spool_answers_503_with_retry_after_and_counts_it(relay: Any) -> None:
+    client = await relay(spool={"max_size_mb": 1})
+    body = {"batch": [{"type": "track", "event": "x", "anonymousId": "a",
+                       "properties": {"pad": "y" * 30_000}} for _ in range(15)]}
+    statuses = []
+    for _ in range(6):
+        resp = await client.post("/v1/batch", json=body, headers=basic(SERVER_KEY))
+        statuses.append(resp.status)
+        if resp.status == 503:
+            assert resp.headers["Retry-After"] == "5"
+            assert (await resp.json())["error"] == "spool_unavailable"
+    assert 503 in statuses
+    accepted = statuses.count(200) * 15
+    assert metric_value(client.app, "tagrelay_events_accepted_total", {"source": "segment"}) == accepted
+    assert metric_value(client.app, "tagrelay_events_rejected_total",
+                        {"source": "segment", "reason": "spool_unavailable"}) == 15 * statuses.count(503)
+    ready = await client.get("/readyz")
+    assert ready.status == 503
+    assert "spool_not_writable" in (await ready.json())["problems"]
