@@ -4,8 +4,8 @@ and recording fake destinations (small aiohttp apps) for forwarder tests."""
 from __future__ import annotations
 
 import asyncio
-import time
 import base64
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +30,12 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
     raw: dict[str, Any] = {
         "data_dir": str(tmp_path),
         "keys": [
-            {"id": "website", "kind": "browser", "key": BROWSER_KEY,
-             "allowed_origins": ["https://www.shop.test"]},
+            {
+                "id": "website",
+                "kind": "browser",
+                "key": BROWSER_KEY,
+                "allowed_origins": ["https://www.shop.test"],
+            },
             {"id": "backend", "kind": "server", "key": SERVER_KEY},
         ],
         "forwarders": [],
@@ -84,8 +88,14 @@ class Recorder:
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
         self.requests.append(
-            {"at": time.monotonic(), "method": request.method, "path": request.path, "query": dict(request.query),
-             "headers": dict(request.headers), "body": body}
+            {
+                "at": time.monotonic(),
+                "method": request.method,
+                "path": request.path,
+                "query": dict(request.query),
+                "headers": dict(request.headers),
+                "body": body,
+            }
         )
         if self.script:
             status, headers, text = self.script.pop(0)

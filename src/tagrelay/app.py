@@ -25,7 +25,7 @@ from tagrelay.forwarders import FORWARDERS, ForwarderContext
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.metrics import Metrics
 from tagrelay.spool.sqlite import SqliteSpool
-from tagrelay.web.ingest import IngestService, Route, json_response
+from tagrelay.web.ingest import IngestService, json_response
 from tagrelay.web.routes import ingest_routes
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,12 @@ async def metrics_handler(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(config: Config, *, data_dir: Path | None = None, admin_socket: bool = True) -> web.Application:
+def create_app(
+    config: Config, *, data_dir: Path | None = None, admin_socket: bool = True
+) -> web.Application:
     """Build the relay. ``data_dir`` overrides ``config.data_dir`` (the CLI's ``--data-dir``)."""
     data_dir = data_dir or config.data_dir
-    app = web.Application(
-        client_max_size=config.limits.max_request_bytes, middlewares=[observe]
-    )
+    app = web.Application(client_max_size=config.limits.max_request_bytes, middlewares=[observe])
     metrics = Metrics()
     spool = SqliteSpool(
         spool_path(data_dir),
@@ -132,8 +132,9 @@ def create_app(config: Config, *, data_dir: Path | None = None, admin_socket: bo
         enabled = [f for f in config.forwarders if f.enabled]
         dropped = await spool.drop_cursors_except({f.id for f in enabled})
         for name in dropped:
-            log.warning("forgot the cursor of a forwarder no longer configured",
-                        extra={"forwarder": name})
+            log.warning(
+                "forgot the cursor of a forwarder no longer configured", extra={"forwarder": name}
+            )
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
             headers={"User-Agent": "tagrelay"},
@@ -153,8 +154,9 @@ def create_app(config: Config, *, data_dir: Path | None = None, admin_socket: bo
             metrics.up.set(0)
             app[READY]["forwarders"] = False
             timeout = config.server.shutdown_timeout_secs
-            await asyncio.gather(*(w.stop(timeout) for w in workers.values()),
-                                 return_exceptions=True)
+            await asyncio.gather(
+                *(w.stop(timeout) for w in workers.values()), return_exceptions=True
+            )
             await session.close()
 
     app.cleanup_ctx.append(spool_ctx)

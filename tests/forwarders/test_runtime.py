@@ -8,28 +8,34 @@ from typing import Any
 
 import orjson
 import pytest
+from tests.support import SERVER_KEY, Recorder, basic, metric_value, wait_idle
 
 from tagrelay.app import SPOOL
 from tagrelay.config.common import RetryConfig
 from tagrelay.forwarders._worker import backoff_secs
-from tests.support import SERVER_KEY, Recorder, basic, metric_value, wait_idle
 
 AUTH = basic(SERVER_KEY)
 FAST_RETRY = {"max_attempts": 4, "initial_backoff_secs": 0.01, "max_backoff_secs": 0.05}
 
 
 def hook(rec: Recorder, **extra: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"id": "hook", "type": "webhook", "endpoint": rec.url,
-                           "headers": {"Authorization": "Bearer s3cret"},
-                           "batch": {"max_events": 10, "max_wait_secs": 0.05},
-                           "retry": FAST_RETRY}
+    cfg: dict[str, Any] = {
+        "id": "hook",
+        "type": "webhook",
+        "endpoint": rec.url,
+        "headers": {"Authorization": "Bearer s3cret"},
+        "batch": {"max_events": 10, "max_wait_secs": 0.05},
+        "retry": FAST_RETRY,
+    }
     cfg.update(extra)
     return cfg
 
 
 async def send(client: Any, n: int, name: str = "Clicked", start: int = 0) -> None:
-    batch = [{"type": "track", "event": name, "anonymousId": "a", "messageId": f"m-{start + i}"}
-             for i in range(n)]
+    batch = [
+        {"type": "track", "event": name, "anonymousId": "a", "messageId": f"m-{start + i}"}
+        for i in range(n)
+    ]
     resp = await client.post("/v1/batch", json={"batch": batch}, headers=AUTH)
     assert resp.status == 200
 
@@ -49,10 +55,17 @@ async def test_events_are_delivered_in_batches_with_configured_headers(
     first = recorder.requests[0]
     assert first["headers"]["Authorization"] == "Bearer s3cret"
     assert first["headers"]["Content-Type"] == "application/json"
-    assert metric_value(client.app, "tagrelay_forwarder_events_total",
-                        {"forwarder": "hook", "outcome": "delivered"}) == 25
-    assert metric_value(client.app, "tagrelay_forwarder_batch_size_count",
-                        {"forwarder": "hook"}) == 3
+    assert (
+        metric_value(
+            client.app,
+            "tagrelay_forwarder_events_total",
+            {"forwarder": "hook", "outcome": "delivered"},
+        )
+        == 25
+    )
+    assert (
+        metric_value(client.app, "tagrelay_forwarder_batch_size_count", {"forwarder": "hook"}) == 3
+    )
 
 
 async def test_filters_drop_events_and_count_them(relay: Any, recorder: Recorder) -> None:
@@ -61,8 +74,14 @@ async def test_filters_drop_events_and_count_them(relay: Any, recorder: Recorder
     await send(client, 2, "Purchase", start=3)
     await wait_idle(client.app)
     assert delivered_ids(recorder) == ["m-3", "m-4"]
-    assert metric_value(client.app, "tagrelay_forwarder_events_total",
-                        {"forwarder": "hook", "outcome": "filtered"}) == 3
+    assert (
+        metric_value(
+            client.app,
+            "tagrelay_forwarder_events_total",
+            {"forwarder": "hook", "outcome": "filtered"},
+        )
+        == 3
+    )
 
 
 @pytest.mark.parametrize("status", [408, 429, 500, 503])
@@ -76,12 +95,18 @@ async def test_transient_statuses_are_retried_until_delivered(
     assert len(recorder.requests) == 3
     assert delivered_ids(recorder)[-3:] == ["m-0", "m-1", "m-2"]
     reason = f"status_{status}" if status in (408, 429) else "status_5xx"
-    assert metric_value(client.app, "tagrelay_forwarder_retries_total",
-                        {"forwarder": "hook", "reason": reason}) == 2
+    assert (
+        metric_value(
+            client.app, "tagrelay_forwarder_retries_total", {"forwarder": "hook", "reason": reason}
+        )
+        == 2
+    )
     assert await client.app[SPOOL].dead_letters("hook") == []
 
 
-async def test_other_4xx_go_to_dead_letters_with_the_response(relay: Any, recorder: Recorder) -> None:
+async def test_other_4xx_go_to_dead_letters_with_the_response(
+    relay: Any, recorder: Recorder
+) -> None:
     recorder.script = [(400, {}, b'{"error":"bad field"}')]
     client = await relay(forwarders=[hook(recorder)])
     await send(client, 2)
@@ -91,11 +116,15 @@ async def test_other_4xx_go_to_dead_letters_with_the_response(relay: Any, record
     dead = await client.app[SPOOL].dead_letters("hook")
     assert sorted(d.seq for d in dead) == [1, 2]
     assert {d.reason for d in dead} == {"status_4xx"}
-    assert 'bad field' in dead[0].detail
+    assert "bad field" in dead[0].detail
     # the destination refused the first batch only: the next one went through
     assert delivered_ids(recorder)[-1] == "m-2"
-    assert metric_value(client.app, "tagrelay_dead_letters_total",
-                        {"forwarder": "hook", "reason": "status_4xx"}) == 2
+    assert (
+        metric_value(
+            client.app, "tagrelay_dead_letters_total", {"forwarder": "hook", "reason": "status_4xx"}
+        )
+        == 2
+    )
 
 
 async def test_dead_letter_after_max_attempts(relay: Any, recorder: Recorder) -> None:
@@ -123,14 +152,24 @@ async def test_retry_after_is_honoured(relay: Any, recorder: Recorder) -> None:
 
 async def test_connection_errors_are_retried(relay: Any) -> None:
     # nothing listens on this port: every attempt is a connection error
-    cfg = {"id": "hook", "type": "webhook", "endpoint": "http://127.0.0.1:9/hook",
-           "batch": {"max_events": 10, "max_wait_secs": 0},
-           "retry": {**FAST_RETRY, "max_attempts": 3}}
+    cfg = {
+        "id": "hook",
+        "type": "webhook",
+        "endpoint": "http://127.0.0.1:9/hook",
+        "batch": {"max_events": 10, "max_wait_secs": 0},
+        "retry": {**FAST_RETRY, "max_attempts": 3},
+    }
     client = await relay(forwarders=[cfg])
     await send(client, 1)
     await wait_idle(client.app)
-    assert metric_value(client.app, "tagrelay_forwarder_retries_total",
-                        {"forwarder": "hook", "reason": "connection_error"}) == 2
+    assert (
+        metric_value(
+            client.app,
+            "tagrelay_forwarder_retries_total",
+            {"forwarder": "hook", "reason": "connection_error"},
+        )
+        == 2
+    )
     [dead] = await client.app[SPOOL].dead_letters("hook")
     assert dead.reason == "max_attempts"
 
@@ -138,8 +177,12 @@ async def test_connection_errors_are_retried(relay: Any) -> None:
 async def test_a_failing_forwarder_does_not_hold_back_another(
     relay: Any, recorder: Recorder
 ) -> None:
-    broken = {"id": "broken", "type": "webhook", "endpoint": "http://127.0.0.1:9/hook",
-              "retry": {"max_attempts": 100, "initial_backoff_secs": 5, "max_backoff_secs": 5}}
+    broken = {
+        "id": "broken",
+        "type": "webhook",
+        "endpoint": "http://127.0.0.1:9/hook",
+        "retry": {"max_attempts": 100, "initial_backoff_secs": 5, "max_backoff_secs": 5},
+    }
     client = await relay(forwarders=[broken, hook(recorder)])
     await send(client, 5)
     spool = client.app[SPOOL]

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.support import SERVER_KEY, basic, metric_value
 
 from tagrelay.errors import SpoolUnavailable
 from tagrelay.spool.sqlite import CursorState, SqliteSpool
-from tests.support import SERVER_KEY, basic, metric_value
 
 
 async def open_spool(path: Path, **kwargs: Any) -> SqliteSpool:
@@ -91,8 +91,12 @@ async def test_a_full_spool_raises_and_stores_nothing(tmp_path: Path) -> None:
 
 async def test_full_spool_answers_503_with_retry_after_and_counts_it(relay: Any) -> None:
     client = await relay(spool={"max_size_mb": 1})
-    body = {"batch": [{"type": "track", "event": "x", "anonymousId": "a",
-                       "properties": {"pad": "y" * 30_000}} for _ in range(15)]}
+    body = {
+        "batch": [
+            {"type": "track", "event": "x", "anonymousId": "a", "properties": {"pad": "y" * 30_000}}
+            for _ in range(15)
+        ]
+    }
     statuses = []
     for _ in range(6):
         resp = await client.post("/v1/batch", json=body, headers=basic(SERVER_KEY))
@@ -102,9 +106,15 @@ async def test_full_spool_answers_503_with_retry_after_and_counts_it(relay: Any)
             assert (await resp.json())["error"] == "spool_unavailable"
     assert 503 in statuses
     accepted = statuses.count(200) * 15
-    assert metric_value(client.app, "tagrelay_events_accepted_total", {"source": "segment"}) == accepted
-    assert metric_value(client.app, "tagrelay_events_rejected_total",
-                        {"source": "segment", "reason": "spool_unavailable"}) == 15 * statuses.count(503)
+    assert (
+        metric_value(client.app, "tagrelay_events_accepted_total", {"source": "segment"})
+        == accepted
+    )
+    assert metric_value(
+        client.app,
+        "tagrelay_events_rejected_total",
+        {"source": "segment", "reason": "spool_unavailable"},
+    ) == 15 * statuses.count(503)
     ready = await client.get("/readyz")
     assert ready.status == 503
     assert "spool_not_writable" in (await ready.json())["problems"]

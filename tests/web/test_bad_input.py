@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 import pytest
+from tests.support import SERVER_KEY, basic, metric_value
 
 from tagrelay.app import SPOOL
-from tests.support import SERVER_KEY, basic, metric_value
 
 AUTH = basic(SERVER_KEY)
 JSON = {**AUTH, "Content-Type": "application/json"}
@@ -27,49 +27,156 @@ CASES = [
     # name, path, body bytes, headers, status, reason
     ("malformed json", "/v1/track", b'{"event": "x",', JSON, 400, "malformed_json"),
     ("empty body", "/v1/track", b"", JSON, 400, "empty_body"),
-    ("invalid utf-8", "/v1/track", b'{"event": "\xff\xfe", "anonymousId": "a"}', JSON, 400,
-     "invalid_utf8"),
+    (
+        "invalid utf-8",
+        "/v1/track",
+        b'{"event": "\xff\xfe", "anonymousId": "a"}',
+        JSON,
+        400,
+        "invalid_utf8",
+    ),
     ("body is an array", "/v1/track", b"[1, 2]", JSON, 400, "invalid_body"),
-    ("properties not an object", "/v1/track",
-     orjson.dumps({"event": "x", "anonymousId": "a", "properties": "nope"}), JSON, 400,
-     "invalid_field"),
-    ("context not an object", "/v1/page",
-     orjson.dumps({"anonymousId": "a", "context": [1]}), JSON, 400, "invalid_field"),
-    ("track without event name", "/v1/track", orjson.dumps({"anonymousId": "a"}), JSON, 400,
-     "missing_event"),
-    ("track with blank event name", "/v1/track",
-     orjson.dumps({"anonymousId": "a", "event": "  "}), JSON, 400, "missing_event"),
+    (
+        "properties not an object",
+        "/v1/track",
+        orjson.dumps({"event": "x", "anonymousId": "a", "properties": "nope"}),
+        JSON,
+        400,
+        "invalid_field",
+    ),
+    (
+        "context not an object",
+        "/v1/page",
+        orjson.dumps({"anonymousId": "a", "context": [1]}),
+        JSON,
+        400,
+        "invalid_field",
+    ),
+    (
+        "track without event name",
+        "/v1/track",
+        orjson.dumps({"anonymousId": "a"}),
+        JSON,
+        400,
+        "missing_event",
+    ),
+    (
+        "track with blank event name",
+        "/v1/track",
+        orjson.dumps({"anonymousId": "a", "event": "  "}),
+        JSON,
+        400,
+        "missing_event",
+    ),
     ("no ids at all", "/v1/track", orjson.dumps({"event": "x"}), JSON, 400, "missing_id"),
-    ("userId is an object", "/v1/identify", orjson.dumps({"userId": {"a": 1}}), JSON, 400,
-     "invalid_field"),
-    ("unparseable timestamp", "/v1/track",
-     orjson.dumps({"event": "x", "anonymousId": "a", "timestamp": "yesterday"}), JSON, 400,
-     "invalid_timestamp"),
-    ("batch is not an array", "/v1/batch", orjson.dumps({"batch": {"a": 1}}), JSON, 400,
-     "invalid_batch"),
-    ("batch of invalid events only", "/v1/batch",
-     orjson.dumps({"batch": [{"type": "nope", "anonymousId": "a"}]}), JSON, 400, "no_valid_events"),
-    ("too deep", "/v1/track",
-     orjson.dumps({"event": "x", "anonymousId": "a", "properties": deep(40)}), JSON, 400, "too_deep"),
-    ("event too large", "/v1/track",
-     orjson.dumps({"event": "x", "anonymousId": "a", "properties": {"blob": "x" * 40_000}}), JSON,
-     400, "event_too_large"),
-    ("body too large", "/v1/batch",
-     orjson.dumps({"batch": [{"type": "track", "event": "x", "anonymousId": "a",
-                              "properties": {"b": "y" * 30_000}}] * 20}), JSON, 413,
-     "body_too_large"),
-    ("gzip bomb beyond the body limit", "/v1/batch",
-     gzip.compress(b'{"batch": [' + b" " * 5_000_000 + b"]}"),
-     {**JSON, "Content-Encoding": "gzip"}, 413, "body_too_large"),
-    ("form content type", "/v1/track", b"event=x", {**AUTH,
-     "Content-Type": "application/x-www-form-urlencoded"}, 415, "unsupported_content_type"),
-    ("too many events in a batch", "/v1/batch",
-     orjson.dumps({"batch": [{"type": "track", "event": "x", "anonymousId": "a"}] * 2501}), JSON,
-     413, "too_many_events"),
-    ("jitsu unknown type", "/api/s/purchase", orjson.dumps({"anonymousId": "a"}),
-     {"X-Write-Key": SERVER_KEY, "Content-Type": "application/json"}, 400, "unknown_type"),
-    ("malformed basic auth", "/v1/track", orjson.dumps({"event": "x", "anonymousId": "a"}),
-     {"Authorization": "Basic !!!", "Content-Type": "application/json"}, 401, "invalid_auth"),
+    (
+        "userId is an object",
+        "/v1/identify",
+        orjson.dumps({"userId": {"a": 1}}),
+        JSON,
+        400,
+        "invalid_field",
+    ),
+    (
+        "unparseable timestamp",
+        "/v1/track",
+        orjson.dumps({"event": "x", "anonymousId": "a", "timestamp": "yesterday"}),
+        JSON,
+        400,
+        "invalid_timestamp",
+    ),
+    (
+        "batch is not an array",
+        "/v1/batch",
+        orjson.dumps({"batch": {"a": 1}}),
+        JSON,
+        400,
+        "invalid_batch",
+    ),
+    (
+        "batch of invalid events only",
+        "/v1/batch",
+        orjson.dumps({"batch": [{"type": "nope", "anonymousId": "a"}]}),
+        JSON,
+        400,
+        "no_valid_events",
+    ),
+    (
+        "too deep",
+        "/v1/track",
+        orjson.dumps({"event": "x", "anonymousId": "a", "properties": deep(40)}),
+        JSON,
+        400,
+        "too_deep",
+    ),
+    (
+        "event too large",
+        "/v1/track",
+        orjson.dumps({"event": "x", "anonymousId": "a", "properties": {"blob": "x" * 40_000}}),
+        JSON,
+        400,
+        "event_too_large",
+    ),
+    (
+        "body too large",
+        "/v1/batch",
+        orjson.dumps(
+            {
+                "batch": [
+                    {
+                        "type": "track",
+                        "event": "x",
+                        "anonymousId": "a",
+                        "properties": {"b": "y" * 30_000},
+                    }
+                ]
+                * 20
+            }
+        ),
+        JSON,
+        413,
+        "body_too_large",
+    ),
+    (
+        "gzip bomb beyond the body limit",
+        "/v1/batch",
+        gzip.compress(b'{"batch": [' + b" " * 5_000_000 + b"]}"),
+        {**JSON, "Content-Encoding": "gzip"},
+        413,
+        "body_too_large",
+    ),
+    (
+        "form content type",
+        "/v1/track",
+        b"event=x",
+        {**AUTH, "Content-Type": "application/x-www-form-urlencoded"},
+        415,
+        "unsupported_content_type",
+    ),
+    (
+        "too many events in a batch",
+        "/v1/batch",
+        orjson.dumps({"batch": [{"type": "track", "event": "x", "anonymousId": "a"}] * 2501}),
+        JSON,
+        413,
+        "too_many_events",
+    ),
+    (
+        "jitsu unknown type",
+        "/api/s/purchase",
+        orjson.dumps({"anonymousId": "a"}),
+        {"X-Write-Key": SERVER_KEY, "Content-Type": "application/json"},
+        400,
+        "unknown_type",
+    ),
+    (
+        "malformed basic auth",
+        "/v1/track",
+        orjson.dumps({"event": "x", "anonymousId": "a"}),
+        {"Authorization": "Basic !!!", "Content-Type": "application/json"},
+        401,
+        "invalid_auth",
+    ),
 ]
 
 

@@ -6,9 +6,9 @@ import gzip
 from typing import Any
 
 import orjson
+from tests.support import BROWSER_KEY, SERVER_KEY, basic, metric_value
 
 from tagrelay.app import SPOOL
-from tests.support import BROWSER_KEY, SERVER_KEY, basic, metric_value
 
 
 async def spooled(client: Any) -> list[dict[str, Any]]:
@@ -38,11 +38,20 @@ async def test_track_is_acknowledged_only_after_it_is_in_the_spool(relay: Any) -
 
 async def test_one_letter_paths_set_the_type(relay: Any) -> None:
     client = await relay()
-    for path, expected in [("p", "page"), ("i", "identify"), ("t", "track"), ("s", "screen"),
-                           ("g", "group"), ("a", "alias")]:
+    for path, expected in [
+        ("p", "page"),
+        ("i", "identify"),
+        ("t", "track"),
+        ("s", "screen"),
+        ("g", "group"),
+        ("a", "alias"),
+    ]:
         body = track() if expected == "track" else {"anonymousId": "a", "type": "whatever"}
-        resp = await client.post(f"/v1/{path}", data=orjson.dumps(body),
-                                 headers={**basic(SERVER_KEY), "Content-Type": "text/plain"})
+        resp = await client.post(
+            f"/v1/{path}",
+            data=orjson.dumps(body),
+            headers={**basic(SERVER_KEY), "Content-Type": "text/plain"},
+        )
         assert resp.status == 200, await resp.text()
     types = [e["type"] for e in await spooled(client)]
     assert types == ["page", "identify", "track", "screen", "group", "alias"]
@@ -69,8 +78,14 @@ async def test_missing_and_unknown_keys_are_401_json(relay: Any) -> None:
     assert body["error"] == "unknown_key"
     assert "nope" not in body["message"]
     assert await spooled(client) == []
-    assert metric_value(client.app, "tagrelay_events_rejected_total",
-                        {"source": "segment", "reason": "unknown_key"}) == 1
+    assert (
+        metric_value(
+            client.app,
+            "tagrelay_events_rejected_total",
+            {"source": "segment", "reason": "unknown_key"},
+        )
+        == 1
+    )
 
 
 async def test_batch_keeps_valid_events_and_reports_invalid_ones_by_index(relay: Any) -> None:
@@ -82,29 +97,44 @@ async def test_batch_keeps_valid_events_and_reports_invalid_ones_by_index(relay:
         {"type": "page", "anonymousId": "x", "properties": [1]},
         {"type": "identify", "userId": "u1", "traits": {"email": "a@b.c"}, "messageId": "b-4"},
     ]
-    resp = await client.post("/v1/batch", json={"batch": batch, "context": {"locale": "de-DE"}},
-                             headers=basic(SERVER_KEY))
+    resp = await client.post(
+        "/v1/batch",
+        json={"batch": batch, "context": {"locale": "de-DE"}},
+        headers=basic(SERVER_KEY),
+    )
     assert resp.status == 200
     body = await resp.json()
     assert body["accepted"] == 2
     assert [(r["index"], r["error"]) for r in body["rejected"]] == [
-        (1, "missing_event"), (2, "unknown_type"), (3, "invalid_field")]
+        (1, "missing_event"),
+        (2, "unknown_type"),
+        (3, "invalid_field"),
+    ]
     events = await spooled(client)
     assert [e["messageId"] for e in events] == ["b-0", "b-4"]
     assert all(e["context"]["locale"] == "de-DE" for e in events)
     app = client.app
     assert metric_value(app, "tagrelay_events_received_total", {"source": "segment"}) == 5
     assert metric_value(app, "tagrelay_events_accepted_total", {"source": "segment"}) == 2
-    assert metric_value(app, "tagrelay_events_rejected_total",
-                        {"source": "segment", "reason": "unknown_type"}) == 1
+    assert (
+        metric_value(
+            app, "tagrelay_events_rejected_total", {"source": "segment", "reason": "unknown_type"}
+        )
+        == 1
+    )
 
 
 async def test_gzip_body_is_inflated_once(relay: Any) -> None:
     client = await relay()
     body = gzip.compress(orjson.dumps({"batch": [track(type="track", messageId="gz-1")]}))
     resp = await client.post(
-        "/v1/batch", data=body,
-        headers={**basic(SERVER_KEY), "Content-Encoding": "gzip", "Content-Type": "application/json"},
+        "/v1/batch",
+        data=body,
+        headers={
+            **basic(SERVER_KEY),
+            "Content-Encoding": "gzip",
+            "Content-Type": "application/json",
+        },
     )
     assert resp.status == 200, await resp.text()
     assert [e["messageId"] for e in await spooled(client)] == ["gz-1"]
@@ -113,12 +143,15 @@ async def test_gzip_body_is_inflated_once(relay: Any) -> None:
 async def test_clock_skew_is_corrected_from_sent_at(relay: Any) -> None:
     client = await relay()
     # The device clock is exactly one hour ahead: the event happened 2 s before sending.
-    resp = await client.post("/v1/track", json=track(
-        timestamp="2030-01-01T13:00:00.000Z", sentAt="2030-01-01T13:00:02.000Z"),
-        headers=basic(SERVER_KEY))
+    resp = await client.post(
+        "/v1/track",
+        json=track(timestamp="2030-01-01T13:00:00.000Z", sentAt="2030-01-01T13:00:02.000Z"),
+        headers=basic(SERVER_KEY),
+    )
     assert resp.status == 200
     [event] = await spooled(client)
     from datetime import datetime
+
     received = datetime.fromisoformat(event["receivedAt"])
     corrected = datetime.fromisoformat(event["timestamp"])
     assert (received - corrected).total_seconds() == 2.0
@@ -128,9 +161,15 @@ async def test_clock_skew_is_corrected_from_sent_at(relay: Any) -> None:
 async def test_ip_and_user_agent_come_from_the_request_for_browser_keys(relay: Any) -> None:
     client = await relay(server={"trusted_proxies": ["127.0.0.1/32"]})
     spoof = track(context={"ip": "6.6.6.6", "userAgent": "spoofed"})
-    resp = await client.post("/v1/track", json=spoof, headers={
-        **basic(BROWSER_KEY), "User-Agent": "Mozilla/5.0 real",
-        "X-Forwarded-For": "203.0.113.9, 10.0.0.1"})
+    resp = await client.post(
+        "/v1/track",
+        json=spoof,
+        headers={
+            **basic(BROWSER_KEY),
+            "User-Agent": "Mozilla/5.0 real",
+            "X-Forwarded-For": "203.0.113.9, 10.0.0.1",
+        },
+    )
     assert resp.status == 200
     server = track(context={"ip": "198.51.100.7", "userAgent": "backend-said"})
     resp = await client.post("/v1/track", json=server, headers=basic(SERVER_KEY))
@@ -145,8 +184,9 @@ async def test_ip_and_user_agent_come_from_the_request_for_browser_keys(relay: A
 
 async def test_forwarded_for_is_ignored_from_untrusted_peers(relay: Any) -> None:
     client = await relay(server={"trusted_proxies": []})
-    resp = await client.post("/v1/track", json=track(), headers={
-        **basic(BROWSER_KEY), "X-Forwarded-For": "203.0.113.9"})
+    resp = await client.post(
+        "/v1/track", json=track(), headers={**basic(BROWSER_KEY), "X-Forwarded-For": "203.0.113.9"}
+    )
     assert resp.status == 200
     [event] = await spooled(client)
     assert event["context"]["ip"] == "127.0.0.1"
@@ -154,8 +194,15 @@ async def test_forwarded_for_is_ignored_from_untrusted_peers(relay: Any) -> None
 
 async def test_utm_parameters_become_the_campaign(relay: Any) -> None:
     client = await relay()
-    page = {"type": "page", "anonymousId": "a", "context": {"page": {
-        "url": "https://shop.test/signup?utm_source=news&utm_medium=email&utm_campaign=spring"}}}
+    page = {
+        "type": "page",
+        "anonymousId": "a",
+        "context": {
+            "page": {
+                "url": "https://shop.test/signup?utm_source=news&utm_medium=email&utm_campaign=spring"
+            }
+        },
+    }
     resp = await client.post("/v1/page", json=page, headers=basic(SERVER_KEY))
     assert resp.status == 200
     [event] = await spooled(client)
@@ -167,37 +214,51 @@ async def test_jitsu_endpoints_answer_json_and_s2s_needs_a_server_key(relay: Any
     r1 = await client.post("/api/s/track", json=track(), headers={"X-Write-Key": BROWSER_KEY})
     assert r1.status == 200
     assert await r1.json() == {"ok": True}
-    r2 = await client.post("/api/s/p", json={"anonymousId": "a"}, headers={"X-Write-Key": BROWSER_KEY})
+    r2 = await client.post(
+        "/api/s/p", json={"anonymousId": "a"}, headers={"X-Write-Key": BROWSER_KEY}
+    )
     assert r2.status == 200
     r3 = await client.post("/api/s/s2s/track", json=track(), headers={"X-Write-Key": BROWSER_KEY})
     assert r3.status == 401
     assert (await r3.json())["error"] == "server_key_required"
-    r4 = await client.post("/api/s/s2s/identify", json={"userId": "u"},
-                           headers={"X-Write-Key": SERVER_KEY})
+    r4 = await client.post(
+        "/api/s/s2s/identify", json={"userId": "u"}, headers={"X-Write-Key": SERVER_KEY}
+    )
     assert r4.status == 200
     events = await spooled(client)
     assert [(e["type"], e["context"]["source"]) for e in events] == [
-        ("track", "jitsu"), ("page", "jitsu"), ("identify", "jitsu")]
+        ("track", "jitsu"),
+        ("page", "jitsu"),
+        ("identify", "jitsu"),
+    ]
 
 
 async def test_cors_preflight_and_origin_enforcement(relay: Any) -> None:
     client = await relay()
-    pre = await client.options("/v1/t", headers={
-        "Origin": "https://www.shop.test", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization,x-retry-count,content-type"})
+    pre = await client.options(
+        "/v1/t",
+        headers={
+            "Origin": "https://www.shop.test",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,x-retry-count,content-type",
+        },
+    )
     assert pre.status == 204
     assert pre.headers["Access-Control-Allow-Origin"] == "https://www.shop.test"
     assert pre.headers["Access-Control-Allow-Credentials"] == "true"
     assert "x-retry-count" in pre.headers["Access-Control-Allow-Headers"]
-    bad_pre = await client.options("/v1/t", headers={
-        "Origin": "https://evil.test", "Access-Control-Request-Method": "POST"})
+    bad_pre = await client.options(
+        "/v1/t", headers={"Origin": "https://evil.test", "Access-Control-Request-Method": "POST"}
+    )
     assert bad_pre.status == 403
-    ok = await client.post("/v1/t", json=track(), headers={
-        **basic(BROWSER_KEY), "Origin": "https://www.shop.test"})
+    ok = await client.post(
+        "/v1/t", json=track(), headers={**basic(BROWSER_KEY), "Origin": "https://www.shop.test"}
+    )
     assert ok.status == 200
     assert ok.headers["Access-Control-Allow-Origin"] == "https://www.shop.test"
-    evil = await client.post("/v1/t", json=track(), headers={
-        **basic(BROWSER_KEY), "Origin": "https://evil.test"})
+    evil = await client.post(
+        "/v1/t", json=track(), headers={**basic(BROWSER_KEY), "Origin": "https://evil.test"}
+    )
     assert evil.status == 403
     assert (await evil.json())["error"] == "origin_not_allowed"
     assert len(await spooled(client)) == 1

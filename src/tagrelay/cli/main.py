@@ -17,7 +17,9 @@ DEFAULT_CONFIG = Path("config/tagrelay.yaml")
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--config", type=Path, default=DEFAULT_CONFIG,
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
         help=f"configuration file (default: {DEFAULT_CONFIG})",
     )
 
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--data-dir", type=Path, help="data directory (overrides data_dir)")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--max-rows", type=int, default=10_000, help="cap on rows returned")
-    sql.add_argument("query", help="the SQL query, e.g. \"select count(*) from events\"")
+    sql.add_argument("query", help='the SQL query, e.g. "select count(*) from events"')
     return parser
 
 
@@ -66,7 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(config, host=args.host, port=args.port, data_dir=args.data_dir)
     from tagrelay.cli.sql import run_sql
 
-    return run_sql(config, args.query, data_dir=args.data_dir, fmt=args.format, max_rows=args.max_rows)
+    return run_sql(
+        config, args.query, data_dir=args.data_dir, fmt=args.format, max_rows=args.max_rows
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path 
     app = create_app(config, data_dir=data_dir)
     host = host or config.server.host
     port = config.server.port if port is None else port
-    log.info("tagrelay listening", extra={"host": host, "port": port,
-                                          "data_dir": str(data_dir or config.data_dir)})
+    log.info(
+        "tagrelay listening",
+        extra={"host": host, "port": port, "data_dir": str(data_dir or config.data_dir)},
+    )
     # run_app handles SIGINT/SIGTERM: stop accepting, let in-flight requests finish (their
     # spool commits included) for up to shutdown_timeout, then run the cleanup contexts.
     web.run_app(

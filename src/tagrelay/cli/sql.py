@@ -26,10 +26,14 @@ async def _via_socket(sock: Path, query: str, max_rows: int) -> dict[str, Any] |
     """The relay's answer, or None when no relay listens on ``sock``."""
     try:
         connector = aiohttp.UnixConnector(path=str(sock))
-        async with aiohttp.ClientSession(connector=connector) as session, session.post(
-            "http://relay/sql", json={"sql": query, "max_rows": max_rows},
-            timeout=aiohttp.ClientTimeout(total=300),
-        ) as resp:
+        async with (
+            aiohttp.ClientSession(connector=connector) as session,
+            session.post(
+                "http://relay/sql",
+                json={"sql": query, "max_rows": max_rows},
+                timeout=aiohttp.ClientTimeout(total=300),
+            ) as resp,
+        ):
             body: dict[str, Any] = await resp.json(loads=orjson.loads)
             return body
     except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
@@ -78,16 +82,16 @@ def render(result: dict[str, Any], fmt: str) -> str:
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
     line = "+".join("-" * (w + 2) for w in widths)
-    out_lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
-                 line.replace("+", "-+-")[1:-1] if len(widths) > 1 else "-" * widths[0]]
+    out_lines = [
+        " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
+        line.replace("+", "-+-")[1:-1] if len(widths) > 1 else "-" * widths[0],
+    ]
     out_lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     out_lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     return "\n".join(out_lines)
 
 
-def run_sql(
-    config: Config, query: str, *, data_dir: Path | None, fmt: str, max_rows: int
-) -> int:
+def run_sql(config: Config, query: str, *, data_dir: Path | None, fmt: str, max_rows: int) -> int:
     data_dir = data_dir or config.data_dir
     result = asyncio.run(_via_socket(admin_socket_path(data_dir), query, max_rows))
     if result is None:

@@ -78,8 +78,10 @@ def classify_status(response: HttpResponse) -> Outcome:
             detail=f"HTTP {status}: {response.text}",
             after_secs=parse_retry_after(response.headers.get("Retry-After")),
         )
-    return Dead(reason="status_4xx" if 400 <= status < 500 else f"status_{status // 100}xx",
-                detail=f"HTTP {status}: {response.text}")
+    return Dead(
+        reason="status_4xx" if 400 <= status < 500 else f"status_{status // 100}xx",
+        detail=f"HTTP {status}: {response.text}",
+    )
 
 
 async def send(

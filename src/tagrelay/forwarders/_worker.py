@@ -39,10 +39,12 @@ IDLE_POLL_SECS = 5.0
 """Upper bound on waiting for the spool's wake-up signal (a safety net, not the mechanism)."""
 
 
-def backoff_secs(attempt: int, retry: RetryConfig, rand: Callable[[], float] = random.random) -> float:
+def backoff_secs(
+    attempt: int, retry: RetryConfig, rand: Callable[[], float] = random.random
+) -> float:
     """Full jitter: uniform in [0, min(max_backoff, initial * 2**(attempt-1))]."""
-    ceiling = min(retry.max_backoff_secs, retry.initial_backoff_secs * (2 ** max(0, attempt - 1)))
-    return ceiling * rand()
+    growth: float = retry.initial_backoff_secs * 2.0 ** max(0, attempt - 1)
+    return min(retry.max_backoff_secs, growth) * rand()
 
 
 def accepts(config: ForwarderConfigBase, event: Event) -> bool:
@@ -102,8 +104,10 @@ class ForwarderWorker:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout_secs)
             except TimeoutError:
-                log.warning("forwarder did not stop in time; its batch will be sent again",
-                            extra={"forwarder": self.id})
+                log.warning(
+                    "forwarder did not stop in time; its batch will be sent again",
+                    extra={"forwarder": self.id},
+                )
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
@@ -199,7 +203,12 @@ class ForwarderWorker:
         self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(kept))
         log.error(
             "events dead-lettered",
-            extra={"forwarder": self.id, "events": len(kept), "reason": reason, "attempts": attempts},
+            extra={
+                "forwarder": self.id,
+                "events": len(kept),
+                "reason": reason,
+                "attempts": attempts,
+            },
         )
 
     async def _retry(self, kept: list[SpooledEvent], outcome: Retry, last: int) -> None:
@@ -209,10 +218,14 @@ class ForwarderWorker:
         first = self._state.first_failure_ms or now_ms
         age_secs = (now_ms - first) / 1000
         if attempts >= retry_cfg.max_attempts:
-            await self._dead(kept, "max_attempts", f"{attempts} attempts; last: {outcome.detail}", last)
+            await self._dead(
+                kept, "max_attempts", f"{attempts} attempts; last: {outcome.detail}", last
+            )
             return
         if age_secs >= retry_cfg.max_age_secs:
-            await self._dead(kept, "max_age", f"failing for {age_secs:.0f}s; last: {outcome.detail}", last)
+            await self._dead(
+                kept, "max_age", f"failing for {age_secs:.0f}s; last: {outcome.detail}", last
+            )
             return
         self.metrics.forwarder_retries.labels(self.id, outcome.reason).inc()
         self._state = CursorState(self._state.position, attempts, first)
@@ -223,14 +236,18 @@ class ForwarderWorker:
         delay = min(delay, max(0.0, retry_cfg.max_age_secs - age_secs))
         log.warning(
             "delivery failed; will retry",
-            extra={"forwarder": self.id, "reason": outcome.reason, "attempt": attempts,
-                   "retry_in_secs": round(delay, 3)},
+            extra={
+                "forwarder": self.id,
+                "reason": outcome.reason,
+                "attempt": attempts,
+                "retry_in_secs": round(delay, 3),
+            },
         )
         await self._sleep(delay)
 
-    async def _wait_for_wake(self, timeout: float) -> None:
+    async def _wait_for_wake(self, secs: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+            await asyncio.wait_for(self._wake.wait(), secs)
 
     async def _sleep(self, secs: float) -> None:
         """Sleep, but wake up at once when stopping."""

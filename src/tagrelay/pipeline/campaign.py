@@ -45,9 +45,7 @@ def apply_campaign(event: Event) -> None:
     query = _page_query(event)
     if not query:
         return
-    found = {
-        UTM_KEYS[k]: v for k, v in parse_qsl(query, keep_blank_values=False) if k in UTM_KEYS
-    }
+    found = {UTM_KEYS[k]: v for k, v in parse_qsl(query, keep_blank_values=False) if k in UTM_KEYS}
     if not found:
         return
     context = event.setdefault("context", {})

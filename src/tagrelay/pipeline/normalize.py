@@ -110,9 +110,7 @@ def normalize_event(
             if key in event:
                 del event[key]
         elif not isinstance(value, dict):
-            raise IngestError(
-                "invalid_field", f"{key} must be an object, got {_type_name(value)}"
-            )
+            raise IngestError("invalid_field", f"{key} must be an object, got {_type_name(value)}")
 
     for key in ID_FIELDS:
         value = event.get(key)
@@ -120,13 +118,13 @@ def normalize_event(
             # RudderStack sends userId "" for "no user": the same as absent.
             event.pop(key, None)
         elif isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise IngestError(
-                "invalid_field", f"{key} must be a string, got {_type_name(value)}"
-            )
+            raise IngestError("invalid_field", f"{key} must be a string, got {_type_name(value)}")
         else:
             text = value if isinstance(value, str) else str(value)
             if len(text) > MAX_ID_CHARS:
-                raise IngestError("invalid_field", f"{key} is longer than {MAX_ID_CHARS} characters")
+                raise IngestError(
+                    "invalid_field", f"{key} is longer than {MAX_ID_CHARS} characters"
+                )
             event[key] = text
     if "userId" not in event and "anonymousId" not in event:
         raise IngestError("missing_id", "the event needs a userId or an anonymousId")

@@ -38,7 +38,9 @@ def parse_json_body(body: bytes) -> Any:
         message = str(exc)
         if "UTF-8" in message or "utf-8" in message:
             raise IngestError("invalid_utf8", "the request body is not valid UTF-8") from None
-        raise IngestError("malformed_json", f"the request body is not valid JSON: {message}") from None
+        raise IngestError(
+            "malformed_json", f"the request body is not valid JSON: {message}"
+        ) from None
 
 
 def require_object(obj: Any, what: str) -> dict[str, Any]:

@@ -14,12 +14,18 @@ from tagrelay.errors import IngestError
 from tagrelay.sources._base import Decoded, body_write_key, require_object
 
 PATH_TYPES: Final = {
-    "track": "track", "t": "track",
-    "page": "page", "p": "page",
-    "screen": "screen", "s": "screen",
-    "identify": "identify", "i": "identify",
-    "group": "group", "g": "group",
-    "alias": "alias", "a": "alias",
+    "track": "track",
+    "t": "track",
+    "page": "page",
+    "p": "page",
+    "screen": "screen",
+    "s": "screen",
+    "identify": "identify",
+    "i": "identify",
+    "group": "group",
+    "g": "group",
+    "alias": "alias",
+    "a": "alias",
 }
 BATCH_PATHS: Final = frozenset({"batch", "b", "import"})
 

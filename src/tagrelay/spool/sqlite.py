@@ -295,7 +295,8 @@ class SqliteSpool:
 
     def _save_cursor(self, forwarder: str, state: CursorState) -> None:
         self._conn().execute(
-            "UPDATE cursors SET position = ?, attempts = ?, first_failure_ms = ? WHERE forwarder = ?",
+            "UPDATE cursors SET position = ?, attempts = ?, first_failure_ms = ? "
+            "WHERE forwarder = ?",
             (state.position, state.attempts, state.first_failure_ms, forwarder),
         )
 
@@ -348,7 +349,9 @@ class SqliteSpool:
                 conn.execute("ROLLBACK")
             raise
 
-    async def dead_letters(self, forwarder: str | None = None, limit: int = 100) -> list[DeadLetterRow]:
+    async def dead_letters(
+        self, forwarder: str | None = None, limit: int = 100
+    ) -> list[DeadLetterRow]:
         return await asyncio.get_running_loop().run_in_executor(
             self._reader, self._dead_letters, forwarder, limit
         )

@@ -46,10 +46,12 @@ def build_admin_app(main_app: web.Application) -> web.Application:
             query = payload["sql"]
             max_rows = int(payload.get("max_rows", DEFAULT_MAX_ROWS))
         except (ValueError, KeyError, TypeError):
-            return _json({"error": "bad_request", "message": "expected {\"sql\": ...}"}, 400)
+            return _json({"error": "bad_request", "message": 'expected {"sql": ...}'}, 400)
         warehouse = warehouse_of(main_app)
         if warehouse is None:
-            return _json({"error": "no_warehouse", "message": "no warehouse forwarder is running"}, 404)
+            return _json(
+                {"error": "no_warehouse", "message": "no warehouse forwarder is running"}, 404
+            )
         try:
             result = await asyncio.get_running_loop().run_in_executor(
                 None, warehouse.query, query, max_rows
@@ -74,11 +76,10 @@ def admin_socket_ctx(path: Path) -> Callable[[web.Application], AsyncIterator[No
         runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None)
         await runner.setup()
         site = web.UnixSite(runner, str(path))
-        old_umask = os.umask(0o177)
-        try:
-            await site.start()
-        finally:
-            os.umask(old_umask)
+        await site.start()
+        # Connecting needs write permission on the socket; the default umask already denies
+        # it to others, and this leaves it to the relay's own user alone.
+        os.chmod(path, 0o600)
         try:
             yield
         finally:

@@ -23,7 +23,9 @@ CORS_MAX_AGE_SECS = "86400"
 # Headers real SDKs send (Segment: authorization, x-retry-count; Jitsu: x-write-key;
 # RudderStack: anonymousid, sentat). Preflights are answered by echoing the requested
 # headers; this list is the answer when none were named.
-CORS_DEFAULT_HEADERS = "authorization, content-type, x-write-key, x-retry-count, anonymousid, sentat"
+CORS_DEFAULT_HEADERS = (
+    "authorization, content-type, x-write-key, x-retry-count, anonymousid, sentat"
+)
 
 
 def key_from_headers(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
@@ -32,7 +34,9 @@ def key_from_headers(headers: Mapping[str, str], query: Mapping[str, str]) -> st
         try:
             decoded = base64.b64decode(auth[6:].strip(), validate=True).decode("utf-8")
         except (binascii.Error, UnicodeDecodeError):
-            raise AuthError("invalid_auth", "the Authorization header is not valid Basic auth") from None
+            raise AuthError(
+                "invalid_auth", "the Authorization header is not valid Basic auth"
+            ) from None
         user = decoded.split(":", 1)[0]
         if user:
             return user
@@ -126,7 +130,9 @@ class CorsPolicy:
         allowed = CORS_DEFAULT_HEADERS
         if requested_headers:
             if not re.fullmatch(r"[A-Za-z0-9_\-, ]{1,512}", requested_headers):
-                raise IngestError("invalid_preflight", "Access-Control-Request-Headers is malformed")
+                raise IngestError(
+                    "invalid_preflight", "Access-Control-Request-Headers is malformed"
+                )
             allowed = requested_headers
         headers.update(
             {

@@ -36,7 +36,9 @@ ACCEPTED_CONTENT_TYPES = frozenset({"application/json", "text/plain", ""})
 SPOOL_RETRY_AFTER_SECS = "5"
 
 
-def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
+def json_response(
+    status: int, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
         status=status,
         body=orjson.dumps(body),
@@ -84,7 +86,8 @@ class IngestService:
         origin = request.headers.get("Origin")
         if not origin or not self.cors.origin_allowed_anywhere(origin, request.headers.get("Host")):
             return json_response(
-                403, {"error": "origin_not_allowed", "message": "this origin may not send events here"}
+                403,
+                {"error": "origin_not_allowed", "message": "this origin may not send events here"},
             )
         try:
             headers = CorsPolicy.preflight_headers(
@@ -113,7 +116,9 @@ class IngestService:
             log.debug("request rejected", extra={"source": source, "reason": exc.code})
             return error_response(exc, self.cors_headers(request, key))
 
-    def _authorize(self, key_text: str | None, route: Route, request: web.Request) -> WriteKeyConfig:
+    def _authorize(
+        self, key_text: str | None, route: Route, request: web.Request
+    ) -> WriteKeyConfig:
         key = self.keys.lookup(key_text)
         if route.server_keys_only and key.kind != "server":
             raise AuthError("server_key_required", "this endpoint takes server keys only")
@@ -144,7 +149,8 @@ class IngestService:
         if len(decoded.events) > self.limits.max_batch_events:
             raise IngestError(
                 "too_many_events",
-                f"{len(decoded.events)} events in one batch; at most {self.limits.max_batch_events}",
+                f"{len(decoded.events)} events in one batch; "
+                f"at most {self.limits.max_batch_events}",
                 status=413,
             )
         return decoded
@@ -197,8 +203,10 @@ class IngestService:
                 self.metrics.events_rejected.labels(source, "spool_unavailable").inc(len(rows))
                 return json_response(
                     503,
-                    {"error": "spool_unavailable",
-                     "message": "events could not be stored; nothing was accepted, retry later"},
+                    {
+                        "error": "spool_unavailable",
+                        "message": "events could not be stored; nothing was accepted, retry later",
+                    },
                     {**cors, "Retry-After": SPOOL_RETRY_AFTER_SECS},
                 )
             self.metrics.events_accepted.labels(source).inc(len(rows))
@@ -206,13 +214,18 @@ class IngestService:
         if not decoded.is_batch:
             if rejected:
                 first = rejected[0]
-                return json_response(400, {"error": first["error"], "message": first["message"]}, cors)
+                return json_response(
+                    400, {"error": first["error"], "message": first["message"]}, cors
+                )
             return json_response(200, self._ok(source), cors)
         if rejected and not rows:
             return json_response(
                 400,
-                {"error": "no_valid_events", "message": "no event in the batch was valid",
-                 "rejected": rejected},
+                {
+                    "error": "no_valid_events",
+                    "message": "no event in the batch was valid",
+                    "rejected": rejected,
+                },
                 cors,
             )
         body = self._ok(source)
@@ -224,4 +237,3 @@ class IngestService:
     @staticmethod
     def _ok(source: str) -> dict[str, Any]:
         return {"ok": True} if source == "jitsu" else {"success": True}
-
