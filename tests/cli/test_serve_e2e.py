@@ -1,0 +1,225 @@
+"""End to end through the real ``tagrelay`` command: ``serve`` as a subprocess, events over
+HTTP, rows out of the embedded warehouse with ``tagrelay sql``, a SIGKILL in the middle."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+SEED_QUERY = (
+    "select * from events where context_page_path = '/signup' "
+    "and timestamp > now() - interval '1 day'"
+)
+SERVER_KEY = "e2e-server-key"
+TAGRELAY = [sys.executable, "-m", "tagrelay.cli.main"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def write_config(tmp_path: Path, max_wait_secs: float) -> Path:
+    cfg = tmp_path / "tagrelay.yaml"
+    cfg.write_text(
+        f"""
+data_dir: {tmp_path / "data"}
+keys:
+  - {{id: backend, kind: server, key: {SERVER_KEY}}}
+logging: {{level: info, format: json}}
+forwarders:
+  - id: warehouse
+    type: warehouse
+    batch: {{max_events: 1000, max_wait_secs: {max_wait_secs}}}
+"""
+    )
+    return cfg
+
+
+class Relay:
+    def __init__(self, config: Path, tmp_path: Path) -> None:
+        self.config = config
+        self.port = free_port()
+        self.log = (tmp_path / f"serve-{self.port}.log").open("wb")
+        self.proc = subprocess.Popen(
+            [*TAGRELAY, "serve", "--config", str(config), "--host", "127.0.0.1",
+             "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        self.wait_ready()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}"
+            try:
+                with urllib.request.urlopen(self.url("/readyz"), timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError("the relay did not become ready")
+
+    def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        auth = base64.b64encode(f"{SERVER_KEY}:".encode()).decode()
+        req = urllib.request.Request(
+            self.url(path), data=json.dumps(body).encode(), method="POST",
+            headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read())
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.url("/metrics"), timeout=5) as resp:
+            text: str = resp.read().decode()
+            return text
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def relays() -> Iterator[list[Relay]]:
+    started: list[Relay] = []
+    yield started
+    for relay in started:
+        if relay.proc.poll() is None:
+            relay.proc.kill()
+            relay.proc.wait()
+
+
+def sql(config: Path, query: str, fmt: str = "json") -> Any:
+    out = subprocess.run(
+        [*TAGRELAY, "sql", "--config", str(config), "--format", fmt, query],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout) if fmt == "json" else out.stdout
+
+
+def wait_rows(config: Path, query: str, expected: int, timeout: float = 20.0) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    rows: list[Any] = []
+    while time.monotonic() < deadline:
+        rows = sql(config, query)
+        if len(rows) >= expected:
+            return rows
+        time.sleep(0.2)
+    raise AssertionError(f"expected {expected} rows, have {len(rows)}")
+
+
+def signup_batch(n: int, prefix: str) -> dict[str, Any]:
+    now = datetime.now(UTC)
+    events = []
+    for i in range(n):
+        events.append({
+            "type": "track", "event": "Signed Up", "messageId": f"{prefix}-{i}",
+            "anonymousId": f"anon-{i}", "properties": {"plan": "pro", "seats": i},
+            "context": {"page": {"path": "/signup", "url": "https://shop.test/signup"}},
+            "timestamp": now.isoformat(),
+        })
+    old = (now - timedelta(days=3)).isoformat()
+    events.append({"type": "track", "event": "Signed Up", "messageId": f"{prefix}-old",
+                   "anonymousId": "anon-old", "timestamp": old,
+                   "context": {"page": {"path": "/signup"}}})
+    events.append({"type": "page", "messageId": f"{prefix}-home", "anonymousId": "anon-home",
+                   "context": {"page": {"path": "/"}}})
+    return {"batch": events}
+
+
+@pytest.mark.slow
+def test_acknowledged_events_survive_sigkill_and_reach_the_warehouse(
+    tmp_path: Path, relays: list[Relay]
+) -> None:
+    # A long batch wait: the warehouse cannot have taken the events before the kill.
+    config = write_config(tmp_path, max_wait_secs=3)
+    first = Relay(config, tmp_path)
+    relays.append(first)
+    status, body = first.post("/v1/batch", signup_batch(40, "k"))
+    assert (status, body["accepted"]) == (200, 42)
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    # Nothing had been loaded yet: whatever shows up later came from the spool.
+    assert sql(config, "select count(*) as n from events")[0]["n"] == 0
+
+    second = Relay(config, tmp_path)
+    relays.append(second)
+    rows = wait_rows(config, SEED_QUERY, 40)
+    assert sorted(r["message_id"] for r in rows) == sorted(f"k-{i}" for i in range(40))
+    assert {r["event"] for r in rows} == {"Signed Up"}
+    assert {r["properties_plan"] for r in rows} == {"pro"}
+    total = sql(config, "select count(*) as n from events")[0]["n"]
+    assert total == 42, "the old signup and the home page view are stored too"
+
+    # A resend of the same batch (an SDK retrying) makes no new rows.
+    status, _ = second.post("/v1/batch", signup_batch(40, "k"))
+    assert status == 200
+    time.sleep(3.5)
+    assert sql(config, "select count(*) as n from events")[0]["n"] == 42
+
+    metrics = second.metrics()
+    assert 'tagrelay_spool_depth{forwarder="warehouse"} 0.0' in metrics
+    assert second.stop(signal.SIGTERM) == 0
+
+    # With the relay stopped, the CLI opens the warehouse itself.
+    table = sql(config, "select event, count(*) as n from events group by event order by event",
+                fmt="table")
+    assert "Signed Up" in table and "41" in table
+
+
+@pytest.mark.slow
+def test_sigterm_flushes_the_batch_in_progress(tmp_path: Path, relays: list[Relay]) -> None:
+    config = write_config(tmp_path, max_wait_secs=30)
+    relay = Relay(config, tmp_path)
+    relays.append(relay)
+    status, _ = relay.post("/v1/batch", signup_batch(5, "t"))
+    assert status == 200
+    assert relay.stop(signal.SIGTERM) == 0
+    assert sql(config, "select count(*) as n from events")[0]["n"] == 7
+    log = (tmp_path / f"serve-{relay.port}.log").read_text()
+    records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert any(r["msg"] == "tagrelay stopped" for r in records)
+    assert SERVER_KEY not in log, "keys never appear in logs"
+
+
+@pytest.mark.slow
+def test_check_reports_config_errors_with_exit_1(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("keys: []\nforwarders:\n  - {id: x, type: nope}\n")
+    out = subprocess.run([*TAGRELAY, "check", "--config", str(bad)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "nope" in out.stderr and "warehouse" in out.stderr and "webhook" in out.stderr
+    good = write_config(tmp_path, 1)
+    ok = subprocess.run([*TAGRELAY, "check", "--config", str(good)], capture_output=True,
+                        text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert os.path.basename(good) in ok.stdout

@@ -1,0 +1,40 @@
+"""The README's promises that code can check: the two quick-start commands, and that CI
+runs the test command verbatim."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def quick_start_commands() -> list[str]:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    section = section.split("### ", 1)[0]
+    blocks = re.findall(r"```sh\n(.*?)```", section, flags=re.S)
+    return [b.strip() for b in blocks]
+
+
+def test_quick_start_is_exactly_two_commands() -> None:
+    commands = quick_start_commands()
+    assert len(commands) == 2
+    assert all("\n" not in c for c in commands)
+    assert commands[0].endswith("tagrelay serve")
+    assert commands[1].endswith("pytest")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert quick_start_commands()[1] in ci
+
+
+def test_readme_embeds_the_current_config_reference() -> None:
+    from tagrelay.config.reference import render_reference
+
+    readme = (ROOT / "README.md").read_text()
+    embedded = readme.split("<!-- reference:start -->\n", 1)[1].split("<!-- reference:end -->")[0]
+    assert embedded.strip() == render_reference().strip(), (
+        "README's config reference is stale: run python -m tagrelay.config.readme"
+    )
