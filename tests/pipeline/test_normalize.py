@@ -1,0 +1,136 @@
+"""Pure normalization: ids, timestamps and clock skew, shapes."""
+
+from __future__ import annotations
+
+import ipaddress
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from tagrelay.errors import IngestError
+from tagrelay.pipeline.campaign import apply_campaign
+from tagrelay.pipeline.client import ClientResolver, apply_client
+from tagrelay.pipeline.normalize import nesting_depth_exceeds, normalize_event
+
+RECEIVED = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
+
+
+def norm(raw: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    kw.setdefault("max_depth", 16)
+    return normalize_event(raw, received_at=RECEIVED, **kw)
+
+
+def test_timestamp_is_corrected_by_the_skew_between_sent_at_and_received_at() -> None:
+    # Device clock 10 minutes slow; event 5 s before the send.
+    event = norm(
+        {
+            "type": "track",
+            "event": "x",
+            "anonymousId": "a",
+            "timestamp": "2026-11-29T11:49:55Z",
+            "sentAt": "2026-11-29T11:50:00Z",
+        }
+    )
+    assert event["timestamp"] == "2026-11-29T11:59:55.000Z"
+    assert event["originalTimestamp"] == "2026-11-29T11:49:55.000Z"
+    assert event["receivedAt"] == "2026-11-29T12:00:00.000Z"
+
+
+def test_batch_level_sent_at_applies_to_each_event() -> None:
+    event = norm(
+        {"type": "page", "anonymousId": "a", "timestamp": "2026-11-29T13:00:00Z"},
+        batch_sent_at="2026-11-29T13:00:01Z",
+    )
+    assert event["timestamp"] == "2026-11-29T11:59:59.000Z"
+
+
+def test_without_sent_at_the_client_timestamp_is_kept_and_without_it_received_at() -> None:
+    kept = norm({"type": "page", "anonymousId": "a", "timestamp": "2026-11-20T08:00:00+02:00"})
+    assert kept["timestamp"] == "2026-11-20T06:00:00.000Z"
+    none = norm({"type": "page", "anonymousId": "a"})
+    assert none["timestamp"] == "2026-11-29T12:00:00.000Z"
+    assert "originalTimestamp" not in none
+
+
+def test_epoch_timestamps_in_seconds_and_milliseconds() -> None:
+    ms = norm({"type": "page", "anonymousId": "a", "timestamp": 1_795_000_000_000})
+    s = norm({"type": "page", "anonymousId": "a", "timestamp": 1_795_000_000})
+    assert ms["timestamp"] == s["timestamp"] == "2026-11-18T11:06:40.000Z"
+
+
+def test_a_timestamp_far_in_the_future_is_not_believed() -> None:
+    event = norm({"type": "page", "anonymousId": "a", "timestamp": "2031-01-01T00:00:00Z"})
+    assert event["timestamp"] == "2026-11-29T12:00:00.000Z"
+
+
+def test_message_id_is_kept_sanitized_or_generated() -> None:
+    assert (
+        norm({"type": "page", "anonymousId": "a", "messageId": " ajs-1 "})["messageId"] == "ajs-1"
+    )
+    assert norm({"type": "page", "anonymousId": "a", "messageId": 42})["messageId"] == "42"
+    generated = {
+        norm({"type": "page", "anonymousId": "a", "messageId": bad})["messageId"]
+        for bad in (None, "", "has space", "x" * 200, {"a": 1})
+    }
+    assert len(generated) == 5 and all(len(g) == 36 for g in generated)
+
+
+def test_empty_user_id_means_no_user_and_numbers_become_strings() -> None:
+    event = norm({"type": "page", "anonymousId": 7, "userId": ""})
+    assert event["anonymousId"] == "7"
+    assert "userId" not in event
+
+
+@pytest.mark.parametrize(
+    ("raw", "code"),
+    [
+        ("string", "invalid_event"),
+        ({"anonymousId": "a"}, "missing_type"),
+        ({"type": "purchase", "anonymousId": "a"}, "unknown_type"),
+        ({"type": "track", "anonymousId": "a", "event": 5}, "missing_event"),
+        ({"type": "identify", "traits": []}, "invalid_field"),
+        ({"type": "identify", "userId": True}, "invalid_field"),
+        ({"type": "identify"}, "missing_id"),
+        ({"type": "page", "anonymousId": "a", "sentAt": "soon"}, "invalid_timestamp"),
+    ],
+)
+def test_invalid_events_raise_with_a_reason(raw: Any, code: str) -> None:
+    with pytest.raises(IngestError) as info:
+        norm(raw)
+    assert info.value.code == code
+
+
+def test_nesting_depth() -> None:
+    assert not nesting_depth_exceeds({"a": {"b": [1, {"c": 1}]}}, 4)
+    assert nesting_depth_exceeds({"a": {"b": [1, {"c": {}}]}}, 4)
+
+
+def test_client_ip_behind_a_chain_of_trusted_proxies() -> None:
+    resolver = ClientResolver([ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("::1/128")])
+    headers = {"X-Forwarded-For": "198.51.100.1, 203.0.113.5, 10.1.1.1"}
+    assert resolver.client_ip("10.2.2.2", headers) == "203.0.113.5"
+    assert resolver.client_ip("::1", {"X-Forwarded-For": "2001:db8::5"}) == "2001:db8::5"
+    assert resolver.client_ip("::1", {"X-Real-IP": "192.0.2.1"}) == "192.0.2.1"
+    assert resolver.client_ip("192.0.2.99", headers) == "192.0.2.99"
+    assert resolver.client_ip("10.2.2.2", {"X-Forwarded-For": "garbage"}) == "10.2.2.2"
+
+
+def test_apply_client_respects_trust() -> None:
+    event: dict[str, Any] = {"context": {"ip": "1.1.1.1", "userAgent": "theirs"}}
+    apply_client(event, ip="2.2.2.2", user_agent="ours", trusted_sender=False)
+    assert event["context"] == {"ip": "2.2.2.2", "userAgent": "ours"}
+    event = {"context": {"ip": "1.1.1.1"}}
+    apply_client(event, ip="2.2.2.2", user_agent="ours", trusted_sender=True)
+    assert event["context"] == {"ip": "1.1.1.1", "userAgent": "ours"}
+
+
+def test_campaign_from_search_keeps_client_values() -> None:
+    event: dict[str, Any] = {
+        "context": {
+            "page": {"search": "?utm_source=a&utm_term=t&x=1"},
+            "campaign": {"source": "explicit"},
+        }
+    }
+    apply_campaign(event)
+    assert event["context"]["campaign"] == {"source": "explicit", "term": "t"}
