@@ -134,11 +134,23 @@ class ForwarderWorker:
             return
         self.idle.clear()
         if len(batch) < batch_cfg.max_events and self._state.attempts == 0:
-            waited = self._clock() - batch[0].received_ms / 1000
-            if waited < batch_cfg.max_wait_secs:
-                await self._wait_for_wake(batch_cfg.max_wait_secs - waited)
-                if not self._stopping.is_set():
-                    return  # re-read: the batch may have grown
+            # A partial batch: wait until enough events are committed or the oldest has
+            # waited max_wait_secs, watching the in-memory head (not re-reading the spool).
+            deadline = batch[0].received_ms / 1000 + batch_cfg.max_wait_secs
+            waited = False
+            while True:
+                self._wake.clear()  # before the checks, so no commit goes unnoticed
+                remaining = deadline - self._clock()
+                if (
+                    self._stopping.is_set()
+                    or self.spool.head - self._state.position >= batch_cfg.max_events
+                    or remaining <= 0
+                ):
+                    break
+                await self._wait_for_wake(remaining)
+                waited = True
+            if waited:
+                batch = await self.spool.read(self._state.position, batch_cfg.max_events)
         await self._process(batch)
 
     async def _process(self, batch: list[SpooledEvent]) -> None:
