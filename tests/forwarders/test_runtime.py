@@ -8,11 +8,11 @@ from typing import Any
 
 import orjson
 import pytest
-from tests.support import SERVER_KEY, Recorder, basic, metric_value, wait_idle
 
 from tagrelay.app import SPOOL
 from tagrelay.config.common import RetryConfig
 from tagrelay.forwarders._worker import backoff_secs
+from tests.support import SERVER_KEY, Recorder, basic, metric_value, wait_idle
 
 AUTH = basic(SERVER_KEY)
 FAST_RETRY = {"max_attempts": 4, "initial_backoff_secs": 0.01, "max_backoff_secs": 0.05}
@@ -201,3 +201,65 @@ def test_backoff_is_capped_exponential_with_full_jitter() -> None:
     assert [backoff_secs(a, retry, lambda: 1.0) for a in (1, 2, 3, 4, 5, 6)] == [1, 2, 4, 8, 10, 10]
     assert backoff_secs(3, retry, lambda: 0.5) == 2.0
     assert backoff_secs(3, retry, lambda: 0.0) == 0.0
+
+
+async def test_events_refused_one_by_one_become_dead_letters(tmp_path: Any) -> None:
+    """A destination that takes a batch but refuses some of its events (per-event errors)."""
+    from tagrelay.app import create_app
+    from tagrelay.forwarders import FORWARDERS
+    from tagrelay.forwarders.webhook import WebhookForwarder
+    from tagrelay.model import Delivered, Event, Outcome
+    from tests.support import make_config
+
+    class Picky(WebhookForwarder):
+        async def deliver(self, events: list[Event]) -> Outcome:
+            return Delivered(
+                rejected={
+                    i: f"bad email in {e['messageId']}"
+                    for i, e in enumerate(events)
+                    if e["event"] == "Bad"
+                }
+            )
+
+    FORWARDERS["webhook"], original = Picky, FORWARDERS["webhook"]
+    try:
+        app = create_app(
+            make_config(
+                tmp_path,
+                forwarders=[
+                    {
+                        "id": "picky",
+                        "type": "webhook",
+                        "endpoint": "http://127.0.0.1:9/x",
+                        "batch": {"max_events": 10, "max_wait_secs": 0},
+                    }
+                ],
+            ),
+            admin_socket=False,
+        )
+        from aiohttp.test_utils import TestClient, TestServer
+
+        async with TestClient(TestServer(app)) as client:
+            batch = [
+                {"type": "track", "event": name, "anonymousId": "a", "messageId": f"p-{i}"}
+                for i, name in enumerate(["Good", "Bad", "Good"])
+            ]
+            resp = await client.post("/v1/batch", json={"batch": batch}, headers=AUTH)
+            assert resp.status == 200
+            await wait_idle(app)
+            [dead] = await app[SPOOL].dead_letters("picky")
+            assert (dead.reason, dead.detail) == ("rejected_by_destination", "bad email in p-1")
+            assert (
+                metric_value(
+                    app,
+                    "tagrelay_forwarder_events_total",
+                    {"forwarder": "picky", "outcome": "delivered"},
+                )
+                == 2
+            )
+            assert (
+                metric_value(app, "tagrelay_delivery_latency_seconds_count", {"forwarder": "picky"})
+                == 2
+            )
+    finally:
+        FORWARDERS["webhook"] = original

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.support import SERVER_KEY, basic, metric_value
 
 from tagrelay.errors import SpoolUnavailable
 from tagrelay.spool.sqlite import CursorState, SqliteSpool
+from tests.support import SERVER_KEY, basic, metric_value
 
 
 async def open_spool(path: Path, **kwargs: Any) -> SqliteSpool:

@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 import pytest
-from tests.support import SERVER_KEY, basic, metric_value
 
 from tagrelay.app import SPOOL
+from tests.support import SERVER_KEY, basic, metric_value
 
 AUTH = basic(SERVER_KEY)
 JSON = {**AUTH, "Content-Type": "application/json"}

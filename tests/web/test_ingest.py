@@ -6,9 +6,9 @@ import gzip
 from typing import Any
 
 import orjson
-from tests.support import BROWSER_KEY, SERVER_KEY, basic, metric_value
 
 from tagrelay.app import SPOOL
+from tests.support import BROWSER_KEY, SERVER_KEY, basic, metric_value
 
 
 async def spooled(client: Any) -> list[dict[str, Any]]:

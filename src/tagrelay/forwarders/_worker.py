@@ -187,24 +187,24 @@ class ForwarderWorker:
             await self._retry(kept, outcome, last)
 
     async def _delivered(self, kept: list[SpooledEvent], outcome: Delivered, last: int) -> None:
-        rejected = [kept[i] for i in sorted(outcome.rejected) if 0 <= i < len(kept)]
-        if rejected:
-            for index in sorted(outcome.rejected):
-                if 0 <= index < len(kept):
-                    reason = outcome.rejected[index]
-                    await self.spool.dead_letter(
-                        self.id, [kept[index]], reason, reason, self._state.attempts + 1
-                    )
-                    self.metrics.dead_letters.labels(self.id, "rejected_by_destination").inc()
-            self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(rejected))
+        # Events the destination refused one by one: dead letters with its words as detail
+        # (free text, so the metric's reason is the fixed "rejected_by_destination").
+        refused = {i: text for i, text in outcome.rejected.items() if 0 <= i < len(kept)}
+        for index, text in sorted(refused.items()):
+            await self.spool.dead_letter(
+                self.id, [kept[index]], "rejected_by_destination", text, self._state.attempts + 1
+            )
         await self.spool.advance(self.id, last)
         self._state = CursorState(last)
-        delivered = len(kept) - len(rejected)
+        if refused:
+            self.metrics.dead_letters.labels(self.id, "rejected_by_destination").inc(len(refused))
+            self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(refused))
+        delivered = [item for i, item in enumerate(kept) if i not in refused]
         if delivered:
-            self.metrics.forwarder_events.labels(self.id, "delivered").inc(delivered)
+            self.metrics.forwarder_events.labels(self.id, "delivered").inc(len(delivered))
             now = self._clock()
             hist = self.metrics.delivery_latency.labels(self.id)
-            for item in kept:
+            for item in delivered:
                 hist.observe(max(0.0, now - item.received_ms / 1000))
 
     async def _dead(self, kept: list[SpooledEvent], reason: str, detail: str, last: int) -> None:
