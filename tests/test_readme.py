@@ -36,5 +36,5 @@ def test_readme_embeds_the_current_config_reference() -> None:
     readme = (ROOT / "README.md").read_text()
     embedded = readme.split("<!-- reference:start -->\n", 1)[1].split("<!-- reference:end -->")[0]
     assert embedded.strip() == render_reference().strip(), (
-        "README's config reference is stale: run python -m tagrelay.config.readme"
+        "README's config reference is stale: paste the output of python -m tagrelay.config.reference between the markers"
     )
