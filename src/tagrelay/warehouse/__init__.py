@@ -1,0 +1,179 @@
+"""The SQL warehouse: events loaded into one table whose columns evolve with the data.
+
+The path of a batch: ``Warehouse.insert`` flattens and types it against the table's known
+columns (``schema.plan``, pure), has the dialect add the new columns, then load every row
+in one statement that skips message ids already in the table. Values that do not fit their
+column land in the row's ``_unmapped_data`` JSON; no event is dropped except duplicates.
+
+``Warehouse.query`` answers ``tagrelay sql``: one read-only statement, a row cap, a timeout;
+it may run in another thread while a batch is loading.
+
+Dialects live in ``tagrelay.warehouse.dialects``: ``duckdb`` (the embedded default) now,
+PostgreSQL and ClickHouse later; ``schema`` does not change for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Final
+
+from tagrelay.errors import WarehouseError
+from tagrelay.model import Event
+from tagrelay.warehouse.dialects.base import Dialect, QueryResult
+from tagrelay.warehouse.dialects.duckdb import DuckDBDialect
+from tagrelay.warehouse.schema import BASE_COLUMNS, DEDUP_KEY, UNMAPPED_COLUMN, ColumnType, plan
+
+__all__ = ["DIALECTS", "ColumnType", "InsertResult", "QueryResult", "Warehouse"]
+
+log = logging.getLogger(__name__)
+
+DialectFactory = Callable[..., Dialect]
+
+DIALECTS: Final[Mapping[str, DialectFactory]] = MappingProxyType({"duckdb": DuckDBDialect})
+"""Dialect name -> factory ``(target, *, read_only, settings) -> Dialect``."""
+
+_TABLE_NAME_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+@dataclass(frozen=True, slots=True)
+class InsertResult:
+    """What one ``insert`` did."""
+
+    inserted: int
+    """Rows written."""
+    duplicates: int
+    """Events not written because their message_id was earlier in the batch or already in
+    the table."""
+    unmapped_values: int
+    """Values stored in ``_unmapped_data`` instead of a column (type misfit, name collision,
+    name too long, column limit)."""
+    new_columns: Mapping[str, str]
+    """Columns added to the table for this batch, name -> type, in order."""
+
+
+class Warehouse:
+    """One table in one database, with its columns known in memory.
+
+    ``insert`` and ``close`` are meant for one thread (the forwarder's); ``query`` may be
+    called from any other thread meanwhile."""
+
+    def __init__(
+        self, dialect: Dialect, table: str, max_columns: int, *, read_only: bool = False
+    ) -> None:
+        self.dialect = dialect
+        self.table = table
+        self.max_columns = max_columns
+        self.read_only = read_only
+        self._columns: dict[str, str] = {}
+
+    @classmethod
+    def open(
+        cls,
+        dialect: str,
+        target: str,
+        *,
+        table: str = "events",
+        max_columns: int = 1000,
+        read_only: bool = False,
+        settings: Mapping[str, str | int | bool] | None = None,
+    ) -> Warehouse:
+        """Open the database at ``target`` (a file path for duckdb) and read ``table``'s
+        columns; create the table with the base columns when it is missing (unless
+        ``read_only``). ``settings`` go to the engine (DuckDB: e.g. ``{"threads": 1}``)."""
+        factory = DIALECTS.get(dialect)
+        if factory is None:
+            raise WarehouseError(
+                f"unknown warehouse dialect {dialect!r}; expected one of {sorted(DIALECTS)}"
+            )
+        if not _TABLE_NAME_RE.fullmatch(table):
+            raise WarehouseError(
+                f"invalid table name {table!r}: expected lower-case letters, digits and _, "
+                "not starting with a digit, at most 63 characters"
+            )
+        if max_columns < len(BASE_COLUMNS):
+            raise WarehouseError(
+                f"max_columns is {max_columns}; it must be at least {len(BASE_COLUMNS)}"
+            )
+        engine = factory(target, read_only=read_only, settings=settings)
+        engine.open()
+        warehouse = cls(engine, table, max_columns, read_only=read_only)
+        try:
+            warehouse._load_columns(create=not read_only)
+        except BaseException:
+            engine.close()
+            raise
+        return warehouse
+
+    @property
+    def columns(self) -> Mapping[str, str]:
+        """The table's columns as last read or written: name -> type, in table order."""
+        return MappingProxyType(self._columns)
+
+    def _load_columns(self, *, create: bool) -> None:
+        columns = self.dialect.existing_columns(self.table)
+        if columns is None and create:
+            self.dialect.create_table(self.table, BASE_COLUMNS, primary_key=DEDUP_KEY)
+            columns = self.dialect.existing_columns(self.table)
+        if columns is not None and not self.read_only:
+            for name in (DEDUP_KEY, UNMAPPED_COLUMN):
+                if columns.get(name) != BASE_COLUMNS[name]:
+                    raise WarehouseError(
+                        f"table {self.table} exists but its column {name} is "
+                        f"{columns.get(name, 'missing')}, not {BASE_COLUMNS[name]}: it was not "
+                        "created by tagrelay; choose another table name"
+                    )
+        self._columns = columns or {}
+
+    def insert(self, events: Sequence[Event]) -> InsertResult:
+        """Load ``events``: add the columns they need, then insert them, skipping message
+        ids already present. Raises ``WarehouseError`` when the database fails; the batch
+        can then be retried as a whole (nothing is written twice)."""
+        if self.read_only:
+            raise WarehouseError(f"the warehouse of table {self.table} was opened read-only")
+        batch = plan(events, self._columns, self.max_columns)
+        try:
+            if batch.new_columns:
+                self.dialect.add_columns(self.table, batch.new_columns)
+                self._columns.update(batch.new_columns)
+            inserted = self.dialect.insert_rows(self.table, batch.insert_columns, batch.rows)
+        except WarehouseError:
+            self._reload_after_failure()
+            raise
+        return InsertResult(
+            inserted=inserted,
+            duplicates=batch.duplicates + len(batch.rows) - inserted,
+            unmapped_values=batch.unmapped_values,
+            new_columns=dict(batch.new_columns),
+        )
+
+    def _reload_after_failure(self) -> None:
+        """After a failed write the table may or may not have the new columns: ask it."""
+        try:
+            self._load_columns(create=False)
+        except WarehouseError:
+            log.debug("warehouse %s: cannot re-read the columns", self.table, exc_info=True)
+
+    def query(
+        self, sql: str, max_rows: int = 10_000, timeout_secs: float | None = 60.0
+    ) -> QueryResult:
+        """Run one read-only statement (SELECT, EXPLAIN, DESCRIBE, SHOW, SUMMARIZE, reading
+        PRAGMAs) and return at most ``max_rows`` rows, ``truncated`` saying whether there
+        were more. Raises ``QueryRejected`` for anything else, ``WarehouseError`` when it
+        fails or runs past ``timeout_secs`` (None: no limit)."""
+        if max_rows < 1:
+            raise WarehouseError(f"max_rows must be at least 1, got {max_rows}")
+        return self.dialect.query(sql, max_rows, timeout_secs)
+
+    def close(self) -> None:
+        """Close the database. Idempotent."""
+        self.dialect.close()
+
+    def __enter__(self) -> Warehouse:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

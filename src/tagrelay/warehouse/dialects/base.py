@@ -1,0 +1,70 @@
+"""The dialect contract: what a SQL engine must do for the warehouse.
+
+``tagrelay.warehouse.Warehouse`` plans every batch with the pure ``schema.plan`` and hands
+a dialect only finished work: columns to add (logical ``ColumnType`` names), and rows whose
+values already fit their column types. A dialect maps the logical types to its own, quotes
+identifiers, loads a batch in one statement, deduplicates on ``message_id`` against the
+table, and runs read-only queries. Methods are synchronous: the forwarder calls them from
+its own thread; ``query`` may be called from another thread at the same time as the others.
+
+Errors: every database failure surfaces as ``WarehouseError`` (``QueryRejected`` for a
+statement ``query`` may not run), with the engine's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class QueryResult:
+    """The answer to a read-only query."""
+
+    columns: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+    """Python values as the driver returns them (datetime, Decimal, str for JSON, ...)."""
+    truncated: bool
+    """True when the query had more rows than ``max_rows``; ``rows`` holds the first ones."""
+
+
+def quote_identifier(name: str) -> str:
+    """``name`` as a double-quoted SQL identifier (standard SQL; DuckDB and PostgreSQL)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+class Dialect(Protocol):
+    """One SQL engine. Created closed; ``open`` connects."""
+
+    name: str
+
+    def open(self) -> None:
+        """Connect (creating the database file where the engine does that)."""
+
+    def close(self) -> None:
+        """Disconnect. Idempotent."""
+
+    def existing_columns(self, table: str) -> dict[str, str] | None:
+        """``table``'s columns in table order, name -> logical type (``ColumnType`` value,
+        or the engine's own type name for a type the warehouse does not manage); None when
+        the table does not exist."""
+
+    def create_table(self, table: str, columns: Mapping[str, str], primary_key: str) -> None:
+        """Create ``table`` with ``columns`` (logical types) unless it exists."""
+
+    def add_columns(self, table: str, columns: Mapping[str, str]) -> None:
+        """Add nullable ``columns`` (logical types) to ``table``; existing ones are skipped."""
+
+    def insert_rows(
+        self, table: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, Any]]
+    ) -> int:
+        """Insert ``rows`` (values already converted, see ``schema.Plan.rows``) into the
+        ``columns`` of ``table`` in one statement, skipping rows whose primary key is
+        already in the table. Returns the number of rows inserted."""
+
+    def query(self, sql: str, max_rows: int, timeout_secs: float | None) -> QueryResult:
+        """Run one read-only statement and return at most ``max_rows`` rows. Raises
+        ``QueryRejected`` for anything that could write, ``WarehouseError`` when the
+        statement fails or runs past ``timeout_secs``. Safe to call from another thread
+        while the other methods run."""

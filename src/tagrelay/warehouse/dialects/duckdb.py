@@ -1,0 +1,332 @@
+"""DuckDB, the embedded default: one file in the data directory.
+
+Loading: a batch travels as one list of JSON texts (one per row) and is unpacked in SQL by
+``json_transform`` into typed columns, in a single ``INSERT ... ON CONFLICT DO NOTHING`` on
+the ``message_id`` primary key. Row-at-a-time inserts (``executemany``) cost milliseconds
+per row; this costs microseconds (``bench/warehouse_bench.py``).
+
+Locking: DuckDB locks the file for one process. While the relay writes, no other process
+can open it, not even read-only, so ``tagrelay sql`` asks the running relay, which answers
+with ``query`` on a cursor of its own (safe alongside the writer; each query sees one
+snapshot). When the relay is down, the CLI opens the file itself with ``read_only=True``.
+
+Read-only queries are enforced three times: the statement type must be a read
+(``extract_statements``), the statement runs in a ``READ ONLY`` transaction, and the
+database has no access to other files (``enable_external_access = false``: no
+``read_csv('/etc/...')``, ``ATTACH``, ``COPY``, extensions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import duckdb
+import orjson
+
+from tagrelay.errors import QueryRejected, WarehouseError
+from tagrelay.warehouse.dialects.base import QueryResult, quote_identifier
+from tagrelay.warehouse.schema import ColumnType, json_safe
+
+_NATIVE_TYPES: Final[Mapping[str, str]] = {
+    ColumnType.VARCHAR: "VARCHAR",
+    ColumnType.BIGINT: "BIGINT",
+    ColumnType.DOUBLE: "DOUBLE",
+    ColumnType.BOOLEAN: "BOOLEAN",
+    ColumnType.TIMESTAMPTZ: "TIMESTAMPTZ",
+    ColumnType.JSON: "JSON",
+}
+_LOGICAL_TYPES: Final[Mapping[str, str]] = {
+    "VARCHAR": ColumnType.VARCHAR,
+    "BIGINT": ColumnType.BIGINT,
+    "DOUBLE": ColumnType.DOUBLE,
+    "BOOLEAN": ColumnType.BOOLEAN,
+    "TIMESTAMP WITH TIME ZONE": ColumnType.TIMESTAMPTZ,
+    "JSON": ColumnType.JSON,
+}
+_TRANSFORM_TYPES: Final[Mapping[str, str]] = {
+    **_NATIVE_TYPES,
+    # json_transform reads the ISO text; the CAST below parses it with the offset.
+    ColumnType.TIMESTAMPTZ: "VARCHAR",
+}
+
+_READ_PRAGMAS: Final = frozenset(
+    {
+        "collations",
+        "database_list",
+        "database_size",
+        "functions",
+        "metadata_info",
+        "platform",
+        "show",
+        "show_databases",
+        "show_tables",
+        "show_tables_expanded",
+        "storage_info",
+        "table_info",
+        "user_agent",
+        "version",
+    }
+)
+_PRAGMA_NAME_RE: Final = re.compile(r"\s*pragma\s+(\w+)", re.IGNORECASE)
+_EXPLAIN_PREFIX_RE: Final = re.compile(
+    r"\s*explain\s+(?:\([^)]*\)\s*)?(?:analy[sz]e\s+)?", re.IGNORECASE
+)
+_ALLOWED_HINT: Final = (
+    "SELECT, FROM, WITH, VALUES, EXPLAIN, DESCRIBE, SHOW, SUMMARIZE, PRAGMA table_info"
+)
+
+_DEFAULT_CONFIG: Final[Mapping[str, str | int | bool]] = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+}
+
+
+class DuckDBDialect:
+    """A DuckDB database file. ``settings`` are DuckDB configuration options applied at
+    connect (e.g. ``{"threads": 1}``); external file access is always off."""
+
+    name = "duckdb"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        read_only: bool = False,
+        settings: Mapping[str, str | int | bool] | None = None,
+    ) -> None:
+        self.path = path
+        self.read_only = read_only
+        self.settings = dict(settings or {})
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._insert_sql: dict[tuple[str, tuple[tuple[str, str], ...], bool], str] = {}
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def open(self) -> None:
+        config: dict[str, str | bool | int | float | list[str]] = {
+            **self.settings,
+            **_DEFAULT_CONFIG,
+        }
+        try:
+            con = duckdb.connect(self.path, read_only=self.read_only, config=config)
+        except duckdb.IOException as e:
+            if "lock" in str(e).lower():
+                raise WarehouseError(
+                    f"cannot open {self.path}: another process has it open (a running relay "
+                    "keeps it locked; query through the relay, or stop it first). "
+                    f"DuckDB said: {e}"
+                ) from e
+            raise WarehouseError(f"cannot open {self.path}: {e}") from e
+        except duckdb.Error as e:
+            raise WarehouseError(f"cannot open {self.path}: {e}") from e
+        try:
+            # Results and now() in UTC whatever the host's zone; then freeze the settings so
+            # that nothing run later (a query) can turn external access back on.
+            con.execute("SET GLOBAL TimeZone = 'UTC'")
+            con.execute("SET GLOBAL lock_configuration = true")
+        except duckdb.Error as e:
+            con.close()
+            raise WarehouseError(f"cannot configure {self.path}: {e}") from e
+        self._con = con
+
+    def close(self) -> None:
+        con, self._con = self._con, None
+        if con is not None:
+            con.close()
+
+    def _connection(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            raise WarehouseError(f"the warehouse {self.path} is not open")
+        return self._con
+
+    # -- schema ----------------------------------------------------------------------
+
+    def existing_columns(self, table: str) -> dict[str, str] | None:
+        try:
+            rows = (
+                self._connection()
+                .execute(
+                    "SELECT column_name, data_type FROM duckdb_columns() "
+                    "WHERE database_name = current_database() AND schema_name = 'main' "
+                    "AND table_name = ? ORDER BY column_index",
+                    [table],
+                )
+                .fetchall()
+            )
+        except duckdb.Error as e:
+            raise WarehouseError(f"cannot read the columns of {table}: {e}") from e
+        if not rows:
+            return None
+        return {name: _LOGICAL_TYPES.get(native, native) for name, native in rows}
+
+    def create_table(self, table: str, columns: Mapping[str, str], primary_key: str) -> None:
+        definitions = ", ".join(
+            f"{quote_identifier(name)} {_NATIVE_TYPES[kind]}"
+            + (" PRIMARY KEY" if name == primary_key else "")
+            for name, kind in columns.items()
+        )
+        self._execute(f"CREATE TABLE IF NOT EXISTS {quote_identifier(table)} ({definitions})")
+
+    def add_columns(self, table: str, columns: Mapping[str, str]) -> None:
+        con = self._connection()
+        try:
+            con.begin()
+            for name, kind in columns.items():
+                con.execute(
+                    f"ALTER TABLE {quote_identifier(table)} "
+                    f"ADD COLUMN IF NOT EXISTS {quote_identifier(name)} {_NATIVE_TYPES[kind]}"
+                )
+            con.commit()
+        except duckdb.Error as e:
+            _rollback(con)
+            raise WarehouseError(f"cannot add columns to {table}: {e}") from e
+
+    # -- loading ---------------------------------------------------------------------
+
+    def insert_rows(
+        self, table: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, Any]]
+    ) -> int:
+        if not rows:
+            return 0
+        try:
+            payload = [orjson.dumps(row).decode() for row in rows]
+        except (TypeError, orjson.JSONEncodeError):
+            payload = [orjson.dumps(json_safe(row)).decode() for row in rows]
+        con = self._connection()
+        try:
+            try:
+                # Optimistic: a plain INSERT is several times cheaper than ON CONFLICT on a
+                # wide table, and fresh ids are the rule. The statement is atomic: on a
+                # duplicate key nothing of it stays, and the batch goes again, skipping.
+                sql = self._insert_statement(table, columns, skip_existing=False)
+                result = con.execute(sql, [payload]).fetchone()
+            except duckdb.ConstraintException:
+                sql = self._insert_statement(table, columns, skip_existing=True)
+                result = con.execute(sql, [payload]).fetchone()
+        except duckdb.Error as e:
+            raise WarehouseError(f"cannot insert {len(rows)} rows into {table}: {e}") from e
+        return int(result[0]) if result else 0
+
+    def _insert_statement(
+        self, table: str, columns: Mapping[str, str], *, skip_existing: bool
+    ) -> str:
+        key = (table, tuple(columns.items()), skip_existing)
+        sql = self._insert_sql.get(key)
+        if sql is None:
+            spec = orjson.dumps({name: _TRANSFORM_TYPES[kind] for name, kind in columns.items()})
+            values = ", ".join(
+                f"CAST(r.{quote_identifier(name)} AS TIMESTAMPTZ)"
+                if kind == ColumnType.TIMESTAMPTZ
+                else f"r.{quote_identifier(name)}"
+                for name, kind in columns.items()
+            )
+            sql = (
+                f"INSERT INTO {quote_identifier(table)} "
+                f"({', '.join(quote_identifier(name) for name in columns)}) "
+                f"SELECT {values} FROM "
+                f"(SELECT json_transform(unnest($1), {_string_literal(spec.decode())}) AS r)"
+                + (" ON CONFLICT DO NOTHING" if skip_existing else "")
+            )
+            if len(self._insert_sql) > 256:
+                self._insert_sql.clear()
+            self._insert_sql[key] = sql
+        return sql
+
+    def _execute(self, sql: str) -> None:
+        try:
+            self._connection().execute(sql)
+        except duckdb.Error as e:
+            raise WarehouseError(f"{e} (in: {sql[:200]})") from e
+
+    # -- reading ---------------------------------------------------------------------
+
+    def query(self, sql: str, max_rows: int, timeout_secs: float | None) -> QueryResult:
+        # A cursor is a connection of its own on the same database: it may run in another
+        # thread while the writer inserts, and sees a consistent snapshot.
+        try:
+            cursor = self._connection().cursor()
+        except duckdb.Error as e:
+            raise WarehouseError(f"cannot open a cursor: {e}") from e
+        try:
+            statement = _read_only_statement(cursor, sql)
+            return _run_read_only(cursor, statement, max_rows, timeout_secs)
+        finally:
+            cursor.close()
+
+
+def _read_only_statement(cursor: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement:
+    """The single statement of ``sql`` if it only reads; else ``QueryRejected``."""
+    statements = _parse(cursor, sql)
+    if len(statements) != 1:
+        raise QueryRejected(
+            f"expected exactly one statement, got {len(statements)}; run them one at a time"
+        )
+    statement = statements[0]
+    kind = statement.type
+    if kind == duckdb.StatementType.SELECT:
+        return statement
+    if kind == duckdb.StatementType.EXPLAIN:
+        prefix = _EXPLAIN_PREFIX_RE.match(statement.query)
+        inner = _parse(cursor, statement.query[prefix.end() :]) if prefix else []
+        if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
+            return statement
+        raise QueryRejected("EXPLAIN is allowed for a SELECT only")
+    if kind == duckdb.StatementType.PRAGMA:
+        pragma = _PRAGMA_NAME_RE.match(statement.query)
+        if pragma and pragma.group(1).lower() in _READ_PRAGMAS:
+            return statement
+        allowed = ", ".join(sorted(_READ_PRAGMAS))
+        raise QueryRejected(f"only these PRAGMAs may run here: {allowed}")
+    raise QueryRejected(
+        f"only read-only queries may run here ({_ALLOWED_HINT}); got a {kind.name} statement"
+    )
+
+
+def _parse(cursor: duckdb.DuckDBPyConnection, sql: str) -> list[duckdb.Statement]:
+    try:
+        return list(cursor.extract_statements(sql))
+    except duckdb.Error as e:
+        raise WarehouseError(f"cannot parse the query: {e}") from e
+
+
+def _run_read_only(
+    cursor: duckdb.DuckDBPyConnection,
+    statement: duckdb.Statement,
+    max_rows: int,
+    timeout_secs: float | None,
+) -> QueryResult:
+    timer = threading.Timer(timeout_secs, cursor.interrupt) if timeout_secs else None
+    try:
+        cursor.execute("BEGIN TRANSACTION READ ONLY")
+        if timer is not None:
+            timer.start()
+        cursor.execute(statement)
+        columns = tuple(d[0] for d in cursor.description or ())
+        rows = cursor.fetchmany(max_rows + 1) if columns else []
+    except duckdb.InterruptException as e:
+        raise WarehouseError(
+            f"the query ran longer than {timeout_secs} s and was stopped; narrow it "
+            "(a WHERE on timestamp, a LIMIT)"
+        ) from e
+    except duckdb.Error as e:
+        raise WarehouseError(f"the query failed: {e}") from e
+    finally:
+        if timer is not None:
+            timer.cancel()
+        _rollback(cursor)
+    return QueryResult(columns=columns, rows=rows[:max_rows], truncated=len(rows) > max_rows)
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    # No transaction open, or the connection is going away anyway: nothing to undo.
+    with contextlib.suppress(duckdb.Error):
+        con.rollback()
+
+
+def _string_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
