@@ -1,18 +1,44 @@
 """``warehouse``: load events into a SQL table whose columns evolve with the data.
 
 The heavy lifting (flattening, schema planning, dialects) is in ``tagrelay.warehouse``;
-this module adapts it to the forwarder contract and keeps database work off the event loop.
+this module adapts it to the forwarder contract and keeps database work off the event loop:
+every call into the database runs on one dedicated thread (a DuckDB connection is used from
+one thread), so a slow insert or checkpoint never blocks ingestion.
+
+Outcomes: a loaded batch is ``Delivered`` (duplicates are skipped, misfit values kept in
+``_unmapped_data``: nothing is rejected per event); a database failure (disk full, lock,
+I/O error) is ``Retry(reason="warehouse_error")``, and the retried batch cannot load twice
+since rows are keyed on ``message_id``.
+
+``WarehouseForwarder.warehouse`` is the open ``Warehouse``: the relay's admin socket answers
+``tagrelay sql`` with its ``query`` (from another thread); when the relay is not running the
+CLI opens the same file with ``open_warehouse_readonly(config, data_dir)``. ``totals`` counts
+what was loaded (inserted, duplicates, values sent to ``_unmapped_data``) for metrics.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
 from tagrelay.config.common import ForwarderConfigBase
-from tagrelay.forwarders._base import Forwarder
-from tagrelay.model import Delivered, Event, Outcome
+from tagrelay.errors import WarehouseError
+from tagrelay.forwarders._base import Forwarder, ForwarderContext
+from tagrelay.model import Delivered, Event, Outcome, Retry
+from tagrelay.warehouse import Warehouse
+
+log = logging.getLogger(__name__)
+
+WRITER_THREADS = 1
+"""DuckDB threads of the relay's database (loading and admin-socket queries share them). One
+keeps the warehouse from competing with ingestion for the CPU on small machines; loading a
+batch gains little from more (``bench/warehouse_bench.py --threads``)."""
 
 
 class WarehouseConfig(ForwarderConfigBase):
@@ -20,7 +46,9 @@ class WarehouseConfig(ForwarderConfigBase):
 
     type: Literal["warehouse"] = Field(description="Forwarder type.", examples=["warehouse"])
     dialect: Literal["duckdb"] = Field(
-        "duckdb", description="Database engine. PostgreSQL and ClickHouse are planned.", examples=["duckdb"]
+        "duckdb",
+        description="Database engine. PostgreSQL and ClickHouse are planned.",
+        examples=["duckdb"],
     )
     path: str = Field(
         "warehouse.duckdb",
@@ -42,8 +70,111 @@ class WarehouseConfig(ForwarderConfigBase):
     )
 
 
+def database_path(config: WarehouseConfig, data_dir: Path) -> Path:
+    """The database file of ``config``: ``path``, relative to ``data_dir`` unless absolute."""
+    path = Path(config.path).expanduser()
+    return path if path.is_absolute() else data_dir / path
+
+
+def open_warehouse(
+    config: WarehouseConfig, data_dir: Path, *, read_only: bool = False
+) -> Warehouse:
+    """Open the warehouse ``config`` describes (blocking). The relay opens it for writing;
+    ``tagrelay sql`` opens it ``read_only`` when no relay holds it."""
+    path = database_path(config, data_dir)
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    return Warehouse.open(
+        config.dialect,
+        str(path),
+        table=config.table,
+        max_columns=config.max_columns,
+        read_only=read_only,
+        settings=None if read_only else {"threads": WRITER_THREADS},
+    )
+
+
+def open_warehouse_readonly(config: ForwarderConfigBase, data_dir: Path) -> Warehouse:
+    """``open_warehouse(..., read_only=True)``: for ``tagrelay sql`` when no relay runs.
+    Takes any forwarder's config (the CLI picks it from the list) and refuses one that is
+    not a warehouse."""
+    if not isinstance(config, WarehouseConfig):
+        raise WarehouseError(f"forwarder {config.id} is not a warehouse")
+    return open_warehouse(config, data_dir, read_only=True)
+
+
+@dataclass
+class LoadTotals:
+    """What this forwarder loaded since it started, for metrics collected at scrape time."""
+
+    inserted: int = 0
+    duplicates: int = 0
+    unmapped_values: int = 0
+
+
 class WarehouseForwarder(Forwarder[WarehouseConfig]):
     config_model = WarehouseConfig
 
-    async def deliver(self, events: list[Event]) -> Outcome:  # pragma: no cover - replaced
+    def __init__(self, config: WarehouseConfig, context: ForwarderContext) -> None:
+        super().__init__(config, context)
+        self.warehouse: Warehouse | None = None
+        """The open warehouse between ``start`` and ``close``; its ``query`` may be called
+        from any thread (not from the event loop: it blocks)."""
+        self.totals = LoadTotals()
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"tagrelay-warehouse-{self.id}"
+        )
+        loop = asyncio.get_running_loop()
+        try:
+            self.warehouse = await loop.run_in_executor(
+                self._executor, open_warehouse, self.config, self.context.data_dir
+            )
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        log.info(
+            "warehouse %s: %s table %s open with %d columns",
+            self.id,
+            database_path(self.config, self.context.data_dir),
+            self.config.table,
+            len(self.warehouse.columns),
+        )
+
+    async def deliver(self, events: list[Event]) -> Outcome:
+        if self.warehouse is None or self._executor is None:
+            raise RuntimeError(f"warehouse forwarder {self.id} used before start()")
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self._executor, self.warehouse.insert, events)
+        except WarehouseError as e:
+            return Retry(reason="warehouse_error", detail=str(e))
+        self.totals.inserted += result.inserted
+        self.totals.duplicates += result.duplicates
+        self.totals.unmapped_values += result.unmapped_values
+        if result.new_columns:
+            added = ", ".join(f"{name} {kind}" for name, kind in result.new_columns.items())
+            log.info("warehouse %s: added columns to %s: %s", self.id, self.config.table, added)
+        log.debug(
+            "warehouse %s: %d inserted, %d duplicates, %d values to _unmapped_data",
+            self.id,
+            result.inserted,
+            result.duplicates,
+            result.unmapped_values,
+        )
         return Delivered()
+
+    async def close(self) -> None:
+        warehouse, self.warehouse = self.warehouse, None
+        executor, self._executor = self._executor, None
+        if executor is None:
+            return
+        try:
+            if warehouse is not None:
+                # On the same thread, so after any insert still running there.
+                await asyncio.get_running_loop().run_in_executor(executor, warehouse.close)
+        finally:
+            executor.shutdown(wait=True)
