@@ -452,3 +452,28 @@ def test_a_query_in_another_thread_sees_whole_batches_while_loading(
     assert seen == sorted(seen)
     assert rows(warehouse, "select count(*) from events") == [(batches * size,)]
     assert len(warehouse.columns) == len(rows(warehouse, "describe events"))
+
+
+def test_a_table_missing_base_columns_gets_them_at_open(db_path: Path) -> None:
+    """A table made by an earlier version, with fewer base columns, still runs the seed
+    query once reopened, and keeps its rows."""
+    import duckdb
+
+    with duckdb.connect(str(db_path)) as con:
+        con.execute(
+            'create table events (message_id varchar primary key, "timestamp" timestamptz, '
+            "_unmapped_data json, properties_plan varchar)"
+        )
+        con.execute("insert into events (message_id, properties_plan) values ('m0', 'pro')")
+    with Warehouse.open("duckdb", str(db_path)) as wh:
+        assert set(BASE_COLUMNS) <= set(wh.columns)
+        assert list(wh.columns)[:4] == [
+            "message_id",
+            "timestamp",
+            "_unmapped_data",
+            "properties_plan",
+        ]
+        assert wh.query(SEED_QUERY).rows == []
+        assert rows(wh, "select message_id, properties_plan, type from events") == [
+            ("m0", "pro", None)
+        ]

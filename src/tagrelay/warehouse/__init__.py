@@ -103,6 +103,8 @@ class Warehouse:
         warehouse = cls(engine, table, max_columns, read_only=read_only)
         try:
             warehouse._load_columns(create=not read_only)
+            if not read_only:
+                warehouse._add_missing_base_columns()
         except BaseException:
             engine.close()
             raise
@@ -127,6 +129,16 @@ class Warehouse:
                         "created by tagrelay; choose another table name"
                     )
         self._columns = columns or {}
+
+    def _add_missing_base_columns(self) -> None:
+        """A table made by an older version may lack base columns added since: add them,
+        so that the queries the base columns exist for work on every table."""
+        room = max(self.max_columns - len(self._columns), 0)
+        absent = [(name, kind) for name, kind in BASE_COLUMNS.items() if name not in self._columns]
+        missing = dict(absent[:room])
+        if missing:
+            self.dialect.add_columns(self.table, missing)
+            self._columns.update(missing)
 
     def insert(self, events: Sequence[Event]) -> InsertResult:
         """Load ``events``: add the columns they need, then insert them, skipping message
