@@ -81,10 +81,9 @@ def render(result: dict[str, Any], fmt: str) -> str:
         return out.getvalue().rstrip("\n")
     cells = [[_cell(v) for v in row] for row in rows]
     widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
-    line = "+".join("-" * (w + 2) for w in widths)
     out_lines = [
         " | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)),
-        line.replace("+", "-+-")[1:-1] if len(widths) > 1 else "-" * widths[0],
+        "-+-".join("-" * w for w in widths),
     ]
     out_lines += [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     out_lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
