@@ -34,7 +34,9 @@ def test_readme_embeds_the_current_config_reference() -> None:
     from tagrelay.config.reference import render_reference
 
     readme = (ROOT / "README.md").read_text()
-    embedded = readme.split("<!-- reference:start -->\n", 1)[1].split("<!-- reference:end -->")[0]
+    start, end = "<!-- reference:start -->\n", "<!-- reference:end -->"
+    embedded = readme.split(start, 1)[1].split(end)[0]
     assert embedded.strip() == render_reference().strip(), (
-        "README's config reference is stale: paste the output of python -m tagrelay.config.reference between the markers"
+        "README's config reference is stale: paste the output of "
+        "python -m tagrelay.config.reference between the markers"
     )

@@ -139,7 +139,7 @@ def create_app(
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
             headers={"User-Agent": "tagrelay"},
         )
-        context = ForwarderContext(data_dir=data_dir, http=session)
+        context = ForwarderContext(data_dir=data_dir, http=session, metrics=metrics)
         workers = app[WORKERS]
         try:
             for fwd_config in enabled:

@@ -116,6 +116,12 @@ class Metrics:
             ["forwarder"],
             registry=r,
         )
+        self.warehouse_duplicates = Counter(
+            "tagrelay_warehouse_duplicates",
+            "Events not loaded because a row with their message_id exists (resends, retries).",
+            ["forwarder"],
+            registry=r,
+        )
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
 
     def watch_spool_depth(self, depths: Callable[[], dict[str, int]]) -> None:

@@ -22,6 +22,7 @@ from tagrelay.forwarders.warehouse import (
     database_path,
     open_warehouse_readonly,
 )
+from tagrelay.metrics import Metrics
 from tagrelay.model import Delivered, Retry
 
 
@@ -40,7 +41,7 @@ def event(message_id: str, **properties: Any) -> dict[str, Any]:
 @pytest.fixture
 async def context(tmp_path: Path) -> AsyncIterator[ForwarderContext]:
     async with aiohttp.ClientSession() as http:
-        yield ForwarderContext(data_dir=tmp_path / "data", http=http)
+        yield ForwarderContext(data_dir=tmp_path / "data", http=http, metrics=Metrics())
 
 
 @pytest.fixture
@@ -85,19 +86,24 @@ async def test_a_batch_is_delivered_and_queryable(forwarder: WarehouseForwarder)
     assert result.rows == [("m1", "pro"), ("m2", "team")]
 
 
+def counted(forwarder: WarehouseForwarder, name: str) -> float:
+    value = forwarder.context.metrics.registry.get_sample_value(name, {"forwarder": forwarder.id})
+    return value or 0.0
+
+
 async def test_a_redelivered_batch_makes_no_second_row(forwarder: WarehouseForwarder) -> None:
     batch = [event("m1"), event("m2")]
     await forwarder.deliver(batch)
     assert await forwarder.deliver(batch) == Delivered()
     assert forwarder.warehouse is not None
     assert forwarder.warehouse.query("select count(*) from events").rows == [(2,)]
-    assert (forwarder.totals.inserted, forwarder.totals.duplicates) == (2, 2)
+    assert counted(forwarder, "tagrelay_warehouse_duplicates_total") == 2
 
 
 async def test_misfits_are_delivered_and_counted(forwarder: WarehouseForwarder) -> None:
     await forwarder.deliver([event("m1", seats=3)])
     assert await forwarder.deliver([event("m2", seats="many")]) == Delivered()
-    assert forwarder.totals.unmapped_values == 1
+    assert counted(forwarder, "tagrelay_warehouse_unmapped_values_total") == 1
 
 
 async def test_inserts_run_off_the_event_loop_on_one_thread(

@@ -21,6 +21,7 @@ from typing import ClassVar, Generic, TypeVar
 import aiohttp
 
 from tagrelay.config.common import ForwarderConfigBase
+from tagrelay.metrics import Metrics
 from tagrelay.model import Event, Outcome
 
 C = TypeVar("C", bound=ForwarderConfigBase)
@@ -33,6 +34,8 @@ class ForwarderContext:
     data_dir: Path
     http: aiohttp.ClientSession
     """The shared HTTP client session (connection pooling across forwarders)."""
+    metrics: Metrics
+    """For counts only the forwarder knows (the runtime counts deliveries and retries)."""
 
 
 class Forwarder(ABC, Generic[C]):

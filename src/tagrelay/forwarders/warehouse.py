@@ -21,13 +21,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from tagrelay.config.common import ForwarderConfigBase
+from tagrelay.config.common import BatchConfig, ForwarderConfigBase
 from tagrelay.errors import WarehouseError
 from tagrelay.forwarders._base import Forwarder, ForwarderContext
 from tagrelay.model import Delivered, Event, Outcome, Retry
@@ -45,6 +44,12 @@ class WarehouseConfig(ForwarderConfigBase):
     """Load events into a SQL warehouse table (embedded DuckDB by default)."""
 
     type: Literal["warehouse"] = Field(description="Forwarder type.", examples=["warehouse"])
+    batch: BatchConfig = Field(
+        default_factory=lambda: BatchConfig(max_events=1000),
+        description="Batching. Each insert has a fixed cost, so the warehouse loads in "
+        "batches of 1000 by default.",
+        examples=[{"max_events": 1000, "max_wait_secs": 1.0}],
+    )
     dialect: Literal["duckdb"] = Field(
         "duckdb",
         description="Database engine. PostgreSQL and ClickHouse are planned.",
@@ -103,15 +108,6 @@ def open_warehouse_readonly(config: ForwarderConfigBase, data_dir: Path) -> Ware
     return open_warehouse(config, data_dir, read_only=True)
 
 
-@dataclass
-class LoadTotals:
-    """What this forwarder loaded since it started, for metrics collected at scrape time."""
-
-    inserted: int = 0
-    duplicates: int = 0
-    unmapped_values: int = 0
-
-
 class WarehouseForwarder(Forwarder[WarehouseConfig]):
     config_model = WarehouseConfig
 
@@ -120,7 +116,6 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
         self.warehouse: Warehouse | None = None
         """The open warehouse between ``start`` and ``close``; its ``query`` may be called
         from any thread (not from the event loop: it blocks)."""
-        self.totals = LoadTotals()
         self._executor: ThreadPoolExecutor | None = None
 
     async def start(self) -> None:
@@ -152,9 +147,11 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
             result = await loop.run_in_executor(self._executor, self.warehouse.insert, events)
         except WarehouseError as e:
             return Retry(reason="warehouse_error", detail=str(e))
-        self.totals.inserted += result.inserted
-        self.totals.duplicates += result.duplicates
-        self.totals.unmapped_values += result.unmapped_values
+        metrics = self.context.metrics
+        if result.duplicates:
+            metrics.warehouse_duplicates.labels(self.id).inc(result.duplicates)
+        if result.unmapped_values:
+            metrics.warehouse_unmapped.labels(self.id).inc(result.unmapped_values)
         if result.new_columns:
             added = ", ".join(f"{name} {kind}" for name, kind in result.new_columns.items())
             log.info("warehouse %s: added columns to %s: %s", self.id, self.config.table, added)
