@@ -21,7 +21,7 @@ and the number of rows in the warehouse (``tagrelay sql``).
 Load: ``wrk`` (Debian: ``apt-get install -y wrk``) with ``bench/ingest.lua`` for the
 closed-loop scenarios, else a Python closed-loop generator. Only loopback addresses are used.
 Exit status: 0 when every requested server started and the scenarios ran (whether or not the
-targets were met); 1 when a server did not start; 130 on Ctrl-C.
+targets were met); 1 when a server did not start or stopped during the run; 130 on Ctrl-C.
 """
 
 from __future__ import annotations
@@ -513,9 +513,11 @@ class Server:
     def pids(self) -> list[int]:
         return process_tree(self.proc.pid) if self.proc and self.proc.poll() is None else []
 
-    def rss_mb(self) -> tuple[float, float]:
+    def rss_mb(self) -> tuple[float | None, float | None]:
         """(VmRSS, VmHWM) in MiB, summed over the server's process tree."""
         pids = self.pids()
+        if not pids:
+            return None, None
         return (
             sum(proc_status_kb(p, "VmRSS") for p in pids) / 1024,
             sum(proc_status_kb(p, "VmHWM") for p in pids) / 1024,
@@ -578,20 +580,29 @@ def spool_depth(server: Server) -> float | None:
     return metric_sum(scrape_metrics(server), "tagrelay_spool_depth", f'forwarder="{FORWARDER}"')
 
 
+RELAY_COUNTERS: dict[str, tuple[str, str | None]] = {
+    "accepted": ("tagrelay_events_accepted_total", None),
+    "rejected": ("tagrelay_events_rejected_total", None),
+    "delivered": ("tagrelay_forwarder_events_total", 'outcome="delivered"'),
+    "dead": ("tagrelay_forwarder_events_total", 'outcome="dead_letter"'),
+    "duplicates": ("tagrelay_warehouse_duplicates_total", None),
+    "commits": ("tagrelay_spool_commits_total", None),
+    "http_sum": ("tagrelay_http_request_duration_seconds_sum", 'route="/v1/'),
+    "http_count": ("tagrelay_http_request_duration_seconds_count", 'route="/v1/'),
+}
+
+
 def relay_counters(server: Server) -> dict[str, float | None]:
     """The relay counters the report uses, summed over their labels (None if absent)."""
     m = scrape_metrics(server)
-    fwd = f'forwarder="{FORWARDER}"'
-    return {
-        "depth": metric_sum(m, "tagrelay_spool_depth", fwd),
-        "accepted": metric_sum(m, "tagrelay_events_accepted_total"),
-        "rejected": metric_sum(m, "tagrelay_events_rejected_total"),
-        "delivered": metric_sum(m, "tagrelay_forwarder_events_total", 'outcome="delivered"'),
-        "dead": metric_sum(m, "tagrelay_forwarder_events_total", 'outcome="dead_letter"'),
-        "commits": metric_sum(m, "tagrelay_spool_commits_total"),
-        "http_sum": metric_sum(m, "tagrelay_http_request_duration_seconds_sum", 'route="/v1/'),
-        "http_count": metric_sum(m, "tagrelay_http_request_duration_seconds_count", 'route="/v1/'),
+    if m is None:
+        return dict.fromkeys(RELAY_COUNTERS) | {"depth": None}
+    # A labelled counter has no series until its first increment: absent means 0.
+    out: dict[str, float | None] = {
+        key: metric_sum(m, name, label) or 0.0 for key, (name, label) in RELAY_COUNTERS.items()
     }
+    out["depth"] = metric_sum(m, "tagrelay_spool_depth", f'forwarder="{FORWARDER}"')
+    return out
 
 
 def _delta(
@@ -648,6 +659,7 @@ class LoadResult:
     # everything else on the machine (other work competing for the 2 cores), plus the time
     # the hypervisor took (steal).
     gen_cpu_pct: float | None = None
+    gen_workers: int = 1  # wrk threads or generator processes: each can use one core
     server_cpu_pct: float | None = None
     other_cpu_pct: float | None = None
     steal_pct: float | None = None
@@ -669,9 +681,56 @@ def percentile(sorted_values: list[float], q: float) -> float | None:
     return sorted_values[k]
 
 
-def _children_cpu() -> float:
-    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return ru.ru_utime + ru.ru_stime
+class LoadProcess:
+    """A load generator process whose output goes to temporary files and whose CPU time is
+    read from its own rusage when this script reaps it (``os.wait4``), so that nothing else
+    this script waits for, such as a server that exited, is counted as load."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.out = tempfile.TemporaryFile()  # noqa: SIM115 - closed by output()
+        self.err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by output()
+        self.proc = subprocess.Popen(
+            cmd, stdout=self.out, stderr=self.err, stdin=subprocess.DEVNULL
+        )
+        self.returncode: int | None = None
+        self.cpu = 0.0
+
+    def wait(self, timeout: float) -> None:
+        """Reaps the process, killing it first if it outlives ``timeout``."""
+        deadline = time.monotonic() + timeout
+        try:
+            while self.returncode is None:
+                pid, status, ru = os.wait4(self.proc.pid, os.WNOHANG)
+                if pid:
+                    self._reaped(status, ru)
+                elif time.monotonic() > deadline:
+                    self.kill()
+                else:
+                    time.sleep(0.02)
+        except BaseException:
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        if self.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        _, status, ru = os.wait4(self.proc.pid, 0)
+        self._reaped(status, ru)
+
+    def _reaped(self, status: int, ru: resource.struct_rusage) -> None:
+        self.returncode = os.waitstatus_to_exitcode(status)
+        self.proc.returncode = self.returncode  # keeps Popen from waiting on it again
+        self.cpu = ru.ru_utime + ru.ru_stime
+
+    def output(self) -> tuple[str, str]:
+        texts = []
+        for f in (self.out, self.err):
+            f.seek(0)
+            texts.append(f.read().decode(errors="replace"))
+            f.close()
+        return texts[0], texts[1]
 
 
 def _machine_cpu() -> tuple[float, float]:
@@ -685,24 +744,26 @@ def _machine_cpu() -> tuple[float, float]:
 
 class CpuMeter:
     """CPU used between its creation and ``finish``: the server's tree (from /proc), the
-    load generators (this script's waited-for children) and the rest of the machine."""
+    load generators (given to ``finish``) and the rest of the machine."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
         self.t0 = time.monotonic()
-        self.gen0 = _children_cpu()
         self.srv0 = cpu_seconds(server.pids())
         self.busy0, self.steal0 = _machine_cpu()
 
-    def finish(self, res: LoadResult) -> None:
+    def finish(self, res: LoadResult, gen: float) -> None:
         wall = time.monotonic() - self.t0
-        gen = _children_cpu() - self.gen0
-        srv = cpu_seconds(self.server.pids()) - self.srv0
         busy, steal = _machine_cpu()
         res.gen_cpu_pct = 100 * gen / wall
+        res.steal_pct = 100 * (steal - self.steal0) / wall
+        pids = self.server.pids()
+        if not pids:
+            res.notes.append("the server exited during this run: its figures are not valid")
+            return
+        srv = cpu_seconds(pids) - self.srv0
         res.server_cpu_pct = 100 * srv / wall
         res.other_cpu_pct = max(0.0, 100 * (busy - self.busy0 - gen - srv) / wall)
-        res.steal_pct = 100 * (steal - self.steal0) / wall
 
 
 def run_wrk(
@@ -727,16 +788,14 @@ def run_wrk(
         AUTH,
     ]
     meter = CpuMeter(server)
-    out = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=duration + 60, stdin=subprocess.DEVNULL
-    )
-    res = LoadResult(command=shlex.join(cmd))
-    meter.finish(res)
-    m = re.search(r"^WRKJSON (\{.*\})$", out.stdout, re.M)
-    if out.returncode != 0 or not m:
-        res.notes.append(
-            f"wrk failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-300:]}"
-        )
+    wrk = LoadProcess(cmd)
+    wrk.wait(timeout=duration + 60)
+    res = LoadResult(command=shlex.join(cmd), gen_workers=min(args.threads, connections))
+    meter.finish(res, wrk.cpu)
+    stdout, stderr = wrk.output()
+    m = re.search(r"^WRKJSON (\{.*\})$", stdout, re.M)
+    if wrk.returncode != 0 or not m:
+        res.notes.append(f"wrk failed (exit {wrk.returncode}): {(stderr or stdout).strip()[-300:]}")
         return res
     w = json.loads(m.group(1))
     socket_errors = w["err_connect"] + w["err_read"] + w["err_write"] + w["err_timeout"]
@@ -795,30 +854,21 @@ def run_python_load(
         shown = shlex.join(cmd) + (
             f"  (x{procs_n} processes, each with its own nonce)" if procs_n > 1 else ""
         )
-        procs.append(
-            subprocess.Popen(
-                cmd,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                stdin=subprocess.DEVNULL,
-            )
-        )
+        procs.append(LoadProcess(cmd))
     results, failures = [], []
     try:
         for p in procs:
-            stdout, stderr = p.communicate(timeout=duration + 60)
+            p.wait(timeout=duration + 60)
+            stdout, stderr = p.output()
             if p.returncode == 0:
                 results.append(json.loads(stdout))
             else:
-                failures.append(stderr.strip()[-300:])
+                failures.append(f"exit {p.returncode}: {stderr.strip()[-300:]}")
     finally:
         for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    res = LoadResult(command=shown)
-    meter.finish(res)
+            p.kill()
+    res = LoadResult(command=shown, gen_workers=procs_n)
+    meter.finish(res, sum(p.cpu for p in procs))
     for f in failures:
         res.notes.append(f"load generator failed: {f}")
     if not results:
@@ -886,6 +936,7 @@ class Row:
     rejected: float | None = None
     delivered: float | None = None
     dead_letters: float | None = None
+    duplicates: float | None = None
     commits: float | None = None
     http_sum: float | None = None
     http_count: float | None = None
@@ -939,6 +990,7 @@ def run_scenario(args: argparse.Namespace, name: str, server: Server) -> Row:
     row.delivered = _delta(after, before, "delivered")
     row.dead_letters = _delta(after, before, "dead")
     row.commits = _delta(after, before, "commits")
+    row.duplicates = _delta(after, before, "duplicates")
     row.http_sum = _delta(after, before, "http_sum")
     row.http_count = _delta(after, before, "http_count")
     row.accepted_since_start = after["accepted"]
@@ -975,6 +1027,7 @@ def combine(runs: list[Row]) -> Row:
         "rejected",
         "delivered",
         "dead_letters",
+        "duplicates",
         "commits",
         "http_sum",
         "http_count",
@@ -1044,7 +1097,7 @@ def print_report(
                 f"0 in {r.drain_secs:.1f}s" if r.spool_after == 0 else f"{r.spool_after:,.0f} left"
             )
         )
-        rss = "-" if r.rss_mb is None else f"{r.rss_mb:.0f}/{r.hwm_mb:.0f}"
+        rss = f"{fmt(r.rss_mb)}/{fmt(r.hwm_mb)}" if r.server == "relay" else "-"
         p(
             f"{r.scenario:<8} {r.server:<6} {fmt(L.req_per_s):>9} {fmt(r.events_per_s):>10} "
             f"{fmt(L.p50_ms, '.2f'):>8} {fmt(L.p99_ms, '.2f'):>8} {L.failed:>6} "
@@ -1090,7 +1143,7 @@ def row_notes(args: argparse.Namespace, r: Row) -> list[str]:
             f"open loop offered {L.offered_rate:,.0f} req/s of {args.rate:g} ({lag})"
             + ("; THE GENERATOR COULD NOT KEEP THE SCHEDULE" if behind else "")
         )
-    elif L.gen_cpu_pct is not None and L.gen_cpu_pct >= 90 * max(1, args.threads):
+    elif L.gen_cpu_pct is not None and L.gen_cpu_pct >= 90 * L.gen_workers:
         out.append(
             f"load generator at {L.gen_cpu_pct:.0f}% CPU: it may be the bottleneck of this run"
         )
@@ -1122,6 +1175,8 @@ def row_notes(args: argparse.Namespace, r: Row) -> list[str]:
             out.append(f"{r.rejected:,.0f} events rejected")
         if r.dead_letters:
             out.append(f"{r.dead_letters:,.0f} dead letters")
+        if r.duplicates:
+            out.append(f"warehouse skipped {r.duplicates:,.0f} duplicate messageIds")
         if r.rows_error:
             out.append(f"no warehouse row count: {r.rows_error}")
         elif (
