@@ -15,7 +15,7 @@ For the relay it also reports RSS (VmRSS now, VmHWM peak), the warehouse spool d
 end of each scenario and after a drain wait, the warehouse's delivery rate during the load,
 and the number of rows in the warehouse (``tagrelay sql``).
 
-    .venv/bin/python bench/ingest_bench.py                 # everything, ~3 minutes
+    .venv/bin/python bench/ingest_bench.py                 # everything, 2-3 minutes
     .venv/bin/python bench/ingest_bench.py --duration 5 --scenarios track --only bare
 
 Load: ``wrk`` (Debian: ``apt-get install -y wrk``) with ``bench/ingest.lua`` for the
