@@ -74,9 +74,9 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     finally:
         info = request.match_info.route.resource
         route = info.canonical if info is not None else "unmatched"
-        request.app[METRICS].http_duration.labels(
-            route, request.method, f"{status // 100}xx"
-        ).observe(time.perf_counter() - start)
+        request.app[METRICS].http_observer(route, request.method, f"{status // 100}xx").observe(
+            time.perf_counter() - start
+        )
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -117,7 +117,10 @@ def create_app(
     app[WORKERS] = {}
     app[READY] = {"spool": False, "forwarders": False}
     app[INGEST] = IngestService(config, spool, metrics)
-    metrics.watch_spool_depth(lambda: {fid: spool.depth(fid) for fid in app[WORKERS]})
+    metrics.watch_spool(
+        depths=lambda: {fid: spool.depth(fid) for fid in app[WORKERS]},
+        commits=lambda: spool.commits,
+    )
 
     async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
         await spool.open()

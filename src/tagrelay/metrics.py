@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
@@ -21,21 +21,27 @@ REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 
 
-class _SpoolDepthCollector(Collector):
-    """Reads spool depth per forwarder at scrape time (no bookkeeping on the hot path)."""
+class _SpoolCollector(Collector):
+    """Reads the spool's figures at scrape time (no bookkeeping on the hot path)."""
 
-    def __init__(self, depths: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, depths: Callable[[], dict[str, int]], commits: Callable[[], int]) -> None:
         self._depths = depths
+        self._commits = commits
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
+    def collect(self) -> Iterable[Metric]:
+        depth = GaugeMetricFamily(
             "tagrelay_spool_depth",
             "Events committed to the spool and not yet past the forwarder's cursor.",
             labels=["forwarder"],
         )
-        for forwarder, depth in sorted(self._depths().items()):
-            family.add_metric([forwarder], depth)
-        yield family
+        for forwarder, value in sorted(self._depths().items()):
+            depth.add_metric([forwarder], value)
+        yield depth
+        yield CounterMetricFamily(
+            "tagrelay_spool_commits",
+            "Spool transactions that stored events (group commit: fewer than requests).",
+            value=self._commits(),
+        )
 
 
 class Metrics:
@@ -100,11 +106,6 @@ class Metrics:
             buckets=REQUEST_BUCKETS,
             registry=r,
         )
-        self.spool_commits = Counter(
-            "tagrelay_spool_commits",
-            "Spool transactions that stored events (group commit: fewer than requests).",
-            registry=r,
-        )
         self.spool_errors = Counter(
             "tagrelay_spool_errors",
             "Spool commits that failed; their requests were answered 503.",
@@ -123,6 +124,41 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
+        self._http_children: dict[tuple[str, str, str], Histogram] = {}
+        self._sources: dict[str, SourceMetrics] = {}
 
-    def watch_spool_depth(self, depths: Callable[[], dict[str, int]]) -> None:
-        self.registry.register(_SpoolDepthCollector(depths))
+    def http_observer(self, route: str, method: str, status_class: str) -> Histogram:
+        """The labelled child of ``http_duration``, cached (labels() costs a lock and a
+        lookup on every request otherwise)."""
+        key = (route, method, status_class)
+        child = self._http_children.get(key)
+        if child is None:
+            child = self._http_children[key] = self.http_duration.labels(*key)
+        return child
+
+    def source(self, source: str) -> SourceMetrics:
+        """The ingest counters of one source, labelled once."""
+        found = self._sources.get(source)
+        if found is None:
+            found = self._sources[source] = SourceMetrics(self, source)
+        return found
+
+    def watch_spool(self, depths: Callable[[], dict[str, int]], commits: Callable[[], int]) -> None:
+        self.registry.register(_SpoolCollector(depths, commits))
+
+
+class SourceMetrics:
+    """The ingest counters of one source, with their labels bound once."""
+
+    def __init__(self, metrics: Metrics, source: str) -> None:
+        self.received = metrics.events_received.labels(source)
+        self.accepted = metrics.events_accepted.labels(source)
+        self._rejected = metrics.events_rejected
+        self._source = source
+        self._by_reason: dict[str, Counter] = {}
+
+    def rejected(self, reason: str, n: int = 1) -> None:
+        child = self._by_reason.get(reason)
+        if child is None:
+            child = self._by_reason[reason] = self._rejected.labels(self._source, reason)
+        child.inc(n)

@@ -58,9 +58,18 @@ class Relay:
         self.port = free_port()
         self.log = (tmp_path / f"serve-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
-            [*TAGRELAY, "serve", "--config", str(config), "--host", "127.0.0.1",
-             "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                *TAGRELAY,
+                "serve",
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         self.wait_ready()
 
@@ -83,7 +92,9 @@ class Relay:
     def post(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
         auth = base64.b64encode(f"{SERVER_KEY}:".encode()).decode()
         req = urllib.request.Request(
-            self.url(path), data=json.dumps(body).encode(), method="POST",
+            self.url(path),
+            data=json.dumps(body).encode(),
+            method="POST",
             headers={"Authorization": f"Basic {auth}", "Content-Type": "application/json"},
         )
         try:
@@ -118,7 +129,9 @@ def relays() -> Iterator[list[Relay]]:
 def sql(config: Path, query: str, fmt: str = "json") -> Any:
     out = subprocess.run(
         [*TAGRELAY, "sql", "--config", str(config), "--format", fmt, query],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout) if fmt == "json" else out.stdout
@@ -139,18 +152,36 @@ def signup_batch(n: int, prefix: str) -> dict[str, Any]:
     now = datetime.now(UTC)
     events = []
     for i in range(n):
-        events.append({
-            "type": "track", "event": "Signed Up", "messageId": f"{prefix}-{i}",
-            "anonymousId": f"anon-{i}", "properties": {"plan": "pro", "seats": i},
-            "context": {"page": {"path": "/signup", "url": "https://shop.test/signup"}},
-            "timestamp": now.isoformat(),
-        })
+        events.append(
+            {
+                "type": "track",
+                "event": "Signed Up",
+                "messageId": f"{prefix}-{i}",
+                "anonymousId": f"anon-{i}",
+                "properties": {"plan": "pro", "seats": i},
+                "context": {"page": {"path": "/signup", "url": "https://shop.test/signup"}},
+                "timestamp": now.isoformat(),
+            }
+        )
     old = (now - timedelta(days=3)).isoformat()
-    events.append({"type": "track", "event": "Signed Up", "messageId": f"{prefix}-old",
-                   "anonymousId": "anon-old", "timestamp": old,
-                   "context": {"page": {"path": "/signup"}}})
-    events.append({"type": "page", "messageId": f"{prefix}-home", "anonymousId": "anon-home",
-                   "context": {"page": {"path": "/"}}})
+    events.append(
+        {
+            "type": "track",
+            "event": "Signed Up",
+            "messageId": f"{prefix}-old",
+            "anonymousId": "anon-old",
+            "timestamp": old,
+            "context": {"page": {"path": "/signup"}},
+        }
+    )
+    events.append(
+        {
+            "type": "page",
+            "messageId": f"{prefix}-home",
+            "anonymousId": "anon-home",
+            "context": {"page": {"path": "/"}},
+        }
+    )
     return {"batch": events}
 
 
@@ -189,8 +220,9 @@ def test_acknowledged_events_survive_sigkill_and_reach_the_warehouse(
     assert second.stop(signal.SIGTERM) == 0
 
     # With the relay stopped, the CLI opens the warehouse itself.
-    table = sql(config, "select event, count(*) as n from events group by event order by event",
-                fmt="table")
+    table = sql(
+        config, "select event, count(*) as n from events group by event order by event", fmt="table"
+    )
     assert "Signed Up" in table and "41" in table
 
 
@@ -213,13 +245,15 @@ def test_sigterm_flushes_the_batch_in_progress(tmp_path: Path, relays: list[Rela
 def test_check_reports_config_errors_with_exit_1(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("keys: []\nforwarders:\n  - {id: x, type: nope}\n")
-    out = subprocess.run([*TAGRELAY, "check", "--config", str(bad)], capture_output=True,
-                         text=True, timeout=60)
+    out = subprocess.run(
+        [*TAGRELAY, "check", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert out.returncode == 1
     assert "Traceback" not in out.stderr
     assert "nope" in out.stderr and "warehouse" in out.stderr and "webhook" in out.stderr
     good = write_config(tmp_path, 1)
-    ok = subprocess.run([*TAGRELAY, "check", "--config", str(good)], capture_output=True,
-                        text=True, timeout=60)
+    ok = subprocess.run(
+        [*TAGRELAY, "check", "--config", str(good)], capture_output=True, text=True, timeout=60
+    )
     assert ok.returncode == 0, ok.stderr
     assert os.path.basename(good) in ok.stdout

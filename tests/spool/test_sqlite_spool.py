@@ -118,3 +118,14 @@ async def test_full_spool_answers_503_with_retry_after_and_counts_it(relay: Any)
     ready = await client.get("/readyz")
     assert ready.status == 503
     assert "spool_not_writable" in (await ready.json())["problems"]
+
+
+async def test_spool_commits_are_exported(relay: Any) -> None:
+    client = await relay()
+    for i in range(3):
+        resp = await client.post(
+            "/v1/track", json={"event": "x", "anonymousId": f"a{i}"}, headers=basic(SERVER_KEY)
+        )
+        assert resp.status == 200
+    text = await (await client.get("/metrics")).text()
+    assert "tagrelay_spool_commits_total 3.0" in text

@@ -41,4 +41,6 @@ EVENT_TYPES: Final = frozenset({"page", "track", "identify", "group", "alias", "
 
 def iso(dt: datetime) -> str:
     """``2026-11-29T15:38:32.123Z``: the one timestamp format events carry."""
-    return dt.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if dt.tzinfo is not UTC:
+        dt = dt.astimezone(UTC)
+    return dt.isoformat(timespec="milliseconds")[:-6] + "Z"

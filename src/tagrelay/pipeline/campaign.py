@@ -1,13 +1,14 @@
 """``utm_*`` parameters of the page URL into ``context.campaign`` (Segment's names).
 
 ``utm_campaign`` becomes ``name``, the others lose their prefix. Values the client already
-put in ``context.campaign`` are kept.
+put in ``context.campaign`` are kept. The query is read from ``context.page.search``, else
+``context.page.url``, else ``properties.url``.
 """
 
 from __future__ import annotations
 
-from typing import Final
-from urllib.parse import parse_qsl, urlsplit
+from typing import Any, Final
+from urllib.parse import unquote_plus
 
 from tagrelay.model import Event
 
@@ -21,31 +22,34 @@ UTM_KEYS: Final = {
 }
 
 
-def _page_query(event: Event) -> str:
-    context = event.get("context") or {}
-    page = context.get("page")
-    if not isinstance(page, dict):
-        page = {}
-    search = page.get("search")
-    if isinstance(search, str) and "utm_" in search:
-        return search.lstrip("?")
-    url = page.get("url")
-    if not isinstance(url, str) or "utm_" not in url:
-        props = event.get("properties") or {}
-        url = props.get("url") if isinstance(props, dict) else None
-        if not isinstance(url, str) or "utm_" not in url:
-            return ""
-    try:
-        return urlsplit(url).query
-    except ValueError:
-        return ""
+def _query_with_utm(value: Any) -> str | None:
+    if not isinstance(value, str) or "utm_" not in value:
+        return None
+    query = value.split("#", 1)[0]
+    return query.split("?", 1)[1] if "?" in query else query
+
+
+def _page_query(event: Event) -> str | None:
+    context = event.get("context")
+    page = context.get("page") if isinstance(context, dict) else None
+    if isinstance(page, dict):
+        query = _query_with_utm(page.get("search")) or _query_with_utm(page.get("url"))
+        if query:
+            return query
+    props = event.get("properties")
+    return _query_with_utm(props.get("url")) if isinstance(props, dict) else None
 
 
 def apply_campaign(event: Event) -> None:
     query = _page_query(event)
     if not query:
         return
-    found = {UTM_KEYS[k]: v for k, v in parse_qsl(query, keep_blank_values=False) if k in UTM_KEYS}
+    found: dict[str, str] = {}
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        field = UTM_KEYS.get(name)
+        if field is not None and value and field not in found:
+            found[field] = unquote_plus(value)
     if not found:
         return
     context = event.setdefault("context", {})

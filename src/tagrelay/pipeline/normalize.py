@@ -78,12 +78,17 @@ def normalize_event(
     raw: Any,
     *,
     received_at: datetime,
+    received_iso: str | None = None,
     batch_sent_at: Any = None,
     default_type: str | None = None,
-    max_depth: int,
+    max_depth: int | None,
 ) -> Event:
     """Validate and normalize one event. ``raw`` is what the client sent (already
-    decoded from JSON); it is modified in place and returned."""
+    decoded from JSON); it is modified in place and returned.
+
+    ``received_iso`` is ``iso(received_at)`` when the caller has it (one per request).
+    ``max_depth`` None skips the nesting check, for callers that know the request body has
+    fewer brackets than the limit (and so cannot nest that deep)."""
     if not isinstance(raw, dict):
         raise IngestError("invalid_event", f"an event must be a JSON object, got {_type_name(raw)}")
     event: Event = raw
@@ -138,7 +143,7 @@ def normalize_event(
         message_id = str(uuid.uuid4())
     event["messageId"] = message_id
 
-    if nesting_depth_exceeds(event, max_depth):
+    if max_depth is not None and nesting_depth_exceeds(event, max_depth):
         raise IngestError("too_deep", f"the event nests objects deeper than {max_depth} levels")
 
     client_ts = parse_time(event.get("timestamp"), "timestamp")
@@ -164,6 +169,6 @@ def normalize_event(
         event["originalTimestamp"] = iso(original)
     if sent is not None:
         event["sentAt"] = iso(sent)
-    event["receivedAt"] = iso(received_at)
+    event["receivedAt"] = received_iso or iso(received_at)
     event.pop("writeKey", None)
     return event

@@ -26,6 +26,9 @@ class Decoded:
     write_key: str | None = None
     """A write key found in the body (``writeKey``), if any."""
     is_batch: bool = False
+    depth_bound: int | None = None
+    """An upper bound on the nesting depth of any event (set by the ingest handler from the
+    body's bracket count), so that shallow requests skip the per-event depth walk."""
 
 
 def parse_json_body(body: bytes) -> Any:

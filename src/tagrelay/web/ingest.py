@@ -23,6 +23,7 @@ from aiohttp import web
 from tagrelay.config.models import Config, WriteKeyConfig
 from tagrelay.errors import AuthError, IngestError, SpoolUnavailable
 from tagrelay.metrics import Metrics
+from tagrelay.model import iso
 from tagrelay.pipeline.campaign import apply_campaign
 from tagrelay.pipeline.client import ClientResolver, apply_client
 from tagrelay.pipeline.normalize import normalize_event
@@ -111,8 +112,9 @@ class IngestService:
                 key = self._authorize(decoded.write_key, route, request)
             return await self._accept(request, source, key, decoded)
         except IngestError as exc:
-            self.metrics.events_received.labels(source).inc()
-            self.metrics.events_rejected.labels(source, exc.code).inc()
+            counters = self.metrics.source(source)
+            counters.received.inc()
+            counters.rejected(exc.code)
             log.debug("request rejected", extra={"source": source, "reason": exc.code})
             return error_response(exc, self.cors_headers(request, key))
 
@@ -146,6 +148,8 @@ class IngestService:
                 status=413,
             ) from None
         decoded = SOURCES[source](parse_json_body(body), path_name)
+        # No event can nest deeper than the body has opening brackets.
+        decoded.depth_bound = body.count(b"{") + body.count(b"[")
         if len(decoded.events) > self.limits.max_batch_events:
             raise IngestError(
                 "too_many_events",
@@ -160,10 +164,15 @@ class IngestService:
     ) -> web.Response:
         now = datetime.now(UTC)
         received_ms = int(now.timestamp() * 1000)
+        received_iso = iso(now)
         trusted = key.kind == "server"
         ip = self.resolver.client_ip(request.remote, request.headers)
         user_agent = request.headers.get("User-Agent")
         limits = self.limits
+        max_depth: int | None = limits.max_nesting_depth
+        if decoded.depth_bound is not None and decoded.depth_bound <= limits.max_nesting_depth:
+            max_depth = None
+        counters = self.metrics.source(source)
         rows: list[tuple[int, bytes]] = []
         rejected: list[dict[str, Any]] = []
         for index, raw in enumerate(decoded.events):
@@ -171,9 +180,10 @@ class IngestService:
                 event = normalize_event(
                     raw,
                     received_at=now,
+                    received_iso=received_iso,
                     batch_sent_at=decoded.batch_sent_at,
                     default_type=decoded.default_type,
-                    max_depth=limits.max_nesting_depth,
+                    max_depth=max_depth,
                 )
                 for shared_key, shared in decoded.shared.items():
                     event[shared_key] = {**shared, **event.get(shared_key, {})}
@@ -191,8 +201,8 @@ class IngestService:
                 rows.append((received_ms, payload))
             except IngestError as exc:
                 rejected.append({"index": index, "error": exc.code, "message": exc.message})
-                self.metrics.events_rejected.labels(source, exc.code).inc()
-        self.metrics.events_received.labels(source).inc(len(decoded.events))
+                counters.rejected(exc.code)
+        counters.received.inc(len(decoded.events))
         cors = self.cors_headers(request, key)
 
         if rows:
@@ -200,7 +210,7 @@ class IngestService:
                 await self.spool.append(rows)
             except SpoolUnavailable:
                 self.metrics.spool_errors.inc()
-                self.metrics.events_rejected.labels(source, "spool_unavailable").inc(len(rows))
+                counters.rejected("spool_unavailable", len(rows))
                 return json_response(
                     503,
                     {
@@ -209,7 +219,7 @@ class IngestService:
                     },
                     {**cors, "Retry-After": SPOOL_RETRY_AFTER_SECS},
                 )
-            self.metrics.events_accepted.labels(source).inc(len(rows))
+            counters.accepted.inc(len(rows))
 
         if not decoded.is_batch:
             if rejected:
