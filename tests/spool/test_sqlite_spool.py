@@ -19,6 +19,19 @@ async def open_spool(path: Path, **kwargs: Any) -> SqliteSpool:
     return spool
 
 
+async def test_reads_split_segments_at_any_event(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.append([(5, b'{"a":1}'), (6, b'{"a":2}'), (7, b'{"a":3}')])
+    await spool.append([(9, b'{"a":4}')])
+    assert [(r.seq, r.payload) for r in await spool.read(1, 2)] == [
+        (2, b'{"a":2}'),
+        (3, b'{"a":3}'),
+    ]
+    assert [r.seq for r in await spool.read(2, 10)] == [3, 4]
+    assert [r.received_ms for r in await spool.read(0, 10)] == [5, 5, 5, 9]
+    await spool.close()
+
+
 async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)
     await asyncio.gather(*(spool.append([(1, f"e{i}".encode())]) for i in range(200)))
@@ -49,14 +62,17 @@ async def test_prune_keeps_what_the_slowest_cursor_needs(tmp_path: Path) -> None
     spool = await open_spool(tmp_path)
     await spool.register("fast")
     await spool.register("slow")
-    await spool.append([(1, b"1"), (1, b"2"), (1, b"3")])
+    for payload in (b"1", b"2", b"3"):  # three commits: three segments
+        await spool.append([(1, payload)])
     await spool.advance("fast", 3)
     await spool.advance("slow", 1)
     assert await spool.prune() == 1
     assert [r.seq for r in await spool.read(0, 10)] == [2, 3]
     assert await spool.drop_cursors_except({"fast"}) == ["slow"]
-    assert await spool.prune() == 2
-    assert await spool.read(0, 10) == []
+    # the newest segment stays (it remembers the head); nothing after the cursor is left
+    assert await spool.prune() == 1
+    assert [r.seq for r in await spool.read(0, 10)] == [3]
+    assert await spool.read(3, 10) == []
     await spool.close()
 
 

@@ -8,6 +8,11 @@ cursor is past them. The rules this module keeps:
   commit): one transaction per round, not per request.
 - All SQLite work runs off the event loop: writes on one writer thread and its connection,
   reads on a reader thread with its own connection (WAL lets them run together).
+- Each group commit is stored as one *segment*: a single row holding its events as JSON
+  lines, written by a single statement. Events still have their own sequence numbers
+  (``seq``, contiguous across segments), which is what cursors, dead letters and depths
+  count; segments only make the write cheap (one SQLite step per commit instead of one per
+  event, which also keeps the writer thread from fighting the event loop for the GIL).
 - A failed commit raises ``SpoolUnavailable`` to every waiter of that round, so nothing that
   was not stored is acknowledged. ``max_size_mb`` turns into ``PRAGMA max_page_count``: a
   full spool fails commits the same way a full disk does.
@@ -34,10 +39,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    received_ms INTEGER NOT NULL,
-    payload BLOB NOT NULL
+CREATE TABLE IF NOT EXISTS segments (
+    last_seq INTEGER PRIMARY KEY,     -- seq of the segment's last event
+    count INTEGER NOT NULL,           -- its events are last_seq - count + 1 .. last_seq
+    received_ms INTEGER NOT NULL,     -- when the oldest of them arrived
+    payload BLOB NOT NULL             -- the events: compact JSON, one per line
 );
 CREATE TABLE IF NOT EXISTS cursors (
     forwarder TEXT PRIMARY KEY,
@@ -102,7 +108,7 @@ class SqliteSpool:
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
-        self._pending: list[tuple[list[tuple[int, bytes]], asyncio.Future[None]]] = []
+        self._pending: list[tuple[Sequence[tuple[int, bytes]], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._listeners: list[asyncio.Event] = []
         self._head = 0
@@ -129,10 +135,13 @@ class SqliteSpool:
         if self._max_size_mb:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             conn.execute(f"PRAGMA max_page_count={self._max_size_mb * 1024 * 1024 // page_size}")
-        # AUTOINCREMENT keeps seq monotonic even after pruning emptied the table, so a
-        # cursor is never ahead of new events after a restart.
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
-        self._head = int(row[0]) if row else 0
+        # Pruning always keeps the newest segment, so the head survives a restart; the
+        # cursors are a second witness.
+        row = conn.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(last_seq) FROM segments), 0), "
+            "COALESCE((SELECT MAX(position) FROM cursors), 0))"
+        ).fetchone()
+        self._head = int(row[0])
         self._wconn = conn
 
     def _open_reader(self) -> None:
@@ -173,6 +182,7 @@ class SqliteSpool:
     async def append(self, events: Sequence[tuple[int, bytes]]) -> None:
         """Commit ``(received_ms, payload)`` rows; return once they are durable.
 
+        A payload is one event as compact JSON, which never contains a newline byte.
         Raises ``SpoolUnavailable`` when the commit fails; then none of them is stored.
         """
         if self._closed:
@@ -180,7 +190,7 @@ class SqliteSpool:
         if not events:
             return
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((list(events), fut))
+        self._pending.append((events, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop(), name="spool-group-commit")
         await fut
@@ -191,9 +201,12 @@ class SqliteSpool:
 
     async def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        rows = [row for batch, _ in pending for row in batch]
+        received_ms = min(rows[0][0] for rows, _ in pending)
+        payloads = [payload for rows, _ in pending for _, payload in rows]
         try:
-            head = await self._on_writer(self._insert, rows)
+            head = await self._on_writer(
+                self._insert, self._head, received_ms, len(payloads), b"\n".join(payloads)
+            )
         except SpoolUnavailable as exc:
             self._last_failure = time.monotonic()
             for _, fut in pending:
@@ -208,18 +221,14 @@ class SqliteSpool:
         for listener in self._listeners:
             listener.set()
 
-    def _insert(self, rows: list[tuple[int, bytes]]) -> int:
-        conn = self._conn()
-        try:
-            conn.execute("BEGIN")
-            conn.executemany("INSERT INTO events (received_ms, payload) VALUES (?, ?)", rows)
-            head = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            conn.execute("COMMIT")
-            return int(head)
-        except sqlite3.Error:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+    def _insert(self, head: int, received_ms: int, count: int, payload: bytes) -> int:
+        last_seq = head + count
+        # One statement in autocommit mode: its own transaction, a single SQLite step.
+        self._conn().execute(
+            "INSERT INTO segments (last_seq, count, received_ms, payload) VALUES (?, ?, ?, ?)",
+            (last_seq, count, received_ms, payload),
+        )
+        return last_seq
 
     # -- cursors -----------------------------------------------------------------------
 
@@ -278,11 +287,24 @@ class SqliteSpool:
 
     def _read(self, after: int, limit: int) -> list[SpooledEvent]:
         assert self._rconn is not None
-        rows = self._rconn.execute(
-            "SELECT seq, received_ms, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
-            (after, limit),
-        ).fetchall()
-        return [SpooledEvent(r[0], r[1], r[2]) for r in rows]
+        out: list[SpooledEvent] = []
+        cursor = self._rconn.execute(
+            "SELECT last_seq, count, received_ms, payload FROM segments WHERE last_seq > ? "
+            "ORDER BY last_seq",
+            (after,),
+        )
+        try:
+            for last_seq, count, received_ms, payload in cursor:
+                first = last_seq - count + 1
+                lines = payload.split(b"\n")
+                skip = max(0, after + 1 - first)
+                for offset in range(skip, count):
+                    out.append(SpooledEvent(first + offset, received_ms, lines[offset]))
+                    if len(out) >= limit:
+                        return out
+        finally:
+            cursor.close()
+        return out
 
     async def advance(self, forwarder: str, position: int) -> None:
         """Move the cursor past ``position`` and clear its failure state."""
@@ -373,14 +395,19 @@ class SqliteSpool:
     # -- pruning -----------------------------------------------------------------------
 
     async def prune(self) -> int:
-        """Delete events every cursor is past. Returns how many were deleted."""
+        """Delete segments every cursor is past. Returns how many were deleted."""
         return await self._on_writer(self._prune)
 
     def _prune(self) -> int:
         conn = self._conn()
         row = conn.execute("SELECT MIN(position) FROM cursors").fetchone()
         upto = self._head if row[0] is None else int(row[0])
-        cur = conn.execute("DELETE FROM events WHERE seq <= ?", (upto,))
+        # The newest segment stays: it remembers the head across restarts.
+        cur = conn.execute(
+            "DELETE FROM segments WHERE last_seq <= ? "
+            "AND last_seq < (SELECT MAX(last_seq) FROM segments)",
+            (upto,),
+        )
         return cur.rowcount
 
     # -- plumbing ----------------------------------------------------------------------
