@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -106,21 +107,24 @@ async def test_misfits_are_delivered_and_counted(forwarder: WarehouseForwarder) 
     assert counted(forwarder, "tagrelay_warehouse_unmapped_values_total") == 1
 
 
-async def test_inserts_run_off_the_event_loop_on_one_thread(
+async def test_the_database_runs_in_a_child_process_fed_from_one_thread(
     forwarder: WarehouseForwarder,
 ) -> None:
-    assert forwarder.warehouse is not None
+    warehouse = forwarder.warehouse
+    assert warehouse is not None and warehouse._proc is not None
+    assert warehouse._proc.pid != os.getpid()
     threads: set[str] = set()
-    insert = forwarder.warehouse.insert
+    insert_lines = warehouse.insert_lines
 
-    def recording_insert(events: list[dict[str, Any]]) -> Any:
+    def recording(payload: bytes) -> Any:
         threads.add(threading.current_thread().name)
-        return insert(events)
+        return insert_lines(payload)
 
-    forwarder.warehouse.insert = recording_insert  # type: ignore[method-assign]
+    warehouse.insert_lines = recording  # type: ignore[method-assign]
     await asyncio.gather(*(forwarder.deliver([event(f"m{i}")]) for i in range(5)))
     assert len(threads) == 1
     assert threads.pop().startswith("tagrelay-warehouse-warehouse")
+    assert warehouse.query("select count(*) from events").rows == [(5,)]
 
 
 async def test_new_columns_are_logged_once_at_info(
@@ -139,22 +143,32 @@ async def test_new_columns_are_logged_once_at_info(
     ]
 
 
-async def test_a_database_failure_is_a_retry_and_the_retry_loads(
+async def test_a_lost_warehouse_process_is_a_retry_and_is_restarted(
     forwarder: WarehouseForwarder,
 ) -> None:
     warehouse = forwarder.warehouse
-    assert warehouse is not None
-    warehouse.dialect.close()  # the database goes away under the forwarder
+    assert warehouse is not None and warehouse._conn is not None
+    assert await forwarder.deliver([event("m1")]) == Delivered()
+    warehouse._conn.close()  # the pipe to the child breaks under the forwarder
 
-    outcome = await forwarder.deliver([event("m1")])
+    outcome = await forwarder.deliver([event("m2")])
 
     assert isinstance(outcome, Retry)
     assert outcome.reason == "warehouse_error"
-    assert "not open" in outcome.detail
+    assert "died" in outcome.detail
+    # the next attempt starts a new child, which finds the rows loaded before
+    assert await forwarder.deliver([event("m2")]) == Delivered()
+    assert warehouse.query("select message_id from events order by 1").rows == [("m1",), ("m2",)]
 
-    warehouse.dialect.open()
-    assert await forwarder.deliver([event("m1")]) == Delivered()
-    assert warehouse.query("select count(*) from events").rows == [(1,)]
+
+async def test_a_killed_warehouse_process_is_restarted(forwarder: WarehouseForwarder) -> None:
+    warehouse = forwarder.warehouse
+    assert warehouse is not None and warehouse._proc is not None
+    await forwarder.deliver([event("m1")])
+    warehouse._proc.kill()
+    warehouse._proc.join()
+    assert await forwarder.deliver([event("m2")]) == Delivered()
+    assert warehouse.query("select count(*) from events").rows == [(2,)]
 
 
 async def test_deliver_before_start_is_an_error(context: ForwarderContext) -> None:

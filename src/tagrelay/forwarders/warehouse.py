@@ -1,19 +1,19 @@
 """``warehouse``: load events into a SQL table whose columns evolve with the data.
 
-The heavy lifting (flattening, schema planning, dialects) is in ``tagrelay.warehouse``;
-this module adapts it to the forwarder contract and keeps database work off the event loop:
-every call into the database runs on one dedicated thread (a DuckDB connection is used from
-one thread), so a slow insert or checkpoint never blocks ingestion.
+The heavy lifting (flattening, schema planning, dialects) is in ``tagrelay.warehouse``. The
+database lives in a child process (``tagrelay.warehouse.process``), so that planning a batch,
+which is CPU work in Python, runs on another core instead of holding the GIL against the
+event loop; this module hands it each batch as JSON lines from one dedicated thread.
 
 Outcomes: a loaded batch is ``Delivered`` (duplicates are skipped, misfit values kept in
 ``_unmapped_data``: nothing is rejected per event); a database failure (disk full, lock,
-I/O error) is ``Retry(reason="warehouse_error")``, and the retried batch cannot load twice
-since rows are keyed on ``message_id``.
+I/O error, the child dying) is ``Retry(reason="warehouse_error")``, and the retried batch
+cannot load twice since rows are keyed on ``message_id``.
 
-``WarehouseForwarder.warehouse`` is the open ``Warehouse``: the relay's admin socket answers
-``tagrelay sql`` with its ``query`` (from another thread); when the relay is not running the
-CLI opens the same file with ``open_warehouse_readonly(config, data_dir)``. ``totals`` counts
-what was loaded (inserted, duplicates, values sent to ``_unmapped_data``) for metrics.
+``WarehouseForwarder.warehouse`` is the ``WarehouseProcess``: the relay's admin socket
+answers ``tagrelay sql`` with its ``query`` (from another thread); when the relay is not
+running the CLI opens the same file with ``open_warehouse_readonly(config, data_dir)``.
+Duplicates and values sent to ``_unmapped_data`` are counted in Prometheus.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
+import orjson
 from pydantic import Field
 
 from tagrelay.config.common import BatchConfig, ForwarderConfigBase
@@ -31,6 +32,7 @@ from tagrelay.errors import WarehouseError
 from tagrelay.forwarders._base import Forwarder, ForwarderContext
 from tagrelay.model import Delivered, Event, Outcome, Retry
 from tagrelay.warehouse import Warehouse
+from tagrelay.warehouse.process import WarehouseProcess, WarehouseSpec
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,13 @@ class WarehouseConfig(ForwarderConfigBase):
         description="Keys that would add a column past this many go to _unmapped_data instead.",
         examples=[1000],
     )
+    memory_limit_mb: int = Field(
+        512,
+        ge=64,
+        description="Memory the embedded database may use (DuckDB's memory_limit); larger "
+        "queries spill to disk.",
+        examples=[512],
+    )
 
 
 def database_path(config: WarehouseConfig, data_dir: Path) -> Path:
@@ -113,8 +122,8 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
 
     def __init__(self, config: WarehouseConfig, context: ForwarderContext) -> None:
         super().__init__(config, context)
-        self.warehouse: Warehouse | None = None
-        """The open warehouse between ``start`` and ``close``; its ``query`` may be called
+        self.warehouse: WarehouseProcess | None = None
+        """The warehouse process between ``start`` and ``close``; its ``query`` may be called
         from any thread (not from the event loop: it blocks)."""
         self._executor: ThreadPoolExecutor | None = None
 
@@ -122,29 +131,44 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"tagrelay-warehouse-{self.id}"
         )
-        loop = asyncio.get_running_loop()
-        try:
-            self.warehouse = await loop.run_in_executor(
-                self._executor, open_warehouse, self.config, self.context.data_dir
+        path = database_path(self.config, self.context.data_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        process = WarehouseProcess(
+            WarehouseSpec(
+                dialect=self.config.dialect,
+                target=str(path),
+                table=self.config.table,
+                max_columns=self.config.max_columns,
+                settings={
+                    "threads": WRITER_THREADS,
+                    "memory_limit": f"{self.config.memory_limit_mb}MB",
+                },
             )
+        )
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, process.start)
         except BaseException:
             self._executor.shutdown(wait=False)
             self._executor = None
             raise
+        self.warehouse = process
         log.info(
             "warehouse %s: %s table %s open with %d columns",
             self.id,
-            database_path(self.config, self.context.data_dir),
+            path,
             self.config.table,
-            len(self.warehouse.columns),
+            len(process.columns),
         )
 
     async def deliver(self, events: list[Event]) -> Outcome:
         if self.warehouse is None or self._executor is None:
             raise RuntimeError(f"warehouse forwarder {self.id} used before start()")
+        payload = b"\n".join(orjson.dumps(event) for event in events)
         loop = asyncio.get_running_loop()
         try:
-            result = await loop.run_in_executor(self._executor, self.warehouse.insert, events)
+            result = await loop.run_in_executor(
+                self._executor, self.warehouse.insert_lines, payload
+            )
         except WarehouseError as e:
             return Retry(reason="warehouse_error", detail=str(e))
         metrics = self.context.metrics

@@ -1,0 +1,185 @@
+"""The warehouse in a process of its own.
+
+Planning a batch (flattening, type checks, conversions) is Python work of tens of
+microseconds per event. In the relay's process it would hold the GIL against the event loop:
+ingestion would slow down and its tail latency grow with every warehouse batch. So the relay
+runs the ``Warehouse`` in a child process (started with ``spawn``: no inherited threads or
+sockets) and talks to it over a pipe, one request at a time:
+
+``("insert", ndjson_bytes)``         -> ``("ok", InsertResult)``
+``("query", sql, max_rows, secs)``   -> ``("ok", QueryResult)``
+any failure                          -> ``("error", kind, message)``
+
+The child holds DuckDB's file lock. It exits when the pipe closes, i.e. when the relay exits
+or dies (a SIGKILL included), so a restarted relay finds the file free, after waiting for an
+insert still in flight at most. A child that dies is started again on the next request.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import orjson
+
+from tagrelay.errors import QueryRejected, WarehouseError
+from tagrelay.warehouse import InsertResult, QueryResult, Warehouse
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_SECS = 60.0
+"""How long to wait for the child to open the database (a previous relay's child may still
+be finishing its last insert and holding the file lock)."""
+
+
+@dataclass(frozen=True)
+class WarehouseSpec:
+    """What the child needs to open the warehouse (picklable)."""
+
+    dialect: str
+    target: str
+    table: str
+    max_columns: int
+    settings: Mapping[str, str | int | bool]
+
+
+def _child_main(conn: Connection, spec: WarehouseSpec) -> None:
+    """The child process: open the warehouse, then serve requests until the pipe closes."""
+    deadline = time.monotonic() + START_TIMEOUT_SECS
+    while True:
+        try:
+            warehouse = Warehouse.open(
+                spec.dialect,
+                spec.target,
+                table=spec.table,
+                max_columns=spec.max_columns,
+                settings=dict(spec.settings),
+            )
+            break
+        except WarehouseError as exc:
+            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
+                conn.send(("error", "open", str(exc)))
+                return
+            time.sleep(0.2)
+    conn.send(("ok", dict(warehouse.columns)))
+    try:
+        while True:
+            try:
+                request = conn.recv()
+            except (EOFError, OSError):
+                return  # the relay is gone
+            conn.send(_serve(warehouse, request))
+    finally:
+        warehouse.close()
+
+
+def _serve(warehouse: Warehouse, request: tuple[Any, ...]) -> tuple[Any, ...]:
+    try:
+        if request[0] == "insert":
+            events = [orjson.loads(line) for line in request[1].split(b"\n")]
+            return ("ok", warehouse.insert(events))
+        if request[0] == "query":
+            _, sql, max_rows, timeout_secs = request
+            return ("ok", warehouse.query(sql, max_rows, timeout_secs=timeout_secs))
+        return ("error", "protocol", f"unknown request {request[0]!r}")
+    except QueryRejected as exc:
+        return ("error", "rejected", str(exc))
+    except WarehouseError as exc:
+        return ("error", "warehouse", str(exc))
+    except Exception as exc:  # a bug in the child must not kill it silently
+        return ("error", "internal", f"{type(exc).__name__}: {exc}")
+
+
+class WarehouseProcess:
+    """The relay's handle on the child. Every method blocks: call them from a thread.
+    Calls are serialized (one request on the pipe at a time)."""
+
+    def __init__(self, spec: WarehouseSpec) -> None:
+        self.spec = spec
+        self._lock = threading.Lock()
+        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._conn: Connection | None = None
+        self.columns: dict[str, str] = {}
+
+    def start(self) -> None:
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe()
+        proc = ctx.Process(
+            target=_child_main, args=(child, self.spec), name="tagrelay-warehouse", daemon=True
+        )
+        proc.start()
+        child.close()
+        try:
+            if not parent.poll(START_TIMEOUT_SECS + 10):
+                raise WarehouseError("the warehouse process did not start in time")
+            status, *rest = parent.recv()
+        except (EOFError, OSError) as exc:
+            raise WarehouseError(f"the warehouse process died while starting: {exc}") from exc
+        except WarehouseError:
+            proc.kill()
+            raise
+        if status != "ok":
+            proc.join(5)
+            raise WarehouseError(f"could not open the warehouse: {rest[-1]}")
+        self.columns = rest[0]
+        self._proc, self._conn = proc, parent
+
+    def _call(self, request: tuple[Any, ...]) -> Any:
+        with self._lock:
+            if self._conn is None or self._proc is None or not self._proc.is_alive():
+                self._discard()
+                self._start()
+            assert self._conn is not None
+            try:
+                self._conn.send(request)
+                status, *rest = self._conn.recv()
+            except (EOFError, OSError) as exc:
+                self._discard()
+                raise WarehouseError(f"the warehouse process died: {exc}") from exc
+        if status == "ok":
+            return rest[0]
+        kind, message = rest
+        if kind == "rejected":
+            raise QueryRejected(message)
+        raise WarehouseError(message)
+
+    def insert_lines(self, payload: bytes) -> InsertResult:
+        """Load events given as compact JSON, one per line."""
+        result: InsertResult = self._call(("insert", payload))
+        for name, kind in result.new_columns.items():
+            self.columns[name] = kind
+        return result
+
+    def query(
+        self, sql: str, max_rows: int = 10_000, timeout_secs: float | None = 60.0
+    ) -> QueryResult:
+        result: QueryResult = self._call(("query", sql, max_rows, timeout_secs))
+        return result
+
+    def close(self) -> None:
+        with self._lock:
+            self._discard(graceful=True)
+
+    def _discard(self, graceful: bool = False) -> None:
+        conn, proc = self._conn, self._proc
+        self._conn = self._proc = None
+        if conn is not None:
+            with contextlib.suppress(OSError):
+                conn.close()  # the child sees EOF, closes the database and exits
+        if proc is not None:
+            proc.join(30 if graceful else 1)
+            if proc.is_alive():
+                log.warning("the warehouse process did not exit; killing it")
+                proc.kill()
+                proc.join(5)
