@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import signal
 import threading
 import time
 from collections.abc import Mapping
@@ -52,6 +53,10 @@ class WarehouseSpec:
 
 def _child_main(conn: Connection, spec: WarehouseSpec) -> None:
     """The child process: open the warehouse, then serve requests until the pipe closes."""
+    # Ctrl-C and a process-group SIGTERM are the relay's to handle: it flushes its last batch
+    # here, then closes the pipe, which is what ends this process.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     deadline = time.monotonic() + START_TIMEOUT_SECS
     while True:
         try:
