@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
 import aiohttp
+import orjson
 
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.metrics import Metrics
@@ -57,6 +58,13 @@ class Forwarder(ABC, Generic[C]):
 
     async def close(self) -> None:
         """Release resources. Called once after the last ``deliver``."""
+
+    async def deliver_payloads(self, payloads: list[bytes]) -> Outcome:
+        """Deliver a batch given as the events' stored JSON (compact, one event each). The
+        runtime calls this when the forwarder has no filter; the default decodes and calls
+        ``deliver``. A forwarder that ships JSON on unchanged overrides it to skip the
+        decode."""
+        return await self.deliver([orjson.loads(p) for p in payloads])
 
     @abstractmethod
     async def deliver(self, events: list[Event]) -> Outcome:

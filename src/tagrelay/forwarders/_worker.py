@@ -84,6 +84,10 @@ class ForwarderWorker:
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._state = CursorState(0)
+        f = self.config.filter
+        self._filters = bool(
+            f.include_types or f.exclude_types or f.include_events or f.exclude_events
+        )
         self.idle = asyncio.Event()
         """Set whenever the worker has caught up with the spool's head (tests wait on it)."""
 
@@ -155,24 +159,30 @@ class ForwarderWorker:
 
     async def _process(self, batch: list[SpooledEvent]) -> None:
         last = batch[-1].seq
-        kept: list[SpooledEvent] = []
-        events: list[Event] = []
-        for item in batch:
-            event = orjson.loads(item.payload)
-            if accepts(self.config, event):
-                kept.append(item)
-                events.append(event)
-        filtered = len(batch) - len(kept)
-        if filtered:
-            self.metrics.forwarder_events.labels(self.id, "filtered").inc(filtered)
-        if not events:
-            await self.spool.advance(self.id, last)
-            self._state = CursorState(last)
-            return
+        if self._filters:
+            kept: list[SpooledEvent] = []
+            events: list[Event] = []
+            for item in batch:
+                event = orjson.loads(item.payload)
+                if accepts(self.config, event):
+                    kept.append(item)
+                    events.append(event)
+            filtered = len(batch) - len(kept)
+            if filtered:
+                self.metrics.forwarder_events.labels(self.id, "filtered").inc(filtered)
+            if not events:
+                await self.spool.advance(self.id, last)
+                self._state = CursorState(last)
+                return
+            delivery = self.forwarder.deliver(events)
+        else:
+            # No filter: the forwarder gets the stored JSON and decodes only if it must.
+            kept = batch
+            delivery = self.forwarder.deliver_payloads([item.payload for item in batch])
 
-        self.metrics.batch_size.labels(self.id).observe(len(events))
+        self.metrics.batch_size.labels(self.id).observe(len(kept))
         try:
-            outcome: Outcome = await self.forwarder.deliver(events)
+            outcome: Outcome = await delivery
         except asyncio.CancelledError:
             raise
         except Exception as exc:
