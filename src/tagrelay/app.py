@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from tagrelay.config.models import Config
 from tagrelay.forwarders import FORWARDERS, ForwarderContext
+from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.metrics import Metrics
 from tagrelay.spool.sqlite import SqliteSpool
@@ -138,29 +139,43 @@ def create_app(
             log.warning(
                 "forgot the cursor of a forwarder no longer configured", extra={"forwarder": name}
             )
-        session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
-            headers={"User-Agent": "tagrelay"},
-        )
-        context = ForwarderContext(data_dir=data_dir, http=session, metrics=metrics)
         workers = app[WORKERS]
-        try:
+        delivery = DeliveryLoop()
+        delivery.start()
+        sessions: list[aiohttp.ClientSession] = []
+
+        async def start_workers() -> None:
+            # Runs on the delivery loop: the session and the workers belong to it.
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+                headers={"User-Agent": "tagrelay"},
+            )
+            sessions.append(session)
+            context = ForwarderContext(data_dir=data_dir, http=session, metrics=metrics)
             for fwd_config in enabled:
                 forwarder = FORWARDERS[fwd_config.type](fwd_config, context)
                 worker = ForwarderWorker(forwarder, spool, metrics)
                 await worker.start()
                 workers[fwd_config.id] = worker
+
+        async def stop_workers() -> None:
+            timeout = config.server.shutdown_timeout_secs
+            await asyncio.gather(
+                *(w.stop(timeout) for w in workers.values()), return_exceptions=True
+            )
+            for session in sessions:
+                await session.close()
+
+        try:
+            await delivery.call(start_workers())
             app[READY]["forwarders"] = True
             metrics.up.set(1)
             yield
         finally:
             metrics.up.set(0)
             app[READY]["forwarders"] = False
-            timeout = config.server.shutdown_timeout_secs
-            await asyncio.gather(
-                *(w.stop(timeout) for w in workers.values()), return_exceptions=True
-            )
-            await session.close()
+            await delivery.call(stop_workers())
+            await delivery.close()
 
     app.cleanup_ctx.append(spool_ctx)
     app.cleanup_ctx.append(forwarders_ctx)

@@ -110,7 +110,7 @@ class SqliteSpool:
         self._rconn: sqlite3.Connection | None = None
         self._pending: list[tuple[Sequence[tuple[int, bytes]], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self._listeners: list[asyncio.Event] = []
+        self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._head = 0
         self._positions: dict[str, int] = {}
         self._closed = False
@@ -218,8 +218,12 @@ class SqliteSpool:
         for _, fut in pending:
             if not fut.done():
                 fut.set_result(None)
-        for listener in self._listeners:
-            listener.set()
+        loop = asyncio.get_running_loop()
+        for listener_loop, listener in self._listeners:
+            if listener_loop is loop:
+                listener.set()
+            else:  # a worker on the delivery loop's thread
+                listener_loop.call_soon_threadsafe(listener.set)
 
     def _insert(self, head: int, received_ms: int, count: int, payload: bytes) -> int:
         last_seq = head + count
@@ -233,9 +237,10 @@ class SqliteSpool:
     # -- cursors -----------------------------------------------------------------------
 
     def subscribe(self) -> asyncio.Event:
-        """An event that is set after every committed append (clear it before waiting)."""
+        """An event that is set after every committed append (clear it before waiting).
+        Call it from the loop that will wait on it; it may differ from the appenders'."""
         listener = asyncio.Event()
-        self._listeners.append(listener)
+        self._listeners.append((asyncio.get_running_loop(), listener))
         return listener
 
     async def register(self, forwarder: str) -> CursorState:
