@@ -166,7 +166,7 @@ async def test_a_killed_warehouse_process_is_restarted(forwarder: WarehouseForwa
     assert warehouse is not None and warehouse._proc is not None
     await forwarder.deliver([event("m1")])
     warehouse._proc.kill()
-    warehouse._proc.join()
+    warehouse._proc.wait()
     assert await forwarder.deliver([event("m2")]) == Delivered()
     assert warehouse.query("select count(*) from events").rows == [(2,)]
 

@@ -19,12 +19,11 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 from tagrelay.errors import WarehouseError
 from tagrelay.model import Event
 from tagrelay.warehouse.dialects.base import Dialect, QueryResult
-from tagrelay.warehouse.dialects.duckdb import DuckDBDialect
 from tagrelay.warehouse.schema import BASE_COLUMNS, DEDUP_KEY, UNMAPPED_COLUMN, ColumnType, plan
 
 __all__ = ["DIALECTS", "ColumnType", "InsertResult", "QueryResult", "Warehouse"]
@@ -33,7 +32,16 @@ log = logging.getLogger(__name__)
 
 DialectFactory = Callable[..., Dialect]
 
-DIALECTS: Final[Mapping[str, DialectFactory]] = MappingProxyType({"duckdb": DuckDBDialect})
+
+def _duckdb(*args: Any, **kwargs: Any) -> Dialect:
+    # Imported on first use: the relay's own process never loads DuckDB (the warehouse runs
+    # in a child process), which keeps tens of megabytes out of it.
+    from tagrelay.warehouse.dialects.duckdb import DuckDBDialect
+
+    return DuckDBDialect(*args, **kwargs)
+
+
+DIALECTS: Final[Mapping[str, DialectFactory]] = MappingProxyType({"duckdb": _duckdb})
 """Dialect name -> factory ``(target, *, read_only, settings) -> Dialect``."""
 
 _TABLE_NAME_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")

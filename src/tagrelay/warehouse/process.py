@@ -3,8 +3,9 @@
 Planning a batch (flattening, type checks, conversions) is Python work of tens of
 microseconds per event. In the relay's process it would hold the GIL against the event loop:
 ingestion would slow down and its tail latency grow with every warehouse batch. So the relay
-runs the ``Warehouse`` in a child process (started with ``spawn``: no inherited threads or
-sockets) and talks to it over a pipe, one request at a time:
+runs the ``Warehouse`` in a child process (a fresh interpreter, ``python -m
+tagrelay.warehouse.process``, with one end of a socket pair) and talks to it over that
+socket, one request at a time (pickled frames between two processes of the same program):
 
 ``("insert", ndjson_bytes)``         -> ``("ok", InsertResult)``
 ``("query", sql, max_rows, secs)``   -> ``("ok", QueryResult)``
@@ -19,8 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import multiprocessing
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -31,7 +34,7 @@ from typing import Any
 import orjson
 
 from tagrelay.errors import QueryRejected, WarehouseError
-from tagrelay.warehouse import InsertResult, QueryResult, Warehouse
+from tagrelay.warehouse import InsertResult, QueryResult
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +54,18 @@ class WarehouseSpec:
     settings: Mapping[str, str | int | bool]
 
 
-def _child_main(conn: Connection, spec: WarehouseSpec) -> None:
+def _child_main(conn: Connection) -> None:
     """The child process: open the warehouse, then serve requests until the pipe closes."""
     # Ctrl-C and a process-group SIGTERM are the relay's to handle: it flushes its last batch
     # here, then closes the pipe, which is what ends this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    from tagrelay.warehouse import Warehouse  # the child is the one that loads DuckDB
+
+    try:
+        spec: WarehouseSpec = conn.recv()
+    except (EOFError, OSError):
+        return
     deadline = time.monotonic() + START_TIMEOUT_SECS
     while True:
         try:
@@ -85,7 +94,7 @@ def _child_main(conn: Connection, spec: WarehouseSpec) -> None:
         warehouse.close()
 
 
-def _serve(warehouse: Warehouse, request: tuple[Any, ...]) -> tuple[Any, ...]:
+def _serve(warehouse: Any, request: tuple[Any, ...]) -> tuple[Any, ...]:
     try:
         if request[0] == "insert":
             events = [orjson.loads(line) for line in request[1].split(b"\n")]
@@ -109,7 +118,7 @@ class WarehouseProcess:
     def __init__(self, spec: WarehouseSpec) -> None:
         self.spec = spec
         self._lock = threading.Lock()
-        self._proc: multiprocessing.process.BaseProcess | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._conn: Connection | None = None
         self.columns: dict[str, str] = {}
 
@@ -118,14 +127,17 @@ class WarehouseProcess:
             self._start()
 
     def _start(self) -> None:
-        ctx = multiprocessing.get_context("spawn")
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(
-            target=_child_main, args=(child, self.spec), name="tagrelay-warehouse", daemon=True
+        parent_sock, child_sock = socket.socketpair()
+        # The command is fixed: this interpreter and this module, no outside input.
+        proc = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", "tagrelay.warehouse.process", str(child_sock.fileno())],
+            pass_fds=[child_sock.fileno()],
+            stdin=subprocess.DEVNULL,
         )
-        proc.start()
-        child.close()
+        child_sock.close()
+        parent = Connection(parent_sock.detach())
         try:
+            parent.send(self.spec)
             if not parent.poll(START_TIMEOUT_SECS + 10):
                 raise WarehouseError("the warehouse process did not start in time")
             status, *rest = parent.recv()
@@ -133,16 +145,17 @@ class WarehouseProcess:
             raise WarehouseError(f"the warehouse process died while starting: {exc}") from exc
         except WarehouseError:
             proc.kill()
+            proc.wait()
             raise
         if status != "ok":
-            proc.join(5)
+            proc.wait(5)
             raise WarehouseError(f"could not open the warehouse: {rest[-1]}")
         self.columns = rest[0]
         self._proc, self._conn = proc, parent
 
     def _call(self, request: tuple[Any, ...]) -> Any:
         with self._lock:
-            if self._conn is None or self._proc is None or not self._proc.is_alive():
+            if self._conn is None or self._proc is None or self._proc.poll() is not None:
                 self._discard()
                 self._start()
             assert self._conn is not None
@@ -183,8 +196,14 @@ class WarehouseProcess:
             with contextlib.suppress(OSError):
                 conn.close()  # the child sees EOF, closes the database and exits
         if proc is not None:
-            proc.join(30 if graceful else 1)
-            if proc.is_alive():
+            try:
+                proc.wait(30 if graceful else 1)
+            except subprocess.TimeoutExpired:
                 log.warning("the warehouse process did not exit; killing it")
                 proc.kill()
-                proc.join(5)
+                proc.wait(5)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    _child_main(Connection(int(sys.argv[1])))
