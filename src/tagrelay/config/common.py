@@ -6,9 +6,10 @@ README's reference are generated from them, and a test enforces that none is mis
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.fields import FieldInfo
 
 EVENT_TYPES = ("page", "track", "identify", "group", "alias", "screen")
 EventType = Literal["page", "track", "identify", "group", "alias", "screen"]
@@ -21,6 +22,17 @@ ForwarderId = Annotated[
         examples=["warehouse"],
     ),
 ]
+
+
+def unwrap_annotated(annotation: Any, discriminator: str | None = None) -> tuple[Any, str | None]:
+    """Strip ``Annotated[...]`` layers from a field's annotation; also return the union
+    discriminator one of them declares (or ``discriminator`` when none does)."""
+    while get_origin(annotation) is Annotated:
+        annotation, *metadata = get_args(annotation)
+        for meta in metadata:
+            if isinstance(meta, FieldInfo) and isinstance(meta.discriminator, str):
+                discriminator = meta.discriminator
+    return annotation, discriminator
 
 
 class ConfigModel(BaseModel):

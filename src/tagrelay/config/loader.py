@@ -35,7 +35,7 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, SecretBytes, SecretStr, ValidationError
@@ -44,6 +44,7 @@ from pydantic_core import ErrorDetails
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from tagrelay.config.common import unwrap_annotated
 from tagrelay.config.models import Config
 from tagrelay.errors import ConfigError, ConfigProblem
 
@@ -431,7 +432,7 @@ def _walk(error_loc: tuple[int | str, ...]) -> _Where:
     secret = via_union = False
     items = list(error_loc)
     while items:
-        annotation, discriminator = _unwrap(annotation, discriminator)
+        annotation, discriminator = unwrap_annotated(annotation, discriminator)
         secret = secret or annotation in (SecretStr, SecretBytes)
         item = items.pop(0)
         origin = get_origin(annotation)
@@ -461,20 +462,11 @@ def _walk(error_loc: tuple[int | str, ...]) -> _Where:
         else:
             loc.append(item)
             annotation = None
-    annotation, discriminator = _unwrap(annotation, discriminator)
+    annotation, discriminator = unwrap_annotated(annotation, discriminator)
     secret = secret or annotation in (SecretStr, SecretBytes)
     return _Where(
         tuple(loc), _format_loc(tuple(loc)), model, annotation, discriminator, secret, via_union
     )
-
-
-def _unwrap(annotation: Any, discriminator: str | None) -> tuple[Any, str | None]:
-    while get_origin(annotation) is Annotated:
-        annotation, *metadata = get_args(annotation)
-        for meta in metadata:
-            if isinstance(meta, FieldInfo) and isinstance(meta.discriminator, str):
-                discriminator = meta.discriminator
-    return annotation, discriminator
 
 
 def _discriminator_of(field_info: FieldInfo) -> str | None:

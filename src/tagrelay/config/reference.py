@@ -20,12 +20,13 @@ import types
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
+from tagrelay.config.common import unwrap_annotated
 from tagrelay.config.models import Config
 
 __all__ = ["Option", "Section", "iter_sections", "render_reference"]
@@ -65,7 +66,7 @@ def _sections(
 
 
 def _nested(path: str, annotation: Any) -> Iterator[Section]:
-    annotation, discriminator = _unwrap(annotation)
+    annotation, discriminator = unwrap_annotated(annotation)
     origin = get_origin(annotation)
     if origin in (list, tuple, set, frozenset):
         yield from _nested(f"{path}[]", get_args(annotation)[0])
@@ -116,16 +117,6 @@ def _same_field(a: FieldInfo, b: FieldInfo | None) -> bool:
     return b is not None and (a.annotation, a.description) == (b.annotation, b.description)
 
 
-def _unwrap(annotation: Any) -> tuple[Any, str | None]:
-    discriminator = None
-    while get_origin(annotation) is Annotated:
-        annotation, *metadata = get_args(annotation)
-        for meta in metadata:
-            if isinstance(meta, FieldInfo) and isinstance(meta.discriminator, str):
-                discriminator = meta.discriminator
-    return annotation, discriminator
-
-
 def _is_model(annotation: Any) -> bool:
     return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
@@ -171,7 +162,7 @@ def _cell(text: str) -> str:
 
 
 def _type_name(annotation: Any) -> str:
-    annotation, discriminator = _unwrap(annotation)
+    annotation, discriminator = unwrap_annotated(annotation)
     origin = get_origin(annotation)
     if annotation in (SecretStr, SecretBytes):
         return "string (secret)"
@@ -229,7 +220,7 @@ _SIMPLE_TYPES: dict[Any, str] = {
 def _default(field: FieldInfo) -> str:
     if field.is_required():
         return "required"
-    if _is_model(_unwrap(field.annotation)[0]):
+    if _is_model(unwrap_annotated(field.annotation)[0]):
         return "see below"
     if field.default_factory is not None:
         value = field.default_factory()  # type: ignore[call-arg]
