@@ -257,3 +257,29 @@ def test_check_reports_config_errors_with_exit_1(tmp_path: Path) -> None:
     )
     assert ok.returncode == 0, ok.stderr
     assert os.path.basename(good) in ok.stdout
+
+
+@pytest.mark.slow
+def test_a_second_relay_on_the_same_data_dir_refuses_to_start(
+    tmp_path: Path, relays: list[Relay]
+) -> None:
+    config = write_config(tmp_path, max_wait_secs=1)
+    relays.append(Relay(config, tmp_path))
+    out = subprocess.run(
+        [
+            *TAGRELAY,
+            "serve",
+            "--config",
+            str(config),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1
+    assert "another tagrelay process is using" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -10,6 +10,7 @@ from aiohttp import web
 from tagrelay.app import create_app
 from tagrelay.cli.logs import setup_logging
 from tagrelay.config.models import Config
+from tagrelay.errors import TagrelayError
 
 log = logging.getLogger("tagrelay")
 
@@ -25,13 +26,21 @@ def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path 
     )
     # run_app handles SIGINT/SIGTERM: stop accepting, let in-flight requests finish (their
     # spool commits included) for up to shutdown_timeout, then run the cleanup contexts.
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        shutdown_timeout=config.server.shutdown_timeout_secs,
-        access_log=None,
-        print=None,
-    )
+    try:
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            shutdown_timeout=config.server.shutdown_timeout_secs,
+            access_log=None,
+            print=None,
+        )
+    except TagrelayError as exc:
+        # Start-up problems an operator must fix (data directory in use, warehouse locked).
+        log.error("tagrelay could not start: %s", exc)
+        return 1
+    except OSError as exc:
+        log.error("tagrelay could not listen on %s:%s: %s", host, port, exc)
+        return 1
     log.info("tagrelay stopped")
     return 0

@@ -23,6 +23,7 @@ cursor is past them. The rules this module keeps:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
 import sqlite3
 import time
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from tagrelay.errors import SpoolUnavailable
 
@@ -115,6 +116,7 @@ class SqliteSpool:
         self._positions: dict[str, int] = {}
         self._closed = False
         self._last_failure: float | None = None
+        self._lock_handle: IO[str] | None = None
         self.commits = 0
         """Number of append transactions committed (group commit makes it < requests)."""
 
@@ -122,9 +124,24 @@ class SqliteSpool:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
         await self._on_writer(self._open_writer)
         await asyncio.get_running_loop().run_in_executor(self._reader, self._open_reader)
         log.info("spool opened", extra={"path": str(self.path), "head": self._head})
+
+    def _take_lock(self) -> None:
+        """One relay per spool: a second one would hand out the same sequence numbers."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        handle = lock_path.open("a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise SpoolUnavailable(
+                f"another tagrelay process is using {self.path.parent}; stop it, or give this "
+                "one its own --data-dir"
+            ) from None
+        self._lock_handle = handle
 
     def _open_writer(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -165,6 +182,9 @@ class SqliteSpool:
             await loop.run_in_executor(self._reader, self._rconn.close)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # releases the lock
+            self._lock_handle = None
 
     def writable(self, within_secs: float = 5.0) -> bool:
         """Open, and no commit failed in the last ``within_secs`` (for ``/readyz``)."""
