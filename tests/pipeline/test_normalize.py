@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import random
+from collections import OrderedDict, UserList
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +13,11 @@ import pytest
 from tagrelay.errors import IngestError
 from tagrelay.pipeline.campaign import apply_campaign
 from tagrelay.pipeline.client import ClientResolver, apply_client
-from tagrelay.pipeline.normalize import nesting_depth_exceeds, normalize_event
+from tagrelay.pipeline.normalize import (
+    _exceeds_iterative,
+    nesting_depth_exceeds,
+    normalize_event,
+)
 
 RECEIVED = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 
@@ -104,6 +110,32 @@ def test_invalid_events_raise_with_a_reason(raw: Any, code: str) -> None:
 def test_nesting_depth() -> None:
     assert not nesting_depth_exceeds({"a": {"b": [1, {"c": 1}]}}, 4)
     assert nesting_depth_exceeds({"a": {"b": [1, {"c": {}}]}}, 4)
+
+
+def _random_tree(rng: random.Random, depth: int = 0) -> Any:
+    roll = rng.random()
+    if depth > 8 or roll < 0.35:
+        return rng.choice(["s", 1, 2.5, None, True, OrderedDict(), UserList()])
+    if roll < 0.7:
+        return {f"k{i}": _random_tree(rng, depth + 1) for i in range(rng.randint(0, 4))}
+    return [_random_tree(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+
+
+def test_nesting_depth_walks_agree_with_each_other() -> None:
+    """The recursive walk (limits up to 256) and the iterative one (above) give the same
+    answer for every limit, on scalars, dicts, lists and their subclasses alike."""
+    rng = random.Random(7)
+    trees = [_random_tree(rng) for _ in range(300)]
+    trees += ["x", 5, None, {}, [], OrderedDict(a=OrderedDict()), [[[[]]]]]
+    for tree in trees:
+        for limit in range(-1, 12):
+            assert nesting_depth_exceeds(tree, limit) == _exceeds_iterative(tree, limit)
+    deep: Any = 0
+    for _ in range(300):
+        deep = [deep]
+    assert nesting_depth_exceeds(deep, 300) is False
+    assert nesting_depth_exceeds(deep, 299) is True
+    assert nesting_depth_exceeds(deep, 200) is True
 
 
 def test_client_ip_behind_a_chain_of_trusted_proxies() -> None:
