@@ -39,8 +39,25 @@ Event = dict[str, Any]
 EVENT_TYPES: Final = frozenset({"page", "track", "identify", "group", "alias", "screen"})
 
 
+# ``datetime.isoformat`` costs about 1.5 us on the ingest machine and every event needs two
+# or three timestamps formatted; most of them fall in the same few seconds (the request's
+# receive time, clocks close to it). So the part up to the seconds is memoized per second
+# and the milliseconds come from a table: about 0.4 us. Bounded: cleared when full.
+_SECOND_PREFIXES: dict[tuple[int, int, int, int, int, int], str] = {}
+_MAX_SECOND_PREFIXES: Final = 4096
+_MILLIS_SUFFIXES: Final = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+
 def iso(dt: datetime) -> str:
-    """``2026-11-29T15:38:32.123Z``: the one timestamp format events carry."""
+    """``2026-11-29T15:38:32.123Z``: the one timestamp format events carry (UTC,
+    milliseconds truncated, like ``isoformat(timespec="milliseconds")``)."""
     if dt.tzinfo is not UTC:
         dt = dt.astimezone(UTC)
-    return dt.isoformat(timespec="milliseconds")[:-6] + "Z"
+    second = (dt.year, dt.month, dt.day, dt.hour, dt.minute, dt.second)
+    prefix = _SECOND_PREFIXES.get(second)
+    if prefix is None:
+        if len(_SECOND_PREFIXES) >= _MAX_SECOND_PREFIXES:
+            _SECOND_PREFIXES.clear()
+        # "2026-11-29T15:38:32+00:00" without its offset
+        prefix = _SECOND_PREFIXES[second] = dt.isoformat(timespec="seconds")[:-6]
+    return prefix + _MILLIS_SUFFIXES[dt.microsecond // 1000]

@@ -28,6 +28,7 @@ MAX_ID_CHARS: Final = 256
 MAX_MESSAGE_ID_CHARS: Final = 128
 _MESSAGE_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")
 _EPOCH_MS_THRESHOLD: Final = 100_000_000_000  # numbers above this are milliseconds
+_MAX_FUTURE: Final = timedelta(days=1)
 
 
 def parse_time(value: Any, field: str) -> datetime | None:
@@ -185,24 +186,27 @@ def normalize_event(
     sent_raw = event.get("sentAt")
     sent = parse_time(sent_raw if sent_raw is not None else batch_sent_at, "sentAt")
 
+    if not received_iso:
+        received_iso = iso(received_at)
     if original is None:
         timestamp = received_at
-    elif sent is not None:
-        skew = sent - original
-        timestamp = received_at - skew
-        # A client clock that ran backwards between the event and the send cannot put an
-        # event in the future.
-        timestamp = min(timestamp, received_at)
+        timestamp_iso = received_iso
     else:
-        timestamp = original
-    if timestamp - received_at > timedelta(days=1):
-        timestamp = received_at
+        if sent is not None:
+            skew = sent - original
+            timestamp = received_at - skew
+            # A client clock that ran backwards between the event and the send cannot put an
+            # event in the future.
+            timestamp = min(timestamp, received_at)
+        else:
+            timestamp = original
+        timestamp_iso = received_iso if timestamp - received_at > _MAX_FUTURE else iso(timestamp)
 
-    event["timestamp"] = iso(timestamp)
+    event["timestamp"] = timestamp_iso
     if original is not None:
         event["originalTimestamp"] = iso(original)
     if sent is not None:
         event["sentAt"] = iso(sent)
-    event["receivedAt"] = received_iso or iso(received_at)
+    event["receivedAt"] = received_iso
     event.pop("writeKey", None)
     return event
