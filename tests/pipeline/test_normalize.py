@@ -14,6 +14,7 @@ from tagrelay.errors import IngestError
 from tagrelay.pipeline.campaign import apply_campaign
 from tagrelay.pipeline.client import ClientResolver, apply_client
 from tagrelay.pipeline.normalize import (
+    BatchSentAt,
     _exceeds_iterative,
     nesting_depth_exceeds,
     normalize_event,
@@ -166,3 +167,39 @@ def test_campaign_from_search_keeps_client_values() -> None:
     }
     apply_campaign(event)
     assert event["context"]["campaign"] == {"source": "explicit", "term": "t"}
+
+
+@pytest.mark.parametrize(
+    "batch_sent_at",
+    [
+        None,
+        "",
+        "2026-11-29T13:00:01Z",
+        "2026-11-29T13:00:01.5+02:00",
+        1_795_000_000_000,
+        "soon",
+        [1],
+    ],
+)
+def test_batch_sent_at_made_once_per_request_normalizes_like_the_raw_value(
+    batch_sent_at: Any,
+) -> None:
+    shared = BatchSentAt(batch_sent_at)
+    events = [
+        {"type": "page", "anonymousId": "a", "timestamp": "2026-11-29T13:00:00Z"},
+        {"type": "page", "anonymousId": "a"},
+        {"type": "page", "anonymousId": "a", "sentAt": "2026-11-29T11:00:00Z"},
+        {"type": "page", "anonymousId": "a", "timestamp": "2026-11-29T13:00:00Z"},
+    ]
+    for raw in events:
+        outcomes = []
+        for given in (batch_sent_at, shared):
+            try:
+                outcomes.append(norm(dict(raw), batch_sent_at=given))
+            except IngestError as exc:
+                outcomes.append((exc.code, exc.message))
+        plain, once = outcomes
+        if isinstance(plain, dict) and isinstance(once, dict):
+            plain.pop("messageId")
+            once.pop("messageId")
+        assert plain == once

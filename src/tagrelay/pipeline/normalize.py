@@ -29,6 +29,10 @@ MAX_MESSAGE_ID_CHARS: Final = 128
 _MESSAGE_ID_OK = re.compile(r"^[\x21-\x7e]{1,128}$")
 _EPOCH_MS_THRESHOLD: Final = 100_000_000_000  # numbers above this are milliseconds
 _MAX_FUTURE: Final = timedelta(days=1)
+# isinstance() takes these tuples rather than ``int | float`` written inline: a union
+# written in the call is built anew each time, which the per-event checks pay for.
+_NUMBER: Final = (int, float)
+_ID_VALUE: Final = (str, int, float)
 
 
 def parse_time(value: Any, field: str) -> datetime | None:
@@ -44,7 +48,7 @@ def parse_time(value: Any, field: str) -> datetime | None:
                 "invalid_timestamp", f"{field} must be an ISO 8601 date-time, got {value[:40]!r}"
             ) from None
         return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt
-    if isinstance(value, int | float) and not isinstance(value, bool):
+    if isinstance(value, _NUMBER) and not isinstance(value, bool):
         secs = value / 1000 if value > _EPOCH_MS_THRESHOLD else value
         try:
             return datetime.fromtimestamp(secs, UTC)
@@ -53,6 +57,38 @@ def parse_time(value: Any, field: str) -> datetime | None:
     raise IngestError(
         "invalid_timestamp", f"{field} must be a string or a number, got {type(value).__name__}"
     )
+
+
+class BatchSentAt:
+    """A batch's ``sentAt``, which applies to every event of the batch without one of its
+    own: parsed once per request and formatted at most once, instead of once per event.
+    An invalid value is still reported by each event that uses it, the same
+    ``invalid_timestamp`` it would have raised on its own."""
+
+    __slots__ = ("_error", "_text", "_value")
+
+    def __init__(self, raw: Any) -> None:
+        self._text: str | None = None
+        self._value: datetime | None = None
+        self._error: IngestError | None = None
+        try:
+            self._value = parse_time(raw, "sentAt")
+        except IngestError as exc:
+            self._error = exc
+
+    def value(self) -> datetime | None:
+        if self._error is not None:
+            # a new exception per event: re-raising one instance would grow its traceback
+            raise IngestError(self._error.code, self._error.message)
+        return self._value
+
+    def text(self) -> str:
+        """``iso(value())``, for when there is a value."""
+        if self._text is None:
+            if self._value is None:
+                raise ValueError("no sentAt to format")
+            self._text = iso(self._value)
+        return self._text
 
 
 _LEAF_TYPES: Final = frozenset({str, int, float, bool, type(None)})
@@ -97,9 +133,9 @@ def _exceeds_iterative(value: Any, limit: int) -> bool:
         if depth > limit:
             return True
         if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, _CONTAINERS))
         elif isinstance(node, list):
-            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+            stack.extend((v, depth + 1) for v in node if isinstance(v, _CONTAINERS))
     return False
 
 
@@ -122,6 +158,8 @@ def normalize_event(
     decoded from JSON); it is modified in place and returned.
 
     ``received_iso`` is ``iso(received_at)`` when the caller has it (one per request).
+    ``batch_sent_at`` is the batch's ``sentAt`` as sent, or a ``BatchSentAt`` made of it
+    once for the whole request.
     ``max_depth`` None skips the nesting check, for callers that know the request body has
     fewer brackets than the limit (and so cannot nest that deep)."""
     if not isinstance(raw, dict):
@@ -157,7 +195,12 @@ def normalize_event(
         if value is None or value == "":
             # RudderStack sends userId "" for "no user": the same as absent.
             event.pop(key, None)
-        elif isinstance(value, bool) or not isinstance(value, str | int | float):
+        elif type(value) is str:  # the usual case, already what is stored
+            if len(value) > MAX_ID_CHARS:
+                raise IngestError(
+                    "invalid_field", f"{key} is longer than {MAX_ID_CHARS} characters"
+                )
+        elif isinstance(value, bool) or not isinstance(value, _ID_VALUE):
             raise IngestError("invalid_field", f"{key} must be a string, got {_type_name(value)}")
         else:
             text = value if isinstance(value, str) else str(value)
@@ -170,7 +213,7 @@ def normalize_event(
         raise IngestError("missing_id", "the event needs a userId or an anonymousId")
 
     message_id = event.get("messageId")
-    if isinstance(message_id, int | float) and not isinstance(message_id, bool):
+    if isinstance(message_id, _NUMBER) and not isinstance(message_id, bool):
         message_id = str(message_id)
     if isinstance(message_id, str):
         message_id = message_id.strip()
@@ -184,7 +227,12 @@ def normalize_event(
     client_ts = parse_time(event.get("timestamp"), "timestamp")
     original = parse_time(event.get("originalTimestamp"), "originalTimestamp") or client_ts
     sent_raw = event.get("sentAt")
-    sent = parse_time(sent_raw if sent_raw is not None else batch_sent_at, "sentAt")
+    shared_sent = None
+    if sent_raw is None and isinstance(batch_sent_at, BatchSentAt):
+        shared_sent = batch_sent_at
+        sent = shared_sent.value()
+    else:
+        sent = parse_time(sent_raw if sent_raw is not None else batch_sent_at, "sentAt")
 
     if not received_iso:
         received_iso = iso(received_at)
@@ -206,7 +254,7 @@ def normalize_event(
     if original is not None:
         event["originalTimestamp"] = iso(original)
     if sent is not None:
-        event["sentAt"] = iso(sent)
+        event["sentAt"] = shared_sent.text() if shared_sent is not None else iso(sent)
     event["receivedAt"] = received_iso
     event.pop("writeKey", None)
     return event

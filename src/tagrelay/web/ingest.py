@@ -26,7 +26,7 @@ from tagrelay.metrics import Metrics
 from tagrelay.model import iso
 from tagrelay.pipeline.campaign import apply_campaign
 from tagrelay.pipeline.client import ClientResolver, apply_client
-from tagrelay.pipeline.normalize import normalize_event
+from tagrelay.pipeline.normalize import BatchSentAt, normalize_event
 from tagrelay.sources import SOURCES, Decoded, parse_json_body
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.auth import CorsPolicy, KeyRing, key_from_headers
@@ -172,6 +172,9 @@ class IngestService:
         max_depth: int | None = limits.max_nesting_depth
         if decoded.depth_bound is not None and decoded.depth_bound <= limits.max_nesting_depth:
             max_depth = None
+        batch_sent_at = (
+            BatchSentAt(decoded.batch_sent_at) if decoded.batch_sent_at is not None else None
+        )
         counters = self.metrics.source(source)
         rows: list[tuple[int, bytes]] = []
         rejected: list[dict[str, Any]] = []
@@ -181,7 +184,7 @@ class IngestService:
                     raw,
                     received_at=now,
                     received_iso=received_iso,
-                    batch_sent_at=decoded.batch_sent_at,
+                    batch_sent_at=batch_sent_at,
                     default_type=decoded.default_type,
                     max_depth=max_depth,
                 )
