@@ -263,3 +263,38 @@ async def test_events_refused_one_by_one_become_dead_letters(tmp_path: Any) -> N
             )
     finally:
         FORWARDERS["webhook"] = original
+
+
+async def test_dead_letter_after_max_age(relay: Any, recorder: Recorder) -> None:
+    recorder.script = [(503, {}, b"down")] * 1000
+    retry = {
+        "max_attempts": 1000,
+        "initial_backoff_secs": 0.02,
+        "max_backoff_secs": 0.05,
+        "max_age_secs": 0.3,
+    }
+    client = await relay(forwarders=[hook(recorder, retry=retry)])
+    await send(client, 1)
+    await wait_idle(client.app)
+    [dead] = await client.app[SPOOL].dead_letters("hook")
+    assert dead.reason == "max_age"
+    assert 1 < len(recorder.requests) < 1000
+    assert (
+        metric_value(
+            client.app, "tagrelay_dead_letters_total", {"forwarder": "hook", "reason": "max_age"}
+        )
+        == 1
+    )
+
+
+async def test_health_ready_and_metrics_endpoints(relay: Any) -> None:
+    client = await relay()
+    health = await client.get("/healthz")
+    assert (health.status, await health.json()) == (200, {"status": "ok"})
+    ready = await client.get("/readyz")
+    assert (ready.status, await ready.json()) == (200, {"status": "ready"})
+    metrics = await client.get("/metrics")
+    assert metrics.status == 200
+    text = await metrics.text()
+    assert "tagrelay_up 1.0" in text
+    assert 'tagrelay_http_request_duration_seconds_count{method="GET",route="/readyz"' in text
