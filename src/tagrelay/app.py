@@ -192,12 +192,14 @@ def create_app(
 
 
 async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
+    """Delete delivered events and checkpoint the WAL, every ``interval`` seconds."""
     while True:
         await asyncio.sleep(interval)
         try:
             await spool.prune()
+            await spool.checkpoint()
         except Exception:
-            log.warning("spool prune failed; will try again", exc_info=True)
+            log.warning("spool maintenance failed; will try again", exc_info=True)
 
 
 def warehouse_of(app: web.Application) -> Any:

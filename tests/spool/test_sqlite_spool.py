@@ -145,3 +145,27 @@ async def test_spool_commits_are_exported(relay: Any) -> None:
         assert resp.status == 200
     text = await (await client.get("/metrics")).text()
     assert "tagrelay_spool_commits_total 3.0" in text
+
+
+async def test_prune_works_in_chunks_until_done(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.register("w")
+    for i in range(25):
+        await spool.append([(1, str(i).encode())])
+    await spool.advance("w", 25)
+    assert await spool.prune(chunk=10) == 24  # 10 + 10 + 4; the newest segment stays
+    assert [r.seq for r in await spool.read(0, 100)] == [25]
+    await spool.close()
+
+
+async def test_checkpoint_moves_the_wal_into_the_database(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    for i in range(50):
+        await spool.append([(1, b"x" * 4000 + str(i).encode())])
+    wal = tmp_path / "spool.sqlite3-wal"
+    db = tmp_path / "spool.sqlite3"
+    size_before = db.stat().st_size
+    assert wal.stat().st_size > 200_000, "no automatic checkpoint on the commit path"
+    await spool.checkpoint()
+    assert db.stat().st_size > size_before + 150_000
+    await spool.close()

@@ -119,7 +119,7 @@ class SpoolConfig(ConfigModel):
         examples=[2048],
     )
     prune_interval_secs: float = Field(
-        5.0, gt=0, description="How often delivered events are deleted.", examples=[5.0]
+        1.0, gt=0, description="How often delivered events are deleted.", examples=[1.0]
     )
 
 

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+PRUNE_CHUNK_SEGMENTS = 200
+"""Segments deleted per pruning transaction (each costs the commits waiting behind it)."""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS segments (
     last_seq INTEGER PRIMARY KEY,     -- seq of the segment's last event
@@ -107,6 +110,8 @@ class SqliteSpool:
         self._max_size_mb = max_size_mb
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
+        self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="spool-checkpoint")
+        self._cconn: sqlite3.Connection | None = None
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
         self._pending: list[tuple[Sequence[tuple[int, bytes]], asyncio.Future[None]]] = []
@@ -126,7 +131,9 @@ class SqliteSpool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         await self._on_writer(self._open_writer)
-        await asyncio.get_running_loop().run_in_executor(self._reader, self._open_reader)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._reader, self._open_reader)
+        await loop.run_in_executor(self._checkpointer, self._open_checkpointer)
         log.info("spool opened", extra={"path": str(self.path), "head": self._head})
 
     def _take_lock(self) -> None:
@@ -148,6 +155,9 @@ class SqliteSpool:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self._synchronous}")
         conn.execute("PRAGMA busy_timeout=5000")
+        # Checkpoints run on their own connection and thread (``checkpoint``), where they
+        # do not hold up group commits.
+        conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.executescript(SCHEMA)
         if self._max_size_mb:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
@@ -160,6 +170,27 @@ class SqliteSpool:
         ).fetchone()
         self._head = int(row[0])
         self._wconn = conn
+
+    def _open_checkpointer(self) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout=5000")
+        self._cconn = conn
+
+    async def checkpoint(self) -> None:
+        """Copy committed WAL frames into the database file, so that the WAL stays small.
+
+        The bulk of the copy runs on the checkpoint thread (a PASSIVE checkpoint never
+        blocks commits). Then the writer finishes the few frames committed meanwhile: only
+        a checkpoint that reaches the end of the WAL lets the next commit start the WAL
+        over, and under steady load only the writer itself can reach that end."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._checkpointer, self._checkpoint, self._cconn)
+        await self._on_writer(self._checkpoint, self._wconn)
+
+    @staticmethod
+    def _checkpoint(conn: sqlite3.Connection | None) -> None:
+        assert conn is not None
+        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _open_reader(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -180,8 +211,11 @@ class SqliteSpool:
             await loop.run_in_executor(self._writer, self._wconn.close)
         if self._rconn is not None:
             await loop.run_in_executor(self._reader, self._rconn.close)
+        if self._cconn is not None:
+            await loop.run_in_executor(self._checkpointer, self._cconn.close)
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
+        self._checkpointer.shutdown(wait=True)
         if self._lock_handle is not None:
             self._lock_handle.close()  # releases the lock
             self._lock_handle = None
@@ -419,19 +453,27 @@ class SqliteSpool:
 
     # -- pruning -----------------------------------------------------------------------
 
-    async def prune(self) -> int:
-        """Delete segments every cursor is past. Returns how many were deleted."""
-        return await self._on_writer(self._prune)
+    async def prune(self, chunk: int = PRUNE_CHUNK_SEGMENTS) -> int:
+        """Delete segments every cursor is past, ``chunk`` at a time so that group commits
+        interleave with the deletes instead of waiting behind one long transaction.
+        Returns how many were deleted."""
+        total = 0
+        while True:
+            deleted = await self._on_writer(self._prune, chunk)
+            total += deleted
+            if deleted < chunk:
+                return total
 
-    def _prune(self) -> int:
+    def _prune(self, chunk: int) -> int:
         conn = self._conn()
         row = conn.execute("SELECT MIN(position) FROM cursors").fetchone()
         upto = self._head if row[0] is None else int(row[0])
         # The newest segment stays: it remembers the head across restarts.
         cur = conn.execute(
-            "DELETE FROM segments WHERE last_seq <= ? "
-            "AND last_seq < (SELECT MAX(last_seq) FROM segments)",
-            (upto,),
+            "DELETE FROM segments WHERE last_seq IN (SELECT last_seq FROM segments "
+            "WHERE last_seq <= ? AND last_seq < (SELECT MAX(last_seq) FROM segments) "
+            "ORDER BY last_seq LIMIT ?)",
+            (upto, chunk),
         )
         return cur.rowcount
 
