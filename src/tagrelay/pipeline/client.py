@@ -35,16 +35,22 @@ def _parse_ip(text: str) -> IPAddress | None:
 class ClientResolver:
     def __init__(self, trusted_proxies: Sequence[IPNetwork]) -> None:
         self._trusted = tuple(trusted_proxies)
+        # Every request asks whether its peer is a trusted proxy, and `address in network`
+        # is slow Python code in ipaddress: the answer is memoized per peer text.
+        self._peer_is_trusted = lru_cache(maxsize=4096)(self._text_is_trusted)
 
     def _is_trusted(self, addr: IPAddress) -> bool:
         return any(addr in net for net in self._trusted)
+
+    def _text_is_trusted(self, text: str) -> bool:
+        addr = _parse_ip(text)
+        return addr is not None and self._is_trusted(addr)
 
     def client_ip(self, peer: str | None, headers: Mapping[str, str]) -> str | None:
         """The client's address as the relay can prove it."""
         if peer is None:
             return None
-        peer_addr = _parse_ip(peer)
-        if peer_addr is None or not self._trusted or not self._is_trusted(peer_addr):
+        if not self._trusted or not self._peer_is_trusted(peer):
             return peer
         forwarded = headers.get("X-Forwarded-For")
         if forwarded:

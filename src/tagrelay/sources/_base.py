@@ -28,7 +28,8 @@ class Decoded:
     is_batch: bool = False
     depth_bound: int | None = None
     """An upper bound on the nesting depth of any event (set by the ingest handler from the
-    body's bracket count), so that shallow requests skip the per-event depth walk."""
+    body's bracket count when that is within the nesting limit), so that shallow requests
+    skip the per-event depth walk."""
 
 
 def parse_json_body(body: bytes) -> Any:

@@ -13,7 +13,7 @@ import binascii
 import hmac
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tagrelay.config.models import WriteKeyConfig
 from tagrelay.errors import AuthError, IngestError
@@ -57,6 +57,14 @@ class KeyRing:
     """The configured write keys, ready for lookups."""
 
     keys: tuple[WriteKeyConfig, ...]
+    _secrets: tuple[tuple[bytes, WriteKeyConfig], ...] = field(
+        init=False, repr=False, compare=False
+    )
+    """Each key's secret encoded once, not on every lookup."""
+
+    def __post_init__(self) -> None:
+        secrets = tuple((key.key.get_secret_value().encode(), key) for key in self.keys)
+        object.__setattr__(self, "_secrets", secrets)
 
     @classmethod
     def from_config(cls, keys: Sequence[WriteKeyConfig]) -> KeyRing:
@@ -70,9 +78,9 @@ class KeyRing:
             )
         found: WriteKeyConfig | None = None
         wanted = presented.encode()
-        for key in self.keys:
+        for secret, key in self._secrets:
             # compare against every key, so timing tells nothing about which one is close
-            if hmac.compare_digest(key.key.get_secret_value().encode(), wanted):
+            if hmac.compare_digest(secret, wanted):
                 found = key
         if found is None:
             raise AuthError("unknown_key", "the write key is not known to this relay")

@@ -40,16 +40,32 @@ SPOOL_RETRY_AFTER_SECS = "5"
 def json_response(
     status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> web.Response:
-    return web.Response(
-        status=status,
-        body=orjson.dumps(body),
-        content_type="application/json",
-        headers=headers,
-    )
+    return encoded_json_response(status, orjson.dumps(body), headers)
+
+
+def encoded_json_response(
+    status: int, body: bytes, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
 
 
 def error_response(exc: IngestError, headers: dict[str, str] | None = None) -> web.Response:
     return json_response(exc.status, {"error": exc.code, "message": exc.message}, headers)
+
+
+def count_brackets_up_to(body: bytes, limit: int) -> int | None:
+    """The number of opening brackets (``{`` and ``[``) in ``body``, or None when there are
+    more than ``limit``. It stops looking past the limit: counting every bracket of a
+    50 KB batch costs ~40 us, and a batch has more than the limit within its first event."""
+    count = 0
+    for bracket in (b"{", b"["):
+        pos = body.find(bracket)
+        while pos != -1:
+            count += 1
+            if count > limit:
+                return None
+            pos = body.find(bracket, pos + 1)
+    return count
 
 
 @dataclass(frozen=True)
@@ -132,7 +148,15 @@ class IngestService:
         return key
 
     async def _decode(self, request: web.Request, source: str, path_name: str) -> Decoded:
-        ctype = request.content_type if request.headers.get("Content-Type") else ""
+        raw_ctype = request.headers.get("Content-Type")
+        if not raw_ctype:
+            ctype = ""
+        elif raw_ctype in ACCEPTED_CONTENT_TYPES:
+            # Exactly "application/json" or "text/plain": nothing to parse (aiohttp's
+            # content_type parses the header and copies its parameters, ~3 us).
+            ctype = raw_ctype
+        else:
+            ctype = request.content_type
         if ctype not in ACCEPTED_CONTENT_TYPES:
             raise IngestError(
                 "unsupported_content_type",
@@ -149,7 +173,7 @@ class IngestService:
             ) from None
         decoded = SOURCES[source](parse_json_body(body), path_name)
         # No event can nest deeper than the body has opening brackets.
-        decoded.depth_bound = body.count(b"{") + body.count(b"[")
+        decoded.depth_bound = count_brackets_up_to(body, self.limits.max_nesting_depth)
         if len(decoded.events) > self.limits.max_batch_events:
             raise IngestError(
                 "too_many_events",
@@ -230,7 +254,7 @@ class IngestService:
                 return json_response(
                     400, {"error": first["error"], "message": first["message"]}, cors
                 )
-            return json_response(200, self._ok(source), cors)
+            return encoded_json_response(200, _OK_BODIES[source], cors)
         if rejected and not rows:
             return json_response(
                 400,
@@ -250,3 +274,7 @@ class IngestService:
     @staticmethod
     def _ok(source: str) -> dict[str, Any]:
         return {"ok": True} if source == "jitsu" else {"success": True}
+
+
+# The answer to an accepted single event is always the same: encoded once.
+_OK_BODIES: dict[str, bytes] = {name: orjson.dumps(IngestService._ok(name)) for name in SOURCES}

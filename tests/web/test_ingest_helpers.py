@@ -1,0 +1,26 @@
+"""Small helpers of the ingest handler."""
+
+from __future__ import annotations
+
+import pytest
+
+from tagrelay.web.ingest import count_brackets_up_to
+
+
+@pytest.mark.parametrize(
+    ("body", "limit", "expected"),
+    [
+        (b"", 16, 0),
+        (b'{"a": 1}', 16, 1),
+        (b'{"a": [1, {"b": "[{"}]}', 16, 5),
+        (b'{"a": [1, {"b": "[{"}]}', 5, 5),
+        (b'{"a": [1, {"b": "[{"}]}', 4, None),
+        (b"[" * 3 + b"{" * 3, 6, 6),
+        (b"[" * 3 + b"{" * 3, 5, None),
+        (b"{" * 40, 16, None),
+    ],
+)
+def test_count_brackets_up_to(body: bytes, limit: int, expected: int | None) -> None:
+    assert count_brackets_up_to(body, limit) == expected
+    if expected is not None:
+        assert expected == body.count(b"{") + body.count(b"[")
