@@ -24,3 +24,10 @@ def test_count_brackets_up_to(body: bytes, limit: int, expected: int | None) -> 
     assert count_brackets_up_to(body, limit) == expected
     if expected is not None:
         assert expected == body.count(b"{") + body.count(b"[")
+
+
+def test_count_brackets_up_to_on_large_bodies() -> None:
+    padding = b" " * 5000
+    assert count_brackets_up_to(b"{" * 20 + padding, 16) is None
+    assert count_brackets_up_to(padding + b"{" * 20, 16) is None
+    assert count_brackets_up_to(padding + b"{[" * 8 + padding, 16) == 16

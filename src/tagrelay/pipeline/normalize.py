@@ -32,6 +32,7 @@ _MAX_FUTURE: Final = timedelta(days=1)
 # isinstance() takes these tuples rather than ``int | float`` written inline: a union
 # written in the call is built anew each time, which the per-event checks pay for.
 _NUMBER: Final = (int, float)
+_ABSENT: Final = object()
 _ID_VALUE: Final = (str, int, float)
 
 
@@ -182,19 +183,23 @@ def normalize_event(
         if not isinstance(name, str) or not name.strip():
             raise IngestError("missing_event", "a track event needs a non-empty 'event' name")
 
+    # Most of these fields are absent from a given event: one lookup each tells so.
     for key in OBJECT_FIELDS:
-        value = event.get(key)
+        value = event.get(key, _ABSENT)
+        if value is _ABSENT:
+            continue
         if value is None:
-            if key in event:
-                del event[key]
+            del event[key]
         elif not isinstance(value, dict):
             raise IngestError("invalid_field", f"{key} must be an object, got {_type_name(value)}")
 
     for key in ID_FIELDS:
-        value = event.get(key)
+        value = event.get(key, _ABSENT)
+        if value is _ABSENT:
+            continue
         if value is None or value == "":
             # RudderStack sends userId "" for "no user": the same as absent.
-            event.pop(key, None)
+            del event[key]
         elif type(value) is str:  # the usual case, already what is stored
             if len(value) > MAX_ID_CHARS:
                 raise IngestError(

@@ -53,19 +53,18 @@ def error_response(exc: IngestError, headers: dict[str, str] | None = None) -> w
     return json_response(exc.status, {"error": exc.code, "message": exc.message}, headers)
 
 
+_BRACKET_PEEK_BYTES = 2048
+
+
 def count_brackets_up_to(body: bytes, limit: int) -> int | None:
     """The number of opening brackets (``{`` and ``[``) in ``body``, or None when there are
-    more than ``limit``. It stops looking past the limit: counting every bracket of a
-    50 KB batch costs ~40 us, and a batch has more than the limit within its first event."""
-    count = 0
-    for bracket in (b"{", b"["):
-        pos = body.find(bracket)
-        while pos != -1:
-            count += 1
-            if count > limit:
-                return None
-            pos = body.find(bracket, pos + 1)
-    return count
+    more than ``limit``. A batch has more than the limit within its first event, so the
+    start of the body is looked at first: counting every bracket of a 50 KB batch costs
+    ~40 us."""
+    if body.count(b"{", 0, _BRACKET_PEEK_BYTES) > limit:
+        return None
+    count = body.count(b"{") + body.count(b"[")
+    return count if count <= limit else None
 
 
 @dataclass(frozen=True)
@@ -200,6 +199,7 @@ class IngestService:
             BatchSentAt(decoded.batch_sent_at) if decoded.batch_sent_at is not None else None
         )
         counters = self.metrics.source(source)
+        shared_fields = tuple(decoded.shared.items())
         rows: list[tuple[int, bytes]] = []
         rejected: list[dict[str, Any]] = []
         for index, raw in enumerate(decoded.events):
@@ -212,7 +212,7 @@ class IngestService:
                     default_type=decoded.default_type,
                     max_depth=max_depth,
                 )
-                for shared_key, shared in decoded.shared.items():
+                for shared_key, shared in shared_fields:
                     event[shared_key] = {**shared, **event.get(shared_key, {})}
                 apply_client(event, ip=ip, user_agent=user_agent, trusted_sender=trusted)
                 apply_campaign(event)
