@@ -18,7 +18,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from aiohttp.typedefs import Middleware
+from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
 from tagrelay.config.models import Config
 from tagrelay.forwarders import FORWARDERS, ForwarderContext
@@ -50,34 +51,49 @@ def admin_socket_path(data_dir: Path) -> Path:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Times every request by route template, and turns any unexpected exception into a
-    JSON 500 (a bug, logged with its traceback) instead of a dropped connection."""
-    start = time.perf_counter()
-    status = 500
-    try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        if exc.status == 404:
-            return json_response(404, {"error": "not_found", "message": "no such endpoint"})
-        if exc.status == 405:
-            return json_response(405, {"error": "method_not_allowed", "message": exc.reason})
-        raise
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled error", extra={"path": request.path})
-        return json_response(500, {"error": "internal_error", "message": "internal error"})
-    finally:
-        info = request.match_info.route.resource
-        route = info.canonical if info is not None else "unmatched"
-        request.app[METRICS].http_observer(route, request.method, f"{status // 100}xx").observe(
-            time.perf_counter() - start
-        )
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""HTTP methods that get their own metric label; any other is counted as ``other``."""
+
+
+def observe_requests(metrics: Metrics) -> Middleware:
+    """A middleware that times every request by route template, method and status class,
+    and turns any unexpected exception into a JSON 500 (a bug, logged with its traceback)
+    instead of a dropped connection. Unknown paths and methods answer JSON 404/405."""
+    # (route, method, status) -> labelled histogram; all three are bounded.
+    children: dict[tuple[object, str, int], Histogram] = {}
+
+    @web.middleware
+    async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            if exc.status == 404:
+                return json_response(404, {"error": "not_found", "message": "no such endpoint"})
+            if exc.status == 405:
+                return json_response(405, {"error": "method_not_allowed", "message": exc.reason})
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("unhandled error", extra={"path": request.path})
+            return json_response(500, {"error": "internal_error", "message": "internal error"})
+        finally:
+            route = request.match_info.route
+            method = request.method if request.method in KNOWN_METHODS else "other"
+            key = (route, method, status)
+            child = children.get(key)
+            if child is None:
+                resource = route.resource
+                name = resource.canonical if resource is not None else "unmatched"
+                child = children[key] = metrics.http_observer(name, method, f"{status // 100}xx")
+            child.observe(time.perf_counter() - start)
+
+    return observe
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -105,8 +121,10 @@ def create_app(
 ) -> web.Application:
     """Build the relay. ``data_dir`` overrides ``config.data_dir`` (the CLI's ``--data-dir``)."""
     data_dir = data_dir or config.data_dir
-    app = web.Application(client_max_size=config.limits.max_request_bytes, middlewares=[observe])
     metrics = Metrics()
+    app = web.Application(
+        client_max_size=config.limits.max_request_bytes, middlewares=[observe_requests(metrics)]
+    )
     spool = SqliteSpool(
         spool_path(data_dir),
         synchronous=config.spool.synchronous,

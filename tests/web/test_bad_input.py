@@ -220,3 +220,14 @@ async def test_unknown_paths_and_methods_are_json(relay: Any) -> None:
     r3 = await client.get("/v1/track")
     assert r3.status == 405
     assert (await r3.json())["error"] == "method_not_allowed"
+
+
+async def test_request_metrics_keep_bounded_labels_for_odd_methods(relay: Any) -> None:
+    client = await relay()
+    for method in ("PURGE", "PROPFIND", "LINK"):
+        resp = await client.request(method, "/v1/track")
+        assert resp.status in (404, 405)
+    text = await (await client.get("/metrics")).text()
+    assert 'method="other"' in text
+    for method in ("PURGE", "PROPFIND", "LINK"):
+        assert f'method="{method}"' not in text
