@@ -203,3 +203,19 @@ def test_batch_sent_at_made_once_per_request_normalizes_like_the_raw_value(
             plain.pop("messageId")
             once.pop("messageId")
         assert plain == once
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"timestamp": "0001-01-01T00:00:00+01:00"},
+        {"timestamp": "9999-12-31T23:59:59Z", "sentAt": "0001-01-01T00:00:00Z"},
+        {"timestamp": "0001-01-01T00:00:00Z", "sentAt": "9999-12-31T23:59:59Z"},
+    ],
+)
+def test_timestamps_at_the_ends_of_the_calendar_are_a_400_not_a_crash(
+    fields: dict[str, Any],
+) -> None:
+    with pytest.raises(IngestError) as info:
+        norm({"type": "page", "anonymousId": "a", **fields})
+    assert info.value.code == "invalid_timestamp"

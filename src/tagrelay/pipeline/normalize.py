@@ -241,25 +241,35 @@ def normalize_event(
 
     if not received_iso:
         received_iso = iso(received_at)
-    if original is None:
-        timestamp = received_at
-        timestamp_iso = received_iso
-    else:
-        if sent is not None:
-            skew = sent - original
-            timestamp = received_at - skew
-            # A client clock that ran backwards between the event and the send cannot put an
-            # event in the future.
-            timestamp = min(timestamp, received_at)
+    try:
+        if original is None:
+            timestamp = received_at
+            timestamp_iso = received_iso
         else:
-            timestamp = original
-        timestamp_iso = received_iso if timestamp - received_at > _MAX_FUTURE else iso(timestamp)
+            if sent is not None:
+                skew = sent - original
+                timestamp = received_at - skew
+                # A client clock that ran backwards between the event and the send cannot put
+                # an event in the future.
+                timestamp = min(timestamp, received_at)
+            else:
+                timestamp = original
+            future = timestamp - received_at > _MAX_FUTURE
+            timestamp_iso = received_iso if future else iso(timestamp)
+        original_iso = iso(original) if original is not None else None
+        if sent is not None:
+            sent_iso = shared_sent.text() if shared_sent is not None else iso(sent)
+    except OverflowError:
+        # Dates at the ends of the calendar (year 1 with an offset, a skew of millennia).
+        raise IngestError(
+            "invalid_timestamp", "timestamp, sentAt or originalTimestamp is out of range"
+        ) from None
 
     event["timestamp"] = timestamp_iso
-    if original is not None:
-        event["originalTimestamp"] = iso(original)
+    if original_iso is not None:
+        event["originalTimestamp"] = original_iso
     if sent is not None:
-        event["sentAt"] = shared_sent.text() if shared_sent is not None else iso(sent)
+        event["sentAt"] = sent_iso
     event["receivedAt"] = received_iso
     event.pop("writeKey", None)
     return event
