@@ -86,6 +86,14 @@ CASES = [
         "invalid_timestamp",
     ),
     (
+        "timestamp at the end of the calendar",
+        "/v1/track",
+        orjson.dumps({"event": "x", "anonymousId": "a", "timestamp": "0001-01-01T00:00:00+01:00"}),
+        JSON,
+        400,
+        "invalid_timestamp",
+    ),
+    (
         "batch is not an array",
         "/v1/batch",
         orjson.dumps({"batch": {"a": 1}}),
