@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -37,6 +38,9 @@ from tagrelay.errors import QueryRejected, WarehouseError
 from tagrelay.warehouse import InsertResult, QueryResult
 
 log = logging.getLogger(__name__)
+
+CHILD_NICENESS = 10
+"""How much lower the warehouse process's CPU priority is than the relay's."""
 
 START_TIMEOUT_SECS = 60.0
 """How long to wait for the child to open the database (a previous relay's child may still
@@ -60,6 +64,9 @@ def _child_main(conn: Connection) -> None:
     # here, then closes the pipe, which is what ends this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # When the machine is busy, answering clients matters more than loading the warehouse,
+    # whose backlog waits on disk in the spool: the kernel favours the relay's process.
+    os.nice(CHILD_NICENESS)
     from tagrelay.warehouse import Warehouse  # the child is the one that loads DuckDB
 
     try:
