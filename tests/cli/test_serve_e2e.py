@@ -52,22 +52,17 @@ forwarders:
     return cfg
 
 
+def serve_command(config: Path, port: int) -> list[str]:
+    return [*TAGRELAY, "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+
+
 class Relay:
     def __init__(self, config: Path, tmp_path: Path) -> None:
         self.config = config
         self.port = free_port()
         self.log = (tmp_path / f"serve-{self.port}.log").open("wb")
         self.proc = subprocess.Popen(
-            [
-                *TAGRELAY,
-                "serve",
-                "--config",
-                str(config),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-            ],
+            serve_command(config, self.port),
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -266,16 +261,7 @@ def test_a_second_relay_on_the_same_data_dir_refuses_to_start(
     config = write_config(tmp_path, max_wait_secs=1)
     relays.append(Relay(config, tmp_path))
     out = subprocess.run(
-        [
-            *TAGRELAY,
-            "serve",
-            "--config",
-            str(config),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(free_port()),
-        ],
+        serve_command(config, free_port()),
         capture_output=True,
         text=True,
         timeout=60,
