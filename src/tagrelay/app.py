@@ -1,8 +1,9 @@
 """``create_app(config)``: the one place that wires the parts of the relay together.
 
-Start-up order (``cleanup_ctx``, torn down in reverse): the spool opens; the shared HTTP
-client session opens; the forwarders start their workers; the admin socket (for
-``tagrelay sql``) listens. On shutdown aiohttp first stops accepting connections and lets
+Start-up order (``cleanup_ctx``, torn down in reverse): the spool opens (and starts pruning
+and checkpointing every ``spool.prune_interval_secs``); the delivery loop starts in its own
+thread, with the shared HTTP client session and one worker per enabled forwarder on it; the
+admin socket (for ``tagrelay sql``) listens. On shutdown aiohttp first stops accepting connections and lets
 in-flight requests finish (their commits included), then the workers finish their batches,
 then the spool closes.
 """
@@ -221,7 +222,8 @@ async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
 
 
 def warehouse_of(app: web.Application) -> Any:
-    """The first warehouse forwarder's open ``Warehouse``, for the admin socket."""
+    """The first warehouse forwarder's ``WarehouseProcess`` (its ``query`` blocks: call it
+    from a thread), for the admin socket; None when no warehouse runs."""
     for worker in app[WORKERS].values():
         wh = getattr(worker.forwarder, "warehouse", None)
         if wh is not None:
