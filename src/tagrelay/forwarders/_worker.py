@@ -88,8 +88,6 @@ class ForwarderWorker:
         self._filters = bool(
             f.include_types or f.exclude_types or f.include_events or f.exclude_events
         )
-        self.idle = asyncio.Event()
-        """Set whenever the worker has caught up with the spool's head (tests wait on it)."""
 
     @property
     def id(self) -> str:
@@ -133,10 +131,8 @@ class ForwarderWorker:
         self._wake.clear()
         batch = await self.spool.read(self._state.position, batch_cfg.max_events)
         if not batch:
-            self.idle.set()
             await self._wait_for_wake(IDLE_POLL_SECS)
             return
-        self.idle.clear()
         if len(batch) < batch_cfg.max_events and self._state.attempts == 0:
             # A partial batch: wait until enough events are committed or the oldest has
             # waited max_wait_secs, watching the in-memory head (not re-reading the spool).
