@@ -76,11 +76,11 @@ class WarehouseConfig(ForwarderConfigBase):
         examples=[1000],
     )
     memory_limit_mb: int = Field(
-        512,
+        256,
         ge=64,
-        description="Memory the embedded database may use (DuckDB's memory_limit); larger "
-        "queries spill to disk.",
-        examples=[512],
+        description="Memory the embedded database may use (DuckDB's memory_limit, which "
+        "bounds its cache and the message_id index too); larger queries spill to disk.",
+        examples=[256],
     )
 
 
