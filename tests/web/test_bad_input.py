@@ -94,6 +94,14 @@ CASES = [
         "invalid_timestamp",
     ),
     (
+        "body that is not the gzip it claims",
+        "/v1/track",
+        b"not gzip at all",
+        {**JSON, "Content-Encoding": "gzip"},
+        400,
+        "invalid_body_encoding",
+    ),
+    (
         "batch is not an array",
         "/v1/batch",
         orjson.dumps({"batch": {"a": 1}}),

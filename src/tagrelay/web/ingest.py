@@ -19,6 +19,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
 from tagrelay.config.models import Config, WriteKeyConfig
 from tagrelay.errors import AuthError, IngestError, SpoolUnavailable
@@ -169,6 +170,17 @@ class IngestService:
                 "body_too_large",
                 f"the request body is larger than {self.limits.max_request_bytes} bytes",
                 status=413,
+            ) from None
+        except RequestPayloadError:
+            # A body that cannot be decoded as its Content-Encoding says (bad gzip), or one
+            # cut short by the client.
+            raise IngestError(
+                "invalid_body_encoding",
+                "the request body could not be read as sent (bad Content-Encoding, or cut short)",
+            ) from None
+        except ConnectionResetError:
+            raise IngestError(
+                "client_disconnected", "the client went away before sending the whole body"
             ) from None
         decoded = SOURCES[source](parse_json_body(body), path_name)
         # No event can nest deeper than the body has opening brackets.
