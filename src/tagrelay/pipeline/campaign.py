@@ -7,6 +7,7 @@ put in ``context.campaign`` are kept. The query is read from ``context.page.sear
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Final
 from urllib.parse import unquote_plus
 
@@ -40,10 +41,10 @@ def _page_query(event: Event) -> str | None:
     return _query_with_utm(props.get("url")) if isinstance(props, dict) else None
 
 
-def apply_campaign(event: Event) -> None:
-    query = _page_query(event)
-    if not query:
-        return
+@lru_cache(maxsize=4096)
+def _utm_fields(query: str) -> tuple[tuple[str, str], ...]:
+    """The campaign fields of one query string. Pages repeat their URLs, so the answer is
+    memoized per query (bounded)."""
     found: dict[str, str] = {}
     for pair in query.split("&"):
         name, _, value = pair.partition("=")
@@ -51,12 +52,20 @@ def apply_campaign(event: Event) -> None:
         if field is not None and value and field not in found:
             # unquote_plus costs about 1 us even when there is nothing to decode
             found[field] = unquote_plus(value) if "%" in value or "+" in value else value
+    return tuple(found.items())
+
+
+def apply_campaign(event: Event) -> None:
+    query = _page_query(event)
+    if not query:
+        return
+    found = _utm_fields(query)
     if not found:
         return
     context = event.setdefault("context", {})
     campaign = context.get("campaign")
     if not isinstance(campaign, dict):
         campaign = {}
-    for key, value in found.items():
+    for key, value in found:
         campaign.setdefault(key, value)
     context["campaign"] = campaign
