@@ -123,7 +123,17 @@ def relays() -> Iterator[list[Relay]]:
 
 def sql(config: Path, query: str, fmt: str = "json") -> Any:
     out = subprocess.run(
-        [*TAGRELAY, "sql", "--config", str(config), "--format", fmt, query],
+        [
+            *TAGRELAY,
+            "sql",
+            "--config",
+            str(config),
+            "--format",
+            fmt,
+            "--max-rows",
+            "1000000",
+            query,
+        ],
         capture_output=True,
         text=True,
         timeout=60,
@@ -269,3 +279,42 @@ def test_a_second_relay_on_the_same_data_dir_refuses_to_start(
     assert out.returncode == 1
     assert "another tagrelay process is using" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_every_event_acknowledged_before_a_sigterm_under_load_is_stored(
+    tmp_path: Path, relays: list[Relay]
+) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = write_config(tmp_path, max_wait_secs=0.2)
+    relay = Relay(config, tmp_path)
+    relays.append(relay)
+    acknowledged: list[str] = []
+
+    def sender(worker: int) -> None:
+        for i in range(10_000):
+            message_id = f"w{worker}-{i}"
+            body = {"type": "track", "event": "Load", "anonymousId": "a", "messageId": message_id}
+            try:
+                status, _ = relay.post("/v1/track", body)
+            except (urllib.error.URLError, ConnectionError, OSError):
+                return  # the relay stopped listening
+            if status == 200:
+                acknowledged.append(message_id)
+            elif status != 503:
+                raise AssertionError(f"unexpected status {status}")
+
+    with ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(sender, w) for w in range(8)]
+        time.sleep(1.5)
+        assert relay.stop(signal.SIGTERM) == 0
+        for future in futures:
+            future.result()
+    assert len(acknowledged) > 50
+
+    second = Relay(config, tmp_path)
+    relays.append(second)
+    rows = wait_rows(config, "select message_id from events", len(acknowledged))
+    stored = {r["message_id"] for r in rows}
+    assert set(acknowledged) <= stored
