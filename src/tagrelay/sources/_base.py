@@ -34,7 +34,7 @@ class Decoded:
 
 def parse_json_body(body: bytes) -> Any:
     """Decode a request body as JSON; invalid UTF-8 and malformed JSON are 400s."""
-    if not body.strip():
+    if not body or body.isspace():  # isspace stops at the first non-space; strip copies
         raise IngestError("empty_body", "the request body is empty; expected a JSON object")
     try:
         return orjson.loads(body)
