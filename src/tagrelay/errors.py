@@ -8,6 +8,7 @@
      |    +-- AuthError         missing or unknown write key (-> 401)
      +-- SpoolUnavailable       the spool cannot commit (disk full, permissions) (-> 503)
      +-- WarehouseError         a warehouse statement failed
+          +-- WarehouseLocked   another process holds the warehouse file
           +-- QueryRejected     ``tagrelay sql`` got a statement it may not run
 
 Messages say what was expected, what arrived and what to do; they never carry secrets.
@@ -74,6 +75,10 @@ class SpoolUnavailable(TagrelayError):
 
 class WarehouseError(TagrelayError):
     """A warehouse statement failed."""
+
+
+class WarehouseLocked(WarehouseError):
+    """Another process has the warehouse file open (DuckDB locks it for one process)."""
 
 
 class QueryRejected(WarehouseError):

@@ -11,7 +11,6 @@ import asyncio
 import csv
 import io
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +46,17 @@ LOCK_WAIT_SECS = 5.0
 
 def _direct(config: Config, data_dir: Path, query: str, max_rows: int) -> dict[str, Any]:
     from tagrelay.forwarders.warehouse import open_warehouse_readonly
+    from tagrelay.warehouse import open_when_unlocked
 
     warehouses = [f for f in config.forwarders if f.type == "warehouse" and f.enabled]
     if not warehouses:
         return {"error": "no_warehouse", "message": "no warehouse forwarder is configured"}
-    deadline = time.monotonic() + LOCK_WAIT_SECS
-    while True:
-        try:
-            wh = open_warehouse_readonly(warehouses[0], data_dir)
-            break
-        except WarehouseError as exc:
-            # A relay that just stopped (or died) may still be closing its warehouse.
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                return {"error": "no_warehouse", "message": str(exc)}
-            time.sleep(0.1)
+    try:
+        wh = open_when_unlocked(
+            lambda: open_warehouse_readonly(warehouses[0], data_dir), LOCK_WAIT_SECS
+        )
+    except WarehouseError as exc:
+        return {"error": "no_warehouse", "message": str(exc)}
     try:
         result = wh.query(query, max_rows)
     except WarehouseError as exc:

@@ -16,17 +16,25 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
-from tagrelay.errors import WarehouseError
+from tagrelay.errors import WarehouseError, WarehouseLocked
 from tagrelay.model import Event
 from tagrelay.warehouse.dialects.base import Dialect, QueryResult
 from tagrelay.warehouse.schema import BASE_COLUMNS, DEDUP_KEY, UNMAPPED_COLUMN, ColumnType, plan
 
-__all__ = ["DIALECTS", "ColumnType", "InsertResult", "QueryResult", "Warehouse"]
+__all__ = [
+    "DIALECTS",
+    "ColumnType",
+    "InsertResult",
+    "QueryResult",
+    "Warehouse",
+    "open_when_unlocked",
+]
 
 log = logging.getLogger(__name__)
 
@@ -197,3 +205,19 @@ class Warehouse:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def open_when_unlocked(
+    open_warehouse: Callable[[], Warehouse], wait_secs: float, poll_secs: float = 0.1
+) -> Warehouse:
+    """``open_warehouse()``, tried again while another process still holds the file (a relay
+    that is stopping or has just died closes it within moments) for up to ``wait_secs``.
+    Raises ``WarehouseLocked`` after that, and any other error at once."""
+    deadline = time.monotonic() + wait_secs
+    while True:
+        try:
+            return open_warehouse()
+        except WarehouseLocked:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(poll_secs)

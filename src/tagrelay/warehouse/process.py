@@ -26,7 +26,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -67,28 +66,27 @@ def _child_main(conn: Connection) -> None:
     # When the machine is busy, answering clients matters more than loading the warehouse,
     # whose backlog waits on disk in the spool: the kernel favours the relay's process.
     os.nice(CHILD_NICENESS)
-    from tagrelay.warehouse import Warehouse  # the child is the one that loads DuckDB
+    # the child is the one that loads DuckDB
+    from tagrelay.warehouse import Warehouse, open_when_unlocked
 
     try:
         spec: WarehouseSpec = conn.recv()
     except (EOFError, OSError):
         return
-    deadline = time.monotonic() + START_TIMEOUT_SECS
-    while True:
-        try:
-            warehouse = Warehouse.open(
+    try:
+        warehouse = open_when_unlocked(
+            lambda: Warehouse.open(
                 spec.dialect,
                 spec.target,
                 table=spec.table,
                 max_columns=spec.max_columns,
                 settings=dict(spec.settings),
-            )
-            break
-        except WarehouseError as exc:
-            if "lock" not in str(exc).lower() or time.monotonic() > deadline:
-                conn.send(("error", "open", str(exc)))
-                return
-            time.sleep(0.2)
+            ),
+            START_TIMEOUT_SECS,
+        )
+    except WarehouseError as exc:
+        conn.send(("error", "open", str(exc)))
+        return
     conn.send(("ok", dict(warehouse.columns)))
     try:
         while True:

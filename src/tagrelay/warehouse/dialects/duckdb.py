@@ -27,7 +27,7 @@ from typing import Any, Final
 import duckdb
 import orjson
 
-from tagrelay.errors import QueryRejected, WarehouseError
+from tagrelay.errors import QueryRejected, WarehouseError, WarehouseLocked
 from tagrelay.warehouse.dialects.base import QueryResult, quote_identifier
 from tagrelay.warehouse.schema import ColumnType, json_safe
 
@@ -116,7 +116,7 @@ class DuckDBDialect:
             con = duckdb.connect(self.path, read_only=self.read_only, config=config)
         except duckdb.IOException as e:
             if "lock" in str(e).lower():
-                raise WarehouseError(
+                raise WarehouseLocked(
                     f"cannot open {self.path}: another process has it open (a running relay "
                     "keeps it locked; query through the relay, or stop it first). "
                     f"DuckDB said: {e}"
