@@ -204,9 +204,8 @@ class IngestService:
         ip = self.resolver.client_ip(request.remote, request.headers)
         user_agent = request.headers.get("User-Agent")
         limits = self.limits
-        max_depth: int | None = limits.max_nesting_depth
-        if decoded.depth_bound is not None and decoded.depth_bound <= limits.max_nesting_depth:
-            max_depth = None
+        # A body with no more brackets than the limit cannot nest too deep: skip the walk.
+        max_depth = None if decoded.depth_bound is not None else limits.max_nesting_depth
         batch_sent_at = (
             BatchSentAt(decoded.batch_sent_at) if decoded.batch_sent_at is not None else None
         )
