@@ -419,11 +419,7 @@ class SqliteSpool:
                 [(forwarder, e.seq, e.payload, reason, detail, attempts, now) for e in events],
             )
             if advance_to is not None:
-                conn.execute(
-                    "UPDATE cursors SET position = ?, attempts = 0, first_failure_ms = NULL "
-                    "WHERE forwarder = ?",
-                    (advance_to, forwarder),
-                )
+                self._save_cursor(forwarder, CursorState(advance_to))  # same transaction
             conn.execute("COMMIT")
         except sqlite3.Error:
             if conn.in_transaction:
