@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -26,8 +25,10 @@ from tagrelay.config.models import Config
 from tagrelay.forwarders import FORWARDERS, ForwarderContext
 from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
+from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.metrics import Metrics
 from tagrelay.spool.sqlite import SqliteSpool
+from tagrelay.warehouse.process import WarehouseProcess
 from tagrelay.web.ingest import IngestService, json_response
 from tagrelay.web.routes import ingest_routes
 
@@ -221,11 +222,11 @@ async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
             log.warning("spool maintenance failed; will try again", exc_info=True)
 
 
-def warehouse_of(app: web.Application) -> Any:
+def warehouse_of(app: web.Application) -> WarehouseProcess | None:
     """The first warehouse forwarder's ``WarehouseProcess`` (its ``query`` blocks: call it
     from a thread), for the admin socket; None when no warehouse runs."""
     for worker in app[WORKERS].values():
-        wh = getattr(worker.forwarder, "warehouse", None)
-        if wh is not None:
-            return wh
+        forwarder = worker.forwarder
+        if isinstance(forwarder, WarehouseForwarder) and forwarder.warehouse is not None:
+            return forwarder.warehouse
     return None
