@@ -21,6 +21,7 @@ import orjson
 from aiohttp import web
 
 from tagrelay.errors import QueryRejected, WarehouseError
+from tagrelay.web.ingest import encoded_json_response
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,9 @@ DEFAULT_MAX_ROWS = 10_000
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status,
-        body=orjson.dumps(body, default=str, option=orjson.OPT_NON_STR_KEYS),
-        content_type="application/json",
-    )
+    # Query results hold datetimes, decimals and the like: str() them.
+    encoded = orjson.dumps(body, default=str, option=orjson.OPT_NON_STR_KEYS)
+    return encoded_json_response(status, encoded)
 
 
 def build_admin_app(main_app: web.Application) -> web.Application:
