@@ -169,3 +169,53 @@ async def test_checkpoint_moves_the_wal_into_the_database(tmp_path: Path) -> Non
     await spool.checkpoint()
     assert db.stat().st_size > size_before + 150_000
     await spool.close()
+
+
+async def test_a_listener_on_another_loop_is_woken_once_until_it_clears(tmp_path: Path) -> None:
+    """A commit wakes a listener of another loop (the delivery thread's) through that loop;
+    while its event is still set, further commits do not wake that thread again."""
+    import threading
+
+    other = asyncio.new_event_loop()
+    thread = threading.Thread(target=other.run_forever, daemon=True)
+    thread.start()
+    scheduled: list[object] = []
+
+    class CountingLoop:
+        """Stands for the other loop; counts the wake-ups it is asked for."""
+
+        def call_soon_threadsafe(self, callback: Any, *args: Any) -> None:
+            scheduled.append(callback)
+            other.call_soon_threadsafe(callback, *args)
+
+    async def make_listener() -> asyncio.Event:
+        return asyncio.Event()
+
+    try:
+        spool = await open_spool(tmp_path)
+        listener = asyncio.run_coroutine_threadsafe(make_listener(), other).result()
+        spool._listeners.append((CountingLoop(), listener))  # type: ignore[arg-type]
+
+        async def is_set() -> bool:
+            return listener.is_set()
+
+        def on_other(coro: Any) -> Any:
+            return asyncio.run_coroutine_threadsafe(coro, other).result()
+
+        await spool.append([(1, b"a")])
+        assert on_other(is_set()) and len(scheduled) == 1
+        await spool.append([(1, b"b")])
+        await spool.append([(1, b"c")])
+        assert len(scheduled) == 1, "still set: no second wake-up"
+
+        async def clear() -> None:
+            listener.clear()
+
+        on_other(clear())
+        await spool.append([(1, b"d")])
+        assert on_other(is_set()) and len(scheduled) == 2, "cleared: the next commit wakes it"
+        await spool.close()
+    finally:
+        other.call_soon_threadsafe(other.stop)
+        thread.join()
+        other.close()

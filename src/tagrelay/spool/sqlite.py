@@ -276,7 +276,13 @@ class SqliteSpool:
         for listener_loop, listener in self._listeners:
             if listener_loop is loop:
                 listener.set()
-            else:  # a worker on the delivery loop's thread
+            elif not listener.is_set():
+                # A worker on the delivery loop's thread. While its event is still set (the
+                # worker is busy with a batch and has not cleared it yet), setting it again
+                # would change nothing but cost a wake-up of that thread, which then
+                # competes with this loop for the GIL. The worker clears the event before
+                # it reads the head, and the head was updated above, so a skipped wake-up
+                # never hides a commit from it.
                 listener_loop.call_soon_threadsafe(listener.set)
 
     def _insert(self, head: int, received_ms: int, count: int, payload: bytes) -> int:

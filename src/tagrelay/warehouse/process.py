@@ -57,6 +57,32 @@ class WarehouseSpec:
     settings: Mapping[str, str | int | bool]
 
 
+IOPRIO_CLASS_IDLE = 3
+_IOPRIO_CLASS_SHIFT = 13
+_IOPRIO_WHO_PROCESS = 1
+_SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
+"""``ioprio_set`` by machine; Python has no wrapper for it."""
+
+
+def _lower_io_priority() -> bool:
+    """Put this process in the idle I/O class (Linux): its reads and writes are served
+    when no other process of the machine waits for the disk. Best effort: False where the
+    call is not available or refused (the warehouse then works at the normal priority)."""
+    number = _SYS_IOPRIO_SET.get(os.uname().machine)
+    if sys.platform != "linux" or number is None:
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        done = libc.syscall(
+            number, _IOPRIO_WHO_PROCESS, 0, IOPRIO_CLASS_IDLE << _IOPRIO_CLASS_SHIFT
+        )
+    except (OSError, AttributeError):
+        return False
+    return bool(done == 0)
+
+
 def _child_main(conn: Connection) -> None:
     """The child process: open the warehouse, then serve requests until the pipe closes."""
     # Ctrl-C and a process-group SIGTERM are the relay's to handle: it flushes its last batch
@@ -66,6 +92,9 @@ def _child_main(conn: Connection) -> None:
     # When the machine is busy, answering clients matters more than loading the warehouse,
     # whose backlog waits on disk in the spool: the kernel favours the relay's process.
     os.nice(CHILD_NICENESS)
+    # The same for the disk: its checkpoints write megabytes, which would otherwise queue
+    # ahead of the spool's fsync that every acknowledgement waits for.
+    _lower_io_priority()
     # the child is the one that loads DuckDB
     from tagrelay.warehouse import Warehouse, open_when_unlocked
 
