@@ -18,6 +18,11 @@ cursor is past them. The rules this module keeps:
   full spool fails commits the same way a full disk does.
 - Control writes (cursor moves, dead letters, pruning) commit in their own transactions, so
   a full spool can still be drained.
+- Deduplication: an event appended with a ``messageId`` stored recently (within the dedup
+  window and capacity, see ``spool.dedup``) is not stored again: SDKs resend events whose
+  answer they did not see. The stored ids are logged in ``message_log`` in the same
+  transaction as their segment, so an event and its id are committed together or not at
+  all, and the memory of recent ids is rebuilt from the log at start-up.
 """
 
 from __future__ import annotations
@@ -33,7 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
+import orjson
+
 from tagrelay.errors import SpoolUnavailable
+from tagrelay.spool.dedup import RecentIds
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +74,15 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     dead_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_forwarder ON dead_letters (forwarder, id);
+CREATE TABLE IF NOT EXISTS message_log (
+    id INTEGER PRIMARY KEY,           -- append order, which is commit order
+    message_id TEXT NOT NULL,         -- the messageId of a stored event
+    received_ms INTEGER NOT NULL
+);
 """
+
+LOG_INSERT = "INSERT INTO message_log (message_id, received_ms) SELECT value, ? FROM json_each(?)"
+"""Logs a group commit's ids in one statement (appends: no random B-tree pages)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,8 +120,19 @@ def _now_ms() -> int:
 class SqliteSpool:
     """A durable event queue in ``<data_dir>/spool.sqlite3``."""
 
-    def __init__(self, path: Path, *, synchronous: str = "full", max_size_mb: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str = "full",
+        max_size_mb: int = 0,
+        dedup_window_secs: float = 0,
+        dedup_capacity: int = 250_000,
+    ) -> None:
         self.path = path
+        self.dedup_window_ms = int(dedup_window_secs * 1000)
+        self.dedup_capacity = dedup_capacity
+        self._recent = RecentIds(dedup_capacity, self.dedup_window_ms)
         self._synchronous = synchronous.upper()
         self._max_size_mb = max_size_mb
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
@@ -114,7 +141,9 @@ class SqliteSpool:
         self._cconn: sqlite3.Connection | None = None
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
-        self._pending: list[tuple[Sequence[tuple[int, bytes]], asyncio.Future[None]]] = []
+        self._pending: list[
+            tuple[Sequence[tuple[int, bytes]], Sequence[str] | None, asyncio.Future[int]]
+        ] = []
         self._flusher: asyncio.Task[None] | None = None
         self._listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._head = 0
@@ -169,6 +198,7 @@ class SqliteSpool:
             "COALESCE((SELECT MAX(position) FROM cursors), 0))"
         ).fetchone()
         self._head = int(row[0])
+        self._load_recent_ids(conn)
         self._wconn = conn
 
     def _open_checkpointer(self) -> None:
@@ -233,21 +263,28 @@ class SqliteSpool:
         """The highest committed sequence number."""
         return self._head
 
-    async def append(self, events: Sequence[tuple[int, bytes]]) -> None:
-        """Commit ``(received_ms, payload)`` rows; return once they are durable.
+    async def append(
+        self, events: Sequence[tuple[int, bytes]], message_ids: Sequence[str] | None = None
+    ) -> int:
+        """Commit ``(received_ms, payload)`` rows; return once they are durable, with the
+        number stored.
 
-        A payload is one event as compact JSON, which never contains a newline byte.
+        A payload is one event as compact JSON, which never contains a newline byte. With
+        ``message_ids`` (one per row) and a dedup window, a row whose id was already stored
+        within the window, or earlier in the same call, is left out (and not counted).
         Raises ``SpoolUnavailable`` when the commit fails; then none of them is stored.
         """
         if self._closed:
             raise SpoolUnavailable("the spool is closed (shutting down)")
         if not events:
-            return
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((events, fut))
+            return 0
+        if not self.dedup_window_ms:
+            message_ids = None
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append((events, message_ids, fut))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush_loop(), name="spool-group-commit")
-        await fut
+        return await fut
 
     async def _flush_loop(self) -> None:
         while self._pending:
@@ -255,23 +292,39 @@ class SqliteSpool:
 
     async def _flush(self) -> None:
         pending, self._pending = self._pending, []
-        received_ms = min(rows[0][0] for rows, _ in pending)
-        payloads = [payload for rows, _ in pending for _, payload in rows]
+        received_ms = min(rows[0][0] for rows, _, _ in pending)
+        logged: list[str] = []
+        if any(ids is not None for _, ids, _ in pending):
+            payloads, stored, logged = self._new_events(pending)
+        else:
+            payloads = [payload for rows, _, _ in pending for _, payload in rows]
+            stored = [len(rows) for rows, _, _ in pending]
         try:
-            head = await self._on_writer(
-                self._insert, self._head, received_ms, len(payloads), b"\n".join(payloads)
-            )
+            if not payloads:
+                head = self._head  # every event was a resend: nothing to write
+            else:
+                head = await self._on_writer(
+                    self._insert,
+                    self._head,
+                    received_ms,
+                    len(payloads),
+                    b"\n".join(payloads),
+                    orjson.dumps(logged).decode() if logged else None,
+                )
         except SpoolUnavailable as exc:
             self._last_failure = time.monotonic()
-            for _, fut in pending:
+            for _, _, fut in pending:
                 if not fut.done():
                     fut.set_exception(exc)
             return
-        self._head = head
-        self.commits += 1
-        for _, fut in pending:
+        if logged:
+            self._recent.add_all(logged, received_ms)
+        if payloads:
+            self._head = head
+            self.commits += 1
+        for (_, _, fut), count in zip(pending, stored, strict=True):
             if not fut.done():
-                fut.set_result(None)
+                fut.set_result(count)
         loop = asyncio.get_running_loop()
         for listener_loop, listener in self._listeners:
             if listener_loop is loop:
@@ -285,13 +338,66 @@ class SqliteSpool:
                 # never hides a commit from it.
                 listener_loop.call_soon_threadsafe(listener.set)
 
-    def _insert(self, head: int, received_ms: int, count: int, payload: bytes) -> int:
+    def _new_events(
+        self,
+        pending: list[
+            tuple[Sequence[tuple[int, bytes]], Sequence[str] | None, asyncio.Future[int]]
+        ],
+    ) -> tuple[list[bytes], list[int], list[str]]:
+        """The payloads of one round that are not resends, how many of each request's
+        those are, and their ids. The first copy of an id within the round wins. Rounds
+        run one after another, so no other round can store an id meanwhile."""
+        recent = self._recent
+        this_round: set[int] = set()  # hashes, as in RecentIds
+        payloads: list[bytes] = []
+        stored: list[int] = []
+        logged: list[str] = []
+        for rows, ids, _ in pending:
+            before = len(payloads)
+            if ids is None:
+                payloads.extend(payload for _, payload in rows)
+            else:
+                hashes = set(map(hash, ids))
+                if (
+                    len(hashes) == len(ids)
+                    and recent.new_in(hashes)
+                    and this_round.isdisjoint(hashes)
+                ):
+                    # The common case, no resend: set operations instead of a loop.
+                    this_round |= hashes
+                    payloads.extend(payload for _, payload in rows)
+                    logged.extend(ids)
+                    stored.append(len(rows))
+                    continue
+                for (_, payload), message_id in zip(rows, ids, strict=True):
+                    h = hash(message_id)
+                    if h in this_round or message_id in recent:
+                        continue
+                    this_round.add(h)
+                    payloads.append(payload)
+                    logged.append(message_id)
+            stored.append(len(payloads) - before)
+        return payloads, stored, logged
+
+    def _insert(
+        self, head: int, received_ms: int, count: int, payload: bytes, ids_json: str | None
+    ) -> int:
         last_seq = head + count
-        # One statement in autocommit mode: its own transaction, a single SQLite step.
-        self._conn().execute(
-            "INSERT INTO segments (last_seq, count, received_ms, payload) VALUES (?, ?, ?, ?)",
-            (last_seq, count, received_ms, payload),
-        )
+        conn = self._conn()
+        insert = "INSERT INTO segments (last_seq, count, received_ms, payload) VALUES (?, ?, ?, ?)"
+        if ids_json is None:
+            # One statement in autocommit mode: its own transaction, a single SQLite step.
+            conn.execute(insert, (last_seq, count, received_ms, payload))
+            return last_seq
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(insert, (last_seq, count, received_ms, payload))
+            conn.execute(LOG_INSERT, (received_ms, ids_json))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
         return last_seq
 
     # -- cursors -----------------------------------------------------------------------
@@ -465,6 +571,59 @@ class SqliteSpool:
             total += deleted
             if deleted < chunk:
                 return total
+
+    async def prune_message_ids(self, now_ms: int | None = None, chunk: int = 5000) -> int:
+        """Forget logged ids older than the dedup window or beyond its capacity, ``chunk``
+        at a time."""
+        if not self.dedup_window_ms:
+            return 0
+        cutoff = (now_ms if now_ms is not None else _now_ms()) - self.dedup_window_ms
+        total = 0
+        while True:
+            deleted = await self._on_writer(self._prune_message_ids, cutoff, chunk)
+            total += deleted
+            if deleted < chunk:
+                return total
+
+    def _prune_message_ids(self, cutoff_ms: int, chunk: int) -> int:
+        conn = self._conn()
+        first, last = conn.execute("SELECT MIN(id), MAX(id) FROM message_log").fetchone()
+        if first is None:
+            return 0
+        # Ids grow with commits, so received_ms grows with them (up to clock steps): find
+        # the last row older than the cutoff by bisection on the primary key.
+        upto = last - self.dedup_capacity
+        lo, hi = max(first, upto + 1), last
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            row = conn.execute(
+                "SELECT id, received_ms FROM message_log WHERE id >= ? ORDER BY id LIMIT 1",
+                (mid,),
+            ).fetchone()
+            if row is None or row[1] >= cutoff_ms:
+                hi = mid - 1
+            else:
+                upto = row[0]
+                lo = row[0] + 1
+        if upto < first:
+            return 0
+        cur = conn.execute("DELETE FROM message_log WHERE id <= ?", (min(upto, first + chunk - 1),))
+        return cur.rowcount
+
+    def _load_recent_ids(self, conn: sqlite3.Connection) -> None:
+        if not self.dedup_window_ms:
+            return
+        cutoff = _now_ms() - self.dedup_window_ms
+        last = conn.execute("SELECT MAX(id) FROM message_log").fetchone()[0]
+        if last is None:
+            return
+        rows = conn.execute(
+            "SELECT message_id, received_ms FROM message_log WHERE id > ? AND received_ms >= ? "
+            "ORDER BY id",
+            (last - self.dedup_capacity, cutoff),
+        )
+        for message_id, received_ms in rows:
+            self._recent.add_all((message_id,), received_ms)
 
     def _prune(self, chunk: int) -> int:
         conn = self._conn()
