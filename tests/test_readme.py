@@ -40,3 +40,15 @@ def test_readme_embeds_the_current_config_reference() -> None:
         "README's config reference is stale: paste the output of "
         "python -m tagrelay.config.reference between the markers"
     )
+
+
+def test_readme_snippet_is_the_one_the_relay_renders() -> None:
+    from tagrelay.config.models import Config
+    from tagrelay.web.script import render_snippet
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## The tracking script", 1)[1]
+    documented = re.findall(r"```html\n(.*?)```", section, flags=re.S)[0]
+    config = Config.model_validate({"keys": [{"id": "w", "kind": "browser", "key": "k"}]})
+    rendered = render_snippet(config, "https://data.example.com/p.js", "YOUR_BROWSER_KEY")
+    assert documented.strip() == rendered.strip()

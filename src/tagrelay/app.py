@@ -29,8 +29,10 @@ from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.metrics import Metrics
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.warehouse.process import WarehouseProcess
+from tagrelay.web.demo import add_demo_routes
 from tagrelay.web.ingest import IngestService, json_response
 from tagrelay.web.routes import ingest_routes
+from tagrelay.web.script import add_script_route
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,8 @@ def create_app(
         spool_path(data_dir),
         synchronous=config.spool.synchronous,
         max_size_mb=config.spool.max_size_mb,
+        dedup_window_secs=config.spool.dedup_window_secs,
+        dedup_capacity=config.spool.dedup_max_ids,
     )
     app[CONFIG] = config
     app[METRICS] = metrics
@@ -204,19 +208,25 @@ def create_app(
 
         app.cleanup_ctx.append(admin_socket_ctx(admin_socket_path(data_dir)))
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics_handler)
-    ingest_routes(app.router, app[INGEST])
+    prefix = config.server.base_path
+    app.router.add_get(prefix + "/healthz", healthz)
+    app.router.add_get(prefix + "/readyz", readyz)
+    app.router.add_get(prefix + "/metrics", metrics_handler)
+    ingest_routes(app.router, app[INGEST], prefix, config.paths)
+    add_script_route(app.router, config, prefix)
+    if config.demo.enabled:
+        add_demo_routes(app, config, prefix, warehouse_of)
     return app
 
 
 async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
-    """Delete delivered events and checkpoint the WAL, every ``interval`` seconds."""
+    """Delete delivered events and expired message ids, and checkpoint the WAL, every
+    ``interval`` seconds."""
     while True:
         await asyncio.sleep(interval)
         try:
             await spool.prune()
+            await spool.prune_message_ids()
             await spool.checkpoint()
         except Exception:
             log.warning("spool maintenance failed; will try again", exc_info=True)

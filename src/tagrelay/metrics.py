@@ -60,6 +60,13 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.events_duplicate = Counter(
+            "tagrelay_events_duplicate",
+            "Events acknowledged but not stored again: their messageId was already stored "
+            "within spool.dedup_window_secs (an SDK's resend).",
+            ["source"],
+            registry=r,
+        )
         self.events_rejected = Counter(
             "tagrelay_events_rejected",
             "Events or requests refused at ingestion, by reason (a request refused as a "
@@ -69,8 +76,16 @@ class Metrics:
         )
         self.forwarder_events = Counter(
             "tagrelay_forwarder_events",
-            "Events leaving a forwarder's queue, by outcome: delivered, dead_letter, filtered.",
+            "Events leaving a forwarder's queue, by outcome: delivered, dead_letter, "
+            "filtered (by the forwarder's filter), dropped (see tagrelay_forwarder_dropped).",
             ["forwarder", "outcome"],
+            registry=r,
+        )
+        self.forwarder_dropped = Counter(
+            "tagrelay_forwarder_dropped",
+            "Events a forwarder did not send, by reason: consent_denied (the event does not "
+            "grant a category in requires_consent).",
+            ["forwarder", "reason"],
             registry=r,
         )
         self.forwarder_retries = Counter(
@@ -153,6 +168,7 @@ class SourceMetrics:
     def __init__(self, metrics: Metrics, source: str) -> None:
         self.received = metrics.events_received.labels(source)
         self.accepted = metrics.events_accepted.labels(source)
+        self.duplicates = metrics.events_duplicate.labels(source)
         self._rejected = metrics.events_rejected
         self._source = source
         self._by_reason: dict[str, Counter] = {}

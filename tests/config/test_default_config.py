@@ -41,9 +41,10 @@ def test_the_keys_come_from_the_environment_when_set() -> None:
 
 
 def test_the_commented_out_examples_are_valid_once_uncommented() -> None:
-    # The server section and the webhook example teach by example: they must stay valid.
+    # The commented-out sections and the webhook example teach by example: they must stay valid.
     text = DEFAULT_CONFIG.read_text(encoding="utf-8")
-    uncommented = re.sub(r"(?m)^(\s*)# (?=server:|- id: my-webhook|  )", r"\1", text)
+    examples = r"server:|paths:|identity:|consent:|privacy:|- id: my-webhook|  "
+    uncommented = re.sub(rf"(?m)^(\s*)# (?={examples})", r"\1", text)
     assert uncommented != text
     env = {"HOOK_URL": "https://hooks.example.com/in", "HOOK_TOKEN": "t", "PORT": "9000"}
     config = parse_config(uncommented, "uncommented", env)

@@ -11,6 +11,9 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
 
+ConsentCategory = Literal["analytics", "ads", "ad_user_data", "ad_personalization"]
+CONSENT_CATEGORIES: tuple[str, ...] = ("analytics", "ads", "ad_user_data", "ad_personalization")
+
 EVENT_TYPES = ("page", "track", "identify", "group", "alias", "screen")
 EventType = Literal["page", "track", "identify", "group", "alias", "screen"]
 
@@ -119,4 +122,12 @@ class ForwarderConfigBase(ConfigModel):
         default_factory=FilterConfig,
         description="Which events this forwarder receives.",
         examples=[{"include_types": ["track"]}],
+    )
+    requires_consent: list[ConsentCategory] = Field(
+        default_factory=list,
+        description=(
+            "Consent categories an event must grant (context.consent) to be sent here; "
+            "other events are dropped and counted with reason consent_denied."
+        ),
+        examples=[["ads", "ad_user_data"]],
     )

@@ -8,6 +8,7 @@ every validation problem with its key path and line.
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
@@ -34,6 +35,15 @@ class ServerConfig(ConfigModel):
             "is the right-most address in X-Forwarded-For that is not itself a trusted proxy."
         ),
         examples=[["10.0.0.0/8", "127.0.0.1/32"]],
+    )
+    base_path: str = Field(
+        "",
+        pattern=r"^(/[A-Za-z0-9._~-]+)*$",
+        description=(
+            "Mount every route under this path prefix, for a same-origin deployment behind "
+            "the site's own proxy or CDN (www.example.com/t/...). Empty mounts at the root."
+        ),
+        examples=["/t"],
     )
     shutdown_timeout_secs: float = Field(
         10.0,
@@ -121,6 +131,25 @@ class SpoolConfig(ConfigModel):
     prune_interval_secs: float = Field(
         1.0, gt=0, description="How often delivered events are deleted.", examples=[1.0]
     )
+    dedup_window_secs: float = Field(
+        86_400.0,
+        ge=0,
+        description=(
+            "An event whose messageId was stored within this window is acknowledged but not "
+            "stored again, so SDK resends reach each forwarder once (see dedup_max_ids). "
+            "0 turns deduplication off."
+        ),
+        examples=[86_400],
+    )
+    dedup_max_ids: int = Field(
+        250_000,
+        ge=1,
+        description=(
+            "Most messageIds remembered for deduplication (about 80 bytes of memory each); "
+            "at high volume this, not the window, bounds how far back a resend is caught."
+        ),
+        examples=[250_000],
+    )
 
 
 class LoggingConfig(ConfigModel):
@@ -131,6 +160,223 @@ class LoggingConfig(ConfigModel):
     )
     format: Literal["auto", "json", "text"] = Field(
         "auto", description="auto: text on a terminal, JSON lines otherwise.", examples=["auto"]
+    )
+
+
+PUBLIC_PATH = r"^(/[A-Za-z0-9._~-]+)+$"
+
+
+class PathsConfig(ConfigModel):
+    """Public paths of the relay's own script and endpoints, below ``server.base_path``.
+    Rename them freely: blocklists match well-known paths, and none of the defaults
+    contains event, track, collect, beacon, analytics, gtm or pixel."""
+
+    script: str = Field(
+        "/p.js", pattern=PUBLIC_PATH, description="The tracking script.", examples=["/p.js"]
+    )
+    events: str = Field(
+        "/d",
+        pattern=PUBLIC_PATH,
+        description="Where the tracking script sends its events (POST).",
+        examples=["/d"],
+    )
+    identity: str = Field(
+        "/id",
+        pattern=PUBLIC_PATH,
+        description="GET: the visitor's server-set anonymous id (sets or renews its cookie).",
+        examples=["/id"],
+    )
+    demo: str = Field(
+        "/demo",
+        pattern=PUBLIC_PATH,
+        description="The demo page, when demo.enabled is set.",
+        examples=["/demo"],
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> PathsConfig:
+        paths = [self.script, self.events, self.identity, self.demo]
+        if len(set(paths)) != len(paths):
+            raise ValueError("script, events, identity and demo need different paths")
+        reserved = ("/v1", "/api", "/healthz", "/readyz", "/metrics")
+        for path in paths:
+            if any(path == r or path.startswith(r + "/") for r in reserved):
+                raise ValueError(f"{path!r} is taken by a built-in endpoint")
+        return self
+
+
+class ScriptConfig(ConfigModel):
+    """The first-party tracking script served at ``paths.script``."""
+
+    global_name: str = Field(
+        "tagrelay",
+        pattern=r"^[A-Za-z_$][A-Za-z0-9_$]{0,40}$",
+        description="The window property the script's API lives on (window.tagrelay).",
+        examples=["tagrelay"],
+    )
+    auto_page: bool = Field(
+        True,
+        description=(
+            "Send a page view on load and on every single-page-app navigation "
+            '(a script tag\'s data-auto-page="false" turns it off for that page).'
+        ),
+        examples=[True],
+    )
+    cookieless: bool = Field(
+        False,
+        description=(
+            "Cookieless by default: the script stores nothing in the browser and the relay "
+            "sets no cookie; every page load is a new anonymous visitor."
+        ),
+        examples=[False],
+    )
+    cache_max_age_secs: int = Field(
+        300,
+        ge=0,
+        description="Cache-Control max-age of the script (it is revalidated by ETag after).",
+        examples=[300],
+    )
+
+
+ConsentState = Literal["granted", "denied"]
+
+
+class ConsentDefaults(ConfigModel):
+    """Consent assumed for a category an event says nothing about."""
+
+    analytics: ConsentState = Field(
+        "granted", description="Analytics storage.", examples=["granted"]
+    )
+    ads: ConsentState = Field(
+        "granted", description="Advertising storage (ad_storage).", examples=["granted"]
+    )
+    ad_user_data: ConsentState = Field(
+        "granted",
+        description="Sending user data to advertising platforms.",
+        examples=["granted"],
+    )
+    ad_personalization: ConsentState = Field(
+        "granted", description="Personalized advertising.", examples=["granted"]
+    )
+
+
+class ConsentConfig(ConfigModel):
+    """Consent state carried on every event (``context.consent``) and obeyed by the relay
+    and its forwarders (each forwarder's ``requires_consent``)."""
+
+    default: ConsentDefaults = Field(
+        default_factory=ConsentDefaults,
+        description=(
+            "Consent for categories an event does not state. In regions that require opt-in, "
+            "set these to denied."
+        ),
+        examples=[{"analytics": "granted", "ads": "denied"}],
+    )
+    analytics_denied: Literal["anonymize", "keep"] = Field(
+        "anonymize",
+        description=(
+            "When an event denies analytics: anonymize sets no identity cookie and drops its "
+            "identifiers (anonymousId, userId, IP, client and click ids); the event is still "
+            "stored and counted. keep changes nothing."
+        ),
+        examples=["anonymize"],
+    )
+    honor_gpc: bool = Field(
+        True,
+        description=(
+            "Treat Global Privacy Control (the Sec-GPC: 1 header, or the script's "
+            "navigator.globalPrivacyControl) as denying ads, ad_user_data and "
+            "ad_personalization."
+        ),
+        examples=[True],
+    )
+
+
+class IdentityConfig(ConfigModel):
+    """Server-set first-party cookies: the visitor id, click ids and browser ids."""
+
+    enabled: bool = Field(
+        True,
+        description="Set and read identity cookies on browser-key requests.",
+        examples=[True],
+    )
+    cookie_name: str = Field(
+        "tr_aid",
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description="Name of the HttpOnly cookie holding the visitor's anonymous id.",
+        examples=["tr_aid"],
+    )
+    cookie_domain: str = Field(
+        "auto",
+        pattern=r"^(auto|host|\.?[A-Za-z0-9.-]+)$",
+        description=(
+            "auto: the registrable domain of the request's host (data.example.com -> "
+            "example.com), so the site's other hosts share the cookie; host: no Domain "
+            "attribute; or a domain name."
+        ),
+        examples=["auto"],
+    )
+    max_age_days: int = Field(
+        400,
+        ge=1,
+        le=400,
+        description="Cookie lifetime, renewed on every visit (browsers cap it at 400 days).",
+        examples=[400],
+    )
+    click_ids: bool = Field(
+        True,
+        description=(
+            "Capture ad click ids (gclid, fbclid, ttclid, msclkid, ...) from landing URLs "
+            "into a cookie and attach them to the visitor's later events (context.clickIds)."
+        ),
+        examples=[True],
+    )
+    meta_cookies: bool = Field(
+        True,
+        description=(
+            "Set Meta's _fbc (from fbclid) and _fbp (when absent) as first-party cookies."
+        ),
+        examples=[True],
+    )
+    cookie_keeper: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Vendor cookies re-set by the relay as server-set cookies with the identity "
+            "cookie's lifetime, so that browsers' caps on script-set cookies do not shorten "
+            "them. A trailing * matches a prefix."
+        ),
+        examples=[["_ga", "_ga_*", "_fbp", "_fbc", "_gcl_aw", "_ttp"]],
+    )
+
+    @field_validator("cookie_keeper")
+    @classmethod
+    def _cookie_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}\*?", name):
+                raise ValueError(f"{name!r} is not a cookie name (a trailing * is allowed)")
+        return names
+
+
+class PrivacyConfig(ConfigModel):
+    """What the relay removes before anything is stored or forwarded."""
+
+    truncate_ip: bool = Field(
+        False,
+        description="Zero the last octet of IPv4 addresses and keep only the /48 of IPv6 ones.",
+        examples=[True],
+    )
+
+
+class DemoConfig(ConfigModel):
+    """A demo page (``paths.demo``) that loads the script and fires events."""
+
+    enabled: bool = Field(
+        False, description="Serve the demo page. Turn it off in production.", examples=[True]
+    )
+    key: str = Field(
+        "",
+        description="Id of the browser key the demo page sends with; empty: the first one.",
+        examples=["website"],
     )
 
 
@@ -182,6 +428,34 @@ class Config(ConfigModel):
     logging: LoggingConfig = Field(
         default_factory=LoggingConfig, description="Logging.", examples=[{"level": "info"}]
     )
+    paths: PathsConfig = Field(
+        default_factory=PathsConfig,
+        description="Public paths of the script and the relay's own endpoints.",
+        examples=[{"script": "/p.js"}],
+    )
+    script: ScriptConfig = Field(
+        default_factory=ScriptConfig,
+        description="The tracking script.",
+        examples=[{"global_name": "tagrelay"}],
+    )
+    identity: IdentityConfig = Field(
+        default_factory=IdentityConfig,
+        description="Server-set identity, click-id and browser-id cookies.",
+        examples=[{"cookie_domain": "auto"}],
+    )
+    consent: ConsentConfig = Field(
+        default_factory=ConsentConfig,
+        description="Consent defaults and enforcement.",
+        examples=[{"default": {"ads": "denied"}}],
+    )
+    privacy: PrivacyConfig = Field(
+        default_factory=PrivacyConfig,
+        description="Privacy transformations.",
+        examples=[{"truncate_ip": True}],
+    )
+    demo: DemoConfig = Field(
+        default_factory=DemoConfig, description="The demo page.", examples=[{"enabled": True}]
+    )
     forwarders: list[ForwarderConfig] = Field(
         default_factory=list,
         description="Destinations; each has a type: " + ", ".join(sorted(FORWARDERS)) + ".",
@@ -202,6 +476,26 @@ class Config(ConfigModel):
             seen_ids.add(key.id)
             seen_values.add(value)
         return keys
+
+    @model_validator(mode="after")
+    def _demo_key_exists(self) -> Config:
+        if self.demo.enabled:
+            browser = [k.id for k in self.keys if k.kind == "browser"]
+            if not browser:
+                raise ValueError("demo.enabled needs a browser key in keys")
+            if self.demo.key and self.demo.key not in browser:
+                raise ValueError(
+                    f"demo.key {self.demo.key!r} is not a browser key; browser keys: "
+                    + ", ".join(browser)
+                )
+        return self
+
+    def demo_key(self) -> WriteKeyConfig | None:
+        """The browser key the demo page uses."""
+        for key in self.keys:
+            if key.kind == "browser" and (not self.demo.key or key.id == self.demo.key):
+                return key
+        return None
 
     @field_validator("forwarders")
     @classmethod

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import orjson
 
@@ -64,6 +64,16 @@ def accepts(config: ForwarderConfigBase, event: Event) -> bool:
     return True
 
 
+def consented(required: Sequence[str], event: Event) -> bool:
+    """Whether the event grants every consent category in ``required``. An event that
+    states nothing about a category (``context.consent``) does not grant it."""
+    context = event.get("context")
+    consent = context.get("consent") if isinstance(context, dict) else None
+    if not isinstance(consent, dict):
+        return False
+    return all(consent.get(category) == "granted" for category in required)
+
+
 class ForwarderWorker:
     def __init__(
         self,
@@ -88,6 +98,7 @@ class ForwarderWorker:
         self._filters = bool(
             f.include_types or f.exclude_types or f.include_events or f.exclude_events
         )
+        self._required_consent = tuple(self.config.requires_consent)
 
     @property
     def id(self) -> str:
@@ -155,17 +166,25 @@ class ForwarderWorker:
 
     async def _process(self, batch: list[SpooledEvent]) -> None:
         last = batch[-1].seq
-        if self._filters:
+        if self._filters or self._required_consent:
             kept: list[SpooledEvent] = []
             events: list[Event] = []
+            denied = 0
             for item in batch:
                 event = orjson.loads(item.payload)
-                if accepts(self.config, event):
-                    kept.append(item)
-                    events.append(event)
-            filtered = len(batch) - len(kept)
+                if not accepts(self.config, event):
+                    continue
+                if self._required_consent and not consented(self._required_consent, event):
+                    denied += 1
+                    continue
+                kept.append(item)
+                events.append(event)
+            filtered = len(batch) - len(kept) - denied
             if filtered:
                 self.metrics.forwarder_events.labels(self.id, "filtered").inc(filtered)
+            if denied:
+                self.metrics.forwarder_events.labels(self.id, "dropped").inc(denied)
+                self.metrics.forwarder_dropped.labels(self.id, "consent_denied").inc(denied)
             if not events:
                 await self.spool.advance(self.id, last)
                 self._state = CursorState(last)

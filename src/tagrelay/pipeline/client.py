@@ -72,6 +72,16 @@ class ClientResolver:
                 return str(addr)
         return peer
 
+    def is_https(self, scheme: str, peer: str | None, headers: Mapping[str, str]) -> bool:
+        """Whether the browser reached the relay over HTTPS: the connection's own scheme,
+        or ``X-Forwarded-Proto`` (first value) from a trusted proxy that ended TLS."""
+        if scheme == "https":
+            return True
+        proto = headers.get("X-Forwarded-Proto")
+        if not proto or peer is None or not self._peer_is_trusted(peer):
+            return False
+        return proto.split(",", 1)[0].strip().lower() == "https"
+
 
 def apply_client(
     event: Event, *, ip: str | None, user_agent: str | None, trusted_sender: bool

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tagrelay.sources import jitsu, segment
+from tagrelay.sources import jitsu, segment, tagrelay
 from tagrelay.sources._base import Decoded, parse_json_body
 
 Decoder = Callable[[Any, str], Decoded]
@@ -17,6 +17,7 @@ Decoder = Callable[[Any, str], Decoded]
 SOURCES: dict[str, Decoder] = {
     "segment": segment.decode,
     "jitsu": jitsu.decode,
+    "tagrelay": tagrelay.decode,
 }
 
 __all__ = ["SOURCES", "Decoded", "Decoder", "parse_json_body"]

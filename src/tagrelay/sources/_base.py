@@ -26,6 +26,9 @@ class Decoded:
     write_key: str | None = None
     """A write key found in the body (``writeKey``), if any."""
     is_batch: bool = False
+    reset: bool = False
+    """The relay's script says the visitor reset its identity (``reset()``): the relay's
+    cookie moves to the events' new anonymous id instead of handing back the old one."""
     depth_bound: int | None = None
     """An upper bound on the nesting depth of any event (set by the ingest handler from the
     body's bracket count when that is within the nesting limit), so that shallow requests

@@ -27,7 +27,10 @@ from tagrelay.metrics import Metrics
 from tagrelay.model import iso
 from tagrelay.pipeline.campaign import apply_campaign
 from tagrelay.pipeline.client import ClientResolver, apply_client
+from tagrelay.pipeline.consent import DENIED, GRANTED, ConsentPolicy, anonymize
+from tagrelay.pipeline.identity import IdentityService, Visit, VisitorState
 from tagrelay.pipeline.normalize import BatchSentAt, normalize_event
+from tagrelay.pipeline.privacy import apply_ip_truncation
 from tagrelay.sources import SOURCES, Decoded, parse_json_body
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.auth import CorsPolicy, KeyRing, key_from_headers
@@ -82,6 +85,13 @@ class IngestService:
         self.keys = KeyRing.from_config(config.keys)
         self.cors = CorsPolicy(config.keys)
         self.resolver = ClientResolver(config.server.trusted_proxies)
+        self.consent = ConsentPolicy(config.consent)
+        self.identity = (
+            IdentityService(config.identity, config.server.base_path)
+            if config.identity.enabled
+            else None
+        )
+        self.truncate_ip = config.privacy.truncate_ip
         self.spool = spool
         self.metrics = metrics
 
@@ -113,6 +123,37 @@ class IngestService:
         except IngestError as exc:
             return error_response(exc)
         return web.Response(status=204, headers=headers)
+
+    async def identity_handler(self, request: web.Request) -> web.Response:
+        """``GET <paths.identity>``: the visitor's server-set anonymous id, as
+        ``{"anonymousId": "..."}``, with the cookie set or renewed. ``?new=1`` starts a new
+        id (the script's ``reset()``). A cookie is a stored identifier: the caller asks only
+        when the visitor's consent allows analytics storage."""
+        origin = request.headers.get("Origin")
+        headers = {"Cache-Control": "no-store"}
+        if origin:
+            if not self.cors.origin_allowed_anywhere(origin, request.headers.get("Host")):
+                return json_response(
+                    403,
+                    {"error": "origin_not_allowed", "message": "this origin may not ask here"},
+                )
+            headers.update(CorsPolicy.response_headers(origin))
+        if self.identity is None:
+            return json_response(
+                404,
+                {"error": "identity_disabled", "message": "identity cookies are turned off"},
+                headers,
+            )
+        identity = self.identity
+        visitor = (
+            VisitorState() if request.query.get("new") == "1" else identity.read(request.cookies)
+        )
+        visit = Visit(domain=identity.cookie_domain(request.host))
+        event: dict[str, Any] = {"context": {}}
+        identity.apply(event, visitor, visit, own_script=True, ads=False, now_ms=0)
+        response = json_response(200, {"anonymousId": visit.anonymous_id}, headers)
+        self._set_cookies(response, visit, request)
+        return response
 
     # -- the handler -------------------------------------------------------------------
 
@@ -211,7 +252,14 @@ class IngestService:
         )
         counters = self.metrics.source(source)
         shared_fields = tuple(decoded.shared.items())
+        gpc = request.headers.get("Sec-GPC") == "1"
+        # Identity cookies: browser-key requests only (a backend's request has no visitor).
+        identity = self.identity if key.kind == "browser" else None
+        visitor: VisitorState | None = None
+        visit: Visit | None = None
+        own_script = source == "tagrelay"
         rows: list[tuple[int, bytes]] = []
+        message_ids: list[str] = []
         rejected: list[dict[str, Any]] = []
         for index, raw in enumerate(decoded.events):
             try:
@@ -228,6 +276,25 @@ class IngestService:
                 apply_client(event, ip=ip, user_agent=user_agent, trusted_sender=trusted)
                 apply_campaign(event)
                 context = event["context"]
+                consent = self.consent.apply(event, gpc_header=gpc)
+                if consent["analytics"] == DENIED:
+                    if self.consent.anonymize_denied:
+                        anonymize(event)
+                elif identity is not None and context.get("cookieless") is not True:
+                    if visitor is None or visit is None:
+                        visitor = identity.read(request.cookies)
+                        visit = Visit(domain=identity.cookie_domain(request.host))
+                    identity.apply(
+                        event,
+                        visitor,
+                        visit,
+                        own_script=own_script,
+                        ads=consent["ads"] == GRANTED,
+                        now_ms=received_ms,
+                        reset=decoded.reset,
+                    )
+                if self.truncate_ip:
+                    apply_ip_truncation(event)
                 context["source"] = source
                 context["writeKeyId"] = key.id
                 payload = orjson.dumps(event)
@@ -237,15 +304,18 @@ class IngestService:
                         f"the event is {len(payload)} bytes; at most {limits.max_event_bytes}",
                     )
                 rows.append((received_ms, payload))
+                message_ids.append(event["messageId"])
             except IngestError as exc:
                 rejected.append({"index": index, "error": exc.code, "message": exc.message})
                 counters.rejected(exc.code)
         counters.received.inc(len(decoded.events))
         cors = self.cors_headers(request, key)
+        if identity is not None and visitor is not None and visit is not None:
+            identity.keep(visitor, visit)
 
         if rows:
             try:
-                await self.spool.append(rows)
+                stored = await self.spool.append(rows, message_ids)
             except SpoolUnavailable:
                 self.metrics.spool_errors.inc()
                 counters.rejected("spool_unavailable", len(rows))
@@ -257,8 +327,24 @@ class IngestService:
                     },
                     {**cors, "Retry-After": SPOOL_RETRY_AFTER_SECS},
                 )
-            counters.accepted.inc(len(rows))
+            counters.accepted.inc(stored)
+            if stored < len(rows):
+                counters.duplicates.inc(len(rows) - stored)
 
+        response = self._answer(source, decoded, rows, rejected, cors, visit)
+        if visit is not None and rows:
+            self._set_cookies(response, visit, request)
+        return response
+
+    def _answer(
+        self,
+        source: str,
+        decoded: Decoded,
+        rows: list[tuple[int, bytes]],
+        rejected: list[dict[str, Any]],
+        cors: dict[str, str],
+        visit: Visit | None,
+    ) -> web.Response:
         if not decoded.is_batch:
             if rejected:
                 first = rejected[0]
@@ -280,11 +366,28 @@ class IngestService:
         body["accepted"] = len(rows)
         if rejected:
             body["rejected"] = rejected
+        if source == "tagrelay" and visit is not None and visit.anonymous_id is not None:
+            # The script adopts the relay's id: one id for the script and the cookie.
+            body["anonymousId"] = visit.anonymous_id
         return json_response(200, body, cors)
+
+    def _set_cookies(self, response: web.Response, visit: Visit, request: web.Request) -> None:
+        secure = self.resolver.is_https(request.scheme, request.remote, request.headers)
+        for cookie in visit.cookies.values():
+            response.set_cookie(
+                cookie.name,
+                cookie.value,
+                max_age=cookie.max_age,
+                path=cookie.path,
+                domain=cookie.domain,
+                secure=secure,
+                httponly=cookie.http_only,
+                samesite="Lax",
+            )
 
     @staticmethod
     def _ok(source: str) -> dict[str, Any]:
-        return {"ok": True} if source == "jitsu" else {"success": True}
+        return {"ok": True} if source in ("jitsu", "tagrelay") else {"success": True}
 
 
 # The answer to an accepted single event is always the same: encoded once.

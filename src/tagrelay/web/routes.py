@@ -9,9 +9,12 @@ path                               protocol                                     
                                    g, a, b)
 ``/api/s/{type}``                  Jitsu browser ingest                         any
 ``/api/s/s2s/{type}``              Jitsu server-to-server ingest                server only
+``paths.events`` (``/d``)          the relay's own script (tagrelay.js)         any
+``paths.identity`` (``/id``)       GET: the visitor's server-set id             none
 =================================  ===========================================  ============
 
-Every ingest route also answers CORS preflights (``OPTIONS``).
+Every route is mounted under ``server.base_path``. Every ingest route also answers CORS
+preflights (``OPTIONS``).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from tagrelay.config.models import PathsConfig
 from tagrelay.sources.segment import BATCH_PATHS, PATH_TYPES
 from tagrelay.web.ingest import IngestService, Route, json_response
 
@@ -30,21 +34,27 @@ def _handler(
     service: IngestService, route: Route
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handle(request: web.Request) -> web.Response:
-        return await service.handle(request, route, request.match_info["kind"])
+        return await service.handle(request, route, request.match_info.get("kind", ""))
 
     return handle
 
 
-def ingest_routes(router: web.UrlDispatcher, service: IngestService) -> None:
+def ingest_routes(
+    router: web.UrlDispatcher, service: IngestService, prefix: str, paths: PathsConfig
+) -> None:
     routes = [
         (f"/v1/{{kind:(?:{SEGMENT_PATHS})}}", Route("segment")),
         ("/api/s/s2s/{kind}", Route("jitsu", server_keys_only=True)),
         ("/api/s/{kind:(?!s2s$)[^/]+}", Route("jitsu")),
+        (paths.events, Route("tagrelay")),
     ]
     for path, route in routes:
-        resource = router.add_resource(path)
+        resource = router.add_resource(prefix + path)
         resource.add_route("POST", _handler(service, route))
         resource.add_route("OPTIONS", service.preflight)
+    identity = router.add_resource(prefix + paths.identity)
+    identity.add_route("GET", service.identity_handler)
+    identity.add_route("OPTIONS", service.preflight)
 
     async def unknown_segment_type(request: web.Request) -> web.Response:
         if request.match_info["kind"] in PATH_TYPES or request.match_info["kind"] in BATCH_PATHS:
@@ -59,4 +69,4 @@ def ingest_routes(router: web.UrlDispatcher, service: IngestService) -> None:
             },
         )
 
-    router.add_route("*", "/v1/{kind}", unknown_segment_type)
+    router.add_route("*", prefix + "/v1/{kind}", unknown_segment_type)

@@ -1,0 +1,144 @@
+"""Deduplication on messageId in the spool, and over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from tagrelay.app import SPOOL
+from tagrelay.spool.dedup import RecentIds
+from tagrelay.spool.sqlite import SqliteSpool
+from tests.support import SERVER_KEY, basic, metric_value
+
+DAY = 86_400
+
+
+async def open_spool(path: Path, window: float = DAY) -> SqliteSpool:
+    spool = SqliteSpool(path / "spool.sqlite3", dedup_window_secs=window)
+    await spool.open()
+    return spool
+
+
+async def payloads(spool: SqliteSpool) -> list[bytes]:
+    return [e.payload for e in await spool.read(0, 1000)]
+
+
+async def test_a_resent_id_is_not_stored_again(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    assert await spool.append([(1, b"a"), (1, b"b")], ["id-a", "id-b"]) == 2
+    assert await spool.append([(2, b"a2"), (2, b"c")], ["id-a", "id-c"]) == 1
+    assert await payloads(spool) == [b"a", b"b", b"c"]
+    assert spool.head == 3  # sequence numbers stay contiguous
+    await spool.close()
+
+
+async def test_copies_within_one_call_and_one_group_commit(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    assert await spool.append([(1, b"x1"), (1, b"x2")], ["x", "x"]) == 1
+    # concurrent requests share a commit: the first copy wins, the others count as resends
+    counts = await asyncio.gather(*(spool.append([(1, f"y{i}".encode())], ["y"]) for i in range(5)))
+    assert sorted(counts) == [0, 0, 0, 0, 1]
+    assert len(await payloads(spool)) == 2
+    await spool.close()
+
+
+async def test_ids_survive_a_restart(tmp_path: Path) -> None:
+    now = int(time.time() * 1000)
+    spool = await open_spool(tmp_path)
+    await spool.append([(now, b"a")], ["id-a"])
+    await spool.close()
+    again = await open_spool(tmp_path)
+    assert await again.append([(now, b"a")], ["id-a"]) == 0
+    assert await again.append([(now, b"b")], ["id-b"]) == 1
+    await again.close()
+
+
+async def test_without_a_window_nothing_is_deduplicated(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path, window=0)
+    assert await spool.append([(1, b"a")], ["id-a"]) == 1
+    assert await spool.append([(1, b"a")], ["id-a"]) == 1
+    assert len(await payloads(spool)) == 2
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM message_log").fetchone()[0] == 0
+
+
+async def test_a_failed_commit_records_no_id(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.append([(1, b"a")], ["id-a"])
+    # The segment insert fails after the ids were inserted: the transaction rolls back.
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON segments "
+            "BEGIN SELECT RAISE(FAIL, 'disk full'); END"
+        )
+    try:
+        await spool.append([(1, b"b")], ["id-b"])
+    except Exception as exc:
+        assert "disk full" in str(exc)
+    else:
+        raise AssertionError("the append should have failed")
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        conn.execute("DROP TRIGGER refuse")
+    assert await spool.append([(1, b"b")], ["id-b"]) == 1  # not a duplicate: never stored
+    await spool.close()
+
+
+async def test_the_log_is_pruned_by_window_and_by_capacity(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path, window=10)
+    for i in range(30):
+        await spool.append([(1_000 + i * 1_000, b"e")], [f"id-{i}"])
+    # At t=30 s the window (10 s) keeps the ids received from t=20 s on.
+    assert await spool.prune_message_ids(now_ms=30_000, chunk=7) == 19
+    assert await spool.prune_message_ids(now_ms=30_000) == 0
+    await spool.close()
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        kept = [r[0] for r in conn.execute("SELECT message_id FROM message_log ORDER BY id")]
+    assert kept == [f"id-{i}" for i in range(19, 30)]
+
+    small = SqliteSpool(tmp_path / "other.sqlite3", dedup_window_secs=DAY, dedup_capacity=4)
+    await small.open()
+    now = int(time.time() * 1000)
+    await small.append([(now, b"e")] * 10, [f"id-{i}" for i in range(10)])
+    assert await small.prune_message_ids() == 6
+    await small.close()
+
+
+def test_recent_ids_rotate_by_capacity_and_by_time() -> None:
+    recent = RecentIds(capacity=4, window_ms=1_000)
+    recent.add_all(["a", "b"], now_ms=0)
+    assert "a" in recent and "b" in recent and "c" not in recent
+    recent.add_all(["c", "d"], now_ms=10)  # "c" finds the current generation full
+    assert all(x in recent for x in "abcd")
+    recent.add_all(["e"], now_ms=20)  # the generation of a, b is forgotten
+    assert "a" not in recent and "b" not in recent and "c" in recent and "e" in recent
+    assert len(recent) <= 4
+
+    timed = RecentIds(capacity=1_000, window_ms=1_000)
+    timed.add_all(["x"], now_ms=0)
+    timed.add_all(["y"], now_ms=600)  # half the window passed: x moves to the previous one
+    assert "x" in timed
+    timed.add_all(["z"], now_ms=1_200)
+    assert "x" not in timed and "y" in timed and "z" in timed
+
+
+async def test_an_sdk_resend_over_http_is_acknowledged_and_stored_once(relay: Any) -> None:
+    client = await relay()
+    event = {"event": "Order Completed", "userId": "u1", "messageId": "ajs-next-123"}
+    for _ in range(2):
+        resp = await client.post("/v1/track", json=event, headers=basic(SERVER_KEY))
+        assert resp.status == 200
+        assert await resp.json() == {"success": True}
+    batch = {"batch": [{**event, "type": "track"}, {**event, "type": "track", "messageId": "n"}]}
+    resp = await client.post("/v1/batch", json=batch, headers=basic(SERVER_KEY))
+    assert (await resp.json())["accepted"] == 2
+    rows = await client.app[SPOOL].read(0, 100)
+    assert [orjson.loads(r.payload)["messageId"] for r in rows] == ["ajs-next-123", "n"]
+    labels = {"source": "segment"}
+    assert metric_value(client.app, "tagrelay_events_accepted_total", labels) == 2
+    assert metric_value(client.app, "tagrelay_events_duplicate_total", labels) == 2
