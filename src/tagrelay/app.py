@@ -33,6 +33,7 @@ from tagrelay.web.demo import add_demo_routes
 from tagrelay.web.ingest import IngestService, json_response
 from tagrelay.web.routes import ingest_routes
 from tagrelay.web.script import add_script_route
+from tagrelay.web.sdks import add_sdk_routes
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,7 @@ def create_app(
     app.router.add_get(prefix + "/healthz", healthz)
     app.router.add_get(prefix + "/readyz", readyz)
     app.router.add_get(prefix + "/metrics", metrics_handler)
+    add_sdk_routes(app.router, config, app[INGEST], metrics, prefix)
     ingest_routes(app.router, app[INGEST], prefix, config.paths)
     add_script_route(app.router, config, prefix)
     if config.demo.enabled:

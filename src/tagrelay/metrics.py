@@ -67,6 +67,13 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.sdk_metrics = Counter(
+            "tagrelay_sdk_metrics",
+            "Usage metrics SDKs report about themselves (analytics-next's /v1/m series), "
+            "counted and not stored, by outcome: accepted, invalid.",
+            ["sdk", "outcome"],
+            registry=r,
+        )
         self.events_rejected = Counter(
             "tagrelay_events_rejected",
             "Events or requests refused at ingestion, by reason (a request refused as a "

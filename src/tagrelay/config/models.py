@@ -367,6 +367,42 @@ class PrivacyConfig(ConfigModel):
     )
 
 
+class SegmentSdkConfig(ConfigModel):
+    """Segment's analytics-next browser library, served first-party."""
+
+    library_dir: Path | None = Field(
+        None,
+        description=(
+            "A directory holding analytics-next's UMD build (the npm package's dist/umd: "
+            "standalone.js and its chunks). When set, the relay serves it where Segment's "
+            "snippet loads it (/analytics.js/v1/<writeKey>/analytics.min.js, chunks under "
+            "/analytics-next/bundles/), so the vendor's snippet works with _cdn set to the "
+            "relay."
+        ),
+        examples=["/opt/analytics-next/dist/umd"],
+    )
+    metrics_sample_rate: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description=(
+            "metrics.sampleRate in the settings the relay serves: how often analytics-next "
+            "posts its own usage metrics to /v1/m (counted, never stored). 0 turns them off."
+        ),
+        examples=[0.0],
+    )
+
+
+class SdksConfig(ConfigModel):
+    """What the vendors' SDKs fetch from their own servers, answered by the relay."""
+
+    segment: SegmentSdkConfig = Field(
+        default_factory=SegmentSdkConfig,
+        description="Segment analytics-next.",
+        examples=[{"library_dir": "/opt/analytics-next/dist/umd"}],
+    )
+
+
 class DemoConfig(ConfigModel):
     """A demo page (``paths.demo``) that loads the script and fires events."""
 
@@ -452,6 +488,11 @@ class Config(ConfigModel):
         default_factory=PrivacyConfig,
         description="Privacy transformations.",
         examples=[{"truncate_ip": True}],
+    )
+    sdks: SdksConfig = Field(
+        default_factory=SdksConfig,
+        description="Settings documents and libraries for Segment and RudderStack SDKs.",
+        examples=[{"segment": {"library_dir": "/opt/analytics-next/dist/umd"}}],
     )
     demo: DemoConfig = Field(
         default_factory=DemoConfig, description="The demo page.", examples=[{"enabled": True}]

@@ -193,6 +193,12 @@ def normalize_event(
         elif not isinstance(value, dict):
             raise IngestError("invalid_field", f"{key} must be an object, got {_type_name(value)}")
 
+    if etype == "identify" and "traits" not in event:
+        # RudderStack's browser SDK puts identify traits under context.traits.
+        context = event.get("context")
+        if context is not None and type(context.get("traits")) is dict and context["traits"]:
+            event["traits"] = dict(context["traits"])
+
     for key in ID_FIELDS:
         value = event.get(key, _ABSENT)
         if value is _ABSENT:

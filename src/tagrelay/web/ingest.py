@@ -12,6 +12,8 @@ goes out only after the spool commit; if the spool cannot commit, the answer is 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -69,6 +71,18 @@ def count_brackets_up_to(body: bytes, limit: int) -> int | None:
         return None
     count = body.count(b"{") + body.count(b"[")
     return count if count <= limit else None
+
+
+def _anonymous_id_header(value: str | None) -> str | None:
+    """RudderStack's browser SDK sends ``AnonymousId: base64(anonymousId)`` (the body has it
+    too; the header fills in when the body has none)."""
+    if not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8").strip()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded or None
 
 
 @dataclass(frozen=True)
@@ -261,8 +275,15 @@ class IngestService:
         rows: list[tuple[int, bytes]] = []
         message_ids: list[str] = []
         rejected: list[dict[str, Any]] = []
+        header_anonymous_id = _anonymous_id_header(request.headers.get("AnonymousId"))
         for index, raw in enumerate(decoded.events):
             try:
+                if (
+                    header_anonymous_id is not None
+                    and type(raw) is dict
+                    and not raw.get("anonymousId")
+                ):
+                    raw["anonymousId"] = header_anonymous_id
                 event = normalize_event(
                     raw,
                     received_at=now,
