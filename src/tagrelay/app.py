@@ -30,6 +30,8 @@ from tagrelay.metrics import Metrics
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.warehouse.process import WarehouseProcess
 from tagrelay.web.demo import add_demo_routes
+from tagrelay.web.google import add_google_routes
+from tagrelay.web.google_scripts import add_google_script_routes
 from tagrelay.web.ingest import IngestService, json_response
 from tagrelay.web.routes import ingest_routes
 from tagrelay.web.script import add_script_route
@@ -214,6 +216,15 @@ def create_app(
     app.router.add_get(prefix + "/readyz", readyz)
     app.router.add_get(prefix + "/metrics", metrics_handler)
     add_sdk_routes(app.router, config, app[INGEST], metrics, prefix)
+    add_google_routes(app.router, config, app[INGEST], metrics, prefix)
+    if config.google.scripts.ids:
+        add_google_script_routes(
+            app,
+            config.google.scripts,
+            prefix,
+            data_dir / "google-scripts",
+            on_event=lambda kind, outcome: metrics.google_scripts.labels(kind, outcome).inc(),
+        )
     ingest_routes(app.router, app[INGEST], prefix, config.paths)
     add_script_route(app.router, config, prefix)
     if config.demo.enabled:

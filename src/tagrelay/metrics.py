@@ -74,6 +74,14 @@ class Metrics:
             ["sdk", "outcome"],
             registry=r,
         )
+        self.google_scripts = Counter(
+            "tagrelay_google_scripts",
+            "Requests for gtag.js / gtm.js (kind) by outcome: hit, miss, refreshed, "
+            "stale_served, unavailable, not_allowed; and failed upstream fetches: "
+            "upstream_error, too_large.",
+            ["kind", "outcome"],
+            registry=r,
+        )
         self.events_rejected = Counter(
             "tagrelay_events_rejected",
             "Events or requests refused at ingestion, by reason (a request refused as a "
@@ -91,7 +99,15 @@ class Metrics:
         self.forwarder_dropped = Counter(
             "tagrelay_forwarder_dropped",
             "Events a forwarder did not send, by reason: consent_denied (the event does not "
-            "grant a category in requires_consent).",
+            "grant a category in requires_consent), and the destination's own (ga4: too_old, "
+            "unsupported_type, reserved_name, ...).",
+            ["forwarder", "reason"],
+            registry=r,
+        )
+        self.forwarder_field_drops = Counter(
+            "tagrelay_forwarder_field_drops",
+            "Parts of sent events a forwarder cut or left out to meet the destination's "
+            "limits, by reason (ga4: value_truncated, too_many_params, pii_removed, ...).",
             ["forwarder", "reason"],
             registry=r,
         )

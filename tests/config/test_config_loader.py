@@ -188,7 +188,7 @@ def test_several_problems_are_all_reported_with_their_paths_and_lines() -> None:
         (
             "forwarders[1].type",
             12,
-            "unknown type 'google_analytics'; expected one of: warehouse, webhook",
+            "unknown type 'google_analytics'; expected one of: ga4, warehouse, webhook",
         ),
         (
             "forwarders[2].endpoint",
@@ -219,7 +219,7 @@ def test_missing_options_point_at_the_mapping_that_lacks_them() -> None:
         (
             "forwarders[1].type",
             7,
-            "required option is missing; set it to one of: warehouse, webhook",
+            "required option is missing; set it to one of: ga4, warehouse, webhook",
         ),
     ]
 

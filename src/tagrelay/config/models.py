@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from tagrelay.config.common import ConfigModel, ForwarderConfigBase
 from tagrelay.forwarders import FORWARDERS
+from tagrelay.web.google_scripts import GoogleScriptsConfig
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -164,6 +165,23 @@ class LoggingConfig(ConfigModel):
 
 
 PUBLIC_PATH = r"^(/[A-Za-z0-9._~-]+)+$"
+RESERVED_PATHS = (
+    "/v1",
+    "/api",
+    "/g",
+    "/mp",
+    "/debug",
+    "/gtag",
+    "/gtm.js",
+    "/beacon",
+    "/sourceConfig",
+    "/analytics.js",
+    "/analytics-next",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+)
+"""Paths of built-in endpoints (and everything below them), which renamed paths avoid."""
 
 
 class PathsConfig(ConfigModel):
@@ -198,7 +216,7 @@ class PathsConfig(ConfigModel):
         paths = [self.script, self.events, self.identity, self.demo]
         if len(set(paths)) != len(paths):
             raise ValueError("script, events, identity and demo need different paths")
-        reserved = ("/v1", "/api", "/healthz", "/readyz", "/metrics")
+        reserved = RESERVED_PATHS
         for path in paths:
             if any(path == r or path.startswith(r + "/") for r in reserved):
                 raise ValueError(f"{path!r} is taken by a built-in endpoint")
@@ -403,6 +421,66 @@ class SdksConfig(ConfigModel):
     )
 
 
+MEASUREMENT_ID = r"^G-[A-Z0-9]{1,24}$"
+
+
+class MeasurementProtocolSecret(ConfigModel):
+    """A GA4 Measurement Protocol credential accepted on ``/mp/collect``."""
+
+    measurement_id: str = Field(
+        pattern=MEASUREMENT_ID, description="The GA4 stream's measurement id.", examples=["G-XXXX"]
+    )
+    api_secret: SecretStr = Field(
+        min_length=1,
+        description="The stream's Measurement Protocol API secret your backends send.",
+        examples=["${GA4_API_SECRET}"],
+    )
+
+
+class GoogleCollectConfig(ConfigModel):
+    """gtag's hits (``/g/collect``), sent to the relay by ``server_container_url``."""
+
+    measurement_ids: list[str] = Field(
+        default_factory=list,
+        description=(
+            "GA4 measurement ids whose hits the relay accepts; a hit for any other id is "
+            "refused (403). Empty: /g/collect is off."
+        ),
+        examples=[["G-XXXX"]],
+    )
+
+    @field_validator("measurement_ids")
+    @classmethod
+    def _ids(cls, ids: list[str]) -> list[str]:
+        for value in ids:
+            if not re.fullmatch(MEASUREMENT_ID, value):
+                raise ValueError(f"{value!r} is not a GA4 measurement id (G-XXXX)")
+        return ids
+
+
+class GoogleConfig(ConfigModel):
+    """Google Analytics 4 and Google's tag scripts, first-party."""
+
+    scripts: GoogleScriptsConfig = Field(
+        default_factory=GoogleScriptsConfig,
+        description="gtag.js and gtm.js proxied, cached and renamable.",
+        examples=[{"ids": [{"id": "G-XXXX", "path": "/assets/site.js"}]}],
+    )
+    collect: GoogleCollectConfig = Field(
+        default_factory=GoogleCollectConfig,
+        description="The /g/collect endpoint for gtag's hits.",
+        examples=[{"measurement_ids": ["G-XXXX"]}],
+    )
+    measurement_protocol: list[MeasurementProtocolSecret] = Field(
+        default_factory=list,
+        description=(
+            "Credentials accepted on /mp/collect (GA4 Measurement Protocol from backends). "
+            "Empty: /mp/collect is off."
+        ),
+        examples=[[{"measurement_id": "G-XXXX", "api_secret": "${GA4_API_SECRET}"}]],
+    )
+
+
 class DemoConfig(ConfigModel):
     """A demo page (``paths.demo``) that loads the script and fires events."""
 
@@ -489,6 +567,11 @@ class Config(ConfigModel):
         description="Privacy transformations.",
         examples=[{"truncate_ip": True}],
     )
+    google: GoogleConfig = Field(
+        default_factory=GoogleConfig,
+        description="GA4 (gtag hits, Measurement Protocol) and first-party Google scripts.",
+        examples=[{"collect": {"measurement_ids": ["G-XXXX"]}}],
+    )
     sdks: SdksConfig = Field(
         default_factory=SdksConfig,
         description="Settings documents and libraries for Segment and RudderStack SDKs.",
@@ -529,6 +612,21 @@ class Config(ConfigModel):
                     f"demo.key {self.demo.key!r} is not a browser key; browser keys: "
                     + ", ".join(browser)
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _script_paths_are_free(self) -> Config:
+        taken = {self.paths.script, self.paths.events, self.paths.identity, self.paths.demo}
+        reserved = RESERVED_PATHS
+        for entry in self.google.scripts.ids:
+            path = entry.path
+            if path is None:
+                continue
+            if path in taken or any(path == r or path.startswith(r + "/") for r in reserved):
+                raise ValueError(
+                    f"google.scripts path {path!r} for {entry.id} is taken by another endpoint"
+                )
+            taken.add(path)
         return self
 
     def demo_key(self) -> WriteKeyConfig | None:

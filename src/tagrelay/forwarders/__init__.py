@@ -7,10 +7,12 @@ in ``FORWARDERS``, one test file under ``tests/forwarders/``.
 from __future__ import annotations
 
 from tagrelay.forwarders._base import Forwarder, ForwarderContext
+from tagrelay.forwarders.ga4 import GA4Forwarder
 from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.forwarders.webhook import WebhookForwarder
 
 FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
+    "ga4": GA4Forwarder,
     "warehouse": WarehouseForwarder,
     "webhook": WebhookForwarder,
 }

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import aiohttp
+from yarl import URL
 
 from tagrelay.model import Dead, Delivered, Outcome, Retry
 
@@ -35,6 +36,9 @@ class HttpRequest:
     url: str
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b""
+    url_encoded: bool = False
+    """The URL is already percent-encoded and goes out byte for byte (a re-sent gtag
+    query); otherwise the HTTP client normalizes its quoting."""
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,7 @@ async def send(
     try:
         async with session.request(
             request.method,
-            request.url,
+            URL(request.url, encoded=True) if request.url_encoded else request.url,
             headers=request.headers,
             data=request.body,
             timeout=aiohttp.ClientTimeout(total=timeout_secs),

@@ -225,8 +225,13 @@ class ForwarderWorker:
             self.metrics.dead_letters.labels(self.id, "rejected_by_destination").inc(len(refused))
             self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(refused))
         delivered = [item for i, item in enumerate(kept) if i not in refused]
-        if delivered:
-            self.metrics.forwarder_events.labels(self.id, "delivered").inc(len(delivered))
+        dropped = sum(outcome.dropped.values())
+        if dropped:
+            self.metrics.forwarder_events.labels(self.id, "dropped").inc(dropped)
+            for reason, n in outcome.dropped.items():
+                self.metrics.forwarder_dropped.labels(self.id, reason).inc(n)
+        if len(delivered) > dropped:
+            self.metrics.forwarder_events.labels(self.id, "delivered").inc(len(delivered) - dropped)
             now = self._clock()
             hist = self.metrics.delivery_latency.labels(self.id)
             for item in delivered:

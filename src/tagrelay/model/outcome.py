@@ -2,6 +2,9 @@
 
 - ``Delivered``: the destination took the batch. ``rejected`` names events (by index in
   the batch) that the destination refused individually; they become dead letters.
+  ``dropped`` counts, by a bounded reason, events the forwarder chose not to send (no
+  consent, too old for the destination, a type it has no use for): they are done, not
+  delivered, and counted in ``tagrelay_forwarder_dropped_total``.
 - ``Retry``: a transient failure (408, 429, 5xx, timeout, connection error). ``after_secs``
   is the destination's Retry-After when it gave one.
 - ``Dead``: a permanent failure (other 4xx, a payload the destination will never take). The
@@ -22,6 +25,8 @@ from dataclasses import dataclass, field
 class Delivered:
     rejected: Mapping[int, str] = field(default_factory=dict)
     """index in the batch -> reason, for events refused one by one."""
+    dropped: Mapping[str, int] = field(default_factory=dict)
+    """reason -> number of events of the batch the forwarder did not send."""
 
 
 @dataclass(frozen=True, slots=True)

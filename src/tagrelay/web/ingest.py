@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -83,6 +84,11 @@ def _anonymous_id_header(value: str | None) -> str | None:
     except (binascii.Error, UnicodeDecodeError):
         return None
     return decoded or None
+
+
+Answer = Callable[[int, list[dict[str, Any]], dict[str, str]], web.Response]
+"""A protocol's answer, from the number of events stored (resends included), the rejected
+ones (index, error, message) and the CORS headers."""
 
 
 @dataclass(frozen=True)
@@ -250,8 +256,16 @@ class IngestService:
         return decoded
 
     async def _accept(
-        self, request: web.Request, source: str, key: WriteKeyConfig, decoded: Decoded
+        self,
+        request: web.Request,
+        source: str,
+        key: WriteKeyConfig,
+        decoded: Decoded,
+        answer: Answer | None = None,
     ) -> web.Response:
+        """Normalize, enrich and store the request's events; answer with ``answer`` (the
+        protocol's own success and error shapes) or the Segment/Jitsu answers. A 503 when
+        the spool cannot store them is the same for every protocol."""
         now = datetime.now(UTC)
         received_ms = int(now.timestamp() * 1000)
         received_iso = iso(now)
@@ -352,7 +366,10 @@ class IngestService:
             if stored < len(rows):
                 counters.duplicates.inc(len(rows) - stored)
 
-        response = self._answer(source, decoded, rows, rejected, cors, visit)
+        if answer is not None:
+            response = answer(len(rows), rejected, cors)
+        else:
+            response = self._answer(source, decoded, rows, rejected, cors, visit)
         if visit is not None and rows:
             self._set_cookies(response, visit, request)
         return response
