@@ -42,6 +42,7 @@ from aiohttp import ClientSession, web
 BROWSER_KEY = "browser-test-key"
 SERVER_KEY = "server-test-key"
 BASE = "/t"
+MEASUREMENT_ID = "G-BROWSER1"
 
 
 def chromium_executable() -> str | None:
@@ -67,7 +68,7 @@ class Site:
     relay_port: int = 0
     pages: dict[str, str] = field(default_factory=dict)
     received: dict[str, list[dict[str, Any]]] = field(
-        default_factory=lambda: {"all": [], "ads": []}
+        default_factory=lambda: {"all": [], "ads": [], "google": []}
     )
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -137,7 +138,21 @@ class Site:
                         response.headers.add(name, value)
                 return response
 
+        async def google(request: web.Request) -> web.Response:
+            # The fake Google collection endpoint the relay's ga4 forwarder sends to.
+            record = {
+                "method": request.method,
+                "path": request.path,
+                "query": request.raw_path.partition("?")[2],
+                "headers": dict(request.headers),
+                "body": (await request.read()).decode(),
+            }
+            with self.lock:
+                self.received["google"].append(record)
+            return web.Response(status=204)
+
         app.router.add_post("/hooks/{name}", hook)
+        app.router.add_route("*", "/google/{tail:.*}", google)
         app.router.add_route("*", BASE + "/{tail:.*}", proxy)
         app.router.add_get("/{tail:.*}", page)
         return app
@@ -185,12 +200,22 @@ keys:
     key: {server_key}
 identity:
   cookie_keeper: ["_ga", "_ga_*"]
+google:
+  collect:
+    measurement_ids: [{measurement_id}]
 demo:
   enabled: true
 forwarders:
   - id: all
     type: webhook
     endpoint: http://127.0.0.1:{site_port}/hooks/all
+    batch: {{max_events: 100, max_wait_secs: 0.05}}
+  - id: ga4
+    type: ga4
+    measurement_id: {measurement_id}
+    api_secret: test-secret
+    collect_url: http://127.0.0.1:{site_port}/google/g/collect
+    mp_url: http://127.0.0.1:{site_port}/google/mp/collect
     batch: {{max_events: 100, max_wait_secs: 0.05}}
   - id: ads
     type: webhook
@@ -229,6 +254,7 @@ def site_and_relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S
             browser_key=BROWSER_KEY,
             server_key=SERVER_KEY,
             site_port=site.port,
+            measurement_id=MEASUREMENT_ID,
         )
     )
     log_path = tmp / "relay.log"

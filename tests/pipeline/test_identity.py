@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -265,3 +266,42 @@ def test_base_path_scopes_the_relay_s_own_cookies() -> None:
 )
 def test_subdomain_index(domain: str | None, index: int) -> None:
     assert subdomain_index(domain) == index
+
+
+def test_server_managed_ga_client_id_adopts_then_keeps_its_own() -> None:
+    ids = IdentityService(IdentityConfig(), "", ga_client_id_cookie="FPID")
+    visitor = ids.read({"_ga": "GA1.1.111.222"})
+    visit = Visit(domain="shop.test")
+    e = event()
+    ids.apply(e, visitor, visit, own_script=True, ads=False, now_ms=NOW_MS)
+    assert e["context"]["clientIds"]["ga4"]["clientId"] == "111.222"  # adopted from _ga
+    cookie = visit.cookies["FPID"]
+    assert (cookie.value, cookie.http_only, cookie.path) == ("111.222", True, "/")
+
+    # later gtag resets _ga (ITP); the relay's cookie wins and rewrites the hit's cid
+    later = {
+        "type": "page",
+        "anonymousId": "999.888",
+        "context": {
+            "clientIds": {"ga4": {"clientId": "999.888"}},
+            "ga4": {"request": "v=2&tid=G-1&cid=999.888&dl=x", "event": ""},
+        },
+    }
+    ids.apply(
+        later, ids.read({"FPID": "111.222"}), Visit(), own_script=False, ads=False, now_ms=NOW_MS
+    )
+    assert later["context"]["clientIds"]["ga4"]["clientId"] == "111.222"
+    assert later["context"]["ga4"]["request"] == "v=2&tid=G-1&cid=111.222&dl=x"
+    assert later["anonymousId"] == "111.222"
+
+
+def test_server_managed_ga_client_id_is_made_when_there_is_none() -> None:
+    ids = IdentityService(IdentityConfig(), "", ga_client_id_cookie="FPID")
+    visit = Visit()
+    e = event()
+    ids.apply(
+        e, ids.read({"FPID": "not-a-client-id"}), visit, own_script=True, ads=False, now_ms=NOW_MS
+    )
+    made = e["context"]["clientIds"]["ga4"]["clientId"]
+    assert re.fullmatch(r"\d+\.\d+", made)
+    assert visit.cookies["FPID"].value == made

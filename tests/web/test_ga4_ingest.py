@@ -150,3 +150,16 @@ async def test_debug_measurement_protocol_validates_and_stores_nothing(relay: An
     [message] = (await bad.json())["validationMessages"]
     assert message["validationCode"] == "VALUE_REQUIRED"
     assert await spooled(client) == []
+
+
+async def test_server_managed_client_id_rewrites_the_hit(relay: Any) -> None:
+    client = await relay(google={**GOOGLE, "server_client_id": "FPID"})
+    resp = await client.session.get(
+        raw_url(client, "/g/collect?" + HIT), headers={**BROWSER, "Cookie": "FPID=555.666"}
+    )
+    assert resp.status == 204
+    assert any(h.startswith("FPID=555.666;") for h in resp.headers.getall("Set-Cookie"))
+    [event] = await spooled(client)
+    assert event["anonymousId"] == "555.666"
+    assert event["context"]["ga4"]["request"] == HIT.replace(f"cid={CID}", "cid=555.666")
+    assert event["context"]["clientIds"]["ga4"]["clientId"] == "555.666"

@@ -471,6 +471,16 @@ class GoogleConfig(ConfigModel):
         description="The /g/collect endpoint for gtag's hits.",
         examples=[{"measurement_ids": ["G-XXXX"]}],
     )
+    server_client_id: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9_.-]{1,64}$",
+        description=(
+            "The name of an HttpOnly cookie in which the relay keeps the visitor's GA client "
+            "id (like sGTM's FPID), used for gtag hits it re-sends and for Measurement "
+            "Protocol events alike; it outlives gtag's script-set _ga. Unset: off."
+        ),
+        examples=["FPID"],
+    )
     measurement_protocol: list[MeasurementProtocolSecret] = Field(
         default_factory=list,
         description=(

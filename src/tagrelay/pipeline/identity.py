@@ -33,12 +33,13 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
+import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from tagrelay.config.models import IdentityConfig
 from tagrelay.model import Event
@@ -65,6 +66,7 @@ GA_COOKIE = "_ga"
 GA_SESSION_PREFIX = "_ga_"
 
 _ID_RE = re.compile(r"[A-Za-z0-9._:-]{1,100}")
+_GA_CLIENT_ID_RE = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}")
 _CLICK_VALUE_RE = re.compile(r"[A-Za-z0-9._~:\-]{1,200}")
 _COOKIE_VALUE_RE = re.compile(r"[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]{1,1024}")
 """RFC 6265 cookie-octet: printable ASCII without space, quote, comma, semicolon, backslash."""
@@ -90,6 +92,8 @@ class VisitorState:
     fbp: str | None = None
     ga4: dict[str, Any] | None = None
     kept: dict[str, str] = field(default_factory=dict)
+    ga_client_id: str | None = None
+    """The server-managed GA client id (cookie ``google.server_client_id``)."""
 
 
 @dataclass
@@ -193,8 +197,13 @@ def _valid_click_ids(raw: Any) -> dict[str, str]:
 
 
 class IdentityService:
-    def __init__(self, config: IdentityConfig, base_path: str) -> None:
+    def __init__(
+        self, config: IdentityConfig, base_path: str, ga_client_id_cookie: str | None = None
+    ) -> None:
+        """``ga_client_id_cookie``: the name of the server-managed GA client id cookie
+        (``google.server_client_id``), or None when the relay does not manage one."""
         self.config = config
+        self.ga_cookie = ga_client_id_cookie
         self.max_age = config.max_age_days * 86_400
         self.path = base_path or "/"
         keeper = config.cookie_keeper
@@ -239,6 +248,10 @@ class IdentityService:
             state.ga4 = {"clientId": client_id, "sessionIds": sessions}
             if numbers:
                 state.ga4["sessionNumbers"] = numbers
+        if self.ga_cookie is not None:
+            managed = cookies.get(self.ga_cookie)
+            if managed and _GA_CLIENT_ID_RE.fullmatch(managed):
+                state.ga_client_id = managed
         if self._keep_exact or self._keep_prefixes:
             for name, value in cookies.items():
                 if (
@@ -271,6 +284,8 @@ class IdentityService:
             client_ids = {}
         if visitor.ga4 is not None and "ga4" not in client_ids:
             client_ids["ga4"] = visitor.ga4
+        if self.ga_cookie is not None:
+            self._server_ga_client_id(event, client_ids, visitor, visit)
 
         if ads and self.config.click_ids:
             page = context.get("page")
@@ -313,6 +328,38 @@ class IdentityService:
         visit.cookies[self.config.cookie_name] = self._cookie(
             self.config.cookie_name, known, visit.domain, http_only=True
         )
+
+    def _server_ga_client_id(
+        self, event: Event, client_ids: dict[str, Any], visitor: VisitorState, visit: Visit
+    ) -> None:
+        """Like sGTM's FPID: the relay keeps the GA client id in an HttpOnly cookie of its
+        own, which outlives gtag's script-set ``_ga``, and uses it on both GA4 paths: as
+        ``clientIds.ga4.clientId`` (Measurement Protocol) and as the ``cid`` of a gtag hit
+        it re-sends. On first sight it adopts the client id the visitor already has."""
+        ga4 = client_ids.get("ga4")
+        ga4 = dict(ga4) if isinstance(ga4, dict) else {}
+        current = ga4.get("clientId")
+        if visitor.ga_client_id is None:
+            adopted = current if isinstance(current, str) else None
+            if adopted is None or not _GA_CLIENT_ID_RE.fullmatch(adopted):
+                adopted = f"{secrets.randbelow(2**31)}.{int(time.time())}"
+            visitor.ga_client_id = adopted
+        client_id = visitor.ga_client_id
+        ga4["clientId"] = client_id
+        client_ids["ga4"] = ga4
+        assert self.ga_cookie is not None
+        visit.cookies[self.ga_cookie] = self._cookie(
+            self.ga_cookie, client_id, visit.domain, http_only=True, root=True
+        )
+        hit = event["context"].get("ga4")
+        if isinstance(hit, dict) and isinstance(hit.get("request"), str):
+            parts = hit["request"].split("&")
+            for i, part in enumerate(parts):
+                if part.startswith("cid="):
+                    if event.get("anonymousId") == unquote(part[4:]):
+                        event["anonymousId"] = client_id
+                    parts[i] = "cid=" + quote(client_id, safe=".")
+            hit["request"] = "&".join(parts)
 
     def _meta(self, visitor: VisitorState, visit: Visit, now_ms: int) -> None:
         domain = visit.domain

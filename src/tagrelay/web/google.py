@@ -107,16 +107,13 @@ class GoogleEndpoints:
         counters = self.metrics.source(COLLECT_SOURCE)
         self._count_rejected(counters, hits)
 
-        def answer(
-            stored: int, rejected: list[dict[str, Any]], headers: dict[str, str]
-        ) -> web.Response:
+        def answer(stored: int, rejected: list[dict[str, Any]], _: dict[str, str]) -> web.Response:
+            # CORS: any origin a browser key allows (a hit carries no key to narrow it).
             if stored or not (rejected or hits.rejected):
-                return web.Response(status=204, headers=headers)
+                return web.Response(status=204, headers=cors)
             errors = [{"index": i, "error": e.code, "message": e.message} for i, e in hits.rejected]
             first = (errors + rejected)[0]
-            return json_response(
-                400, {"error": first["error"], "message": first["message"]}, headers
-            )
+            return json_response(400, {"error": first["error"], "message": first["message"]}, cors)
 
         decoded = Decoded(events=hits.events, is_batch=True)
         return await self.service._accept(request, COLLECT_SOURCE, _COLLECT_KEY, decoded, answer)

@@ -107,7 +107,9 @@ class IngestService:
         self.resolver = ClientResolver(config.server.trusted_proxies)
         self.consent = ConsentPolicy(config.consent)
         self.identity = (
-            IdentityService(config.identity, config.server.base_path)
+            IdentityService(
+                config.identity, config.server.base_path, config.google.server_client_id
+            )
             if config.identity.enabled
             else None
         )
