@@ -305,3 +305,23 @@ def test_server_managed_ga_client_id_is_made_when_there_is_none() -> None:
     made = e["context"]["clientIds"]["ga4"]["clientId"]
     assert re.fullmatch(r"\d+\.\d+", made)
     assert visit.cookies["FPID"].value == made
+
+
+def test_fbp_is_only_made_when_the_cookie_will_come_back() -> None:
+    ids = service()
+    # A cross-origin SDK request: no relay cookie came with it, none will come back.
+    sdk = Visit()
+    e = event(anonymousId="ajs-1")
+    ids.apply(e, ids.read({}), sdk, own_script=False, ads=True, now_ms=NOW_MS)
+    assert "_fbp" not in sdk.cookies
+    assert "fbp" not in e["context"].get("clientIds", {})
+    # The same SDK on the site's own origin: the relay's cookie came along.
+    same_origin = Visit()
+    ids.apply(
+        event(), ids.read({"tr_aid": "v-1"}), same_origin, own_script=False, ads=True, now_ms=NOW_MS
+    )
+    assert "_fbp" in same_origin.cookies
+    # The relay's own script always sends cookies.
+    script = Visit()
+    ids.apply(event(), ids.read({}), script, own_script=True, ads=True, now_ms=NOW_MS)
+    assert "_fbp" in script.cookies

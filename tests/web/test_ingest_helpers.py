@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 
+from tagrelay.web.auth import key_from_headers
 from tagrelay.web.ingest import count_brackets_up_to
 
 
@@ -31,3 +34,17 @@ def test_count_brackets_up_to_on_large_bodies() -> None:
     assert count_brackets_up_to(b"{" * 20 + padding, 16) is None
     assert count_brackets_up_to(padding + b"{" * 20, 16) is None
     assert count_brackets_up_to(padding + b"{[" * 8 + padding, 16) == 16
+
+
+@pytest.mark.parametrize(
+    ("userpass", "expected"),
+    [
+        ("wk_123:", "wk_123"),
+        ("sdktest:8cF2kQ9xLm4Rv7Tz:", "sdktest:8cF2kQ9xLm4Rv7Tz"),  # Jitsu's id:secret form
+        ("wk_123:some-password", "wk_123"),
+        ("wk_123", "wk_123"),
+    ],
+)
+def test_basic_auth_keys_may_contain_colons(userpass: str, expected: str) -> None:
+    header = "Basic " + base64.b64encode(userpass.encode()).decode()
+    assert key_from_headers({"Authorization": header}, {}) == expected

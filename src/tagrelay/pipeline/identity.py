@@ -94,6 +94,8 @@ class VisitorState:
     kept: dict[str, str] = field(default_factory=dict)
     ga_client_id: str | None = None
     """The server-managed GA client id (cookie ``google.server_client_id``)."""
+    cookies_flow: bool = False
+    """The request carried the relay's visitor cookie: cookies set now will come back."""
 
 
 @dataclass
@@ -227,6 +229,7 @@ class IdentityService:
         aid = cookies.get(self.config.cookie_name)
         if aid and _ID_RE.fullmatch(aid):
             state.anonymous_id = aid
+            state.cookies_flow = True
         clicks = cookies.get(CLICK_COOKIE)
         if clicks:
             state.click_ids = _valid_click_ids(dict(parse_qsl(clicks)))
@@ -302,7 +305,7 @@ class IdentityService:
             if visitor.click_ids:
                 context["clickIds"] = {**visitor.click_ids, **fresh}
         if ads and self.config.meta_cookies:
-            self._meta(visitor, visit, now_ms)
+            self._meta(visitor, visit, now_ms, mint=own_script or visitor.cookies_flow)
         if ads and visitor.fbc and "fbc" not in client_ids:
             client_ids["fbc"] = visitor.fbc
         if ads and visitor.fbp and "fbp" not in client_ids:
@@ -361,13 +364,17 @@ class IdentityService:
                     parts[i] = "cid=" + quote(client_id, safe=".")
             hit["request"] = "&".join(parts)
 
-    def _meta(self, visitor: VisitorState, visit: Visit, now_ms: int) -> None:
+    def _meta(self, visitor: VisitorState, visit: Visit, now_ms: int, *, mint: bool) -> None:
+        """``_fbc`` from a new fbclid, and ``_fbp`` when absent. ``mint``: a new ``_fbp``
+        would come back with the visitor's next request (the relay's script sends cookies,
+        or this request already carried the relay's cookie). A cross-origin SDK request
+        sends no cookies: making one up each time would give Meta a new browser per event."""
         domain = visit.domain
         fbclid = visitor.click_ids.get("fbclid")
         if fbclid and (visitor.fbc is None or visitor.fbc.rsplit(".", 1)[-1] != fbclid):
             visitor.fbc = f"fb.{subdomain_index(domain)}.{now_ms}.{fbclid}"
             visit.cookies[FBC_COOKIE] = self._cookie(FBC_COOKIE, visitor.fbc, domain, root=True)
-        if visitor.fbp is None:
+        if visitor.fbp is None and mint:
             visitor.fbp = f"fb.{subdomain_index(domain)}.{now_ms}.{secrets.randbelow(2**31)}"
             visit.cookies[FBP_COOKIE] = self._cookie(FBP_COOKIE, visitor.fbp, domain, root=True)
 

@@ -37,7 +37,10 @@ def key_from_headers(headers: Mapping[str, str], query: Mapping[str, str]) -> st
             raise AuthError(
                 "invalid_auth", "the Authorization header is not valid Basic auth"
             ) from None
-        user = decoded.split(":", 1)[0]
+        # SDKs send the key as the username with an empty password ("<key>:"). A key may
+        # itself contain ":" (Jitsu's "id:secret"), so an empty password is cut at the last
+        # colon; with a password, the username ends at the first one (RFC 7617).
+        user = decoded[:-1] if decoded.endswith(":") else decoded.split(":", 1)[0]
         if user:
             return user
     header = headers.get("X-Write-Key")
