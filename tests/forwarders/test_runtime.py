@@ -298,3 +298,34 @@ async def test_health_ready_and_metrics_endpoints(relay: Any) -> None:
     text = await metrics.text()
     assert "tagrelay_up 1.0" in text
     assert 'tagrelay_http_request_duration_seconds_count{method="GET",route="/readyz"' in text
+
+
+async def test_a_stop_right_after_a_commit_still_delivers_it(
+    tmp_path: Any, recorder: Recorder
+) -> None:
+    """The stop arrives before the worker has seen the commit that woke it: what is in the
+    spool is delivered before the worker ends, not left for the next start."""
+    import aiohttp
+
+    from tagrelay.forwarders import ForwarderContext
+    from tagrelay.forwarders._worker import ForwarderWorker
+    from tagrelay.forwarders.webhook import WebhookConfig, WebhookForwarder
+    from tagrelay.metrics import Metrics
+    from tagrelay.spool.sqlite import SqliteSpool
+
+    spool = SqliteSpool(tmp_path / "spool.sqlite3")
+    await spool.open()
+    metrics = Metrics()
+    config = WebhookConfig.model_validate(
+        hook(recorder, batch={"max_events": 10, "max_wait_secs": 30})
+    )
+    async with aiohttp.ClientSession() as http:
+        context = ForwarderContext(data_dir=tmp_path, http=http, metrics=metrics)
+        worker = ForwarderWorker(WebhookForwarder(config, context), spool, metrics)
+        await worker.start()
+        await asyncio.sleep(0.05)  # the worker is idle, waiting for a commit
+        event = b'{"type":"track","event":"E","anonymousId":"a","messageId":"m-last"}'
+        await spool.append([(1, event)])
+        await worker.stop(10)  # before the worker task has run again
+    await spool.close()
+    assert delivered_ids(recorder) == ["m-last"]

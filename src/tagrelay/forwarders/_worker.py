@@ -136,6 +136,26 @@ class ForwarderWorker:
                 # A bug or a spool failure: never let the worker die; back off and try again.
                 log.exception("forwarder step failed", extra={"forwarder": self.id})
                 await self._sleep(1.0)
+        await self._flush_on_stop()
+
+    async def _flush_on_stop(self) -> None:
+        """Deliver what was committed before the stop and not sent yet (the stop may come
+        while the worker waits for a batch to fill, or before it saw the last commit):
+        batches go out as they are until the spool is empty or one fails (a failure is
+        retried after the restart). ``stop`` bounds the time this may take."""
+        try:
+            while True:
+                before = self._state.position
+                batch = await self.spool.read(before, self.config.batch.max_events)
+                if not batch:
+                    return
+                await self._process(batch)
+                if self._state.position == before or self._state.attempts:
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("forwarder flush on stop failed", extra={"forwarder": self.id})
 
     async def _step(self) -> None:
         batch_cfg = self.config.batch
