@@ -25,8 +25,6 @@ ours to change; its ``Site`` has no static routes).
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -38,9 +36,17 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import web
 
-from tests.browser.conftest import _serve_in_thread, chromium_executable, free_port
+from tests.rig import (
+    chromium_or_skip,
+    free_port,
+    launched_chromium,
+    relay_process,
+    require,
+    reverse_proxy,
+    serve_in_thread,
+)
 
 SDK_DIR = Path(__file__).resolve().parent
 NODE_MODULES = SDK_DIR / "node_modules"
@@ -86,26 +92,16 @@ forwarders:
 """
 
 
-def _require(what: str) -> None:
-    if os.environ.get("TAGRELAY_REQUIRE_BROWSER") == "1":
-        pytest.fail(f"{what} (required: TAGRELAY_REQUIRE_BROWSER=1)", pytrace=False)
-    pytest.skip(what)
-
-
 @pytest.fixture(scope="session")
 def sdk_prerequisites() -> str:
     """Chromium's path, once node_modules and Chromium are known to be there."""
     missing = [rel for rel in STATIC_FILES.values() if not (NODE_MODULES / rel).is_file()]
     if missing:
-        _require(
+        require(
             "the SDKs are not installed in tests/sdk/node_modules "
             f"(run: npm ci --prefix tests/sdk); missing {missing[0]}"
         )
-    executable = chromium_executable()
-    if executable is None:
-        _require("Chromium is not installed (apt-get install chromium)")
-    assert executable is not None
-    return executable
+    return chromium_or_skip()
 
 
 @dataclass
@@ -168,33 +164,9 @@ class Site:
                 self.deliveries.extend(body["batch"])
             return web.json_response({"ok": True})
 
-        async def proxy(request: web.Request) -> web.StreamResponse:
-            # What the site's reverse proxy does for a same-origin deployment.
-            headers = {
-                k: v
-                for k, v in request.headers.items()
-                if k.lower() not in ("host", "content-length", "transfer-encoding")
-            }
-            headers["X-Forwarded-For"] = request.remote or ""
-            headers["X-Forwarded-Proto"] = "http"
-            headers["Host"] = request.host
-            url = f"http://127.0.0.1:{self.relay_port}{request.rel_url}"
-            async with (
-                ClientSession(auto_decompress=False) as session,
-                session.request(
-                    request.method, url, headers=headers, data=await request.read()
-                ) as upstream,
-            ):
-                body = await upstream.read()
-                response = web.Response(status=upstream.status, body=body)
-                for name, value in upstream.headers.items():
-                    if name.lower() not in ("content-length", "transfer-encoding", "date"):
-                        response.headers.add(name, value)
-                return response
-
         app.router.add_post(f"/hooks/{HOOK}", hook)
         app.router.add_get("/static/{name:.+}", static)
-        app.router.add_route("*", BASE + "/{tail:.*}", proxy)
+        app.router.add_route("*", BASE + "/{tail:.*}", reverse_proxy(self.relay_port))
         app.router.add_get("/{tail:.*}", page)
         return app
 
@@ -203,7 +175,6 @@ class Site:
 class Relay:
     port: int
     data_dir: Path
-    process: subprocess.Popen[bytes]
     log_path: Path
 
     def log_tail(self, lines: int = 40) -> str:
@@ -275,30 +246,10 @@ class Rig:
             sleep(100)
 
 
-def _wait_ready(relay: Relay) -> None:
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if relay.process.poll() is not None:
-            raise RuntimeError("the relay exited:\n" + relay.log_path.read_text())
-        try:
-            url = f"http://127.0.0.1:{relay.port}{BASE}/readyz"
-            with urllib.request.urlopen(url, timeout=1) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("the relay did not become ready:\n" + relay.log_path.read_text())
-
-
 @pytest.fixture(scope="session")
 def rig(tmp_path_factory: pytest.TempPathFactory, sdk_prerequisites: str) -> Iterator[Rig]:
     tmp = tmp_path_factory.mktemp("sdk-relay")
     site = Site(port=free_port(), relay_port=free_port())
-    stop_site = _serve_in_thread(site.build_app(), site.port)
     config = tmp / "tagrelay.yaml"
     data_dir = tmp / "data"
     config.write_text(
@@ -314,53 +265,18 @@ def rig(tmp_path_factory: pytest.TempPathFactory, sdk_prerequisites: str) -> Ite
         )
     )
     log_path = tmp / "relay.log"
-    log = log_path.open("wb")
-    tagrelay = Path(sys.executable).with_name("tagrelay")
-    process = subprocess.Popen(
-        [str(tagrelay), "serve", "--config", str(config)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    relay = Relay(site.relay_port, data_dir, process, log_path)
+    stop_site = serve_in_thread(site.build_app(), site.port)
     try:
-        _wait_ready(relay)
-        yield Rig(site, relay)
+        with relay_process(config, site.relay_port, BASE, log_path):
+            yield Rig(site, Relay(site.relay_port, data_dir, log_path))
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        log.close()
         stop_site()
 
 
 @pytest.fixture(scope="module")
 def browser(sdk_prerequisites: str) -> Iterator[Any]:
-    # Module scope: Playwright's sync API keeps its event loop running while it is open,
-    # which would break the asyncio tests of any module that ran after it.
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(
-            executable_path=sdk_prerequisites,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--host-resolver-rules=MAP *.shop.test 127.0.0.1, MAP * ~NOTFOUND, "
-                "EXCLUDE 127.0.0.1, EXCLUDE localhost",
-            ],
-        )
+    with launched_chromium(sdk_prerequisites) as launched:
         yield launched
-        launched.close()
 
 
 @dataclass
