@@ -329,3 +329,48 @@ async def test_a_stop_right_after_a_commit_still_delivers_it(
         await worker.stop(10)  # before the worker task has run again
     await spool.close()
     assert delivered_ids(recorder) == ["m-last"]
+
+
+async def test_events_a_destination_already_took_are_not_dead_lettered(tmp_path: Any) -> None:
+    """A batch sent as several requests, of which one went through, runs out of retries:
+    only the events the destination does not have become dead letters."""
+    from tagrelay.config.common import ForwarderConfigBase
+    from tagrelay.forwarders._worker import ForwarderWorker
+    from tagrelay.metrics import Metrics
+    from tagrelay.model import Retry
+    from tagrelay.spool.sqlite import SqliteSpool
+
+    class HalfTaken:
+        config = ForwarderConfigBase.model_validate(
+            {
+                "id": "half",
+                "batch": {"max_events": 10, "max_wait_secs": 0},
+                "retry": {"max_attempts": 1},
+            }
+        )
+
+        async def start(self) -> None: ...
+        async def close(self) -> None: ...
+
+        async def deliver_payloads(self, payloads: list[bytes]) -> Retry:
+            return Retry("status_5xx", "HTTP 503", delivered=frozenset({0}))
+
+    spool = SqliteSpool(tmp_path / "spool.sqlite3")
+    await spool.open()
+    metrics = Metrics()
+    worker = ForwarderWorker(HalfTaken(), spool, metrics)  # type: ignore[arg-type]
+    await worker.start()  # a new forwarder starts at the head: start it first
+    await spool.append([(1, b'{"messageId":"taken"}'), (1, b'{"messageId":"refused"}')])
+    for _ in range(100):
+        if spool.depth("half") == 0:
+            break
+        await asyncio.sleep(0.02)
+    await worker.stop(5)
+    dead = await spool.dead_letters("half")
+    await spool.close()
+    assert [orjson.loads(d.payload)["messageId"] for d in dead] == ["refused"]
+    registry = metrics.registry
+    labels = {"forwarder": "half", "outcome": "delivered"}
+    assert registry.get_sample_value("tagrelay_forwarder_events_total", labels) == 1
+    labels["outcome"] = "dead_letter"
+    assert registry.get_sample_value("tagrelay_forwarder_events_total", labels) == 1

@@ -273,6 +273,21 @@ class ForwarderWorker:
             },
         )
 
+    async def _give_up(
+        self, kept: list[SpooledEvent], outcome: Retry, reason: str, detail: str, last: int
+    ) -> None:
+        """Retries ran out: dead letters for the events the destination does not have yet;
+        those it already took (``outcome.delivered``) count as delivered."""
+        done = [item for i, item in enumerate(kept) if i in outcome.delivered]
+        if done:
+            self.metrics.forwarder_events.labels(self.id, "delivered").inc(len(done))
+        rest = [item for i, item in enumerate(kept) if i not in outcome.delivered]
+        if rest:
+            await self._dead(rest, reason, detail, last)
+        else:
+            await self.spool.advance(self.id, last)
+            self._state = CursorState(last)
+
     async def _retry(self, kept: list[SpooledEvent], outcome: Retry, last: int) -> None:
         retry_cfg = self.config.retry
         now_ms = int(self._clock() * 1000)
@@ -280,13 +295,17 @@ class ForwarderWorker:
         first = self._state.first_failure_ms or now_ms
         age_secs = (now_ms - first) / 1000
         if attempts >= retry_cfg.max_attempts:
-            await self._dead(
-                kept, "max_attempts", f"{attempts} attempts; last: {outcome.detail}", last
+            await self._give_up(
+                kept, outcome, "max_attempts", f"{attempts} attempts; last: {outcome.detail}", last
             )
             return
         if age_secs >= retry_cfg.max_age_secs:
-            await self._dead(
-                kept, "max_age", f"failing for {age_secs:.0f}s; last: {outcome.detail}", last
+            await self._give_up(
+                kept,
+                outcome,
+                "max_age",
+                f"failing for {age_secs:.0f}s; last: {outcome.detail}",
+                last,
             )
             return
         self.metrics.forwarder_retries.labels(self.id, outcome.reason).inc()

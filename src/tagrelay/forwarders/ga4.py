@@ -1209,7 +1209,15 @@ class GA4Forwarder(Forwarder[GA4Config]):
         if retries:
             waits = [r.after_secs for r in retries if r.after_secs is not None]
             first = retries[0]
-            return Retry(first.reason, first.detail, max(waits) if waits else None)
+            accepted = frozenset(
+                index
+                for planned, outcome in zip(plan.requests, outcomes, strict=True)
+                if isinstance(outcome, Delivered)
+                for index in planned.indices
+            )
+            return Retry(
+                first.reason, first.detail, max(waits) if waits else None, delivered=accepted
+            )
         self._batch_key, self._sent = b"", set()
         dead = [(p, o) for p, o in zip(plan.requests, outcomes, strict=True) if isinstance(o, Dead)]
         if dead and len(dead) == len(plan.requests):

@@ -6,7 +6,8 @@
   consent, too old for the destination, a type it has no use for): they are done, not
   delivered, and counted in ``tagrelay_forwarder_dropped_total``.
 - ``Retry``: a transient failure (408, 429, 5xx, timeout, connection error). ``after_secs``
-  is the destination's Retry-After when it gave one.
+  is the destination's Retry-After when it gave one; ``delivered`` names events of the batch
+  the destination already has.
 - ``Dead``: a permanent failure (other 4xx, a payload the destination will never take). The
   batch becomes dead letters with ``reason`` and ``detail`` (e.g. the response body).
 
@@ -34,6 +35,10 @@ class Retry:
     reason: str
     detail: str = ""
     after_secs: float | None = None
+    delivered: frozenset[int] = frozenset()
+    """Indexes in the batch of events the destination has already taken (a batch sent as
+    several requests, some of which went through): if the retries run out, these are
+    counted as delivered, not dead-lettered."""
 
 
 @dataclass(frozen=True, slots=True)
