@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import zlib
 from typing import Any
 
 import orjson
+import pytest
 
 from tagrelay.app import SPOOL
 from tests.support import BROWSER_KEY, SERVER_KEY, basic, metric_value
@@ -138,6 +140,35 @@ async def test_gzip_body_is_inflated_once(relay: Any) -> None:
     )
     assert resp.status == 200, await resp.text()
     assert [e["messageId"] for e in await spooled(client)] == ["gz-1"]
+
+
+@pytest.mark.parametrize("encoding", ["deflate", "br", "zstd"])
+async def test_other_content_encodings_are_decoded(relay: Any, encoding: str) -> None:
+    client = await relay()
+    raw = orjson.dumps({"batch": [track(type="track", messageId=f"enc-{encoding}")]})
+    if encoding == "deflate":
+        body = zlib.compress(raw)
+    elif encoding == "br":
+        import brotli
+
+        body = brotli.compress(raw)
+    else:
+        try:
+            from compression import zstd  # type: ignore[import-not-found]
+        except ImportError:
+            from backports import zstd
+        body = zstd.compress(raw)
+    resp = await client.post(
+        "/v1/batch",
+        data=body,
+        headers={
+            **basic(SERVER_KEY),
+            "Content-Encoding": encoding,
+            "Content-Type": "application/json",
+        },
+    )
+    assert resp.status == 200, await resp.text()
+    assert [e["messageId"] for e in await spooled(client)] == [f"enc-{encoding}"]
 
 
 async def test_clock_skew_is_corrected_from_sent_at(relay: Any) -> None:
