@@ -21,6 +21,7 @@ backends, authenticated by a secret from ``google.measurement_protocol``.
 from __future__ import annotations
 
 import hmac
+from collections.abc import Awaitable
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -62,18 +63,45 @@ class GoogleEndpoints:
                 secret.api_secret.get_secret_value().encode()
             )
 
-    def _refused(self, source: str, exc: IngestError, headers: dict[str, str]) -> web.Response:
+    def _accept_hits(
+        self,
+        request: web.Request,
+        source: str,
+        key: WriteKeyConfig,
+        hits: Hits,
+        cors: dict[str, str] | None,
+        summarize: bool,
+    ) -> Awaitable[web.Response]:
+        """Store the hits' valid events, counting the ones the parser refused; answer
+        Google's ``204`` when any event was stored (or none was refused), else a 400 with
+        the first reason, or with every one (``summarize``). ``cors``: headers to answer
+        with instead of those of the pseudo key."""
         counters = self.metrics.source(source)
-        counters.received.inc()
-        counters.rejected(exc.code)
-        return error_response(exc, headers)
-
-    @staticmethod
-    def _count_rejected(counters: Any, hits: Hits) -> None:
         if hits.rejected:
             counters.received.inc(len(hits.rejected))
             for _, exc in hits.rejected:
                 counters.rejected(exc.code)
+        parsed = [{"index": i, "error": e.code, "message": e.message} for i, e in hits.rejected]
+
+        def answer(
+            stored: int, rejected: list[dict[str, Any]], headers: dict[str, str]
+        ) -> web.Response:
+            headers = headers if cors is None else cors
+            if stored or not (rejected or parsed):
+                return web.Response(status=204, headers=headers)
+            errors = parsed + rejected
+            if summarize:
+                body = {
+                    "error": "no_valid_events",
+                    "message": "no event in the request was valid",
+                    "rejected": errors,
+                }
+            else:
+                body = {"error": errors[0]["error"], "message": errors[0]["message"]}
+            return json_response(400, body, headers)
+
+        decoded = Decoded(events=hits.events, is_batch=True)
+        return self.service.accept(request, source, key, decoded, answer)
 
     # -- /g/collect --------------------------------------------------------------------
 
@@ -82,7 +110,7 @@ class GoogleEndpoints:
         query = raw_query(request)
         tid = next((v for k, v in parse_qsl(query) if k == "tid"), None)
         if tid is not None and tid not in self.collect_ids:
-            return self._refused(
+            return self.service.refuse(
                 COLLECT_SOURCE,
                 IngestError(
                     "measurement_id_not_allowed",
@@ -97,26 +125,17 @@ class GoogleEndpoints:
                 text = (await request.read()).decode("utf-8")
             hits = parse_collect(query, text)
         except UnicodeDecodeError:
-            return self._refused(
+            return self.service.refuse(
                 COLLECT_SOURCE,
                 IngestError("invalid_utf8", "the request body is not valid UTF-8"),
                 cors,
             )
         except IngestError as exc:
-            return self._refused(COLLECT_SOURCE, exc, cors)
-        counters = self.metrics.source(COLLECT_SOURCE)
-        self._count_rejected(counters, hits)
-
-        def answer(stored: int, rejected: list[dict[str, Any]], _: dict[str, str]) -> web.Response:
-            # CORS: any origin a browser key allows (a hit carries no key to narrow it).
-            if stored or not (rejected or hits.rejected):
-                return web.Response(status=204, headers=cors)
-            errors = [{"index": i, "error": e.code, "message": e.message} for i, e in hits.rejected]
-            first = (errors + rejected)[0]
-            return json_response(400, {"error": first["error"], "message": first["message"]}, cors)
-
-        decoded = Decoded(events=hits.events, is_batch=True)
-        return await self.service._accept(request, COLLECT_SOURCE, _COLLECT_KEY, decoded, answer)
+            return self.service.refuse(COLLECT_SOURCE, exc, cors)
+        # CORS: any origin a browser key allows (a hit carries no key to narrow it).
+        return await self._accept_hits(
+            request, COLLECT_SOURCE, _COLLECT_KEY, hits, cors, summarize=False
+        )
 
     # -- /mp/collect -------------------------------------------------------------------
 
@@ -124,13 +143,11 @@ class GoogleEndpoints:
         measurement_id = request.query.get("measurement_id", "")
         presented = request.query.get("api_secret", "").encode()
         secrets = self.mp_secrets.get(measurement_id)
-        if not presented or not secrets:
-            raise IngestError(
-                "unknown_key",
-                "measurement_id and api_secret must match google.measurement_protocol",
-                status=401,
-            )
-        if not any(hmac.compare_digest(secret, presented) for secret in secrets):
+        if (
+            not presented
+            or not secrets
+            or not any(hmac.compare_digest(secret, presented) for secret in secrets)
+        ):
             raise IngestError(
                 "unknown_key",
                 "measurement_id and api_secret must match google.measurement_protocol",
@@ -143,28 +160,8 @@ class GoogleEndpoints:
             measurement_id = self._authorize_mp(request)
             hits = parse_measurement_protocol(parse_json_body(await request.read()), measurement_id)
         except IngestError as exc:
-            return self._refused(MP_SOURCE, exc, {})
-        counters = self.metrics.source(MP_SOURCE)
-        self._count_rejected(counters, hits)
-
-        def answer(
-            stored: int, rejected: list[dict[str, Any]], headers: dict[str, str]
-        ) -> web.Response:
-            if stored or not (rejected or hits.rejected):
-                return web.Response(status=204, headers=headers)
-            errors = [{"index": i, "error": e.code, "message": e.message} for i, e in hits.rejected]
-            return json_response(
-                400,
-                {
-                    "error": "no_valid_events",
-                    "message": "no event in the request was valid",
-                    "rejected": errors + rejected,
-                },
-                headers,
-            )
-
-        decoded = Decoded(events=hits.events, is_batch=True)
-        return await self.service._accept(request, MP_SOURCE, _MP_KEY, decoded, answer)
+            return self.service.refuse(MP_SOURCE, exc, {})
+        return await self._accept_hits(request, MP_SOURCE, _MP_KEY, hits, None, summarize=True)
 
     async def debug_measurement_protocol(self, request: web.Request) -> web.Response:
         """Validate like Google's ``/debug/mp/collect``; store nothing."""

@@ -189,13 +189,17 @@ class IngestService:
             decoded = await self._decode(request, source, path_name)
             if key is None:
                 key = self._authorize(decoded.write_key, route, request)
-            return await self._accept(request, source, key, decoded)
+            return await self.accept(request, source, key, decoded)
         except IngestError as exc:
-            counters = self.metrics.source(source)
-            counters.received.inc()
-            counters.rejected(exc.code)
-            log.debug("request rejected", extra={"source": source, "reason": exc.code})
-            return error_response(exc, self.cors_headers(request, key))
+            return self.refuse(source, exc, self.cors_headers(request, key))
+
+    def refuse(self, source: str, exc: IngestError, headers: dict[str, str]) -> web.Response:
+        """Answer a request refused as a whole, and count it once."""
+        counters = self.metrics.source(source)
+        counters.received.inc()
+        counters.rejected(exc.code)
+        log.debug("request rejected", extra={"source": source, "reason": exc.code})
+        return error_response(exc, headers)
 
     def _authorize(
         self, key_text: str | None, route: Route, request: web.Request
@@ -257,7 +261,7 @@ class IngestService:
             )
         return decoded
 
-    async def _accept(
+    async def accept(
         self,
         request: web.Request,
         source: str,
