@@ -113,6 +113,18 @@ def serve_in_thread(app: web.Application, port: int) -> Callable[[], None]:
     return stop
 
 
+def page_handler(pages: dict[str, str]) -> Callable[[web.Request], Any]:
+    """A handler serving the test pages registered in ``pages`` (path -> HTML)."""
+
+    async def page(request: web.Request) -> web.Response:
+        html = pages.get(request.path)
+        if html is None:
+            return web.Response(status=404, text="no such page")
+        return web.Response(text=html, content_type="text/html")
+
+    return page
+
+
 def reverse_proxy(relay_port: int) -> Callable[[web.Request], Any]:
     """A handler that does what the site's own proxy does for a same-origin deployment
     (nginx's ``proxy_pass`` with X-Forwarded-For, X-Forwarded-Proto and the Host kept)."""

@@ -34,6 +34,7 @@ from tests.rig import (
     chromium_or_skip,
     free_port,
     launched_chromium,
+    page_handler,
     relay_process,
     reverse_proxy,
     serve_in_thread,
@@ -87,12 +88,6 @@ class Site:
     def build_app(self) -> web.Application:
         app = web.Application()
 
-        async def page(request: web.Request) -> web.Response:
-            html = self.pages.get(request.path)
-            if html is None:
-                return web.Response(status=404, text="no such page")
-            return web.Response(text=html, content_type="text/html")
-
         async def hook(request: web.Request) -> web.Response:
             body = orjson.loads(await request.read())
             with self.lock:
@@ -115,7 +110,7 @@ class Site:
         app.router.add_post("/hooks/{name}", hook)
         app.router.add_route("*", "/google/{tail:.*}", google)
         app.router.add_route("*", BASE + "/{tail:.*}", reverse_proxy(self.relay_port))
-        app.router.add_get("/{tail:.*}", page)
+        app.router.add_get("/{tail:.*}", page_handler(self.pages))
         return app
 
 

@@ -42,6 +42,7 @@ from tests.rig import (
     chromium_or_skip,
     free_port,
     launched_chromium,
+    page_handler,
     relay_process,
     require,
     reverse_proxy,
@@ -140,12 +141,6 @@ class Site:
     def build_app(self) -> web.Application:
         app = web.Application()
 
-        async def page(request: web.Request) -> web.Response:
-            html = self.pages.get(request.path)
-            if html is None:
-                return web.Response(status=404, text="no such page")
-            return web.Response(text=html, content_type="text/html")
-
         async def static(request: web.Request) -> web.StreamResponse:
             rel = STATIC_FILES.get(request.match_info["name"])
             if rel is None:
@@ -167,7 +162,7 @@ class Site:
         app.router.add_post(f"/hooks/{HOOK}", hook)
         app.router.add_get("/static/{name:.+}", static)
         app.router.add_route("*", BASE + "/{tail:.*}", reverse_proxy(self.relay_port))
-        app.router.add_get("/{tail:.*}", page)
+        app.router.add_get("/{tail:.*}", page_handler(self.pages))
         return app
 
 

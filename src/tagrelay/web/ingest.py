@@ -185,10 +185,10 @@ class IngestService:
         try:
             key_text = key_from_headers(request.headers, request.query)
             if key_text is not None:
-                key = self._authorize(key_text, route, request)
+                key = self.authorize(key_text, route, request)
             decoded = await self._decode(request, source, path_name)
             if key is None:
-                key = self._authorize(decoded.write_key, route, request)
+                key = self.authorize(decoded.write_key, route, request)
             return await self.accept(request, source, key, decoded)
         except IngestError as exc:
             return self.refuse(source, exc, self.cors_headers(request, key))
@@ -201,9 +201,8 @@ class IngestService:
         log.debug("request rejected", extra={"source": source, "reason": exc.code})
         return error_response(exc, headers)
 
-    def _authorize(
-        self, key_text: str | None, route: Route, request: web.Request
-    ) -> WriteKeyConfig:
+    def authorize(self, key_text: str | None, route: Route, request: web.Request) -> WriteKeyConfig:
+        """The key presented, allowed on ``route`` and for the request's origin."""
         key = self.keys.lookup(key_text)
         if route.server_keys_only and key.kind != "server":
             raise AuthError("server_key_required", "this endpoint takes server keys only")

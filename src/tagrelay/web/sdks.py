@@ -37,6 +37,7 @@ from tagrelay.web.ingest import IngestService, Route, error_response, json_respo
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.js")
 LIBRARY_MAX_AGE_SECS = 3600
+_SETTINGS_ROUTE = Route("segment")
 SETTINGS_MAX_AGE_SECS = 60
 
 
@@ -55,14 +56,10 @@ class SdkEndpoints:
 
     def _browser_key(self, presented: str | None, request: web.Request) -> WriteKeyConfig:
         """The browser key presented, with the request's origin allowed for it."""
-        key = self.service.keys.lookup(presented)
+        key = self.service.authorize(presented, _SETTINGS_ROUTE, request)
         if key.kind != "browser":
             # A server key is a secret: no document for pages is made with it.
             raise AuthError("browser_key_required", "settings are served for browser keys only")
-        origin = request.headers.get("Origin")
-        host = request.headers.get("Host")
-        if origin and not self.service.cors.origin_allowed_for(key, origin, host):
-            raise IngestError("origin_not_allowed", "this origin may not use this key", 403)
         return key
 
     def _cors(self, request: web.Request) -> dict[str, str]:
