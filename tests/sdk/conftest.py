@@ -2,9 +2,9 @@
 Debian's Chromium (Playwright for Python), and the Segment Python library. Offline.
 
 The SDKs come from npm, pinned in ``tests/sdk/package.json`` and installed into
-``tests/sdk/node_modules`` (``npm ci --prefix tests/sdk``). Without them, or without
-Chromium, this directory is skipped, unless ``TAGRELAY_REQUIRE_BROWSER=1`` (CI), where
-either is a failure.
+``tests/sdk/node_modules`` (``npm ci --prefix tests/sdk``, which the suite runs itself when
+they are missing and npm is there). Without them, or without Chromium, this directory is
+skipped, unless ``TAGRELAY_REQUIRE_BROWSER=1`` (CI), where either is a failure.
 
 One relay for the whole session: ``tagrelay serve`` in a subprocess, mounted under ``/t``,
 with a ``warehouse`` forwarder (queried with ``tagrelay sql`` through the admin socket while
@@ -25,6 +25,7 @@ ours to change; its ``Site`` has no static routes).
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -95,8 +96,19 @@ forwarders:
 
 @pytest.fixture(scope="session")
 def sdk_prerequisites() -> str:
-    """Chromium's path, once node_modules and Chromium are known to be there."""
+    """Chromium's path, once node_modules and Chromium are known to be there. The pinned
+    SDKs are installed (``npm ci``) when they are missing and npm is on the machine, so
+    that the README's test command runs this suite too."""
     missing = [rel for rel in STATIC_FILES.values() if not (NODE_MODULES / rel).is_file()]
+    npm = shutil.which("npm")
+    if missing and npm is not None:
+        subprocess.run(
+            [npm, "ci", "--prefix", str(SDK_DIR), "--no-audit", "--no-fund"],
+            capture_output=True,
+            timeout=600,
+            check=False,
+        )
+        missing = [rel for rel in STATIC_FILES.values() if not (NODE_MODULES / rel).is_file()]
     if missing:
         require(
             "the SDKs are not installed in tests/sdk/node_modules "
