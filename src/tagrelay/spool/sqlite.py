@@ -84,6 +84,11 @@ CREATE TABLE IF NOT EXISTS message_log (
 LOG_INSERT = "INSERT INTO message_log (message_id, received_ms) SELECT value, ? FROM json_each(?)"
 """Logs a group commit's ids in one statement (appends: no random B-tree pages)."""
 
+LOG_BOUNDS = "SELECT (SELECT MIN(id) FROM message_log), (SELECT MAX(id) FROM message_log)"
+"""The first and last logged id. Two subqueries: SQLite answers a lone MIN or MAX from the
+ends of the primary key, but scans the whole table for both in one SELECT, which took
+~30 ms at 250,000 ids on the thread every commit waits for."""
+
 
 @dataclass(frozen=True, slots=True)
 class SpooledEvent:
@@ -587,7 +592,7 @@ class SqliteSpool:
 
     def _prune_message_ids(self, cutoff_ms: int, chunk: int) -> int:
         conn = self._conn()
-        first, last = conn.execute("SELECT MIN(id), MAX(id) FROM message_log").fetchone()
+        first, last = conn.execute(LOG_BOUNDS).fetchone()
         if first is None:
             return 0
         # Ids grow with commits, so received_ms grows with them (up to clock steps): find
