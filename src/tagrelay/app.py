@@ -11,6 +11,7 @@ finish their batches, then the spool closes.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.metrics import Metrics
+from tagrelay.pipeline.identity import registrable_domain
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.warehouse.process import WarehouseProcess
 from tagrelay.web.demo import add_demo_routes
@@ -230,6 +232,22 @@ def create_app(
     if config.demo.enabled:
         add_demo_routes(app, config, prefix, warehouse_of)
     return app
+
+
+def freeze_after_startup(app: web.Application) -> None:
+    """Once the relay has started, move every object alive then (modules, config, routes,
+    the Public Suffix List, the forwarders) out of the garbage collector's reach
+    (``gc.freeze``). They live as long as the process, and a full collection walked all of
+    them: about 40 ms per collection under load, a pause for every request in flight, and
+    over a tenth of the event loop's time at batch rates. For the serving process only:
+    objects frozen are never collected as cycles."""
+
+    async def freeze(app: web.Application) -> None:
+        registrable_domain("www.example.com")  # loads the suffix list before the freeze
+        gc.collect()
+        gc.freeze()
+
+    app.on_startup.append(freeze)
 
 
 async def _prune_loop(spool: SqliteSpool, interval: float) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tagrelay.app import create_app
+from tagrelay.app import create_app, freeze_after_startup
 from tagrelay.cli.logs import setup_logging
 from tagrelay.config.models import Config
 from tagrelay.errors import TagrelayError
@@ -18,6 +18,7 @@ log = logging.getLogger("tagrelay")
 def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path | None) -> int:
     setup_logging(config.logging.level, config.logging.format)
     app = create_app(config, data_dir=data_dir)
+    freeze_after_startup(app)
     host = host or config.server.host
     port = config.server.port if port is None else port
     log.info(
