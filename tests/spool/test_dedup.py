@@ -72,7 +72,7 @@ async def test_without_a_window_nothing_is_deduplicated(tmp_path: Path) -> None:
 async def test_a_failed_commit_records_no_id(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)
     await spool.append([(1, b"a")], ["id-a"])
-    # The segment insert fails after the ids were inserted: the transaction rolls back.
+    # Writing the segment fails: nothing of the commit is stored, no id is remembered.
     with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
         conn.execute(
             "CREATE TRIGGER refuse BEFORE INSERT ON segments "
@@ -87,6 +87,59 @@ async def test_a_failed_commit_records_no_id(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
         conn.execute("DROP TRIGGER refuse")
     assert await spool.append([(1, b"b")], ["id-b"]) == 1  # not a duplicate: never stored
+    await spool.close()
+
+
+async def test_a_failed_id_log_leaves_no_segment(tmp_path: Path) -> None:
+    spool = await open_spool(tmp_path)
+    # The segment is written, then logging its ids fails. ABORT is how SQLite answers a
+    # failed statement (a full disk or max_page_count included): the statement undoes both.
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON message_log "
+            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        )
+    try:
+        await spool.append([(1, b"a")], ["id-a"])
+    except Exception as exc:
+        assert "disk full" in str(exc)
+    else:
+        raise AssertionError("the append should have failed")
+    assert await spool.read(0, 10) == []
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        conn.execute("DROP TRIGGER refuse")
+        assert conn.execute("SELECT COUNT(*) FROM segments").fetchone() == (0,)
+    assert await spool.append([(1, b"a")], ["id-a"]) == 1
+    assert [e.payload for e in await spool.read(0, 10)] == [b"a"]
+    await spool.close()
+
+
+async def test_a_group_commit_is_one_statement(tmp_path: Path) -> None:
+    # Every statement costs the writer thread a GIL hand-back; under load each one waited
+    # for the event loop's turn. Segment and ids go in one statement.
+    spool = await open_spool(tmp_path)
+    statements: list[str] = []
+
+    class Counting:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn = conn
+
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            statements.append(sql)
+            return self.conn.execute(sql, *args)
+
+    real = spool._wconn
+    assert real is not None
+    spool._wconn = Counting(real)  # type: ignore[assignment]
+    await asyncio.gather(
+        spool.append([(1, b"a"), (1, b"b")], ["id-a", "id-b"]),
+        spool.append([(1, b"c")], ["id-c"]),
+    )
+    spool._wconn = real
+    assert len(statements) == 1, statements
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        logged = [r[0] for r in conn.execute("SELECT message_id FROM message_log ORDER BY id")]
+    assert logged == ["id-a", "id-b", "id-c"]
     await spool.close()
 
 
