@@ -67,7 +67,9 @@ _SYS_IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
 def _lower_io_priority() -> bool:
     """Put this process in the idle I/O class (Linux): its reads and writes are served
     when no other process of the machine waits for the disk. Best effort: False where the
-    call is not available or refused (the warehouse then works at the normal priority)."""
+    call is not available or refused (the warehouse then works at the normal priority).
+    Only the BFQ disk scheduler acts on I/O classes; under ``none`` and ``mq-deadline``
+    (common on virtual and NVMe disks) the call succeeds and changes nothing."""
     number = _SYS_IOPRIO_SET.get(os.uname().machine)
     if sys.platform != "linux" or number is None:
         return False
