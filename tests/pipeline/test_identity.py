@@ -12,6 +12,7 @@ from tagrelay.pipeline.identity import (
     CLICK_COOKIE,
     IdentityService,
     Visit,
+    _suffix_list,
     click_ids_in_url,
     parse_ga_client_id,
     parse_ga_session,
@@ -325,3 +326,12 @@ def test_fbp_is_only_made_when_the_cookie_will_come_back() -> None:
     script = Visit()
     ids.apply(event(), ids.read({}), script, own_script=True, ads=True, now_ms=NOW_MS)
     assert "_fbp" in script.cookies
+
+
+def test_the_suffix_list_is_loaded_up_front_only_when_cookie_domains_need_it() -> None:
+    _suffix_list.cache_clear()
+    service(cookie_domain="host").load_suffix_list()
+    service(cookie_domain="example.com").load_suffix_list()
+    assert _suffix_list.cache_info().currsize == 0
+    service().load_suffix_list()  # cookie_domain "auto"
+    assert _suffix_list.cache_info().currsize == 1

@@ -212,6 +212,12 @@ class IdentityService:
         self._keep_exact = frozenset(n for n in keeper if not n.endswith("*"))
         self._keep_prefixes = tuple(n[:-1] for n in keeper if n.endswith("*"))
 
+    def load_suffix_list(self) -> None:
+        """Load the Public Suffix List now if ``cookie_domain`` is ``auto`` (the first
+        visitor's request would otherwise)."""
+        if self.config.cookie_domain == "auto":
+            _suffix_list()
+
     # -- reading ---------------------------------------------------------------------
 
     def cookie_domain(self, host: str | None) -> str | None:
