@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 
 from tagrelay.app import SPOOL
+from tagrelay.errors import SpoolUnavailable
 from tagrelay.spool.dedup import RecentIds
 from tagrelay.spool.sqlite import LOG_BOUNDS, SqliteSpool
 from tests.support import SERVER_KEY, basic, metric_value
@@ -69,23 +71,27 @@ async def test_without_a_window_nothing_is_deduplicated(tmp_path: Path) -> None:
         assert conn.execute("SELECT COUNT(*) FROM message_log").fetchone()[0] == 0
 
 
+async def append_refused(
+    spool: SqliteSpool, table: str, action: str, rows: list[tuple[int, bytes]], ids: list[str]
+) -> None:
+    """Append while a trigger makes every insert into ``table`` fail with ``action``; the
+    append must fail as a whole. The trigger is gone afterwards."""
+    with sqlite3.connect(spool.path) as conn:
+        conn.execute(
+            f"CREATE TRIGGER refuse BEFORE INSERT ON {table} "
+            f"BEGIN SELECT RAISE({action}, 'disk full'); END"
+        )
+    with pytest.raises(SpoolUnavailable, match="disk full"):
+        await spool.append(rows, ids)
+    with sqlite3.connect(spool.path) as conn:
+        conn.execute("DROP TRIGGER refuse")
+
+
 async def test_a_failed_commit_records_no_id(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)
     await spool.append([(1, b"a")], ["id-a"])
     # Writing the segment fails: nothing of the commit is stored, no id is remembered.
-    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
-        conn.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON segments "
-            "BEGIN SELECT RAISE(FAIL, 'disk full'); END"
-        )
-    try:
-        await spool.append([(1, b"b")], ["id-b"])
-    except Exception as exc:
-        assert "disk full" in str(exc)
-    else:
-        raise AssertionError("the append should have failed")
-    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
-        conn.execute("DROP TRIGGER refuse")
+    await append_refused(spool, "segments", "FAIL", [(1, b"b")], ["id-b"])
     assert await spool.append([(1, b"b")], ["id-b"]) == 1  # not a duplicate: never stored
     await spool.close()
 
@@ -94,20 +100,9 @@ async def test_a_failed_id_log_leaves_no_segment(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)
     # The segment is written, then logging its ids fails. ABORT is how SQLite answers a
     # failed statement (a full disk or max_page_count included): the statement undoes both.
-    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
-        conn.execute(
-            "CREATE TRIGGER refuse BEFORE INSERT ON message_log "
-            "BEGIN SELECT RAISE(ABORT, 'disk full'); END"
-        )
-    try:
-        await spool.append([(1, b"a")], ["id-a"])
-    except Exception as exc:
-        assert "disk full" in str(exc)
-    else:
-        raise AssertionError("the append should have failed")
+    await append_refused(spool, "message_log", "ABORT", [(1, b"a")], ["id-a"])
     assert await spool.read(0, 10) == []
-    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
-        conn.execute("DROP TRIGGER refuse")
+    with sqlite3.connect(spool.path) as conn:
         assert conn.execute("SELECT COUNT(*) FROM segments").fetchone() == (0,)
     assert await spool.append([(1, b"a")], ["id-a"]) == 1
     assert [e.payload for e in await spool.read(0, 10)] == [b"a"]
