@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,18 +104,31 @@ class Recorder:
         return web.Response(status=200, body=b'{"ok":true}', content_type="application/json")
 
 
-@pytest.fixture
-async def recorder() -> AsyncIterator[Recorder]:
+@contextlib.asynccontextmanager
+async def recording_server(
+    name: str, paths: Sequence[str], url_path: str = "/"
+) -> AsyncIterator[Recorder]:
+    """A local fake ``name`` that records POSTs to ``paths``; any other request fails the
+    test. ``Recorder.url`` is the server's URL for ``url_path``."""
     rec = Recorder()
     app = web.Application()
-    app.router.add_post("/hook", rec.handle)
+    for path in paths:
+        app.router.add_post(path, rec.handle)
 
     async def unexpected(request: web.Request) -> web.Response:
-        raise AssertionError(f"unexpected request to the fake destination: {request.path}")
+        raise AssertionError(f"unexpected request to the fake {name}: {request.path}")
 
     app.router.add_route("*", "/{tail:.*}", unexpected)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    rec.url = str(server.make_url("/hook"))
-    yield rec
-    await server.close()
+    rec.url = str(server.make_url(url_path))
+    try:
+        yield rec
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def recorder() -> AsyncIterator[Recorder]:
+    async with recording_server("destination", ["/hook"], "/hook") as rec:
+        yield rec

@@ -14,8 +14,6 @@ import aiohttp
 import orjson
 import pytest
 import yaml
-from aiohttp import web
-from aiohttp.test_utils import TestServer
 from pydantic import ValidationError
 
 from tagrelay.forwarders._base import ForwarderContext
@@ -34,7 +32,7 @@ from tagrelay.forwarders.ga4 import (
 )
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Retry
-from tests.support import Recorder
+from tests.support import Recorder, recording_server
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 MID = "G-TEST1234"
@@ -839,20 +837,10 @@ def test_drop_reasons_are_bounded() -> None:
 
 @pytest.fixture
 async def google() -> AsyncIterator[Recorder]:
-    rec = Recorder()
-    app = web.Application()
-    for path in ("/g/collect", "/mp/collect", "/debug/mp/collect"):
-        app.router.add_post(path, rec.handle)
-
-    async def unexpected(request: web.Request) -> web.Response:
-        raise AssertionError(f"unexpected request to the fake Google: {request.path}")
-
-    app.router.add_route("*", "/{tail:.*}", unexpected)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    rec.url = str(server.make_url("/"))
-    yield rec
-    await server.close()
+    async with recording_server(
+        "Google", ["/g/collect", "/mp/collect", "/debug/mp/collect"]
+    ) as rec:
+        yield rec
 
 
 @pytest.fixture
