@@ -1014,12 +1014,8 @@ class RequestBuilder:
         """One property as a param: scalar values only, names fit for GA4, personal data out."""
         if value is None:
             return
-        if key.startswith(RESERVED_PARAM_PREFIXES):
-            drops["reserved_param"] += 1
-            return
-        name = key if _GA4_NAME.fullmatch(key) else snake_name(key)
-        if not name:
-            drops["invalid_param_name"] += 1
+        name = self._name(key, RESERVED_PARAM_PREFIXES, drops)
+        if name is None:
             return
         if name.lower() in _PII_PARAMS:
             drops["pii_removed"] += 1
@@ -1036,14 +1032,35 @@ class RequestBuilder:
         if name in _NUMERIC_PARAMS:
             self._numeric(params, name, value, drops)
             return
+        value = self._scalar(value, PAGE_LIMITS.get(name, MAX_VALUE), drops)
+        if value is not None:
+            params[name] = value
+
+    @staticmethod
+    def _name(key: str, reserved_prefixes: tuple[str, ...], drops: Counter[str]) -> str | None:
+        """``key`` as a GA4 name (snake_cased unless it already fits), or None when it is
+        reserved or nothing of it is left."""
+        if key.startswith(reserved_prefixes):
+            drops["reserved_param"] += 1
+            return None
+        name = key if _GA4_NAME.fullmatch(key) else snake_name(key)
+        if not name:
+            drops["invalid_param_name"] += 1
+            return None
+        return name
+
+    @classmethod
+    def _scalar(cls, value: Any, limit: int, drops: Counter[str]) -> Any:
+        """A scalar value as GA4 takes it: booleans as text, text cut to ``limit``; None for
+        text that looks like an email address."""
         if isinstance(value, bool):
             value = "true" if value else "false"
         if isinstance(value, str):
             if _EMAILISH.search(value):
                 drops["pii_removed"] += 1
-                return
-            value = self._text(value, PAGE_LIMITS.get(name, MAX_VALUE), drops)
-        params[name] = value
+                return None
+            return cls._text(value, limit, drops)
+        return value
 
     @staticmethod
     def _text(value: str, limit: int, drops: Counter[str]) -> str:
@@ -1060,12 +1077,8 @@ class RequestBuilder:
         for key, value in traits.items():
             if value is None:
                 continue
-            if key.startswith(RESERVED_USER_PROPERTY_PREFIXES):
-                drops["reserved_param"] += 1
-                continue
-            name = key if _GA4_NAME.fullmatch(key) else snake_name(key)
-            if not name:
-                drops["invalid_param_name"] += 1
+            name = self._name(key, RESERVED_USER_PROPERTY_PREFIXES, drops)
+            if name is None:
                 continue
             lowered = name.lower()
             if lowered in _PII_TRAITS:
@@ -1082,13 +1095,9 @@ class RequestBuilder:
             if len(name) > MAX_USER_PROPERTY_NAME:
                 drops["name_truncated"] += 1
                 name = name[:MAX_USER_PROPERTY_NAME].rstrip("_")
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            if isinstance(value, str):
-                if _EMAILISH.search(value):
-                    drops["pii_removed"] += 1
-                    continue
-                value = self._text(value, MAX_USER_PROPERTY_VALUE, drops)
+            value = self._scalar(value, MAX_USER_PROPERTY_VALUE, drops)
+            if value is None:
+                continue
             if len(properties) >= MAX_USER_PROPERTIES and name not in properties:
                 drops["too_many_user_properties"] += 1
                 continue
