@@ -4,6 +4,7 @@ batching, filters, retry classification, backoff, Retry-After and dead letters."
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -329,6 +330,53 @@ async def test_a_stop_right_after_a_commit_still_delivers_it(
         await worker.stop(10)  # before the worker task has run again
     await spool.close()
     assert delivered_ids(recorder) == ["m-last"]
+
+
+async def test_a_worker_filling_a_batch_is_woken_once_it_is_full_not_at_every_commit(
+    tmp_path: Any, recorder: Recorder
+) -> None:
+    """A partial batch waits for ``max_events``: the commits in between do not wake the
+    worker (each wake-up of the delivery thread costs the event loop the GIL); the one that
+    fills the batch does, long before ``max_wait_secs``."""
+    import aiohttp
+
+    from tagrelay.forwarders import ForwarderContext
+    from tagrelay.forwarders._worker import ForwarderWorker
+    from tagrelay.forwarders.webhook import WebhookConfig, WebhookForwarder
+    from tagrelay.metrics import Metrics
+    from tagrelay.spool.sqlite import SqliteSpool
+
+    def event(i: int) -> list[tuple[int, bytes]]:
+        payload = b'{"type":"track","event":"E","anonymousId":"a","messageId":"m-%d"}' % i
+        return [(int(time.time() * 1000), payload)]
+
+    spool = SqliteSpool(tmp_path / "spool.sqlite3")
+    await spool.open()
+    metrics = Metrics()
+    config = WebhookConfig.model_validate(
+        hook(recorder, batch={"max_events": 10, "max_wait_secs": 30})
+    )
+    async with aiohttp.ClientSession() as http:
+        context = ForwarderContext(data_dir=tmp_path, http=http, metrics=metrics)
+        worker = ForwarderWorker(WebhookForwarder(config, context), spool, metrics)
+        await worker.start()
+        await asyncio.sleep(0.05)  # idle, waiting for a commit
+        await spool.append(event(0))
+        await asyncio.sleep(0.05)  # woken: reads a partial batch of 1 and waits for 10
+        wake = worker._wake.event
+        assert not wake.is_set()
+        for i in range(1, 9):
+            await spool.append(event(i))
+            assert not wake.is_set(), f"woken by commit {i + 1} of 10"
+        await spool.append(event(9))
+        assert wake.is_set()
+        for _ in range(200):
+            if recorder.requests:
+                break
+            await asyncio.sleep(0.01)
+        await worker.stop(10)
+    await spool.close()
+    assert [len(orjson.loads(r["body"])["batch"]) for r in recorder.requests] == [10]
 
 
 async def test_events_a_destination_already_took_are_not_dead_lettered(tmp_path: Any) -> None:

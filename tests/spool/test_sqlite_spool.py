@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tagrelay.errors import SpoolUnavailable
-from tagrelay.spool.sqlite import CursorState, SqliteSpool
+from tagrelay.spool.sqlite import CursorState, HeadWatch, SqliteSpool
 from tests.support import SERVER_KEY, basic, metric_value
 
 
@@ -171,9 +171,12 @@ async def test_checkpoint_moves_the_wal_into_the_database(tmp_path: Path) -> Non
     await spool.close()
 
 
-async def test_a_listener_on_another_loop_is_woken_once_until_it_clears(tmp_path: Path) -> None:
-    """A commit wakes a listener of another loop (the delivery thread's) through that loop;
-    while its event is still set, further commits do not wake that thread again."""
+async def test_a_watch_on_another_loop_is_woken_at_its_level_and_once_until_rearmed(
+    tmp_path: Path,
+) -> None:
+    """A commit wakes a watch of another loop (the delivery thread's) through that loop, and
+    only once the head has reached the watch's level; while its event is still set, further
+    commits do not wake that thread again."""
     import threading
 
     other = asyncio.new_event_loop()
@@ -188,32 +191,39 @@ async def test_a_listener_on_another_loop_is_woken_once_until_it_clears(tmp_path
             scheduled.append(callback)
             other.call_soon_threadsafe(callback, *args)
 
-    async def make_listener() -> asyncio.Event:
-        return asyncio.Event()
+    def on_other(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, other).result()
+
+    async def subscribe(spool: SqliteSpool) -> HeadWatch:
+        return spool.subscribe()
 
     try:
         spool = await open_spool(tmp_path)
-        listener = asyncio.run_coroutine_threadsafe(make_listener(), other).result()
-        spool._listeners.append((CountingLoop(), listener))  # type: ignore[arg-type]
+        watch = on_other(subscribe(spool))
+        watch.loop = CountingLoop()
 
         async def is_set() -> bool:
-            return listener.is_set()
+            return watch.event.is_set()
 
-        def on_other(coro: Any) -> Any:
-            return asyncio.run_coroutine_threadsafe(coro, other).result()
+        async def arm(level: int) -> None:
+            watch.arm(level)
 
         await spool.append([(1, b"a")])
-        assert on_other(is_set()) and len(scheduled) == 1
+        assert on_other(is_set()) and len(scheduled) == 1, "armed for any commit at first"
         await spool.append([(1, b"b")])
         await spool.append([(1, b"c")])
         assert len(scheduled) == 1, "still set: no second wake-up"
 
-        async def clear() -> None:
-            listener.clear()
-
-        on_other(clear())
+        on_other(arm(spool.head + 3))  # a batch of 3 more
         await spool.append([(1, b"d")])
-        assert on_other(is_set()) and len(scheduled) == 2, "cleared: the next commit wakes it"
+        await spool.append([(1, b"e")])
+        assert not on_other(is_set()) and len(scheduled) == 1, "below the level: no wake-up"
+        await spool.append([(1, b"f")])
+        assert on_other(is_set()) and len(scheduled) == 2, "the level reached: woken"
+
+        on_other(arm(spool.head + 1))
+        await spool.append([(1, b"g"), (1, b"h")])
+        assert on_other(is_set()) and len(scheduled) == 3, "re-armed: the next commit wakes it"
         await spool.close()
     finally:
         other.call_soon_threadsafe(other.stop)

@@ -159,7 +159,7 @@ class ForwarderWorker:
 
     async def _step(self) -> None:
         batch_cfg = self.config.batch
-        self._wake.clear()
+        self._wake.arm(self._state.position + 1)  # any commit past the cursor
         batch = await self.spool.read(self._state.position, batch_cfg.max_events)
         if not batch:
             await self._wait_for_wake(IDLE_POLL_SECS)
@@ -167,16 +167,14 @@ class ForwarderWorker:
         if len(batch) < batch_cfg.max_events and self._state.attempts == 0:
             # A partial batch: wait until enough events are committed or the oldest has
             # waited max_wait_secs, watching the in-memory head (not re-reading the spool).
+            # Woken once the batch is full, not at every commit (see HeadWatch).
             deadline = batch[0].received_ms / 1000 + batch_cfg.max_wait_secs
+            full_at = self._state.position + batch_cfg.max_events
             waited = False
             while True:
-                self._wake.clear()  # before the checks, so no commit goes unnoticed
+                self._wake.arm(full_at)  # before the checks, so no commit goes unnoticed
                 remaining = deadline - self._clock()
-                if (
-                    self._stopping.is_set()
-                    or self.spool.head - self._state.position >= batch_cfg.max_events
-                    or remaining <= 0
-                ):
+                if self._stopping.is_set() or self.spool.head >= full_at or remaining <= 0:
                     break
                 await self._wait_for_wake(remaining)
                 waited = True
