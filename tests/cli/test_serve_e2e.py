@@ -103,12 +103,27 @@ class Relay:
             text: str = resp.read().decode()
             return text
 
+    def children(self) -> list[int]:
+        tasks = Path(f"/proc/{self.proc.pid}/task")  # a child belongs to the starting thread
+        return [
+            int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()
+        ]
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
         finally:
             self.log.close()
+
+
+def alive(pid: int) -> bool:
+    """Running, and not a zombie (an orphan's zombie is reaped by init, not by this test)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 @pytest.fixture
@@ -200,7 +215,14 @@ def test_acknowledged_events_survive_sigkill_and_reach_the_warehouse(
     relays.append(first)
     status, body = first.post("/v1/batch", signup_batch(40, "k"))
     assert (status, body["accepted"]) == (200, 42)
+    children = first.children()
+    assert len(children) == 2, "the spool's commit process and the warehouse process"
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
+    # Orphaned, both see their socket close and exit by themselves.
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in children)
 
     # Nothing had been loaded yet: whatever shows up later came from the spool.
     assert sql(config, "select count(*) as n from events")[0]["n"] == 0

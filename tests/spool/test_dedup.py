@@ -14,6 +14,7 @@ import pytest
 
 from tagrelay.app import SPOOL
 from tagrelay.errors import SpoolUnavailable
+from tagrelay.spool import writer_child
 from tagrelay.spool.dedup import RecentIds
 from tagrelay.spool.sqlite import LOG_BOUNDS, SqliteSpool
 from tests.support import SERVER_KEY, basic, metric_value
@@ -109,10 +110,30 @@ async def test_a_failed_id_log_leaves_no_segment(tmp_path: Path) -> None:
     await spool.close()
 
 
-async def test_a_group_commit_is_one_statement(tmp_path: Path) -> None:
-    # Every statement costs the writer thread a GIL hand-back; under load each one waited
-    # for the event loop's turn. Segment and ids go in one statement.
+async def test_a_group_commit_is_one_frame_and_one_statement(tmp_path: Path) -> None:
+    # Concurrent appends share one frame to the commit process, and there the segment and
+    # its ids go in one statement (its own transaction, atomic).
     spool = await open_spool(tmp_path)
+    commits = spool._commits
+    assert commits is not None
+    frames: list[tuple[Any, ...]] = []
+    real_insert = commits.insert
+
+    async def counting_insert(*args: Any) -> int:
+        frames.append(args)
+        return await real_insert(*args)
+
+    commits.insert = counting_insert  # type: ignore[method-assign]
+    await asyncio.gather(
+        spool.append([(1, b"a"), (1, b"b")], ["id-a", "id-b"]),
+        spool.append([(1, b"c")], ["id-c"]),
+    )
+    assert len(frames) == 1, frames
+    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
+        logged = [r[0] for r in conn.execute("SELECT message_id FROM message_log ORDER BY id")]
+    assert logged == ["id-a", "id-b", "id-c"]
+    await spool.close()
+
     statements: list[str] = []
 
     class Counting:
@@ -123,19 +144,11 @@ async def test_a_group_commit_is_one_statement(tmp_path: Path) -> None:
             statements.append(sql)
             return self.conn.execute(sql, *args)
 
-    real = spool._wconn
-    assert real is not None
-    spool._wconn = Counting(real)  # type: ignore[assignment]
-    await asyncio.gather(
-        spool.append([(1, b"a"), (1, b"b")], ["id-a", "id-b"]),
-        spool.append([(1, b"c")], ["id-c"]),
-    )
-    spool._wconn = real
+    conn = writer_child.open_connection(str(tmp_path / "spool.sqlite3"), "full", 0)
+    writer_child.insert(Counting(conn), 4, 1, 1, b"d", '["id-d"]')  # type: ignore[arg-type]
     assert len(statements) == 1, statements
-    with sqlite3.connect(tmp_path / "spool.sqlite3") as conn:
-        logged = [r[0] for r in conn.execute("SELECT message_id FROM message_log ORDER BY id")]
-    assert logged == ["id-a", "id-b", "id-c"]
-    await spool.close()
+    assert conn.execute("SELECT COUNT(*) FROM message_log").fetchone() == (4,)
+    conn.close()
 
 
 async def test_the_log_is_pruned_by_window_and_by_capacity(tmp_path: Path) -> None:

@@ -6,13 +6,15 @@ cursor is past them. The rules this module keeps:
 - ``append`` returns only after the events are committed (fsynced with ``synchronous=full``).
   Requests arriving while a commit is in flight wait for the next one and share it (group
   commit): one transaction per round, not per request.
-- All SQLite work runs off the event loop: writes on one writer thread and its connection,
-  reads on a reader thread with its own connection (WAL lets them run together).
+- All SQLite work runs off the event loop. Group commits run in a child process of their
+  own (``spool.writer``: a thread would compete with the event loop for the GIL); the
+  other writes (cursors, dead letters, pruning) on a writer thread, and reads on a reader
+  thread, each with its own connection (WAL lets them run together).
 - Each group commit is stored as one *segment*: a single row holding its events as JSON
   lines, written by a single statement. Events still have their own sequence numbers
   (``seq``, contiguous across segments), which is what cursors, dead letters and depths
   count; segments only make the write cheap (one SQLite step per commit instead of one per
-  event, which also keeps the writer thread from fighting the event loop for the GIL).
+  event).
 - A failed commit raises ``SpoolUnavailable`` to every waiter of that round, so nothing that
   was not stored is acknowledged. ``max_size_mb`` turns into ``PRAGMA max_page_count``: a
   full spool fails commits the same way a full disk does.
@@ -42,10 +44,18 @@ import orjson
 
 from tagrelay.errors import SpoolUnavailable
 from tagrelay.spool.dedup import RecentIds
+from tagrelay.spool.writer import WriterProcess
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+Pending = tuple[Sequence[tuple[int, bytes]], Sequence[str] | None, asyncio.Future[int]]
+"""An append waiting for its round: its rows, their message ids, the future it awaits."""
+
+LOCK_WAIT_SECS = 5.0
+"""How long ``open`` waits for the spool's lock: a relay that was just killed may leave its
+commit process finishing a statement for a moment."""
 
 PRUNE_CHUNK_SEGMENTS = 200
 """Segments deleted per pruning transaction (each costs the commits waiting behind it)."""
@@ -80,30 +90,6 @@ CREATE TABLE IF NOT EXISTS message_log (
     received_ms INTEGER NOT NULL
 );
 """
-
-COMMIT_VIEW = """
-CREATE TEMP VIEW IF NOT EXISTS logged_segments (last_seq, count, received_ms, payload, ids) AS
-    SELECT last_seq, count, received_ms, payload, NULL FROM main.segments;
-CREATE TEMP TRIGGER IF NOT EXISTS logged_segments_insert
-INSTEAD OF INSERT ON logged_segments
-BEGIN
-    INSERT INTO segments (last_seq, count, received_ms, payload)
-        VALUES (NEW.last_seq, NEW.count, NEW.received_ms, NEW.payload);
-    INSERT INTO message_log (message_id, received_ms)
-        SELECT value, NEW.received_ms FROM json_each(NEW.ids);
-END;
-"""
-"""A group commit with deduplication writes a segment and logs its ids (appends to
-``message_log``: no random B-tree pages). Through this view, which exists on the writer's
-connection only (TEMP), that is one statement in autocommit mode, atomic like any
-statement, instead of BEGIN, two INSERTs and COMMIT. Each statement hands the GIL back and
-forth, and under load each hand-back waited for the event loop's turn: the four took
-8-9 ms per commit at batch rates where this one takes 5 ms."""
-
-COMMIT_INSERT = (
-    "INSERT INTO logged_segments (last_seq, count, received_ms, payload, ids) "
-    "VALUES (?, ?, ?, ?, ?)"
-)
 
 LOG_BOUNDS = "SELECT (SELECT MIN(id) FROM message_log), (SELECT MAX(id) FROM message_log)"
 """The first and last logged id. Two subqueries: SQLite answers a lone MIN or MAX from the
@@ -205,15 +191,14 @@ class SqliteSpool:
         self._recent = RecentIds(dedup_capacity, self.dedup_window_ms)
         self._synchronous = synchronous.upper()
         self._max_size_mb = max_size_mb
+        self._max_page_count = 0
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="spool-writer")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="spool-reader")
         self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="spool-checkpoint")
         self._cconn: sqlite3.Connection | None = None
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
-        self._pending: list[
-            tuple[Sequence[tuple[int, bytes]], Sequence[str] | None, asyncio.Future[int]]
-        ] = []
+        self._pending: list[Pending] = []
         self._flusher: asyncio.Task[None] | None = None
         self._watches: list[HeadWatch] = []
         self._head = 0
@@ -221,6 +206,8 @@ class SqliteSpool:
         self._closed = False
         self._last_failure: float | None = None
         self._lock_handle: IO[str] | None = None
+        self._commits: WriterProcess | None = None
+        self.lock_wait_secs = LOCK_WAIT_SECS
         self.commits = 0
         """Number of append transactions committed (group commit makes it < requests)."""
 
@@ -228,26 +215,67 @@ class SqliteSpool:
 
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._take_lock()
-        await self._on_writer(self._open_writer)
+        await self._take_lock()
+        try:
+            await self._on_writer(self._open_writer)
+            await self._start_commits()
+        except BaseException:
+            await self._release()
+            raise
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._reader, self._open_reader)
         await loop.run_in_executor(self._checkpointer, self._open_checkpointer)
         log.info("spool opened", extra={"path": str(self.path), "head": self._head})
 
-    def _take_lock(self) -> None:
-        """One relay per spool: a second one would hand out the same sequence numbers."""
+    async def _take_lock(self) -> None:
+        """One relay per spool: a second one would hand out the same sequence numbers. The
+        commit process inherits the lock, so it is free only once that process has exited
+        too."""
         lock_path = self.path.with_name(self.path.name + ".lock")
         handle = lock_path.open("a+")
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.close()
-            raise SpoolUnavailable(
-                f"another tagrelay process is using {self.path.parent}; stop it, or give this "
-                "one its own --data-dir"
-            ) from None
+        deadline = time.monotonic() + self.lock_wait_secs
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() >= deadline:
+                    handle.close()
+                    raise SpoolUnavailable(
+                        f"another tagrelay process is using {self.path.parent}; stop it, or "
+                        "give this one its own --data-dir"
+                    ) from None
+                await asyncio.sleep(0.05)
         self._lock_handle = handle
+
+    async def _start_commits(self) -> None:
+        assert self._lock_handle is not None
+        commits = WriterProcess(
+            self.path, self._synchronous, self._max_page_count, self._lock_handle.fileno()
+        )
+        await commits.start()
+        self._commits = commits
+
+    async def _restart_commits(self) -> None:
+        """After the commit process failed: whether its last commit reached the disk is
+        unknown, so the head and the recent ids are read back from the database before a
+        new process takes the next commit."""
+        if self._commits is not None:
+            await self._commits.close()
+            self._commits = None
+        self._head = await self._on_writer(self._read_head, self._conn())
+        self._recent = RecentIds(self.dedup_capacity, self.dedup_window_ms)
+        await self._on_writer(self._load_recent_ids, self._conn())
+        await self._start_commits()
+        log.warning("restarted the spool's commit process", extra={"head": self._head})
+
+    async def _release(self) -> None:
+        if self._commits is not None:
+            await self._commits.close()
+            self._commits = None
+        if self._lock_handle is not None:
+            self._lock_handle.close()  # releases the lock
+            self._lock_handle = None
 
     def _open_writer(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -258,19 +286,23 @@ class SqliteSpool:
         # do not hold up group commits.
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.executescript(SCHEMA)
-        conn.executescript(COMMIT_VIEW)
         if self._max_size_mb:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
-            conn.execute(f"PRAGMA max_page_count={self._max_size_mb * 1024 * 1024 // page_size}")
+            self._max_page_count = self._max_size_mb * 1024 * 1024 // page_size
+            conn.execute(f"PRAGMA max_page_count={self._max_page_count}")
+        self._head = self._read_head(conn)
+        self._load_recent_ids(conn)
+        self._wconn = conn
+
+    @staticmethod
+    def _read_head(conn: sqlite3.Connection) -> int:
         # Pruning always keeps the newest segment, so the head survives a restart; the
         # cursors are a second witness.
         row = conn.execute(
             "SELECT MAX(COALESCE((SELECT MAX(last_seq) FROM segments), 0), "
             "COALESCE((SELECT MAX(position) FROM cursors), 0))"
         ).fetchone()
-        self._head = int(row[0])
-        self._load_recent_ids(conn)
-        self._wconn = conn
+        return int(row[0])
 
     def _open_checkpointer(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
@@ -281,12 +313,14 @@ class SqliteSpool:
         """Copy committed WAL frames into the database file, so that the WAL stays small.
 
         The bulk of the copy runs on the checkpoint thread (a PASSIVE checkpoint never
-        blocks commits). Then the writer finishes the few frames committed meanwhile: only
-        a checkpoint that reaches the end of the WAL lets the next commit start the WAL
-        over, and under steady load only the writer itself can reach that end."""
+        blocks commits). Then the commit process finishes the few frames committed
+        meanwhile: only a checkpoint that reaches the end of the WAL lets the next commit
+        start the WAL over, and under steady load only the committer itself can reach that
+        end."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._checkpointer, self._checkpoint, self._cconn)
-        await self._on_writer(self._checkpoint, self._wconn)
+        if self._commits is not None and not self._commits.broken:
+            await self._commits.checkpoint()
 
     @staticmethod
     def _checkpoint(conn: sqlite3.Connection | None) -> None:
@@ -307,6 +341,9 @@ class SqliteSpool:
             await self._flusher
         if self._pending:
             await self._flush()
+        if self._commits is not None:
+            await self._commits.close()
+            self._commits = None
         loop = asyncio.get_running_loop()
         if self._wconn is not None:
             await loop.run_in_executor(self._writer, self._wconn.close)
@@ -317,9 +354,7 @@ class SqliteSpool:
         self._writer.shutdown(wait=True)
         self._reader.shutdown(wait=True)
         self._checkpointer.shutdown(wait=True)
-        if self._lock_handle is not None:
-            self._lock_handle.close()  # releases the lock
-            self._lock_handle = None
+        await self._release()
 
     def writable(self, within_secs: float = 5.0) -> bool:
         """Open, and no commit failed in the last ``within_secs`` (for ``/readyz``)."""
@@ -363,6 +398,13 @@ class SqliteSpool:
 
     async def _flush(self) -> None:
         pending, self._pending = self._pending, []
+        if self._commits is None or self._commits.broken:
+            # Before the dedup check: a restart reads back the ids really stored.
+            try:
+                await self._restart_commits()
+            except SpoolUnavailable as exc:
+                self._fail_round(pending, exc)
+                return
         received_ms = min(rows[0][0] for rows, _, _ in pending)
         logged: list[str] = []
         if any(ids is not None for _, ids, _ in pending):
@@ -374,19 +416,14 @@ class SqliteSpool:
             if not payloads:
                 head = self._head  # every event was a resend: nothing to write
             else:
-                head = await self._on_writer(
-                    self._insert,
-                    self._head,
+                head = await self._commit(
                     received_ms,
                     len(payloads),
                     b"\n".join(payloads),
                     orjson.dumps(logged).decode() if logged else None,
                 )
         except SpoolUnavailable as exc:
-            self._last_failure = time.monotonic()
-            for _, _, fut in pending:
-                if not fut.done():
-                    fut.set_exception(exc)
+            self._fail_round(pending, exc)
             return
         if logged:
             self._recent.add_all(logged, received_ms)
@@ -400,11 +437,20 @@ class SqliteSpool:
         for watch in self._watches:
             watch.notify(head, loop)
 
+    def _fail_round(
+        self,
+        pending: list[Pending],
+        exc: SpoolUnavailable,
+    ) -> None:
+        log.error("spool commit failed", extra={"error": str(exc)})
+        self._last_failure = time.monotonic()
+        for _, _, fut in pending:
+            if not fut.done():
+                fut.set_exception(exc)
+
     def _new_events(
         self,
-        pending: list[
-            tuple[Sequence[tuple[int, bytes]], Sequence[str] | None, asyncio.Future[int]]
-        ],
+        pending: list[Pending],
     ) -> tuple[list[bytes], list[int], list[str]]:
         """The payloads of one round that are not resends, how many of each request's
         those are, and their ids. The first copy of an id within the round wins. Rounds
@@ -441,20 +487,12 @@ class SqliteSpool:
             stored.append(len(payloads) - before)
         return payloads, stored, logged
 
-    def _insert(
-        self, head: int, received_ms: int, count: int, payload: bytes, ids_json: str | None
+    async def _commit(
+        self, received_ms: int, count: int, payload: bytes, ids_json: str | None
     ) -> int:
-        last_seq = head + count
-        conn = self._conn()
-        # One statement in autocommit mode either way: its own transaction, one SQLite step.
-        if ids_json is None:
-            conn.execute(
-                "INSERT INTO segments (last_seq, count, received_ms, payload) VALUES (?, ?, ?, ?)",
-                (last_seq, count, received_ms, payload),
-            )
-        else:
-            conn.execute(COMMIT_INSERT, (last_seq, count, received_ms, payload, ids_json))
-        return last_seq
+        """Write one segment (and log its ids) in the commit process; the new head."""
+        assert self._commits is not None
+        return await self._commits.insert(self._head + count, count, received_ms, payload, ids_json)
 
     # -- cursors -----------------------------------------------------------------------
 

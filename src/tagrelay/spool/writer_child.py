@@ -1,0 +1,161 @@
+"""The spool's group commits, in a process of their own: the child's side.
+
+Why a process: a commit is one SQLite statement and an fsync, and SQLite releases the GIL
+while it works. But a thread of the relay's process needs the GIL before and after, while
+the event loop holds it to serve requests; measured on two cores, handing a commit to a
+thread and back cost the loop ~1 ms of its own CPU per commit, even for a commit that
+did nothing (single-event ingest ran 30-40% slower than with the commit on the loop). A
+process has its own interpreter: the loop only writes a frame to a socket and reads the
+answer when it comes.
+
+This module runs as ``python -I -S writer_child.py FD PATH SYNCHRONOUS MAX_PAGE_COUNT`` and
+imports only the standard library, so that it starts in tens of milliseconds. The relay
+(``tagrelay.spool.writer``) speaks to it over the socket ``FD`` with fixed-size frames:
+
+request  ``REQUEST`` (op, a, b, c, len1, len2), then len1 + len2 bytes
+         ``OP_INSERT``:     a = last_seq, b = count, c = received_ms, the payload, the ids
+                            as a JSON array (len2 = 0: no id log)
+         ``OP_CHECKPOINT``: a passive WAL checkpoint
+answer   ``REPLY`` (status, value, len), then len bytes of message; status ``OK``,
+         ``SQLITE_ERROR`` (the statement failed and changed nothing) or ``FAILED``
+
+Once the database is open the child answers one frame (``OK``, or an error and it exits).
+It exits when the socket closes: when the relay closes the spool, exits or dies (a SIGKILL
+included). A statement in flight then completes or not as a whole, as SQLite statements do.
+It also inherits the spool's lock file, so a new relay cannot open the spool before this
+child has finished.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sqlite3
+import struct
+import sys
+
+REQUEST = struct.Struct("<BqqqII")
+REPLY = struct.Struct("<BqI")
+
+OP_INSERT = 1
+OP_CHECKPOINT = 2
+
+OK = 0
+SQLITE_ERROR = 1
+FAILED = 2
+
+PLAIN_INSERT = "INSERT INTO segments (last_seq, count, received_ms, payload) VALUES (?, ?, ?, ?)"
+
+COMMIT_VIEW = """
+CREATE TEMP VIEW IF NOT EXISTS logged_segments (last_seq, count, received_ms, payload, ids) AS
+    SELECT last_seq, count, received_ms, payload, NULL FROM main.segments;
+CREATE TEMP TRIGGER IF NOT EXISTS logged_segments_insert
+INSTEAD OF INSERT ON logged_segments
+BEGIN
+    INSERT INTO segments (last_seq, count, received_ms, payload)
+        VALUES (NEW.last_seq, NEW.count, NEW.received_ms, NEW.payload);
+    INSERT INTO message_log (message_id, received_ms)
+        SELECT value, NEW.received_ms FROM json_each(NEW.ids);
+END;
+"""
+"""A group commit with deduplication writes a segment and logs its ids (appends to
+``message_log``: no random B-tree pages). Through this view, which exists on the child's
+connection only (TEMP), that is one statement in autocommit mode, atomic like any
+statement, instead of BEGIN, two INSERTs and COMMIT."""
+
+LOGGED_INSERT = (
+    "INSERT INTO logged_segments (last_seq, count, received_ms, payload, ids) "
+    "VALUES (?, ?, ?, ?, ?)"
+)
+
+
+def open_connection(path: str, synchronous: str, max_page_count: int) -> sqlite3.Connection:
+    """The appending connection; the relay has created the schema already."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+        raise ValueError(f"unknown synchronous mode {synchronous!r}")
+    conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    if max_page_count:
+        conn.execute(f"PRAGMA max_page_count={int(max_page_count)}")
+    conn.executescript(COMMIT_VIEW)
+    return conn
+
+
+def insert(
+    conn: sqlite3.Connection,
+    last_seq: int,
+    count: int,
+    received_ms: int,
+    payload: bytes,
+    ids_json: str | None,
+) -> None:
+    """One group commit: one statement in autocommit mode, its own transaction."""
+    if ids_json is None:
+        conn.execute(PLAIN_INSERT, (last_seq, count, received_ms, payload))
+    else:
+        conn.execute(LOGGED_INSERT, (last_seq, count, received_ms, payload, ids_json))
+
+
+def checkpoint(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+
+def reply(sock: socket.socket, status: int, value: int = 0, message: str = "") -> None:
+    data = message.encode("utf-8", "replace")
+    sock.sendall(REPLY.pack(status, value, len(data)) + data)
+
+
+def serve(sock: socket.socket, conn: sqlite3.Connection) -> None:
+    """Answer frames until the socket closes."""
+    stream = sock.makefile("rb")
+    while True:
+        head = stream.read(REQUEST.size)
+        if len(head) < REQUEST.size:
+            return  # the relay is gone, or closed the spool
+        op, a, b, c, len1, len2 = REQUEST.unpack(head)
+        first = stream.read(len1)
+        second = stream.read(len2)
+        if len(first) < len1 or len(second) < len2:
+            return
+        try:
+            if op == OP_INSERT:
+                insert(conn, a, b, c, first, second.decode() if len2 else None)
+                reply(sock, OK, a)
+            elif op == OP_CHECKPOINT:
+                checkpoint(conn)
+                reply(sock, OK)
+            else:
+                reply(sock, FAILED, 0, f"unknown operation {op}")
+        except sqlite3.Error as exc:
+            reply(sock, SQLITE_ERROR, 0, str(exc))
+        except Exception as exc:  # a bug here must fail the commit, not hang the relay
+            reply(sock, FAILED, 0, f"{type(exc).__name__}: {exc}")
+
+
+def main(argv: list[str]) -> int:
+    # Ctrl-C and a process-group SIGTERM are the relay's to handle: it finishes its last
+    # commits here during its graceful shutdown, then closes the socket, which ends this.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    fd, path, synchronous, max_page_count = int(argv[1]), argv[2], argv[3], int(argv[4])
+    with socket.socket(fileno=fd) as sock:
+        try:
+            conn = open_connection(path, synchronous, max_page_count)
+        except (sqlite3.Error, ValueError, OSError) as exc:
+            reply(sock, SQLITE_ERROR, 0, f"could not open {path}: {exc}")
+            return 1
+        reply(sock, OK)
+        try:
+            serve(sock, conn)
+        except OSError:
+            pass  # the socket broke: the relay is gone
+        finally:
+            conn.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
