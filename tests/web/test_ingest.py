@@ -59,6 +59,30 @@ async def test_one_letter_paths_set_the_type(relay: Any) -> None:
     assert types == ["page", "identify", "track", "screen", "group", "alias"]
 
 
+async def test_known_types_have_plain_routes_and_unknown_ones_still_get_json_errors(
+    relay: Any,
+) -> None:
+    """Each known type is a route of its own (no pattern to match per request); its path
+    is the metrics' route label. Unknown types and wrong methods answer as before."""
+    client = await relay()
+    auth = basic(SERVER_KEY)
+    for path in ("/v1/track", "/v1/b", "/api/s/s2s/t", "/api/s/page"):
+        body = {"batch": [track(type="track")]} if path == "/v1/b" else track()
+        resp = await client.post(path, json=body, headers=auth)
+        assert resp.status == 200, (path, await resp.text())
+        labels = {"route": path, "method": "POST", "status_class": "2xx"}
+        assert metric_value(client.app, "tagrelay_http_request_duration_seconds_count", labels)
+
+    resp = await client.post("/v1/bogus", json=track(), headers=auth)
+    assert (resp.status, (await resp.json())["error"]) == (404, "unknown_endpoint")
+    resp = await client.get("/v1/track")
+    assert (resp.status, (await resp.json())["error"]) == (405, "method_not_allowed")
+    resp = await client.post("/api/s/s2s/bogus", json=track(), headers=auth)
+    assert (resp.status, (await resp.json())["error"]) == (400, "unknown_type")
+    resp = await client.post("/api/s/bogus", json=track(), headers=auth)
+    assert (resp.status, (await resp.json())["error"]) == (400, "unknown_type")
+
+
 async def test_write_key_in_body_or_header(relay: Any) -> None:
     client = await relay()
     r1 = await client.post("/v1/track", json={**track(), "writeKey": SERVER_KEY})

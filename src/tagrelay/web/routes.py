@@ -15,6 +15,11 @@ path                               protocol                                     
 
 Every route is mounted under ``server.base_path``. Every ingest route also answers CORS
 preflights (``OPTIONS``).
+
+Each known type has a plain route of its own (``/v1/track``, ``/api/s/s2s/t``, ...): the
+router finds a plain path with one dict lookup, where a route with a pattern costs a regular
+expression match and a ``match_info`` dict on every request (3-5% of single-event ingest).
+The patterns stay, after them, for the unknown types, which get their JSON errors.
 """
 
 from __future__ import annotations
@@ -27,12 +32,20 @@ from tagrelay.config.models import PathsConfig
 from tagrelay.sources.segment import BATCH_PATHS, PATH_TYPES
 from tagrelay.web.ingest import IngestService, Route, json_response
 
-SEGMENT_PATHS = "|".join(sorted({*PATH_TYPES, *BATCH_PATHS}, key=lambda p: (-len(p), p)))
-
 
 def _handler(
-    service: IngestService, route: Route
+    service: IngestService, route: Route, kind: str | None = None
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The handler of a route; ``kind`` is the path's type, or None to take it from the
+    pattern's ``{kind}``."""
+    if kind is not None:
+        path_kind = kind
+
+        async def handle_plain(request: web.Request) -> web.Response:
+            return await service.handle(request, route, path_kind)
+
+        return handle_plain
+
     async def handle(request: web.Request) -> web.Response:
         return await service.handle(request, route, request.match_info.get("kind", ""))
 
@@ -42,16 +55,21 @@ def _handler(
 def ingest_routes(
     router: web.UrlDispatcher, service: IngestService, prefix: str, paths: PathsConfig
 ) -> None:
-    routes = [
-        (f"/v1/{{kind:(?:{SEGMENT_PATHS})}}", Route("segment")),
-        ("/api/s/s2s/{kind}", Route("jitsu", server_keys_only=True)),
-        ("/api/s/{kind:(?!s2s$)[^/]+}", Route("jitsu")),
-        (paths.events, Route("tagrelay")),
-    ]
-    for path, route in routes:
+    def add(path: str, route: Route, kind: str | None) -> None:
         resource = router.add_resource(prefix + path)
-        resource.add_route("POST", _handler(service, route))
+        resource.add_route("POST", _handler(service, route, kind))
         resource.add_route("OPTIONS", service.preflight)
+
+    segment, jitsu = Route("segment"), Route("jitsu")
+    jitsu_s2s = Route("jitsu", server_keys_only=True)
+    for kind in sorted({*PATH_TYPES, *BATCH_PATHS}):
+        add(f"/v1/{kind}", segment, kind)
+    for kind in sorted(PATH_TYPES):
+        add(f"/api/s/s2s/{kind}", jitsu_s2s, kind)
+        add(f"/api/s/{kind}", jitsu, kind)
+    add("/api/s/s2s/{kind}", jitsu_s2s, None)
+    add("/api/s/{kind:(?!s2s$)[^/]+}", jitsu, None)
+    add(paths.events, Route("tagrelay"), "")
     identity = router.add_resource(prefix + paths.identity)
     identity.add_route("GET", service.identity_handler)
     identity.add_route("OPTIONS", service.preflight)
