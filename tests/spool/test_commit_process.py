@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -130,4 +131,38 @@ async def test_a_refused_statement_leaves_the_commit_process_running(tmp_path: P
         await spool.append([(now_ms(), os.urandom(600_000).hex().encode())])
     assert await spool.append([(now_ms(), b"small")]) == 1
     assert spool._commits.pid == pid
+    await spool.close()
+
+
+async def test_pruning_deletes_run_in_the_commit_process_between_commits(
+    tmp_path: Path,
+) -> None:
+    # One writer for commits and deletes: from the writer thread's connection the deletes
+    # fought the commits for SQLite's write lock (commits of 10-40 ms every second).
+    spool = await open_spool(tmp_path)
+    spool.dedup_capacity = 2
+    for i in range(5):
+        await spool.append([(now_ms(), b"e%d" % i)], [f"id-{i}"])
+    await spool.register("fwd")
+    await spool.advance("fwd", 4)
+
+    statements: list[str] = []
+    real = spool._wconn
+    assert real is not None
+
+    class NoDeletes:
+        def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+            statements.append(sql)
+            assert not sql.lstrip().upper().startswith("DELETE"), sql
+            return real.execute(sql, *args)
+
+    spool._wconn = NoDeletes()  # type: ignore[assignment]
+    assert await spool.prune() == 4  # the newest segment stays
+    assert await spool.prune_message_ids() == 3  # beyond the capacity of 2
+    spool._wconn = real
+    assert statements, "the id log's bounds are still read on the writer thread"
+    assert [e.payload for e in await spool.read(4, 10)] == [b"e4"]
+    with sqlite3.connect(spool.path) as conn:
+        kept = [r[0] for r in conn.execute("SELECT message_id FROM message_log ORDER BY id")]
+    assert kept == ["id-3", "id-4"]
     await spool.close()

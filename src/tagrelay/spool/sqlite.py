@@ -6,10 +6,10 @@ cursor is past them. The rules this module keeps:
 - ``append`` returns only after the events are committed (fsynced with ``synchronous=full``).
   Requests arriving while a commit is in flight wait for the next one and share it (group
   commit): one transaction per round, not per request.
-- All SQLite work runs off the event loop. Group commits run in a child process of their
-  own (``spool.writer``: a thread would compete with the event loop for the GIL); the
-  other writes (cursors, dead letters, pruning) on a writer thread, and reads on a reader
-  thread, each with its own connection (WAL lets them run together).
+- All SQLite work runs off the event loop. Group commits and the deletes of pruning run in
+  a child process of their own (``spool.writer``: a thread would compete with the event
+  loop for the GIL); the other writes (cursors, dead letters) on a writer thread, and reads
+  on a reader thread, each with its own connection (WAL lets them run together).
 - Each group commit is stored as one *segment*: a single row holding its events as JSON
   lines, written by a single statement. Events still have their own sequence numbers
   (``seq``, contiguous across segments), which is what cursors, dead letters and depths
@@ -94,7 +94,7 @@ CREATE TABLE IF NOT EXISTS message_log (
 LOG_BOUNDS = "SELECT (SELECT MIN(id) FROM message_log), (SELECT MAX(id) FROM message_log)"
 """The first and last logged id. Two subqueries: SQLite answers a lone MIN or MAX from the
 ends of the primary key, but scans the whole table for both in one SELECT, which took
-~30 ms at 250,000 ids on the thread every commit waits for."""
+~30 ms at 250,000 ids, every second."""
 
 
 class HeadWatch:
@@ -661,7 +661,7 @@ class SqliteSpool:
         Returns how many were deleted."""
         total = 0
         while True:
-            deleted = await self._on_writer(self._prune, chunk)
+            deleted = await self._commit_process().prune_segments(self._head, chunk)
             total += deleted
             if deleted < chunk:
                 return total
@@ -674,16 +674,29 @@ class SqliteSpool:
         cutoff = (now_ms if now_ms is not None else _now_ms()) - self.dedup_window_ms
         total = 0
         while True:
-            deleted = await self._on_writer(self._prune_message_ids, cutoff, chunk)
+            upto = await self._on_writer(self._prunable_ids, cutoff, chunk)
+            if upto is None:
+                return total
+            deleted = await self._commit_process().prune_ids(upto)
             total += deleted
             if deleted < chunk:
                 return total
 
-    def _prune_message_ids(self, cutoff_ms: int, chunk: int) -> int:
+    def _commit_process(self) -> WriterProcess:
+        """The commit process, for maintenance; when it failed, maintenance waits for the
+        next commit to replace it."""
+        if self._commits is None or self._commits.broken:
+            raise SpoolUnavailable("the spool's commit process is not running")
+        return self._commits
+
+    def _prunable_ids(self, cutoff_ms: int, chunk: int) -> int | None:
+        """The last logged id to forget in one delete of at most ``chunk``: older than
+        the window or beyond the capacity. None when there is none. Reads only: the
+        delete runs in the commit process."""
         conn = self._conn()
         first, last = conn.execute(LOG_BOUNDS).fetchone()
         if first is None:
-            return 0
+            return None
         # Ids grow with commits, so received_ms grows with them (up to clock steps): find
         # the last row older than the cutoff by bisection on the primary key.
         upto = last - self.dedup_capacity
@@ -700,9 +713,8 @@ class SqliteSpool:
                 upto = row[0]
                 lo = row[0] + 1
         if upto < first:
-            return 0
-        cur = conn.execute("DELETE FROM message_log WHERE id <= ?", (min(upto, first + chunk - 1),))
-        return cur.rowcount
+            return None
+        return int(min(upto, first + chunk - 1))
 
     def _load_recent_ids(self, conn: sqlite3.Connection) -> None:
         if not self.dedup_window_ms:
@@ -718,19 +730,6 @@ class SqliteSpool:
         )
         for message_id, received_ms in rows:
             self._recent.add_all((message_id,), received_ms)
-
-    def _prune(self, chunk: int) -> int:
-        conn = self._conn()
-        row = conn.execute("SELECT MIN(position) FROM cursors").fetchone()
-        upto = self._head if row[0] is None else int(row[0])
-        # The newest segment stays: it remembers the head across restarts.
-        cur = conn.execute(
-            "DELETE FROM segments WHERE last_seq IN (SELECT last_seq FROM segments "
-            "WHERE last_seq <= ? AND last_seq < (SELECT MAX(last_seq) FROM segments) "
-            "ORDER BY last_seq LIMIT ?)",
-            (upto, chunk),
-        )
-        return cur.rowcount
 
     # -- plumbing ----------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ from tagrelay.spool.writer_child import (
     OK,
     OP_CHECKPOINT,
     OP_INSERT,
+    OP_PRUNE_IDS,
+    OP_PRUNE_SEGMENTS,
     REPLY,
     REQUEST,
     SQLITE_ERROR,
@@ -110,6 +112,12 @@ class WriterProcess:
 
     async def checkpoint(self) -> None:
         await self._call(REQUEST.pack(OP_CHECKPOINT, 0, 0, 0, 0, 0))
+
+    async def prune_segments(self, head: int, chunk: int) -> int:
+        return await self._call(REQUEST.pack(OP_PRUNE_SEGMENTS, head, chunk, 0, 0, 0))
+
+    async def prune_ids(self, upto_id: int) -> int:
+        return await self._call(REQUEST.pack(OP_PRUNE_IDS, upto_id, 0, 0, 0, 0))
 
     async def _call(self, *parts: bytes) -> int:
         async with self._lock:

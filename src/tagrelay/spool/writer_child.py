@@ -1,4 +1,4 @@
-"""The spool's group commits, in a process of their own: the child's side.
+"""The spool's group commits and deletes, in a process of their own: the child's side.
 
 Why a process: a commit is one SQLite statement and an fsync, and SQLite releases the GIL
 while it works. But a thread of the relay's process needs the GIL before and after, while
@@ -13,9 +13,12 @@ imports only the standard library, so that it starts in tens of milliseconds. Th
 (``tagrelay.spool.writer``) speaks to it over the socket ``FD`` with fixed-size frames:
 
 request  ``REQUEST`` (op, a, b, c, len1, len2), then len1 + len2 bytes
-         ``OP_INSERT``:     a = last_seq, b = count, c = received_ms, the payload, the ids
-                            as a JSON array (len2 = 0: no id log)
-         ``OP_CHECKPOINT``: a passive WAL checkpoint
+         ``OP_INSERT``:         a = last_seq, b = count, c = received_ms, the payload, the
+                                ids as a JSON array (len2 = 0: no id log)
+         ``OP_CHECKPOINT``:     a passive WAL checkpoint
+         ``OP_PRUNE_SEGMENTS``: delete up to b segments every cursor is past (a = the head,
+                                for when there is no cursor); answers how many
+         ``OP_PRUNE_IDS``:      delete the logged ids up to a; answers how many
 answer   ``REPLY`` (status, value, len), then len bytes of message; status ``OK``,
          ``SQLITE_ERROR`` (the statement failed and changed nothing) or ``FAILED``
 
@@ -24,6 +27,11 @@ It exits when the socket closes: when the relay closes the spool, exits or dies 
 included). A statement in flight then completes or not as a whole, as SQLite statements do.
 It also inherits the spool's lock file, so a new relay cannot open the spool before this
 child has finished.
+
+The deletes of pruning run here too, between the commits: one writer, first come first
+served. From another connection they fought the commits for SQLite's write lock, and a
+commit that found it taken slept in SQLite's busy handler (1, 2, 5, 10 ms...) while the next
+delete chunk took it again: commits of 10-40 ms, every second, under steady load.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ REPLY = struct.Struct("<BqI")
 
 OP_INSERT = 1
 OP_CHECKPOINT = 2
+OP_PRUNE_SEGMENTS = 3
+OP_PRUNE_IDS = 4
 
 OK = 0
 SQLITE_ERROR = 1
@@ -103,6 +113,22 @@ def checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
 
+PRUNE_SEGMENTS = (
+    "DELETE FROM segments WHERE last_seq IN (SELECT last_seq FROM segments "
+    "WHERE last_seq <= COALESCE((SELECT MIN(position) FROM cursors), ?) "
+    "AND last_seq < (SELECT MAX(last_seq) FROM segments) ORDER BY last_seq LIMIT ?)"
+)
+"""The newest segment stays: it remembers the head across restarts."""
+
+
+def prune_segments(conn: sqlite3.Connection, head: int, chunk: int) -> int:
+    return conn.execute(PRUNE_SEGMENTS, (head, chunk)).rowcount
+
+
+def prune_ids(conn: sqlite3.Connection, upto_id: int) -> int:
+    return conn.execute("DELETE FROM message_log WHERE id <= ?", (upto_id,)).rowcount
+
+
 def reply(sock: socket.socket, status: int, value: int = 0, message: str = "") -> None:
     data = message.encode("utf-8", "replace")
     sock.sendall(REPLY.pack(status, value, len(data)) + data)
@@ -127,6 +153,10 @@ def serve(sock: socket.socket, conn: sqlite3.Connection) -> None:
             elif op == OP_CHECKPOINT:
                 checkpoint(conn)
                 reply(sock, OK)
+            elif op == OP_PRUNE_SEGMENTS:
+                reply(sock, OK, prune_segments(conn, a, b))
+            elif op == OP_PRUNE_IDS:
+                reply(sock, OK, prune_ids(conn, a))
             else:
                 reply(sock, FAILED, 0, f"unknown operation {op}")
         except sqlite3.Error as exc:
