@@ -216,15 +216,15 @@ class SqliteSpool:
     async def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         await self._take_lock()
+        loop = asyncio.get_running_loop()
         try:
             await self._on_writer(self._open_writer)
             await self._start_commits()
+            await loop.run_in_executor(self._reader, self._open_reader)
+            await loop.run_in_executor(self._checkpointer, self._open_checkpointer)
         except BaseException:
             await self._release()
             raise
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._reader, self._open_reader)
-        await loop.run_in_executor(self._checkpointer, self._open_checkpointer)
         log.info("spool opened", extra={"path": str(self.path), "head": self._head})
 
     async def _take_lock(self) -> None:

@@ -5,7 +5,7 @@ Calls are serialized: one frame on the socket at a time, from the event loop tha
 the process. A child that dies, or a socket that breaks, fails the call in flight with
 ``SpoolUnavailable`` and marks the handle ``broken``: whether that last commit reached the
 disk is unknown, so the spool starts a new child and reads its head back from the database
-before the next commit (``SqliteSpool._restart_writer``).
+before the next commit (``SqliteSpool._restart_commits``).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ EXIT_TIMEOUT_SECS = 10.0
 """How long ``close`` waits for the child to finish its last statement and exit."""
 
 SEND_BUFFER_BYTES = 4 * 1024 * 1024
+"""The commit socket's send buffer: room for a commit at batch rates in one send."""
 
 _CHILD = Path(writer_child.__file__)
 
@@ -126,8 +127,6 @@ class WriterProcess:
             try:
                 self._writer.writelines(parts)
                 return await self._answer()
-            except SpoolError:
-                raise
             except (OSError, EOFError, asyncio.IncompleteReadError) as exc:
                 self._fail(f"{type(exc).__name__}: {exc}")
                 raise SpoolUnavailable("the spool's commit process died") from None
