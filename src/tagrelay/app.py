@@ -150,6 +150,7 @@ def create_app(
         depths=lambda: {fid: spool.depth(fid) for fid in app[WORKERS]},
         commits=lambda: spool.commits,
     )
+    spool.on_commit = metrics.spool_commit_duration.observe
 
     async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
         await spool.open()

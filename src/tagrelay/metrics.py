@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
+COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
 
 class _SpoolCollector(Collector):
@@ -142,6 +143,13 @@ class Metrics:
             "HTTP request handling time, by route template and status class.",
             ["route", "method", "status_class"],
             buckets=REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.spool_commit_duration = Histogram(
+            "tagrelay_spool_commit_duration_seconds",
+            "Time of a group commit in the spool's commit process (the write and its fsync), "
+            "which every acknowledgement of its round waits for.",
+            buckets=COMMIT_BUCKETS,
             registry=r,
         )
         self.spool_errors = Counter(

@@ -38,6 +38,19 @@ async def test_track_is_acknowledged_only_after_it_is_in_the_spool(relay: Any) -
     assert event["receivedAt"].endswith("Z")
 
 
+async def test_each_group_commit_is_timed(relay: Any) -> None:
+    client = await relay()
+    for i in range(3):
+        resp = await client.post(
+            "/v1/track", json=track(messageId=f"m-{i}"), headers=basic(SERVER_KEY)
+        )
+        assert resp.status == 200
+    commits = metric_value(client.app, "tagrelay_spool_commits_total", {})
+    timed = metric_value(client.app, "tagrelay_spool_commit_duration_seconds_count", {})
+    assert commits >= 1 and timed == commits
+    assert metric_value(client.app, "tagrelay_spool_commit_duration_seconds_sum", {}) > 0
+
+
 async def test_one_letter_paths_set_the_type(relay: Any) -> None:
     client = await relay()
     for path, expected in [

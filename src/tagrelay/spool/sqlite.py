@@ -210,6 +210,8 @@ class SqliteSpool:
         self.lock_wait_secs = LOCK_WAIT_SECS
         self.commits = 0
         """Number of append transactions committed (group commit makes it < requests)."""
+        self.on_commit: Callable[[float], None] | None = None
+        """Called with the seconds each successful group commit took (for metrics)."""
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -492,7 +494,11 @@ class SqliteSpool:
     ) -> int:
         """Write one segment (and log its ids) in the commit process; the new head."""
         assert self._commits is not None
-        return await self._commits.insert(self._head + count, count, received_ms, payload, ids_json)
+        started = time.perf_counter()
+        head = await self._commits.insert(self._head + count, count, received_ms, payload, ids_json)
+        if self.on_commit is not None:
+            self.on_commit(time.perf_counter() - started)
+        return head
 
     # -- cursors -----------------------------------------------------------------------
 
