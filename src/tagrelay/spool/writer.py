@@ -70,8 +70,9 @@ class WriterProcess:
         """Start the child and wait until it has opened the database."""
         parent_sock, child_sock = socket.socketpair()
         # A commit at batch rates is ~0.5 MB. With the default buffer (~200 KB) the loop
-        # sends it in pieces, copying the rest each time and waking for every piece: ~10% of
-        # its time. The kernel caps the size at net.core.wmem_max (best effort).
+        # sends it in pieces, copying the rest each time and waking for every piece (~4% of
+        # its time at batch rates). The kernel caps the size at net.core.wmem_max (best
+        # effort).
         parent_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
         try:
             # The command is fixed: this interpreter and the child module, isolated from the
