@@ -449,6 +449,16 @@ def proc_status_kb(pid: int, key: str) -> int:
     return 0
 
 
+def thread_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of a process's main thread (for the servers here: the event loop)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pids: list[int]) -> float:
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
@@ -677,6 +687,10 @@ class LoadResult:
     server_cpu_pct: float | None = None
     other_cpu_pct: float | None = None
     steal_pct: float | None = None
+    # CPU seconds over the run: the server's process tree, and its main thread (the event
+    # loop). Per request, they compare runs on a machine whose speed drifts (req/s does not).
+    server_cpu_s: float | None = None
+    main_cpu_s: float | None = None
     offered_rate: float | None = None  # open loop only
     send_lag_p99_ms: float | None = None  # open loop only: how late the generator sent
     max_send_lag_ms: float | None = None
@@ -764,6 +778,7 @@ class CpuMeter:
         self.server = server
         self.t0 = time.monotonic()
         self.srv0 = cpu_seconds(server.pids())
+        self.main0 = thread_cpu_seconds(server.proc.pid) if server.proc else None
         self.busy0, self.steal0 = _machine_cpu()
 
     def finish(self, res: LoadResult, gen: float) -> None:
@@ -776,6 +791,10 @@ class CpuMeter:
             res.notes.append("the server exited during this run: its figures are not valid")
             return
         srv = cpu_seconds(pids) - self.srv0
+        res.server_cpu_s = srv
+        main = thread_cpu_seconds(self.server.proc.pid) if self.server.proc else None
+        if main is not None and self.main0 is not None:
+            res.main_cpu_s = main - self.main0
         res.server_cpu_pct = 100 * srv / wall
         res.other_cpu_pct = max(0.0, 100 * (busy - self.busy0 - gen - srv) / wall)
 
@@ -1172,6 +1191,16 @@ def row_notes(args: argparse.Namespace, r: Row) -> list[str]:
     elif L.gen_cpu_pct is not None and L.gen_cpu_pct >= 90 * L.gen_workers:
         out.append(
             f"load generator at {L.gen_cpu_pct:.0f}% CPU: it may be the bottleneck of this run"
+        )
+    if L.ok_requests and L.server_cpu_s is not None and r.runs == 1:
+        main = (
+            f"main thread (event loop) {1e6 * L.main_cpu_s / L.ok_requests:,.0f} us, "
+            if L.main_cpu_s is not None
+            else ""
+        )
+        out.append(
+            f"CPU per acknowledged request: {main}"
+            f"all server processes {1e6 * L.server_cpu_s / L.ok_requests:,.0f} us"
         )
     if L.steal_pct is not None and L.steal_pct >= 5:
         out.append(f"hypervisor steal {L.steal_pct:.0f}% of a core during the run")
