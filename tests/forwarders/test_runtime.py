@@ -362,14 +362,18 @@ async def test_a_worker_filling_a_batch_is_woken_once_it_is_full_not_at_every_co
         await worker.start()
         await asyncio.sleep(0.05)  # idle, waiting for a commit
         await spool.append(event(0))
-        await asyncio.sleep(0.05)  # woken: reads a partial batch of 1 and waits for 10
-        wake = worker._wake.event
-        assert not wake.is_set()
+        # Woken, the worker reads a partial batch of 1 and waits to be woken at 10.
+        wake = worker._wake
+        for _ in range(500):
+            if wake.level == 10 and not wake.event.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert (wake.level, wake.event.is_set()) == (10, False)
         for i in range(1, 9):
             await spool.append(event(i))
-            assert not wake.is_set(), f"woken by commit {i + 1} of 10"
+            assert not wake.event.is_set(), f"woken by commit {i + 1} of 10"
         await spool.append(event(9))
-        assert wake.is_set()
+        assert wake.event.is_set()
         for _ in range(200):
             if recorder.requests:
                 break
