@@ -4,15 +4,22 @@ batching, filters, retry classification, backoff, Retry-After and dead letters."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 
 from tagrelay.app import SPOOL
 from tagrelay.config.common import RetryConfig
-from tagrelay.forwarders._worker import backoff_secs
+from tagrelay.forwarders import ForwarderContext
+from tagrelay.forwarders._worker import ForwarderWorker, backoff_secs
+from tagrelay.forwarders.webhook import WebhookConfig, WebhookForwarder
+from tagrelay.metrics import Metrics
+from tagrelay.spool.sqlite import SqliteSpool
 from tests.support import SERVER_KEY, Recorder, basic, metric_value, wait_idle
 
 AUTH = basic(SERVER_KEY)
@@ -208,7 +215,6 @@ async def test_events_refused_one_by_one_become_dead_letters(tmp_path: Any) -> N
     """A destination that takes a batch but refuses some of its events (per-event errors)."""
     from tagrelay.app import create_app
     from tagrelay.forwarders import FORWARDERS
-    from tagrelay.forwarders.webhook import WebhookForwarder
     from tagrelay.model import Delivered, Event, Outcome
     from tests.support import make_config
 
@@ -301,34 +307,38 @@ async def test_health_ready_and_metrics_endpoints(relay: Any) -> None:
     assert 'tagrelay_http_request_duration_seconds_count{method="GET",route="/readyz"' in text
 
 
-async def test_a_stop_right_after_a_commit_still_delivers_it(
+@contextlib.asynccontextmanager
+async def webhook_worker(
     tmp_path: Any, recorder: Recorder
-) -> None:
-    """The stop arrives before the worker has seen the commit that woke it: what is in the
-    spool is delivered before the worker ends, not left for the next start."""
-    import aiohttp
-
-    from tagrelay.forwarders import ForwarderContext
-    from tagrelay.forwarders._worker import ForwarderWorker
-    from tagrelay.forwarders.webhook import WebhookConfig, WebhookForwarder
-    from tagrelay.metrics import Metrics
-    from tagrelay.spool.sqlite import SqliteSpool
-
+) -> AsyncIterator[tuple[SqliteSpool, ForwarderWorker]]:
+    """A started worker of the webhook forwarder on a spool of its own, batching 10 events
+    or 30 s (longer than any test), outside an app; the spool closes on the way out."""
     spool = SqliteSpool(tmp_path / "spool.sqlite3")
     await spool.open()
     metrics = Metrics()
     config = WebhookConfig.model_validate(
         hook(recorder, batch={"max_events": 10, "max_wait_secs": 30})
     )
-    async with aiohttp.ClientSession() as http:
-        context = ForwarderContext(data_dir=tmp_path, http=http, metrics=metrics)
-        worker = ForwarderWorker(WebhookForwarder(config, context), spool, metrics)
-        await worker.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            context = ForwarderContext(data_dir=tmp_path, http=http, metrics=metrics)
+            worker = ForwarderWorker(WebhookForwarder(config, context), spool, metrics)
+            await worker.start()
+            yield spool, worker
+    finally:
+        await spool.close()
+
+
+async def test_a_stop_right_after_a_commit_still_delivers_it(
+    tmp_path: Any, recorder: Recorder
+) -> None:
+    """The stop arrives before the worker has seen the commit that woke it: what is in the
+    spool is delivered before the worker ends, not left for the next start."""
+    async with webhook_worker(tmp_path, recorder) as (spool, worker):
         await asyncio.sleep(0.05)  # the worker is idle, waiting for a commit
         event = b'{"type":"track","event":"E","anonymousId":"a","messageId":"m-last"}'
         await spool.append([(1, event)])
         await worker.stop(10)  # before the worker task has run again
-    await spool.close()
     assert delivered_ids(recorder) == ["m-last"]
 
 
@@ -338,28 +348,12 @@ async def test_a_worker_filling_a_batch_is_woken_once_it_is_full_not_at_every_co
     """A partial batch waits for ``max_events``: the commits in between do not wake the
     worker (each wake-up of the delivery thread costs the event loop the GIL); the one that
     fills the batch does, long before ``max_wait_secs``."""
-    import aiohttp
-
-    from tagrelay.forwarders import ForwarderContext
-    from tagrelay.forwarders._worker import ForwarderWorker
-    from tagrelay.forwarders.webhook import WebhookConfig, WebhookForwarder
-    from tagrelay.metrics import Metrics
-    from tagrelay.spool.sqlite import SqliteSpool
 
     def event(i: int) -> list[tuple[int, bytes]]:
         payload = b'{"type":"track","event":"E","anonymousId":"a","messageId":"m-%d"}' % i
         return [(int(time.time() * 1000), payload)]
 
-    spool = SqliteSpool(tmp_path / "spool.sqlite3")
-    await spool.open()
-    metrics = Metrics()
-    config = WebhookConfig.model_validate(
-        hook(recorder, batch={"max_events": 10, "max_wait_secs": 30})
-    )
-    async with aiohttp.ClientSession() as http:
-        context = ForwarderContext(data_dir=tmp_path, http=http, metrics=metrics)
-        worker = ForwarderWorker(WebhookForwarder(config, context), spool, metrics)
-        await worker.start()
+    async with webhook_worker(tmp_path, recorder) as (spool, worker):
         await asyncio.sleep(0.05)  # idle, waiting for a commit
         await spool.append(event(0))
         # Woken, the worker reads a partial batch of 1 and waits to be woken at 10.
@@ -379,7 +373,6 @@ async def test_a_worker_filling_a_batch_is_woken_once_it_is_full_not_at_every_co
                 break
             await asyncio.sleep(0.01)
         await worker.stop(10)
-    await spool.close()
     assert [len(orjson.loads(r["body"])["batch"]) for r in recorder.requests] == [10]
 
 
@@ -387,10 +380,7 @@ async def test_events_a_destination_already_took_are_not_dead_lettered(tmp_path:
     """A batch sent as several requests, of which one went through, runs out of retries:
     only the events the destination does not have become dead letters."""
     from tagrelay.config.common import ForwarderConfigBase
-    from tagrelay.forwarders._worker import ForwarderWorker
-    from tagrelay.metrics import Metrics
     from tagrelay.model import Retry
-    from tagrelay.spool.sqlite import SqliteSpool
 
     class HalfTaken:
         config = ForwarderConfigBase.model_validate(
