@@ -449,27 +449,26 @@ def proc_status_kb(pid: int, key: str) -> int:
     return 0
 
 
-def thread_cpu_seconds(pid: int) -> float | None:
-    """CPU seconds of a process's main thread (for the servers here: the event loop)."""
+def _cpu_ticks(stat_path: str) -> int | None:
+    """utime + stime from a /proc stat file (a process's covers all its threads); None when
+    it is gone."""
     try:
-        with open(f"/proc/{pid}/task/{pid}/stat") as f:
+        with open(stat_path) as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) + int(fields[12])
+
+
+def thread_cpu_seconds(pid: int) -> float | None:
+    """CPU seconds of a process's main thread (for the servers here: the event loop)."""
+    ticks = _cpu_ticks(f"/proc/{pid}/task/{pid}/stat")
+    return None if ticks is None else ticks / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_seconds(pids: list[int]) -> float:
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime, stime (all threads)
-    return total / tick
+    ticks = (_cpu_ticks(f"/proc/{pid}/stat") for pid in pids)
+    return sum(t for t in ticks if t is not None) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
