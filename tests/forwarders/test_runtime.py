@@ -376,11 +376,19 @@ async def test_a_worker_filling_a_batch_is_woken_once_it_is_full_not_at_every_co
     assert [len(orjson.loads(r["body"])["batch"]) for r in recorder.requests] == [10]
 
 
-async def test_events_a_destination_already_took_are_not_dead_lettered(tmp_path: Any) -> None:
+@pytest.mark.parametrize("reads_spool", [False, True], ids=["events", "span"])
+async def test_events_a_destination_already_took_are_not_dead_lettered(
+    tmp_path: Any, reads_spool: bool
+) -> None:
     """A batch sent as several requests, of which one went through, runs out of retries:
-    only the events the destination does not have become dead letters."""
+    only the events the destination does not have become dead letters. The same when the
+    forwarder reads its batches from the spool itself: the runtime reads the events for
+    the dead letters then."""
     from tagrelay.config.common import ForwarderConfigBase
+    from tagrelay.forwarders._base import SpanDelivery, SpoolSpan
     from tagrelay.model import Retry
+
+    spans: list[SpoolSpan] = []
 
     class HalfTaken:
         config = ForwarderConfigBase.model_validate(
@@ -397,6 +405,11 @@ async def test_events_a_destination_already_took_are_not_dead_lettered(tmp_path:
         async def deliver_payloads(self, payloads: list[bytes]) -> Retry:
             return Retry("status_5xx", "HTTP 503", delivered=frozenset({0}))
 
+        async def deliver_span(self, span: SpoolSpan) -> SpanDelivery:
+            spans.append(span)
+            return SpanDelivery(await self.deliver_payloads([]))
+
+    HalfTaken.reads_spool = reads_spool  # type: ignore[attr-defined]
     spool = SqliteSpool(tmp_path / "spool.sqlite3")
     await spool.open()
     metrics = Metrics()
@@ -411,6 +424,7 @@ async def test_events_a_destination_already_took_are_not_dead_lettered(tmp_path:
     dead = await spool.dead_letters("half")
     await spool.close()
     assert [orjson.loads(d.payload)["messageId"] for d in dead] == ["refused"]
+    assert [(s.after, s.last) for s in spans] == ([(0, 2)] if reads_spool else [])
     registry = metrics.registry
     labels = {"forwarder": "half", "outcome": "delivered"}
     assert registry.get_sample_value("tagrelay_forwarder_events_total", labels) == 1

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
 
 from tagrelay.forwarders import FORWARDERS
-from tagrelay.forwarders._base import ForwarderContext
+from tagrelay.forwarders._base import ForwarderContext, SpanDelivery, SpoolSpan
+from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.forwarders.warehouse import (
     WarehouseConfig,
     WarehouseForwarder,
@@ -25,6 +27,7 @@ from tagrelay.forwarders.warehouse import (
 )
 from tagrelay.metrics import Metrics
 from tagrelay.model import Delivered, Retry
+from tagrelay.spool.sqlite import SqliteSpool
 
 
 def event(message_id: str, **properties: Any) -> dict[str, Any]:
@@ -169,6 +172,87 @@ async def test_a_killed_warehouse_process_is_restarted(forwarder: WarehouseForwa
     warehouse._proc.wait()
     assert await forwarder.deliver([event("m2")]) == Delivered()
     assert warehouse.query("select count(*) from events").rows == [(2,)]
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> AsyncIterator[SqliteSpool]:
+    spool = SqliteSpool(tmp_path / "spool.sqlite3")
+    await spool.open()
+    yield spool
+    await spool.close()
+
+
+async def test_a_span_of_the_spool_is_read_and_loaded_by_the_warehouse_process(
+    forwarder: WarehouseForwarder, spool: SqliteSpool
+) -> None:
+    await spool.append([(1_000, orjson.dumps(event("m1"))), (1_000, orjson.dumps(event("m2")))])
+    await spool.append([(2_000, orjson.dumps(event("m3", plan="pro")))])
+
+    delivery = await forwarder.deliver_span(SpoolSpan(spool.path, 1, 3))
+
+    assert delivery == SpanDelivery(Delivered(), [(1, 1_000), (1, 2_000)])
+    assert forwarder.warehouse is not None
+    rows = forwarder.warehouse.query("select message_id, properties_plan from events order by 1")
+    assert rows.rows == [("m2", None), ("m3", "pro")]
+    assert forwarder.warehouse.columns["properties_plan"] == "VARCHAR"
+
+
+async def test_a_span_the_spool_does_not_hold_is_a_retry(
+    forwarder: WarehouseForwarder, spool: SqliteSpool
+) -> None:
+    await spool.append([(1_000, orjson.dumps(event("m1")))])
+
+    delivery = await forwarder.deliver_span(SpoolSpan(spool.path, 1, 3))
+
+    assert isinstance(delivery.outcome, Retry)
+    assert delivery.outcome.reason == "warehouse_error"
+    assert "holds 0 of the 2 events after 1" in delivery.outcome.detail
+    await spool.append([(2_000, orjson.dumps(event("m2"))), (2_000, orjson.dumps(event("m3")))])
+    assert (await forwarder.deliver_span(SpoolSpan(spool.path, 1, 3))).outcome == Delivered()
+    assert forwarder.warehouse is not None
+    assert forwarder.warehouse.query("select count(*) from events").rows == [(2,)]
+
+
+async def test_the_worker_hands_spans_and_the_relay_never_reads_the_events(
+    context: ForwarderContext, spool: SqliteSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no filter, the worker gives the warehouse spans of the spool: the events are
+    read in the warehouse process, not in the relay's. Batches still end mid-segment at
+    ``max_events``, and every event is counted and timed."""
+    config = WarehouseConfig.model_validate(
+        {"id": "warehouse", "type": "warehouse", "batch": {"max_events": 4, "max_wait_secs": 0}}
+    )
+    forwarder = WarehouseForwarder(config, context)
+    metrics = context.metrics
+
+    async def no_reads(after: int, limit: int) -> Any:
+        raise AssertionError("the relay read the events of a span")
+
+    monkeypatch.setattr(spool, "read", no_reads)
+    worker = ForwarderWorker(forwarder, spool, metrics)
+    await worker.start()
+    for n in range(3):  # segments of 3 events: batches of 4 end inside them
+        await spool.append([(5, orjson.dumps(event(f"m{n}-{i}"))) for i in range(3)])
+    for _ in range(200):
+        if spool.depth(forwarder.id) == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert forwarder.warehouse is not None
+    rows = forwarder.warehouse.query("select count(*) from events").rows
+    await worker.stop(10)
+
+    assert spool.depth(forwarder.id) == 0
+    assert rows == [(9,)]
+    registry = metrics.registry
+    labels = {"forwarder": "warehouse"}
+    assert registry.get_sample_value("tagrelay_forwarder_batch_size_sum", labels) == 9
+    assert (
+        registry.get_sample_value(
+            "tagrelay_forwarder_events_total", {**labels, "outcome": "delivered"}
+        )
+        == 9
+    )
+    assert registry.get_sample_value("tagrelay_delivery_latency_seconds_count", labels) == 9
 
 
 async def test_deliver_before_start_is_an_error(context: ForwarderContext) -> None:

@@ -14,6 +14,7 @@ subclass with a ``type`` literal) and a ``Forwarder`` subclass, one line in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
@@ -39,11 +40,36 @@ class ForwarderContext:
     """For counts only the forwarder knows (the runtime counts deliveries and retries)."""
 
 
+@dataclass(frozen=True, slots=True)
+class SpoolSpan:
+    """A batch given by where it lies in the spool: the events with ``after < seq <=
+    last`` of the SQLite file at ``path`` (read them with ``tagrelay.spool.segments``)."""
+
+    path: Path
+    after: int
+    last: int
+
+
+@dataclass(frozen=True, slots=True)
+class SpanDelivery:
+    """What ``deliver_span`` did: the outcome, and ``arrivals``, ``(count, received_ms)``
+    for the events of the span in order (``read_span`` gives them), from which the runtime
+    measures delivery latency."""
+
+    outcome: Outcome
+    arrivals: Sequence[tuple[int, int]] = ()
+
+
 class Forwarder(ABC, Generic[C]):
     """Base class of every forwarder. Subclasses set ``config_model`` and implement
     ``deliver``."""
 
     config_model: ClassVar[type[ForwarderConfigBase]]
+
+    reads_spool: ClassVar[bool] = False
+    """True when the forwarder implements ``deliver_span``: the runtime then hands it
+    batches as spans of the spool, which it reads itself (from another process), whenever
+    no filter or consent rule needs the events in the relay."""
 
     def __init__(self, config: C, context: ForwarderContext) -> None:
         self.config = config
@@ -65,6 +91,12 @@ class Forwarder(ABC, Generic[C]):
         ``deliver``. A forwarder that ships JSON on unchanged overrides it to skip the
         decode."""
         return await self.deliver([orjson.loads(p) for p in payloads])
+
+    async def deliver_span(self, span: SpoolSpan) -> SpanDelivery:
+        """Deliver the batch ``span`` (never empty), read from the spool file by the
+        forwarder itself; only called when ``reads_spool`` is True. The outcome follows
+        ``deliver``'s rules."""
+        raise NotImplementedError(f"{type(self).__name__} does not read the spool itself")
 
     @abstractmethod
     async def deliver(self, events: list[Event]) -> Outcome:

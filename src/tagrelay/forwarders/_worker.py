@@ -12,6 +12,11 @@ applies the forwarder's filter, calls ``deliver`` and acts on the outcome:
   ``retry.max_attempts`` attempts or ``retry.max_age_secs``, the batch becomes dead letters.
 - ``Dead``: the batch becomes dead letters at once, with the reason and detail.
 
+A forwarder that reads the spool file itself (``reads_spool``, the warehouse) and has no
+filter or consent rule gets its batches as spans, ``after < seq <= last``, chosen from the
+in-memory head: the worker never reads those events, unless an outcome needs them one by
+one (dead letters).
+
 Ordering is kept per forwarder: a failing batch holds back the ones after it (they wait on
 disk, not in memory), and never holds back ingestion or another forwarder.
 """
@@ -28,7 +33,7 @@ from collections.abc import Callable, Sequence
 import orjson
 
 from tagrelay.config.common import ForwarderConfigBase, RetryConfig
-from tagrelay.forwarders._base import Forwarder
+from tagrelay.forwarders._base import Forwarder, SpanDelivery, SpoolSpan
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
 from tagrelay.spool.sqlite import CursorState, SpooledEvent, SqliteSpool
@@ -99,6 +104,9 @@ class ForwarderWorker:
             f.include_types or f.exclude_types or f.include_events or f.exclude_events
         )
         self._required_consent = tuple(self.config.requires_consent)
+        self._spans = forwarder.reads_spool and not self._filters and not self._required_consent
+        """Batches go to the forwarder as spans of the spool (``deliver_span``): nothing
+        here needs their events."""
 
     @property
     def id(self) -> str:
@@ -146,10 +154,17 @@ class ForwarderWorker:
         try:
             while True:
                 before = self._state.position
-                batch = await self.spool.read(before, self.config.batch.max_events)
-                if not batch:
-                    return
-                await self._process(batch)
+                if self._spans:
+                    if self.spool.head <= before:
+                        return
+                    await self._process_span(
+                        min(self.spool.head, before + self.config.batch.max_events)
+                    )
+                else:
+                    batch = await self.spool.read(before, self.config.batch.max_events)
+                    if not batch:
+                        return
+                    await self._process(batch)
                 if self._state.position == before or self._state.attempts:
                     return
         except asyncio.CancelledError:
@@ -158,6 +173,9 @@ class ForwarderWorker:
             log.exception("forwarder flush on stop failed", extra={"forwarder": self.id})
 
     async def _step(self) -> None:
+        if self._spans:
+            await self._step_span()
+            return
         batch_cfg = self.config.batch
         self._wake.arm(self._state.position + 1)  # any commit past the cursor
         batch = await self.spool.read(self._state.position, batch_cfg.max_events)
@@ -165,22 +183,41 @@ class ForwarderWorker:
             await self._wait_for_wake(IDLE_POLL_SECS)
             return
         if len(batch) < batch_cfg.max_events and self._state.attempts == 0:
-            # A partial batch: wait until enough events are committed or the oldest has
-            # waited max_wait_secs, watching the in-memory head (not re-reading the spool).
-            # Woken once the batch is full, not at every commit (see HeadWatch).
             deadline = batch[0].received_ms / 1000 + batch_cfg.max_wait_secs
-            full_at = self._state.position + batch_cfg.max_events
-            waited = False
-            while True:
-                self._wake.arm(full_at)  # before the checks, so no commit goes unnoticed
-                remaining = deadline - self._clock()
-                if self._stopping.is_set() or self.spool.head >= full_at or remaining <= 0:
-                    break
-                await self._wait_for_wake(remaining)
-                waited = True
-            if waited:
+            if await self._wait_until_full(deadline):
                 batch = await self.spool.read(self._state.position, batch_cfg.max_events)
         await self._process(batch)
+
+    async def _step_span(self) -> None:
+        """``_step`` for a forwarder that reads the spool itself: the batch is decided from
+        the in-memory head, and only its first arrival time is read here."""
+        batch_cfg = self.config.batch
+        position = self._state.position
+        self._wake.arm(position + 1)  # any commit past the cursor
+        if self.spool.head <= position:
+            await self._wait_for_wake(IDLE_POLL_SECS)
+            return
+        full_at = position + batch_cfg.max_events
+        if self.spool.head < full_at and self._state.attempts == 0:
+            first_ms = await self.spool.first_received_ms(position)
+            oldest = self._clock() if first_ms is None else first_ms / 1000
+            await self._wait_until_full(oldest + batch_cfg.max_wait_secs)
+        await self._process_span(min(self.spool.head, full_at))
+
+    async def _wait_until_full(self, deadline: float) -> bool:
+        """A partial batch: wait until enough events are committed for a full one, or until
+        ``deadline`` (when the oldest has waited ``max_wait_secs``), watching the in-memory
+        head (not re-reading the spool). Woken once the batch is full, not at every commit
+        (see HeadWatch). Returns whether it waited at all."""
+        full_at = self._state.position + self.config.batch.max_events
+        waited = False
+        while True:
+            self._wake.arm(full_at)  # before the checks, so no commit goes unnoticed
+            remaining = deadline - self._clock()
+            if self._stopping.is_set() or self.spool.head >= full_at or remaining <= 0:
+                return waited
+            await self._wait_for_wake(remaining)
+            waited = True
 
     async def _process(self, batch: list[SpooledEvent]) -> None:
         last = batch[-1].seq
@@ -219,9 +256,42 @@ class ForwarderWorker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("forwarder raised", extra={"forwarder": self.id})
-            outcome = Retry(reason="internal_error", detail=f"{type(exc).__name__}: {exc}")
+            outcome = self._raised(exc)
+        await self._settle(kept, outcome, last)
 
+    async def _process_span(self, last: int) -> None:
+        """Deliver the events after the cursor up to ``last`` as a span of the spool. The
+        events are read here only when the outcome needs them one by one (dead letters,
+        refusals, drops), which a forwarder that reads the spool itself rarely returns."""
+        after = self._state.position
+        count = last - after
+        self.metrics.batch_size.labels(self.id).observe(count)
+        try:
+            delivery = await self.forwarder.deliver_span(SpoolSpan(self.spool.path, after, last))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            delivery = SpanDelivery(self._raised(exc))
+        outcome = delivery.outcome
+        if isinstance(outcome, Delivered) and not outcome.rejected and not outcome.dropped:
+            await self.spool.advance(self.id, last)
+            self._state = CursorState(last)
+            self.metrics.forwarder_events.labels(self.id, "delivered").inc(count)
+            now = self._clock()
+            hist = self.metrics.delivery_latency.labels(self.id)
+            for n, received_ms in delivery.arrivals:
+                latency = max(0.0, now - received_ms / 1000)
+                for _ in range(n):
+                    hist.observe(latency)
+            return
+        await self._settle(await self.spool.read(after, count), outcome, last)
+
+    def _raised(self, exc: Exception) -> Retry:
+        log.exception("forwarder raised", extra={"forwarder": self.id})
+        return Retry(reason="internal_error", detail=f"{type(exc).__name__}: {exc}")
+
+    async def _settle(self, kept: list[SpooledEvent], outcome: Outcome, last: int) -> None:
+        """Act on the outcome of delivering ``kept``, the batch's events up to ``last``."""
         if isinstance(outcome, Delivered):
             await self._delivered(kept, outcome, last)
         elif isinstance(outcome, Dead):

@@ -20,21 +20,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import Field
 
 from tagrelay.config.common import BatchConfig, ForwarderConfigBase
 from tagrelay.errors import WarehouseError
-from tagrelay.forwarders._base import Forwarder, ForwarderContext
+from tagrelay.forwarders._base import Forwarder, ForwarderContext, SpanDelivery, SpoolSpan
 from tagrelay.model import Delivered, Event, Outcome, Retry
-from tagrelay.warehouse import Warehouse
+from tagrelay.warehouse import InsertResult, Warehouse
 from tagrelay.warehouse.process import WarehouseProcess, WarehouseSpec
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 WRITER_THREADS = 1
 """DuckDB threads of the relay's database (loading and admin-socket queries share them). One
@@ -119,6 +122,7 @@ def open_warehouse_readonly(config: ForwarderConfigBase, data_dir: Path) -> Ware
 
 class WarehouseForwarder(Forwarder[WarehouseConfig]):
     config_model = WarehouseConfig
+    reads_spool = True
 
     def __init__(self, config: WarehouseConfig, context: ForwarderContext) -> None:
         super().__init__(config, context)
@@ -161,22 +165,42 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
         )
 
     async def deliver(self, events: list[Event]) -> Outcome:
-        return await self._load(b"\n".join(orjson.dumps(event) for event in events))
+        return await self._load(b"\n".join(map(orjson.dumps, events)))
 
     async def deliver_payloads(self, payloads: list[bytes]) -> Outcome:
         # The stored JSON goes to the warehouse process as is: no decode here.
         return await self._load(b"\n".join(payloads))
 
-    async def _load(self, payload: bytes) -> Outcome:
-        if self.warehouse is None or self._executor is None:
-            raise RuntimeError(f"warehouse forwarder {self.id} used before start()")
-        loop = asyncio.get_running_loop()
+    async def deliver_span(self, span: SpoolSpan) -> SpanDelivery:
+        # The warehouse process reads the span from the spool file itself: the events do
+        # not pass through the relay process at all.
+        warehouse = self._started()
         try:
-            result = await loop.run_in_executor(
-                self._executor, self.warehouse.insert_lines, payload
+            result, arrivals = await self._on_thread(
+                warehouse.insert_span, str(span.path), span.after, span.last
             )
         except WarehouseError as e:
-            return Retry(reason="warehouse_error", detail=str(e))
+            return SpanDelivery(_retry(e))
+        return SpanDelivery(self._loaded(result), arrivals)
+
+    async def _load(self, payload: bytes) -> Outcome:
+        warehouse = self._started()
+        try:
+            result = await self._on_thread(warehouse.insert_lines, payload)
+        except WarehouseError as e:
+            return _retry(e)
+        return self._loaded(result)
+
+    def _started(self) -> WarehouseProcess:
+        if self.warehouse is None or self._executor is None:
+            raise RuntimeError(f"warehouse forwarder {self.id} used before start()")
+        return self.warehouse
+
+    async def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _loaded(self, result: InsertResult) -> Outcome:
+        """Count and log what a load did."""
         metrics = self.context.metrics
         if result.duplicates:
             metrics.warehouse_duplicates.labels(self.id).inc(result.duplicates)
@@ -205,3 +229,7 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
                 await asyncio.get_running_loop().run_in_executor(executor, warehouse.close)
         finally:
             executor.shutdown(wait=True)
+
+
+def _retry(error: WarehouseError) -> Retry:
+    return Retry(reason="warehouse_error", detail=str(error))

@@ -9,7 +9,9 @@ cursor is past them. The rules this module keeps:
 - All SQLite work runs off the event loop. Group commits and the deletes of pruning run in
   a child process of their own (``spool.writer``: a thread would compete with the event
   loop for the GIL); the other writes (cursors, dead letters) on a writer thread, and reads
-  on a reader thread, each with its own connection (WAL lets them run together).
+  on a reader thread, each with its own connection (WAL lets them run together). A
+  forwarder process may read the file too (``spool.segments``), without blocking any of
+  them.
 - Each group commit is stored as one *segment*: a single row holding its events as JSON
   lines, written by a single statement. Events still have their own sequence numbers
   (``seq``, contiguous across segments), which is what cursors, dead letters and depths
@@ -44,6 +46,7 @@ import orjson
 
 from tagrelay.errors import SpoolUnavailable
 from tagrelay.spool.dedup import RecentIds
+from tagrelay.spool.segments import SELECT_AFTER, SELECT_FIRST_RECEIVED
 from tagrelay.spool.writer import WriterProcess
 
 log = logging.getLogger(__name__)
@@ -559,11 +562,7 @@ class SqliteSpool:
     def _read(self, after: int, limit: int) -> list[SpooledEvent]:
         assert self._rconn is not None
         out: list[SpooledEvent] = []
-        cursor = self._rconn.execute(
-            "SELECT last_seq, count, received_ms, payload FROM segments WHERE last_seq > ? "
-            "ORDER BY last_seq",
-            (after,),
-        )
+        cursor = self._rconn.execute(SELECT_AFTER, (after,))
         try:
             for last_seq, count, received_ms, payload in cursor:
                 first = last_seq - count + 1
@@ -576,6 +575,19 @@ class SqliteSpool:
         finally:
             cursor.close()
         return out
+
+    async def first_received_ms(self, after: int) -> int | None:
+        """When the oldest event with ``seq > after`` arrived; None when there is none.
+        One row, without the events themselves (for a forwarder that reads the spool file
+        itself and only needs to know how long its partial batch has waited)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._reader, self._first_received_ms, after
+        )
+
+    def _first_received_ms(self, after: int) -> int | None:
+        assert self._rconn is not None
+        row = self._rconn.execute(SELECT_FIRST_RECEIVED, (after,)).fetchone()
+        return None if row is None else int(row[0])
 
     async def advance(self, forwarder: str, position: int) -> None:
         """Move the cursor past ``position`` and clear its failure state."""
