@@ -3,6 +3,7 @@
 Run:
     .venv/bin/python bench/warehouse_bench.py          # 200k events, batches of 100 and 1000
     .venv/bin/python bench/warehouse_bench.py --events 50000 --batch 500 --threads 2
+    .venv/bin/python bench/warehouse_bench.py --batch 1000 --memory-limit 64MB
 
 Each event flattens to ~35 columns (page context, campaign, library, user agent, client
 ids, properties). Prints, per batch size: events/s, wall and CPU microseconds per row, and
@@ -84,9 +85,23 @@ def make_event(i: int, now: datetime, rng: random.Random) -> dict[str, Any]:
     return event
 
 
-def run(events: list[dict[str, Any]], batch: int, threads: int, directory: Path) -> None:
+def rss_mb() -> float:
+    """This process's resident memory now (Linux), in MB; 0 where /proc is missing."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0.0
+    return int(status.split("VmRSS:")[1].split()[0]) / 1024
+
+
+def run(
+    events: list[dict[str, Any]], batch: int, threads: int, memory_limit: str, directory: Path
+) -> None:
     path = directory / f"bench_{batch}.duckdb"
-    warehouse = Warehouse.open("duckdb", str(path), settings={"threads": threads})
+    rss_before = rss_mb()
+    warehouse = Warehouse.open(
+        "duckdb", str(path), settings={"threads": threads, "memory_limit": memory_limit}
+    )
     plan_secs = 0.0
     wall0, cpu0 = time.perf_counter(), time.process_time()
     inserted = 0
@@ -106,6 +121,9 @@ def run(events: list[dict[str, Any]], batch: int, threads: int, directory: Path)
         f"(plan {plan_secs / n * 1e6:5.1f} + database {db_secs / n * 1e6:5.1f})   "
         f"{(cpu - plan_secs) / n * 1e6:6.1f} us/row CPU   "
         f"{len(warehouse.columns)} columns, {inserted:,} rows"
+    )
+    print(
+        f"             memory held by the database after the load: {rss_mb() - rss_before:,.0f} MB"
     )
 
     resend = events[: min(n, 20 * batch)]
@@ -150,16 +168,23 @@ def main() -> None:
         "--batch", type=int, action="append", help="repeatable; default 100 and 1000"
     )
     parser.add_argument("--threads", type=int, default=1, help="DuckDB threads (default 1)")
+    parser.add_argument(
+        "--memory-limit",
+        default="256MB",
+        help="DuckDB memory_limit (default 256MB, the relay's default memory_limit_mb)",
+    )
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
     now = datetime.now(UTC)
     events = [make_event(i, now, rng) for i in range(args.events)]
-    print(f"{args.events:,} events, DuckDB threads={args.threads}")
+    print(
+        f"{args.events:,} events, DuckDB threads={args.threads}, memory_limit={args.memory_limit}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch or [100, 1000]:
-            run(events, batch, args.threads, Path(tmp))
+            run(events, batch, args.threads, args.memory_limit, Path(tmp))
 
 
 if __name__ == "__main__":
