@@ -24,6 +24,7 @@ The patterns stay, after them, for the unknown types, which get their JSON error
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -39,12 +40,9 @@ def _handler(
     """The handler of a route; ``kind`` is the path's type, or None to take it from the
     pattern's ``{kind}``."""
     if kind is not None:
-        path_kind = kind
-
-        async def handle_plain(request: web.Request) -> web.Response:
-            return await service.handle(request, route, path_kind)
-
-        return handle_plain
+        # A partial, not a closure: one coroutine less between the server and the handler
+        # on every request.
+        return functools.partial(service.handle, route=route, path_name=kind)
 
     async def handle(request: web.Request) -> web.Response:
         return await service.handle(request, route, request.match_info.get("kind", ""))
