@@ -36,8 +36,10 @@ async def test_a_resent_id_is_not_stored_again(tmp_path: Path) -> None:
     spool = await open_spool(tmp_path)
     assert await spool.append([(1, b"a"), (1, b"b")], ["id-a", "id-b"]) == 2
     assert await spool.append([(2, b"a2"), (2, b"c")], ["id-a", "id-c"]) == 1
-    assert await payloads(spool) == [b"a", b"b", b"c"]
-    assert spool.head == 3  # sequence numbers stay contiguous
+    assert await spool.append([(3, b"b2")], ["id-b"]) == 0  # a single event too
+    assert await spool.append([(3, b"d")], ["id-d"]) == 1
+    assert await payloads(spool) == [b"a", b"b", b"c", b"d"]
+    assert spool.head == 4  # sequence numbers stay contiguous
     await spool.close()
 
 

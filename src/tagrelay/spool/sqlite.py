@@ -36,7 +36,7 @@ import fcntl
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -374,28 +374,33 @@ class SqliteSpool:
         """The highest committed sequence number."""
         return self._head
 
-    async def append(
+    def append(
         self, events: Sequence[tuple[int, bytes]], message_ids: Sequence[str] | None = None
-    ) -> int:
-        """Commit ``(received_ms, payload)`` rows; return once they are durable, with the
-        number stored.
+    ) -> Awaitable[int]:
+        """Commit ``(received_ms, payload)`` rows; the awaitable returned completes once
+        they are durable, with the number stored. (A future, not a coroutine: every
+        request awaits it, and a coroutine would be one frame more to create and resume.)
 
         A payload is one event as compact JSON, which never contains a newline byte. With
         ``message_ids`` (one per row) and a dedup window, a row whose id was already stored
         within the window, or earlier in the same call, is left out (and not counted).
-        Raises ``SpoolUnavailable`` when the commit fails; then none of them is stored.
+        Awaiting raises ``SpoolUnavailable`` when the commit fails; then none of them is
+        stored.
         """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
         if self._closed:
-            raise SpoolUnavailable("the spool is closed (shutting down)")
+            fut.set_exception(SpoolUnavailable("the spool is closed (shutting down)"))
+            return fut
         if not events:
-            return 0
+            fut.set_result(0)
+            return fut
         if not self.dedup_window_ms:
             message_ids = None
-        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((events, message_ids, fut))
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush_loop(), name="spool-group-commit")
-        return await fut
+            self._flusher = loop.create_task(self._flush_loop(), name="spool-group-commit")
+        return fut
 
     async def _flush_loop(self) -> None:
         while self._pending:
@@ -469,6 +474,12 @@ class SqliteSpool:
             before = len(payloads)
             if ids is None:
                 payloads.extend(payload for _, payload in rows)
+            elif len(ids) == 1:  # a single event, most requests: no sets to build
+                h = hash(ids[0])
+                if h not in this_round and ids[0] not in recent:
+                    this_round.add(h)
+                    payloads.append(rows[0][1])
+                    logged.append(ids[0])
             else:
                 hashes = set(map(hash, ids))
                 if (
