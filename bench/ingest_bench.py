@@ -1116,6 +1116,7 @@ def print_report(
         + f" for closed loops, Python open-loop generator ({args.gen_procs} process(es)) for 'rate'"
     )
     p(f"  relay   : {relay_cmd}")
+    p(f"  bare app: bench/bare_app.py on the {args.bare_loop} event loop")
     p(
         f"  each run: {args.duration:g} s; track {args.connections} conn; "
         f"batch {args.batch_connections} conn x {args.batch_size} events; "
@@ -1388,6 +1389,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--only", choices=("relay", "bare"), help="run against one server only")
     p.add_argument(
+        "--bare-loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the bare app's event loop (default asyncio, the plain aiohttp app the targets "
+        "compare with; the relay serves on uvloop where it is installed)",
+    )
+    p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)",
@@ -1509,6 +1517,8 @@ def main(argv: list[str]) -> int:
                 HOST,
                 "--port",
                 str(bare_port),
+                "--loop",
+                args.bare_loop,
             ],
             bare_port,
             tmp,

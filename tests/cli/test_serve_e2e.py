@@ -266,6 +266,9 @@ def test_sigterm_flushes_the_batch_in_progress(tmp_path: Path, relays: list[Rela
     records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     assert any(r["msg"] == "tagrelay stopped" for r in records)
     assert SERVER_KEY not in log, "keys never appear in logs"
+    # server.event_loop is auto and uvloop is a dependency: the relay served on it
+    listening = next(r for r in records if r["msg"] == "tagrelay listening")
+    assert listening["event_loop"] == "uvloop"
 
 
 @pytest.mark.slow

@@ -182,7 +182,7 @@ def test_several_problems_are_all_reported_with_their_paths_and_lines() -> None:
             "server.prot",
             3,
             "unknown key 'prot'; valid keys here: host, port, trusted_proxies, "
-            "base_path, shutdown_timeout_secs (did you mean 'port'?)",
+            "base_path, shutdown_timeout_secs, event_loop (did you mean 'port'?)",
         ),
         ("keys[0].allowed_origins", 7, "expected a list, got 'https://www.example.com'"),
         (
@@ -514,5 +514,5 @@ def test_format_config_error_prints_one_problem_per_line() -> None:
     assert format_config_error(caught.value) == (
         "config/tagrelay.yaml:6: server.port: expected an integer, got 'eighty'\n"
         "config/tagrelay.yaml:7: server.hots: unknown key 'hots'; valid keys here: host, port, "
-        "trusted_proxies, base_path, shutdown_timeout_secs (did you mean 'host'?)"
+        "trusted_proxies, base_path, shutdown_timeout_secs, event_loop (did you mean 'host'?)"
     )
