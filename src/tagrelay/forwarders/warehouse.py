@@ -3,7 +3,9 @@
 The heavy lifting (flattening, schema planning, dialects) is in ``tagrelay.warehouse``. The
 database lives in a child process (``tagrelay.warehouse.process``), so that planning a batch,
 which is CPU work in Python, runs on another core instead of holding the GIL against the
-event loop; this module hands it each batch as JSON lines from one dedicated thread.
+event loop. This module talks to it from one dedicated thread. Without a filter or consent
+rule (``reads_spool``) it hands it spans of the spool, which the child reads from the file
+itself; otherwise it sends the events the runtime kept, as JSON lines.
 
 Outcomes: a loaded batch is ``Delivered`` (duplicates are skipped, misfit values kept in
 ``_unmapped_data``: nothing is rejected per event); a database failure (disk full, lock,

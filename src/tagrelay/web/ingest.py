@@ -354,10 +354,10 @@ class IngestService:
                 rejected.append({"index": index, "error": exc.code, "message": exc.message})
                 counters.rejected(exc.code)
         counters.received.inc(received)
-        # The events are in ``rows`` now, serialized: free them while their memory is still
-        # in the CPU's caches. Freed when the request ends, after the commit it waits for
-        # (other requests run meanwhile), the same objects cost a 100-event batch ~15% of
-        # its time on the event loop in cache misses (bench/README.md).
+        # The events are in ``rows`` now, serialized: free them at once. Freed only when
+        # the request ends, after the commit it waits for (other requests run meanwhile),
+        # a 100-event batch took ~15% more of the event loop's time, most likely because
+        # their memory is no longer in the CPU's caches by then (bench/README.md).
         events.clear()
         raw = event = None
         cors = self.cors_headers(request, key)
