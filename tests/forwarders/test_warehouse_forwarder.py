@@ -213,6 +213,23 @@ async def test_a_span_the_spool_does_not_hold_is_a_retry(
     assert forwarder.warehouse.query("select count(*) from events").rows == [(2,)]
 
 
+async def test_a_new_warehouse_process_reads_spans_too(
+    forwarder: WarehouseForwarder, spool: SqliteSpool
+) -> None:
+    """The child that replaces a killed one opens the spool file again."""
+    await spool.append([(1_000, orjson.dumps(event("m1"))), (1_000, orjson.dumps(event("m2")))])
+    assert (await forwarder.deliver_span(SpoolSpan(spool.path, 0, 1))).outcome == Delivered()
+    warehouse = forwarder.warehouse
+    assert warehouse is not None and warehouse._proc is not None
+    warehouse._proc.kill()
+    warehouse._proc.wait()
+
+    delivery = await forwarder.deliver_span(SpoolSpan(spool.path, 1, 2))
+
+    assert delivery == SpanDelivery(Delivered(), [(1, 1_000)])
+    assert warehouse.query("select message_id from events order by 1").rows == [("m1",), ("m2",)]
+
+
 async def test_the_worker_hands_spans_and_the_relay_never_reads_the_events(
     context: ForwarderContext, spool: SqliteSpool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
