@@ -2,10 +2,10 @@
 
 A segment is one group commit: a row of ``segments`` holding its events as JSON lines, with
 the sequence number of its last event, their count and when the oldest arrived (see
-``tagrelay.spool.sqlite``). The relay reads them on its reader thread; a forwarder process
-that reads the spool file itself (the warehouse process, ``Forwarder.reads_spool``) opens it
-with ``open_read_only`` and takes a batch with ``read_span``, so that the batch's events
-never pass through the relay process.
+``tagrelay.spool.sqlite``). The relay reads them on its reader thread with
+``segments_after``. A forwarder process that reads the spool file itself (the warehouse
+process, ``Forwarder.reads_spool``) opens it with ``open_read_only`` and takes a batch with
+``read_span``, so that the batch's events never pass through the relay process.
 
 This module needs nothing but the standard library.
 """
@@ -13,6 +13,8 @@ This module needs nothing but the standard library.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Generator
+from contextlib import closing
 from pathlib import Path
 from urllib.parse import quote
 
@@ -41,6 +43,26 @@ def open_read_only(path: Path | str) -> sqlite3.Connection:
     return conn
 
 
+def segments_after(
+    conn: sqlite3.Connection, after: int
+) -> Generator[tuple[int, int, list[bytes]], None, None]:
+    """For each segment holding events with ``seq > after``, oldest first: the sequence
+    number of its first such event, when they arrived, and their stored JSON (one ``bytes``
+    each; the segment's events at or before ``after`` left out). Close the iterator when
+    done early (``contextlib.closing``): it holds a read transaction until then."""
+    cursor = conn.execute(SELECT_AFTER, (after,))
+    try:
+        for last_seq, count, received_ms, payload in cursor:
+            first = last_seq - count + 1
+            lines = payload.split(b"\n")
+            if first <= after:
+                lines = lines[after + 1 - first :]
+                first = after + 1
+            yield first, received_ms, lines
+    finally:
+        cursor.close()
+
+
 def read_span(
     conn: sqlite3.Connection, after: int, last: int
 ) -> tuple[list[bytes], list[tuple[int, int]]]:
@@ -52,21 +74,15 @@ def read_span(
     arrivals: list[tuple[int, int]] = []
     if last <= after:
         return lines, arrivals
-    cursor = conn.execute(SELECT_AFTER, (after,))
-    try:
-        for last_seq, count, received_ms, payload in cursor:
-            first = last_seq - count + 1
-            if first > after + len(lines) + 1:
+    with closing(segments_after(conn, after)) as segments:
+        for first, received_ms, segment in segments:
+            if first != after + len(lines) + 1:
                 break  # a gap: what should come next was pruned
-            start = after + len(lines) + 1 - first
-            stop = min(last_seq, last) - first + 1
-            taken = payload.split(b"\n")[start:stop]
+            taken = segment[: last - first + 1]
             lines.extend(taken)
             arrivals.append((len(taken), received_ms))
-            if last_seq >= last:
+            if len(lines) >= last - after:
                 break
-    finally:
-        cursor.close()
     if len(lines) != last - after:
         raise SpanMissing(
             f"the spool holds {len(lines)} of the {last - after} events after {after}"

@@ -38,6 +38,7 @@ import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -46,7 +47,7 @@ import orjson
 
 from tagrelay.errors import SpoolUnavailable
 from tagrelay.spool.dedup import RecentIds
-from tagrelay.spool.segments import SELECT_AFTER, SELECT_FIRST_RECEIVED
+from tagrelay.spool.segments import SELECT_FIRST_RECEIVED, segments_after
 from tagrelay.spool.writer import WriterProcess
 
 log = logging.getLogger(__name__)
@@ -573,18 +574,12 @@ class SqliteSpool:
     def _read(self, after: int, limit: int) -> list[SpooledEvent]:
         assert self._rconn is not None
         out: list[SpooledEvent] = []
-        cursor = self._rconn.execute(SELECT_AFTER, (after,))
-        try:
-            for last_seq, count, received_ms, payload in cursor:
-                first = last_seq - count + 1
-                lines = payload.split(b"\n")
-                skip = max(0, after + 1 - first)
-                for offset in range(skip, count):
-                    out.append(SpooledEvent(first + offset, received_ms, lines[offset]))
-                    if len(out) >= limit:
-                        return out
-        finally:
-            cursor.close()
+        with closing(segments_after(self._rconn, after)) as segments:
+            for first, received_ms, lines in segments:
+                for offset, line in enumerate(lines[: limit - len(out)]):
+                    out.append(SpooledEvent(first + offset, received_ms, line))
+                if len(out) >= limit:
+                    break
         return out
 
     async def first_received_ms(self, after: int) -> int | None:
