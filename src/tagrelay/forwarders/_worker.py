@@ -28,7 +28,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import orjson
 
@@ -276,13 +276,7 @@ class ForwarderWorker:
         if isinstance(outcome, Delivered) and not outcome.rejected and not outcome.dropped:
             await self.spool.advance(self.id, last)
             self._state = CursorState(last)
-            self.metrics.forwarder_events.labels(self.id, "delivered").inc(count)
-            now = self._clock()
-            hist = self.metrics.delivery_latency.labels(self.id)
-            for n, received_ms in delivery.arrivals:
-                latency = max(0.0, now - received_ms / 1000)
-                for _ in range(n):
-                    hist.observe(latency)
+            self._count_delivered(count, delivery.arrivals)
             return
         await self._settle(await self.spool.read(after, count), outcome, last)
 
@@ -319,11 +313,20 @@ class ForwarderWorker:
             for reason, n in outcome.dropped.items():
                 self.metrics.forwarder_dropped.labels(self.id, reason).inc(n)
         if len(delivered) > dropped:
-            self.metrics.forwarder_events.labels(self.id, "delivered").inc(len(delivered) - dropped)
-            now = self._clock()
-            hist = self.metrics.delivery_latency.labels(self.id)
-            for item in delivered:
-                hist.observe(max(0.0, now - item.received_ms / 1000))
+            self._count_delivered(
+                len(delivered) - dropped, ((1, item.received_ms) for item in delivered)
+            )
+
+    def _count_delivered(self, count: int, arrivals: Iterable[tuple[int, int]]) -> None:
+        """Count ``count`` events as delivered and time every event of ``arrivals``, runs
+        of ``(events, received_ms)``, from its arrival to now."""
+        self.metrics.forwarder_events.labels(self.id, "delivered").inc(count)
+        now = self._clock()
+        hist = self.metrics.delivery_latency.labels(self.id)
+        for n, received_ms in arrivals:
+            latency = max(0.0, now - received_ms / 1000)
+            for _ in range(n):
+                hist.observe(latency)
 
     async def _dead(self, kept: list[SpooledEvent], reason: str, detail: str, last: int) -> None:
         attempts = self._state.attempts + 1
