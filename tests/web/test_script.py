@@ -515,15 +515,20 @@ function open(opts = {}) {
 Browser = Callable[..., Any]
 
 
-@pytest.fixture
-def browser(tmp_path: Path, config: Config) -> Browser:
+@pytest.fixture(params=[False, True], ids=["script", "with-jitsu-layer"])
+def browser(tmp_path: Path, config: Config, request: pytest.FixtureRequest) -> Browser:
     """``browser(scenario_js, config=None)``: run an async JS scenario (it gets ``open``)
-    against the script as built for ``config``; returns what the scenario returns."""
+    against the script as built for ``config``; returns what the scenario returns. Every
+    scenario runs twice: on the script as configured, and with the Jitsu layer, which must
+    change nothing else."""
 
     def run(scenario: str, config_: Config | None = None) -> Any:
         if NODE is None:
             pytest.skip("node is not installed")
         cfg = config_ or config
+        if request.param:
+            script = cfg.script.model_copy(update={"jitsu_compat": True})
+            cfg = cfg.model_copy(update={"script": script})
         (tmp_path / "harness.js").write_text(HARNESS)
         (tmp_path / "p.js").write_bytes(build_script(cfg, "0.1.0").identity)
         (tmp_path / "stub.js").write_text(stub_of(render_snippet(cfg, "/p.js", "wk")))
