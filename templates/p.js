@@ -101,6 +101,9 @@
     // queued: later changes to the caller's objects do not leak into it, and an object
     // that cannot be serialised throws here, in the caller, not in a whole batch later.
     ev = (f, o) => {
+{% if jitsu %}
+      if (O.dontSend) return; // Jitsu's privacy.dontSend: nothing is sent
+{% endif %}
       var e = JSON.parse(
           JSON.stringify(
             X({ messageId: o && o.messageId || id(), timestamp: new Date().toISOString(), anonymousId: A, userId: U }, f, {
@@ -264,10 +267,11 @@
   /*
    * The Jitsu layer, part 1: Jitsu's data-* attributes and the ids Jitsu's script kept.
    * data-init-only: no automatic page view. data-debug: every event is logged to the
-   * console as it is queued. data-privacy-disable-user-ids: cookieless. ("true", "1" and
-   * "yes" are true, as for Jitsu.) data-write-key is ours already; data-onload and
-   * data-namespace are read by part 2. The other attributes of Jitsu's script have no
-   * effect (cookie names and domain: the relay sets its own cookie).
+   * console as it is queued. data-privacy-dont-send: no event is sent (until
+   * configure() says otherwise, see part 2). data-privacy-disable-user-ids: cookieless.
+   * ("true", "1" and "yes" are true, as for Jitsu.) data-write-key is ours already;
+   * data-onload and data-namespace are read by part 2. The other attributes of Jitsu's
+   * script have no effect (cookie names and domain: the relay sets its own cookie).
    * A visitor's first page load with this script (nothing stored yet) takes over the
    * anonymous id, user id and traits that Jitsu's script kept in its cookies (__eventn_id,
    * __eventn_uid, and __eventn_id_usr: URI-encoded JSON), so that a site switching keeps
@@ -277,6 +281,7 @@
     ck = n => (d.cookie.match("(^|; )" + n + "=([^;]*)") || [])[2];
   yes(a.initOnly) && (O.autoPage = !1);
   O.debug = yes(a.debug);
+  O.dontSend = yes(a.privacyDontSend);
   yes(a.privacyDisableUserIds) && (O.cookieless = 1);
   if (!O.cookieless && st("aid") === V)
     try {
@@ -302,7 +307,9 @@
    * exception (an object that cannot be serialised) rejects the promise instead.
    * page(name, properties) or page(properties). A page that calls page() itself tracks
    * its own page views: the automatic ones stop (an SPA would count every view twice).
-   * user(): the ids and traits the next event carries.
+   * user(): the ids and traits the next event carries. configure({privacy: {dontSend,
+   * disableUserIds}}) (a consent banner's answer): each one given is applied (leaving
+   * disableUserIds is leaving cookieless mode); the rest of Jitsu's options are ignored.
    * Then, like Jitsu's script: the data-onload function (its name) is called with the
    * instance, the callbacks queued in jitsuQ run (a function gets the instance, an array
    * [method, ...arguments] is a call), later pushes run at once; then the automatic page
@@ -333,6 +340,11 @@
     J[m] = (...x) => new Promise(r => r(f(...x)));
   }
   J.user = () => ({ anonymousId: A, userId: U ?? null, traits: X({}, T) });
+  J.configure = (o, v) => {
+    o = o && o.privacy || {};
+    (v = o.dontSend) != V && (O.dontSend = v);
+    (v = o.disableUserIds) != V && api.init({ cookieless: v });
+  };
   w[NS] = J;
   w[NS + "Q"] = { push: jq };
   a.onload && jq(w[a.onload]);

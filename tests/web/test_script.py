@@ -177,7 +177,7 @@ def test_script_template_has_exactly_one_template_expression() -> None:
     assert source.count("{{") == 1
     assert "{{ cfg|tojson }}" in source
     blocks = re.findall(r"\{%.*?%\}", source)
-    assert blocks == ["{% if jitsu %}", "{% endif %}"] * 3
+    assert blocks == ["{% if jitsu %}", "{% endif %}"] * 4
     assert source.count("{%") == len(blocks)
     assert "{#" not in source
 
@@ -1168,6 +1168,40 @@ def test_jitsu_data_attributes(browser: Browser, jitsu_config: Config) -> None:
     assert out["namespace"] == ["undefined", "function", "function"]
     assert out["cookieless"] == [True, 0]
     assert out["missingOnload"] == [1, 1, "object"]
+
+
+def test_jitsu_privacy_dont_send_until_configure(browser: Browser, jitsu_config: Config) -> None:
+    # Jitsu's consent flow: data-privacy-dont-send until the visitor agrees, then
+    # configure({privacy: {dontSend: false}}); disableUserIds is cookieless mode.
+    out = browser(
+        """
+        const local = {};
+        const b = open({ localStorage: local });
+        b.load({ writeKey: "wk", privacyDontSend: "true", privacyDisableUserIds: "true" });
+        const j = b.win.jitsu;
+        await j.track("Before Consent");
+        await b.advance(0);
+        const before = [b.fetches.length, Object.keys(local).length];
+        j.configure({ privacy: { dontSend: false } });
+        await j.track("Consented, Still Without Ids");
+        j.configure({ privacy: { disableUserIds: false } });
+        await j.track("With Ids");
+        j.configure({ debug: true });  // not a privacy option: ignored
+        j.configure();
+        await j.track("Still With Ids");
+        await b.advance(0);
+        return { before, local: Object.keys(local).sort(),
+                 events: b.events().map(e => [e.event, e.context.cookieless || false]) };
+        """,
+        jitsu_config,
+    )
+    assert out["before"] == [0, 0]
+    assert out["events"] == [
+        ["Consented, Still Without Ids", True],
+        ["With Ids", False],
+        ["Still With Ids", False],
+    ]
+    assert out["local"] == ["tagrelay_aid", "tagrelay_consent", "tagrelay_traits"]
 
 
 def test_a_visitor_jitsu_knew_keeps_its_ids(browser: Browser, jitsu_config: Config) -> None:
