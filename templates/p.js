@@ -270,7 +270,7 @@
    * console as it is queued. data-privacy-dont-send: no event is sent (until
    * configure() says otherwise, see part 2). data-privacy-disable-user-ids: cookieless.
    * ("true", "1" and "yes" are true, as for Jitsu.) data-write-key is ours already;
-   * data-onload and data-namespace are read by part 2. The other attributes of Jitsu's
+   * data-user-id, data-onload and data-namespace are read by part 2. The other attributes of Jitsu's
    * script have no effect (cookie names and domain: the relay sets its own cookie).
    * A visitor's first page load with this script (nothing stored yet) takes over the
    * anonymous id, user id and traits that Jitsu's script kept in its cookies (__eventn_id,
@@ -310,7 +310,8 @@
    * user(): the ids and traits the next event carries. configure({privacy: {dontSend,
    * disableUserIds}}) (a consent banner's answer): each one given is applied (leaving
    * disableUserIds is leaving cookieless mode); the rest of Jitsu's options are ignored.
-   * Then, like Jitsu's script: the data-onload function (its name) is called with the
+   * Then, like Jitsu's script: data-user-id is identified (unless user ids are disabled),
+   * the data-onload function (its name) is called with the
    * instance, the callbacks queued in jitsuQ run (a function gets the instance, an array
    * [method, ...arguments] is a call), later pushes run at once; then the automatic page
    * view, which so carries what they identified.
@@ -347,6 +348,7 @@
   };
   w[NS] = J;
   w[NS + "Q"] = { push: jq };
+  a.userId && !O.cookieless && api.identify(a.userId);
   a.onload && jq(w[a.onload]);
   JQ.forEach(jq);
 {% endif %}

@@ -1159,6 +1159,14 @@ def test_jitsu_data_attributes(browser: Browser, jitsu_config: Config) -> None:
         o.load({ writeKey: "wk", onload: "missing" });
         await o.advance(0);
         r.missingOnload = [o.errors.length, o.events().length, typeof o.win.jitsu];
+        const u = open();
+        u.load({ writeKey: "wk", userId: "u-9" });
+        await u.advance(0);
+        r.userId = u.events().map(e => [e.type, e.userId]);
+        const uc = open();
+        uc.load({ writeKey: "wk", userId: "u-9", privacyDisableUserIds: "yes" });
+        await uc.advance(0);
+        r.userIdDisabled = uc.events().map(e => [e.type, e.userId || null]);
         return r;
         """,
         jitsu_config,
@@ -1168,6 +1176,8 @@ def test_jitsu_data_attributes(browser: Browser, jitsu_config: Config) -> None:
     assert out["namespace"] == ["undefined", "function", "function"]
     assert out["cookieless"] == [True, 0]
     assert out["missingOnload"] == [1, 1, "object"]
+    assert out["userId"] == [["identify", "u-9"], ["page", "u-9"]]
+    assert out["userIdDisabled"] == [["page", None]]
 
 
 def test_jitsu_privacy_dont_send_until_configure(browser: Browser, jitsu_config: Config) -> None:
