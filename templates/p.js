@@ -2,11 +2,13 @@
  * tagrelay.js: the relay's first-party tracking script (the readable source).
  *
  * A Jinja2 template: the relay renders it once at start-up with the cfg object at the very
- * end (its only template expression: keep every other brace-brace, brace-percent and
- * brace-hash pair out of this file), minifies and gzips it (tagrelay.web.script) and serves
- * it at paths.script. It must stay at most 2,048 bytes gzipped as served:
- * tests/web/test_script.py asserts it. Hence the terse style and the short names, each
- * explained where it is declared.
+ * end (its only expression) and, when script.jitsu_compat is set, the blocks between
+ * brace-percent if jitsu and endif: the Jitsu layer (keep every other brace-brace,
+ * brace-percent and brace-hash pair out of this file). It minifies and gzips it
+ * (tagrelay.web.script) and serves it at paths.script. It must stay at most 2,048 bytes
+ * gzipped as served, and at most 2,560 with the Jitsu layer: tests/web/test_script.py
+ * asserts both. Hence the terse style and the short names, each explained where it is
+ * declared.
  *
  * cfg: g = the window property of the API, e = the events path (base path included),
  *      v = the library version, c = cookieless by default, a = automatic page views.
@@ -14,6 +16,12 @@
  * The API mirrors Segment's analytics.js: page, track, identify, group, alias, reset, ready,
  * plus consent, init and anonymousId. Events follow the Segment spec and go to the relay as
  * {writeKey, sentAt, batch: [...]} in a text/plain POST (a simple request: no preflight).
+ *
+ * The Jitsu layer makes the same script answer to Jitsu's browser API too, so that a page
+ * carrying Jitsu's snippet (<script async src=".../p.js" data-write-key="...">) works
+ * unchanged: window.jitsu (track, page, identify, group, reset returning promises, and
+ * user()), the jitsuQ queue of callbacks, and Jitsu's data-* attributes (see the layer).
+ * Its events are the same events, through the same queue, ids and delivery.
  */
 (function (w, d, N, cfg) {
   var G = cfg.g,
@@ -93,6 +101,9 @@
     // queued: later changes to the caller's objects do not leak into it, and an object
     // that cannot be serialised throws here, in the caller, not in a whole batch later.
     ev = (f, o) => {
+{% if jitsu %}
+      if (O.dontSend) return; // Jitsu's privacy.dontSend: nothing is sent
+{% endif %}
       var e = JSON.parse(
           JSON.stringify(
             X({ messageId: o && o.messageId || id(), timestamp: new Date().toISOString(), anonymousId: A, userId: U }, f, {
@@ -113,6 +124,9 @@
           )
         );
       Q.push(e);
+{% if jitsu %}
+      O.debug && console.log("[tagrelay]", e);
+{% endif %}
       // Hidden or unloading: send at once, by beacon. Else at the end of this task, so that
       // the events of one tick share one request.
       hidden() ? flush(1) : Z || (Z = setTimeout(flush));
@@ -249,6 +263,33 @@
   });
   w.addEventListener("popstate", () => setTimeout(nav));
 
+{% if jitsu %}
+  /*
+   * The Jitsu layer, part 1: Jitsu's data-* attributes and the ids Jitsu's script kept.
+   * data-init-only: no automatic page view. data-debug: every event is logged to the
+   * console as it is queued. data-privacy-dont-send: no event is sent (until
+   * configure() says otherwise, see part 2). data-privacy-disable-user-ids: cookieless.
+   * ("true", "1" and "yes" are true, as for Jitsu.) data-write-key is ours already;
+   * data-user-id, data-onload and data-namespace are read by part 2. The other attributes of Jitsu's
+   * script have no effect (cookie names and domain: the relay sets its own cookie).
+   * A visitor's first page load with this script (nothing stored yet) takes over the
+   * anonymous id, user id and traits that Jitsu's script kept in its cookies (__eventn_id,
+   * __eventn_uid, and __eventn_id_usr: URI-encoded JSON), so that a site switching keeps
+   * its visitors and users; from then on they are kept like ours.
+   */
+  var yes = v => /^(true|1|yes)$/.test(v),
+    ck = n => (d.cookie.match("(^|; )" + n + "=([^;]*)") || [])[2];
+  yes(a.initOnly) && (O.autoPage = !1);
+  O.debug = yes(a.debug);
+  O.dontSend = yes(a.privacyDontSend);
+  yes(a.privacyDisableUserIds) && (O.cookieless = 1);
+  if (!O.cookieless && st("aid") === V)
+    try {
+      A = ck("__eventn_id");
+      U = ck("__eventn_uid");
+      T = JSON.parse(decodeURIComponent(ck("__eventn_id_usr") || "{}")) || {};
+    } catch (e) {}
+{% endif %}
   // Replay the snippet's queue: init calls first, whatever their position, then the rest
   // in order, then the automatic page view, and the ready callbacks last. A page that kept
   // a reference to the snippet's stub still reaches the API.
@@ -258,6 +299,59 @@
   q.forEach(c => c[0] == "init" && call(c));
   api.init();
   q.forEach(c => c[0] != "init" && c[0] != "ready" && call(c));
+{% if jitsu %}
+  /*
+   * Part 2: window.jitsu (or window[data-namespace]). Its methods return promises, which
+   * resolve once the event is queued (with its messageId): delivery goes on by keepalive
+   * fetch or beacon, which outlive a navigation, so a page need not wait for them. An
+   * exception (an object that cannot be serialised) rejects the promise instead.
+   * page(name, properties) or page(properties). A page that calls page() itself tracks
+   * its own page views: the automatic ones stop (an SPA would count every view twice).
+   * user(): the ids and traits the next event carries. configure({privacy: {dontSend,
+   * disableUserIds}}) (a consent banner's answer): each one given is applied (leaving
+   * disableUserIds is leaving cookieless mode); the rest of Jitsu's options are ignored.
+   * Then, like Jitsu's script: data-user-id is identified (unless user ids are disabled),
+   * the data-onload function (its name) is called with the
+   * instance, the callbacks queued in jitsuQ run (a function gets the instance, an array
+   * [method, ...arguments] is a call), later pushes run at once; then the automatic page
+   * view, which so carries what they identified.
+   */
+  var NS = a.namespace || "jitsu",
+    J = {
+      track: api.track,
+      page: (n, p) => (O.autoPage = !1, n && typeof n == "object" ? api.page(n.name, n) : api.page(n, p)),
+      identify: api.identify,
+      group: api.group,
+      reset: api.reset
+    },
+    // Run a jitsuQ entry (or the data-onload function); an exception is reported, as by
+    // call(), without stopping the others.
+    jq = f => {
+      try {
+        f.call ? f(J) : J[f[0]](...f.slice(1));
+      } catch (e) {
+        setTimeout(() => {
+          throw e;
+        });
+      }
+    },
+    JQ = w[NS + "Q"] || [];
+  for (let m in J) {
+    let f = J[m];
+    J[m] = (...x) => new Promise(r => r(f(...x)));
+  }
+  J.user = () => ({ anonymousId: A, userId: U ?? null, traits: X({}, T) });
+  J.configure = (o, v) => {
+    o = o && o.privacy || {};
+    (v = o.dontSend) != V && (O.dontSend = v);
+    (v = o.disableUserIds) != V && api.init({ cookieless: v });
+  };
+  w[NS] = J;
+  w[NS + "Q"] = { push: jq };
+  a.userId && !O.cookieless && api.identify(a.userId);
+  a.onload && jq(w[a.onload]);
+  JQ.forEach(jq);
+{% endif %}
   nav();
   q.forEach(c => c[0] == "ready" && call(c));
 })(window, document, navigator, {{ cfg|tojson }});

@@ -36,6 +36,7 @@ from tests.support import make_config
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node is not installed")
 MAX_GZIPPED_BYTES = 2048
+MAX_GZIPPED_BYTES_JITSU = 2560  # with script.jitsu_compat
 
 
 @pytest.fixture
@@ -171,10 +172,13 @@ def test_minified_program_behaves_like_the_original(tmp_path: Path) -> None:
 
 
 def test_script_template_has_exactly_one_template_expression() -> None:
+    # ... and the Jitsu layer's blocks, nothing else.
     source = (templates_dir() / "p.js").read_text()
     assert source.count("{{") == 1
     assert "{{ cfg|tojson }}" in source
-    assert "{%" not in source
+    blocks = re.findall(r"\{%.*?%\}", source)
+    assert blocks == ["{% if jitsu %}", "{% endif %}"] * 4
+    assert source.count("{%") == len(blocks)
     assert "{#" not in source
 
 
@@ -218,6 +222,26 @@ def test_gzipped_script_is_at_most_2048_bytes(tmp_path: Path, asset: ScriptAsset
 @needs_node
 def test_served_script_is_valid_javascript(tmp_path: Path, asset: ScriptAsset) -> None:
     node_check(tmp_path, asset.identity.decode())
+
+
+def test_script_with_the_jitsu_layer_is_at_most_2560_bytes(tmp_path: Path) -> None:
+    asset = build_script(make_config(tmp_path, script={"jitsu_compat": True}), "0.1.0")
+    print(
+        f"\ntracking script with the Jitsu layer: {len(asset.identity)} bytes minified, "
+        f"{len(asset.gzipped)} bytes gzipped"
+    )
+    assert len(asset.gzipped) <= MAX_GZIPPED_BYTES_JITSU
+    if NODE is not None:
+        node_check(tmp_path, asset.identity.decode())
+
+
+def test_the_jitsu_layer_is_only_in_the_script_when_switched_on(
+    tmp_path: Path, asset: ScriptAsset
+) -> None:
+    assert b"jitsu" not in asset.identity
+    with_layer = build_script(make_config(tmp_path, script={"jitsu_compat": True}), "0.1.0")
+    assert b"jitsu" in with_layer.identity
+    assert with_layer.etag != asset.etag
 
 
 # ---------------------------------------------------------------------------------------
@@ -366,9 +390,10 @@ const settle = async () => {
 };
 
 // open(opts) -> a fake browser tab. opts: url, title, referrer, gpc, localStorage,
-// sessionStorage (plain objects, so that a later tab can share them), global.
+// sessionStorage (plain objects, so that a later tab can share them), global, cookie
+// (document.cookie).
 function open(opts = {}) {
-  const b = { fetches: [], beacons: [], errors: [], responses: [], timers: [], clock: 0 };
+  const b = { fetches: [], beacons: [], errors: [], logs: [], responses: [], timers: [], clock: 0 };
   b.pending = []; // rejecters of fetches answered "hang"
   let timerId = 0;
   const listeners = {};
@@ -383,6 +408,7 @@ function open(opts = {}) {
     title: opts.title || "Home",
     referrer: opts.referrer === undefined ? "https://www.google.com/" : opts.referrer,
     visibilityState: "visible",
+    cookie: opts.cookie || "",
     currentScript: null,
     addEventListener: (t, f) => on("document:" + t, f),
   };
@@ -403,6 +429,7 @@ function open(opts = {}) {
     localStorage: opts.localStorage || {},
     sessionStorage: opts.sessionStorage || {},
     crypto: require("crypto").webcrypto,
+    console: { log: (...x) => b.logs.push(x) },
     URL,
     URLSearchParams,
     setTimeout: (f, ms) => {
@@ -488,15 +515,20 @@ function open(opts = {}) {
 Browser = Callable[..., Any]
 
 
-@pytest.fixture
-def browser(tmp_path: Path, config: Config) -> Browser:
+@pytest.fixture(params=[False, True], ids=["script", "with-jitsu-layer"])
+def browser(tmp_path: Path, config: Config, request: pytest.FixtureRequest) -> Browser:
     """``browser(scenario_js, config=None)``: run an async JS scenario (it gets ``open``)
-    against the script as built for ``config``; returns what the scenario returns."""
+    against the script as built for ``config``; returns what the scenario returns. Every
+    scenario runs twice: on the script as configured, and with the Jitsu layer, which must
+    change nothing else."""
 
     def run(scenario: str, config_: Config | None = None) -> Any:
         if NODE is None:
             pytest.skip("node is not installed")
         cfg = config_ or config
+        if request.param:
+            script = cfg.script.model_copy(update={"jitsu_compat": True})
+            cfg = cfg.model_copy(update={"script": script})
         (tmp_path / "harness.js").write_text(HARNESS)
         (tmp_path / "p.js").write_bytes(build_script(cfg, "0.1.0").identity)
         (tmp_path / "stub.js").write_text(stub_of(render_snippet(cfg, "/p.js", "wk")))
@@ -1010,3 +1042,236 @@ def test_loading_twice_is_harmless(browser: Browser) -> None:
         return [b.api() === api, b.events().map(e => e.context.page.path)];
     """)
     assert out == [True, ["/", "/a"]]
+
+
+# ---------------------------------------------------------------------------------------
+# The Jitsu layer (script.jitsu_compat): Jitsu's browser API on the same script
+
+
+@pytest.fixture
+def jitsu_config(tmp_path: Path) -> Config:
+    return make_config(tmp_path, script={"jitsu_compat": True})
+
+
+def test_jitsu_api_onload_and_queue_run_before_the_page_view(
+    browser: Browser, jitsu_config: Config
+) -> None:
+    out = browser(
+        """
+        const b = open({ url: "https://www.shop.test/pricing" });
+        const win = b.win;
+        const seen = [];
+        win.jitsuQ = win.jitsuQ || [];
+        win.jitsuQ.push(function (jitsu) { seen.push("queue"); jitsu.track("Queued", { a: 1 }); });
+        win.jitsuQ.push(["track", "As Array", { b: 2 }]);
+        win.jitsuQ.push(function () { throw new Error("page bug"); });
+        win.hello = function (jitsu) {
+          seen.push("onload");
+          jitsu.identify("u-1", { plan: "pro" });
+        };
+        b.load({ writeKey: "wk", onload: "hello" });
+        seen.push(win.jitsu === undefined ? "no api" : "api");
+        win.jitsuQ.push(jitsu => { seen.push("later"); jitsu.group("g-1", { name: "Acme" }); });
+        const id = await win.jitsu.track("Later", { c: 3 });
+        const promises = ["page", "identify", "group", "reset"].map(
+          m => typeof win.jitsu[m]().then == "function"
+        );
+        await b.advance(0);
+        return { seen, id, promises, errors: b.errors.length,
+                 events: b.events().map(e => [e.type, e.event || null, e.userId || null]),
+                 later: b.events().find(e => e.event == "Later") };
+        """,
+        jitsu_config,
+    )
+    assert out["seen"] == ["onload", "queue", "api", "later"]
+    assert out["errors"] == 1  # the failing callback is reported, the others run
+    assert out["events"][:6] == [
+        ["identify", None, "u-1"],
+        ["track", "Queued", "u-1"],
+        ["track", "As Array", "u-1"],
+        ["page", None, "u-1"],
+        ["group", None, "u-1"],
+        ["track", "Later", "u-1"],
+    ]
+    assert out["later"]["messageId"] == out["id"]
+    assert all(out["promises"])
+
+
+def test_jitsu_page_user_and_reset(browser: Browser, jitsu_config: Config) -> None:
+    out = browser(
+        """
+        const local = {};
+        const b = open({ localStorage: local });
+        b.load({ writeKey: "wk" });
+        const j = b.win.jitsu;
+        await j.identify("u-1", { plan: "pro" });
+        const user = j.user();
+        j.user().traits.plan = "changed by the page";   // a copy
+        await j.page("Pricing", { tier: 2 });
+        await j.page({ name: "Named", x: 1 });
+        b.win.history.pushState({}, "", "/after");    // the page tracks its own views now
+        await b.advance(0);
+        await j.reset();
+        const reset = j.user();
+        await j.track("After");
+        await b.advance(0);
+        const next = open({ localStorage: local });
+        next.load({ writeKey: "wk" });
+        return { user, reset, again: j.user(), next: next.win.jitsu.user(),
+                 pages: b.events().filter(e => e.type == "page")
+                   .map(e => [e.name || null, e.properties.tier || e.properties.x || null]),
+                 after: b.events().at(-1) };
+        """,
+        jitsu_config,
+    )
+    assert out["user"]["userId"] == "u-1" and out["user"]["traits"] == {"plan": "pro"}
+    assert out["pages"] == [[None, None], ["Pricing", 2], ["Named", 1]]
+    assert out["reset"]["userId"] is None and out["reset"]["traits"] == {}
+    assert out["reset"]["anonymousId"] != out["user"]["anonymousId"]
+    assert out["after"]["anonymousId"] == out["reset"]["anonymousId"]
+    assert out["next"] == out["again"]
+
+
+def test_jitsu_data_attributes(browser: Browser, jitsu_config: Config) -> None:
+    out = browser(
+        """
+        const r = {};
+        const a = open();
+        a.load({ writeKey: "wk", initOnly: "true" });
+        a.win.history.pushState({}, "", "/a");
+        await a.advance(0);
+        r.initOnly = a.events().length;
+        const d = open();
+        d.load({ writeKey: "wk", debug: "yes" });
+        await d.advance(0);
+        r.debug = d.logs.map(l => [l[0], l[1].type]);
+        const n = open();
+        n.win.tracker = function (t) { t.track("From Onload"); };
+        n.load({ writeKey: "wk", namespace: "tracker", onload: "tracker", initOnly: "1" });
+        await n.advance(0);
+        r.namespace = [typeof n.win.jitsu, typeof n.win.tracker.user, typeof n.win.trackerQ.push];
+        const local = {};
+        const c = open({ localStorage: local });
+        c.load({ writeKey: "wk", privacyDisableUserIds: "true" });
+        await c.advance(0);
+        r.cookieless = [c.events()[0].context.cookieless, Object.keys(local).length];
+        const o = open();
+        o.load({ writeKey: "wk", onload: "missing" });
+        await o.advance(0);
+        r.missingOnload = [o.errors.length, o.events().length, typeof o.win.jitsu];
+        const u = open();
+        u.load({ writeKey: "wk", userId: "u-9" });
+        await u.advance(0);
+        r.userId = u.events().map(e => [e.type, e.userId]);
+        const uc = open();
+        uc.load({ writeKey: "wk", userId: "u-9", privacyDisableUserIds: "yes" });
+        await uc.advance(0);
+        r.userIdDisabled = uc.events().map(e => [e.type, e.userId || null]);
+        return r;
+        """,
+        jitsu_config,
+    )
+    assert out["initOnly"] == 0  # no automatic page views at all
+    assert out["debug"] == [["[tagrelay]", "page"]]
+    assert out["namespace"] == ["undefined", "function", "function"]
+    assert out["cookieless"] == [True, 0]
+    assert out["missingOnload"] == [1, 1, "object"]
+    assert out["userId"] == [["identify", "u-9"], ["page", "u-9"]]
+    assert out["userIdDisabled"] == [["page", None]]
+
+
+def test_jitsu_privacy_dont_send_until_configure(browser: Browser, jitsu_config: Config) -> None:
+    # Jitsu's consent flow: data-privacy-dont-send until the visitor agrees, then
+    # configure({privacy: {dontSend: false}}); disableUserIds is cookieless mode.
+    out = browser(
+        """
+        const local = {};
+        const b = open({ localStorage: local });
+        b.load({ writeKey: "wk", privacyDontSend: "true", privacyDisableUserIds: "true" });
+        const j = b.win.jitsu;
+        await j.track("Before Consent");
+        await b.advance(0);
+        const before = [b.fetches.length, Object.keys(local).length];
+        j.configure({ privacy: { dontSend: false } });
+        await j.track("Consented, Still Without Ids");
+        j.configure({ privacy: { disableUserIds: false } });
+        await j.track("With Ids");
+        j.configure({ debug: true });  // not a privacy option: ignored
+        j.configure();
+        await j.track("Still With Ids");
+        await b.advance(0);
+        return { before, local: Object.keys(local).sort(),
+                 events: b.events().map(e => [e.event, e.context.cookieless || false]) };
+        """,
+        jitsu_config,
+    )
+    assert out["before"] == [0, 0]
+    assert out["events"] == [
+        ["Consented, Still Without Ids", True],
+        ["With Ids", False],
+        ["Still With Ids", False],
+    ]
+    assert out["local"] == ["tagrelay_aid", "tagrelay_consent", "tagrelay_traits"]
+
+
+def test_a_visitor_jitsu_knew_keeps_its_ids(browser: Browser, jitsu_config: Config) -> None:
+    out = browser(
+        """
+        const local = {};
+        const cookie = "_ga=GA1.1.1.2; __eventn_id=jitsu-anon-1; __eventn_uid=u-7";
+        const first = open({ localStorage: local, cookie });
+        first.load();
+        await first.advance(0);
+        first.win.jitsu.reset();
+        const second = open({ localStorage: local, cookie });   // Jitsu's cookies remain
+        second.load();
+        await second.advance(0);
+        const fresh = open({ cookie: "__eventn_id=jitsu-anon-2" });
+        fresh.load({ writeKey: "wk", cookieless: "true" });
+        await fresh.advance(0);
+        return { first: first.events()[0], second: second.events()[0],
+                 fresh: fresh.events()[0].anonymousId };
+        """,
+        jitsu_config,
+    )
+    first = out["first"]
+    assert [first["anonymousId"], first["userId"]] == ["jitsu-anon-1", "u-7"]
+    # taken over once: after reset() they do not come back from Jitsu's cookies
+    assert out["second"]["anonymousId"] not in ("jitsu-anon-1", None)
+    assert out["second"].get("userId") is None
+    assert out["fresh"] != "jitsu-anon-2"  # cookieless reads no cookie
+
+
+def test_identify_traits_from_jitsus_cookie(browser: Browser, jitsu_config: Config) -> None:
+    out = browser(
+        """
+        const b = open({ cookie: "__eventn_uid=u-7; __eventn_id_usr="
+          + "%7B%22email%22%3A%22ada%40shop.test%22%7D" });
+        b.load({ writeKey: "wk", initOnly: "true" });
+        b.win.jitsu.identify({ plan: "pro" });
+        await b.advance(0);
+        return b.events()[0];
+        """,
+        jitsu_config,
+    )
+    assert out["userId"] == "u-7"
+    assert out["traits"] == {"email": "ada@shop.test", "plan": "pro"}
+
+
+def test_jitsu_promise_rejects_on_a_bad_call(browser: Browser, jitsu_config: Config) -> None:
+    out = browser(
+        """
+        const b = open();
+        b.load();
+        const cyclic = {};
+        cyclic.self = cyclic;
+        try {
+          await b.win.jitsu.track("Cyclic", cyclic);
+          return "resolved";
+        } catch (e) {
+          return e.name;
+        }
+        """,
+        jitsu_config,
+    )
+    assert out == "TypeError"

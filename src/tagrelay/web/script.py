@@ -1,7 +1,8 @@
 """The first-party tracking script at ``paths.script``: built once at start-up, served from memory.
 
 ``build_script`` renders ``templates/p.js`` with the few settings the script needs (its global
-name, the events path, the version, the cookieless and auto-page defaults), minifies it with
+name, the events path, the version, the cookieless and auto-page defaults) and, with
+``script.jitsu_compat``, its Jitsu layer (Jitsu's browser API), minifies it with
 ``minify_js`` below, gzips it once and hashes it. The handler then only chooses a
 representation (gzip or identity, by ``Accept-Encoding``) and answers revalidations with a
 304. ``render_snippet`` renders the copy-paste ``<head>`` snippet that queues calls until the
@@ -319,10 +320,12 @@ def _etag(data: bytes, suffix: str = "") -> str:
 def build_script(config: Config, version: str) -> ScriptAsset:
     """Render, minify, gzip and hash the tracking script (once, at start-up).
 
-    The script posts its events to ``server.base_path + paths.events`` on its host.
+    The script posts its events to ``server.base_path + paths.events`` on its host. With
+    ``script.jitsu_compat`` it also answers to Jitsu's browser API (the template's Jitsu
+    layer).
     """
     template = _environment().get_template(SCRIPT_TEMPLATE)
-    source = template.render(cfg=script_settings(config, version))
+    source = template.render(cfg=script_settings(config, version), jitsu=config.script.jitsu_compat)
     identity = minify_js(source).encode()
     gzipped = gzip.compress(identity, compresslevel=9, mtime=0)
     return ScriptAsset(
