@@ -72,6 +72,36 @@ async def test_the_segment_library_is_served_from_the_configured_dir(
     assert (await client.get("/analytics.js/v1/unknown/analytics.min.js")).status == 401
 
 
+async def test_symlinks_are_served_only_when_they_resolve_inside_the_library_dir(
+    relay: Any, tmp_path: Path
+) -> None:
+    library = tmp_path / "umd"
+    (library / "chunks").mkdir(parents=True)
+    (library / "chunks" / "real.js").write_text("/* inside */")
+    (tmp_path / "secret.js").write_text("/* outside */")
+    (library / "standalone.js").symlink_to(tmp_path / "secret.js")
+    (library / "inside.js").symlink_to(library / "chunks" / "real.js")
+    (library / "relative-out.js").symlink_to("../secret.js")
+    (library / "dir.js").symlink_to(library / "chunks")
+    (library / "dangling.js").symlink_to(library / "missing.js")
+    (library / "loop.js").symlink_to(library / "loop.js")
+    client = await relay(sdks={"segment": {"library_dir": str(library)}})
+
+    inside = await client.get("/analytics-next/bundles/inside.js")
+    assert inside.status == 200
+    assert await inside.text() == "/* inside */"
+    for name in ("relative-out.js", "dir.js", "dangling.js", "loop.js"):
+        resp = await client.get(f"/analytics-next/bundles/{name}")
+        assert resp.status == 404, name
+        assert (await resp.json())["error"] == "not_found"
+    # The snippet's library itself: a link out of the directory is not followed either.
+    out = await client.get(f"/analytics.js/v1/{BROWSER_KEY}/analytics.min.js")
+    assert out.status == 404
+    assert "outside" not in await out.text()
+    for bad in ("..%2Fsecret.js", "%2Fetc%2Fpasswd", "a%00.js", "chunks%2Freal.js"):
+        assert (await client.get(f"/analytics-next/bundles/{bad}")).status == 404
+
+
 async def test_without_a_library_dir_the_library_is_404(relay: Any) -> None:
     client = await relay()
     resp = await client.get(f"/analytics.js/v1/{BROWSER_KEY}/analytics.min.js")

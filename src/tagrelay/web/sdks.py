@@ -19,11 +19,15 @@ path                                               for
 Settings are served for browser keys only (server keys are secrets), with CORS for the key's
 allowed origins. The settings name no destination: events come to the relay, and the
 relay's forwarders do the rest.
+
+The library files are regular files inside ``library_dir``, after symlinks are resolved: a
+link that leads out of the directory (or to a directory) is not served.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -120,8 +124,8 @@ class SdkEndpoints:
                     "message": "set sdks.segment.library_dir to serve analytics-next",
                 },
             )
-        path = self.library_dir / name
-        if not _FILE_NAME.fullmatch(name) or not path.is_file():
+        path = self._inside_library(name)
+        if path is None:
             return json_response(404, {"error": "not_found", "message": "no such file"})
         return web.FileResponse(
             path,
@@ -132,6 +136,20 @@ class SdkEndpoints:
                 "X-Content-Type-Options": "nosniff",
             },
         )
+
+    def _inside_library(self, name: str) -> Path | None:
+        """The regular file ``name`` names inside the library directory, symlinks resolved;
+        None for any other name (``..``, a path, NUL, a link that leads out)."""
+        assert self.library_dir is not None
+        if not _FILE_NAME.fullmatch(name):
+            return None
+        try:
+            path = (self.library_dir / name).resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, a loop
+            return None
+        if not path.is_relative_to(self.library_dir) or not path.is_file():
+            return None
+        return path
 
     async def segment_metrics(self, request: web.Request) -> web.Response:
         """analytics-next's usage metrics (no write key): counted, then dropped."""
