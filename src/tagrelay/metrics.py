@@ -169,6 +169,13 @@ class Metrics:
             ["forwarder"],
             registry=r,
         )
+        self.cors_refused = Counter(
+            "tagrelay_cors_refused",
+            "Browser requests refused for their origin (CORS preflights included), by key: "
+            "the key's id, or none when the request names no key (a preflight).",
+            ["key"],
+            registry=r,
+        )
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
         self._http_children: dict[tuple[str, str, str], Histogram] = {}
         self._sources: dict[str, SourceMetrics] = {}

@@ -75,8 +75,10 @@ class WriteKeyConfig(ConfigModel):
     )
     kind: Literal["browser", "server"] = Field(
         description=(
-            "browser: public, used by pages, restricted by allowed_origins; server: a secret, "
-            "may set context.ip and context.userAgent and use /api/s/s2s/*."
+            "browser: public, used by pages, restricted by allowed_origins; server: a secret "
+            "for backends, may set context.ip and context.userAgent and use /api/s/s2s/*; "
+            "never answered with CORS headers, and refused (403) in a request that carries "
+            "an Origin header, as browsers' requests do."
         ),
         examples=["browser"],
     )
