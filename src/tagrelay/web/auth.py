@@ -2,8 +2,11 @@
 
 A write key arrives as the HTTP Basic username (Segment, RudderStack), as ``X-Write-Key``
 (Jitsu), as ``?writeKey=`` (beacons cannot set headers) or as ``writeKey`` in the body.
-Browser keys are public and restricted by their ``allowed_origins``; server keys are secrets.
-Keys are compared in constant time and never appear in logs, metrics or error messages.
+Browser keys are public and restricted by their ``allowed_origins``; a browser key may also
+claim host names (``hosts``): a keyless request on a Jitsu browser route or the relay's own
+events path, sent to one of them, is taken as sent with that key (Jitsu maps hosts to keys
+the same way). Keys are compared in constant time and never appear in logs, metrics or
+error messages.
 
 Server keys are secrets for backends: no CORS at all. A request that presents one gets no
 ``Access-Control-*`` header whatever its ``Origin``, and a request that presents one with an
@@ -96,9 +99,24 @@ class KeyRing:
     )
     """Each key's secret encoded once, not on every lookup."""
 
+    _by_host: dict[str, WriteKeyConfig] = field(init=False, repr=False, compare=False)
+    """Browser keys by the host names they claim (the config makes them unique)."""
+
     def __post_init__(self) -> None:
         secrets = tuple((key.key.get_secret_value().encode(), key) for key in self.keys)
         object.__setattr__(self, "_secrets", secrets)
+        by_host = {host: key for key in self.keys if key.kind == "browser" for host in key.hosts}
+        object.__setattr__(self, "_by_host", by_host)
+
+    def for_host(self, host_header: str | None) -> WriteKeyConfig | None:
+        """The browser key that claims the request's host (``Host``, port and a trailing dot
+        left out), or None."""
+        if not self._by_host:
+            return None
+        host = parse_host(host_header)
+        if host is None or host.is_ip:
+            return None
+        return self._by_host.get(host.name)
 
     @classmethod
     def from_config(cls, keys: Sequence[WriteKeyConfig]) -> KeyRing:

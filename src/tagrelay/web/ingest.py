@@ -97,6 +97,9 @@ class Route:
 
     source: str
     server_keys_only: bool = False
+    host_keys: bool = False
+    """A request that presents no key takes the browser key claiming its host
+    (``keys[].hosts``), as Jitsu does for its browser ingest."""
 
 
 class IngestService:
@@ -211,7 +214,12 @@ class IngestService:
         return error_response(exc, headers)
 
     def find_key(self, key_text: str | None, route: Route, request: web.Request) -> WriteKeyConfig:
-        """The key presented. Raises ``AuthError`` (401) when there is none."""
+        """The key presented; with none, on a route that takes host keys, the browser key
+        that claims the request's host. Raises ``AuthError`` (401) when there is none."""
+        if key_text is None and route.host_keys:
+            key = self.keys.for_host(request.headers.get("Host"))
+            if key is not None:
+                return key
         return self.keys.lookup(key_text)
 
     def check_key(self, key: WriteKeyConfig, route: Route, request: web.Request) -> None:
@@ -237,7 +245,8 @@ class IngestService:
             )
 
     def authorize(self, key_text: str | None, route: Route, request: web.Request) -> WriteKeyConfig:
-        """The key presented, allowed on ``route`` and for the request's origin."""
+        """The key presented (or the host's), allowed on ``route`` and for the request's
+        origin."""
         key = self.find_key(key_text, route, request)
         self.check_key(key, route, request)
         return key
