@@ -34,7 +34,8 @@ from tagrelay.pipeline.consent import DENIED, GRANTED, ConsentPolicy, anonymize
 from tagrelay.pipeline.identity import IdentityService, Visit, VisitorState
 from tagrelay.pipeline.normalize import BatchSentAt, normalize_event
 from tagrelay.pipeline.privacy import apply_ip_truncation
-from tagrelay.sources import SOURCES, Decoded, parse_json_body
+from tagrelay.sources import SOURCE_LABELS, SOURCES, Decoded, parse_json_body
+from tagrelay.sources.segment import SEGMENT, sdk_source
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.auth import NO_KEY, CorsPolicy, CorsRefusals, KeyRing, key_from_headers
 
@@ -196,6 +197,8 @@ class IngestService:
                 key = self.keys.lookup(key_text)
                 self.check_key(key, route, request)
             decoded = await self._decode(request, source, path_name)
+            if source == SEGMENT:
+                source = sdk_source(decoded)
             if key is None:
                 key = self.find_key(decoded.write_key, route, request)
                 self.check_key(key, route, request)
@@ -483,4 +486,6 @@ class IngestService:
 
 
 # The answer to an accepted single event is always the same: encoded once.
-_OK_BODIES: dict[str, bytes] = {name: orjson.dumps(IngestService._ok(name)) for name in SOURCES}
+_OK_BODIES: dict[str, bytes] = {
+    name: orjson.dumps(IngestService._ok(name)) for name in SOURCE_LABELS
+}
