@@ -132,3 +132,27 @@ async def test_a_configured_cookie_domain_is_used_whatever_the_host(relay: Any) 
     client = await relay(identity={"cookie_domain": ".shop.test"})
     _, headers = await raw_request(client, b"a.shop.test; Domain=evil.test")
     assert cookie_attributes(headers) == expected("shop.test")
+
+
+HOSTILE_HOST = 'a.shop.test"><script>alert(1)</script>'
+
+
+async def test_segment_settings_name_only_a_valid_host(relay: Any) -> None:
+    client = await relay()
+    url = f"/v1/projects/{BROWSER_KEY}/settings"
+    resp = await client.get(url, headers={"Host": HOSTILE_HOST})
+    assert resp.status == 400
+    assert (await resp.json())["error"] == "invalid_host"
+    assert "script" not in await resp.text()
+    ok = await client.get(url, headers={"Host": "Data.Shop.Test:8443"})
+    api_host = (await ok.json())["integrations"]["Segment.io"]["apiHost"]
+    assert api_host == "data.shop.test:8443/v1"
+
+
+async def test_the_demo_page_copies_only_a_valid_host(relay: Any) -> None:
+    client = await relay(demo={"enabled": True})
+    page = await (await client.get("/demo", headers={"Host": HOSTILE_HOST})).text()
+    assert "alert" not in page
+    assert 'src="/p.js"' in page
+    valid = await (await client.get("/demo", headers={"Host": "data.shop.test:8443"})).text()
+    assert 'src="http://data.shop.test:8443/p.js"' in valid
