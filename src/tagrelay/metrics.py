@@ -1,8 +1,10 @@
 """Every Prometheus metric of tagrelay, declared once.
 
-Labels are bounded: ``source`` (an inbound protocol), ``forwarder`` (a configured id),
+Labels are bounded: ``source`` (an inbound protocol; ``rudderstack`` for RudderStack's SDKs
+on Segment's routes, see ``sources.SOURCE_LABELS``), ``forwarder`` (a configured id),
 ``reason`` (a code from a fixed vocabulary), ``outcome``, ``route`` (the route template,
-never the raw path), ``status_class``. Never a URL, an id, a key or raw error text.
+never the raw path), ``status_class``, ``key`` (a configured write key's id, or ``none``).
+Never a URL, an origin, an id from a request, a key's value or raw error text.
 
 Each application owns a ``Metrics`` on its own registry, so that tests (and several apps
 in one process) count independently.

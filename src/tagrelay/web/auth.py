@@ -252,9 +252,12 @@ class CorsRefusals:
         if child is None:
             child = self._children[key_id] = self._counter.labels(key_id)
         child.inc()
-        shown = origin[:200] if origin and well_formed_origin(origin) else MALFORMED_ORIGIN
         if origin is None:
             shown = "(none)"
+        elif well_formed_origin(origin):  # at most ~300 characters
+            shown = origin
+        else:
+            shown = MALFORMED_ORIGIN
         now = self._clock()
         if now - self._window_start >= self._interval:
             self._window_start, self._lines = now, 0
