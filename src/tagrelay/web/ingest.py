@@ -247,13 +247,6 @@ class IngestService:
                 "origin_not_allowed", "this origin may not send events with this key", status=403
             )
 
-    def authorize(self, key_text: str | None, route: Route, request: web.Request) -> WriteKeyConfig:
-        """The key presented (or the host's), allowed on ``route`` and for the request's
-        origin."""
-        key = self.find_key(key_text, route, request)
-        self.check_key(key, route, request)
-        return key
-
     async def _decode(self, request: web.Request, source: str, path_name: str) -> Decoded:
         raw_ctype = request.headers.get("Content-Type")
         if not raw_ctype:
