@@ -1,8 +1,10 @@
 """Every Prometheus metric of tagrelay, declared once.
 
-Labels are bounded: ``source`` (an inbound protocol), ``forwarder`` (a configured id),
+Labels are bounded: ``source`` (an inbound protocol; ``rudderstack`` for RudderStack's SDKs
+on Segment's routes, see ``sources.SOURCE_LABELS``), ``forwarder`` (a configured id),
 ``reason`` (a code from a fixed vocabulary), ``outcome``, ``route`` (the route template,
-never the raw path), ``status_class``. Never a URL, an id, a key or raw error text.
+never the raw path), ``status_class``, ``key`` (a configured write key's id, or ``none``).
+Never a URL, an origin, an id from a request, a key's value or raw error text.
 
 Each application owns a ``Metrics`` on its own registry, so that tests (and several apps
 in one process) count independently.
@@ -167,6 +169,13 @@ class Metrics:
             "tagrelay_warehouse_duplicates",
             "Events not loaded because a row with their message_id exists (resends, retries).",
             ["forwarder"],
+            registry=r,
+        )
+        self.cors_refused = Counter(
+            "tagrelay_cors_refused",
+            "Browser requests refused for their origin (CORS preflights included), by key: "
+            "the key's id, or none when the request names no key (a preflight).",
+            ["key"],
             registry=r,
         )
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)

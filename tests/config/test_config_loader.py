@@ -282,6 +282,47 @@ def test_model_level_rules_are_reported_at_the_item() -> None:
     ]
 
 
+def test_hosts_are_host_names_of_browser_keys_only() -> None:
+    config = parse(KEYS + "    hosts: [Data.Shop.Test.]\n")
+    assert config.keys[0].hosts == ["data.shop.test"]
+    bad = KEYS + "    hosts: ['https://data.shop.test', 'data.shop.test:443', '127.0.0.1', 'a b']\n"
+    assert problems_of(bad) == [
+        (
+            "keys[0].hosts",
+            5,
+            "not host names: 'https://data.shop.test', 'data.shop.test:443', '127.0.0.1', "
+            "'a b' (expected letters, digits, hyphens and dots, like data.example.com; no "
+            "scheme, port, path or IP address)",
+        )
+    ]
+    server = (
+        KEYS + "  - id: backend\n    kind: server\n    key: wk_server\n    hosts: [a.shop.test]\n"
+    )
+    assert problems_of(server) == [
+        (
+            "keys[1]",
+            5,
+            "hosts applies to browser keys only: a keyless request must never be taken as sent "
+            "with a server key (a secret)",
+        )
+    ]
+
+
+def test_a_host_belongs_to_one_key() -> None:
+    text = KEYS + (
+        "    hosts: [data.shop.test]\n"
+        "  - id: other\n    kind: browser\n    key: wk_2\n    hosts: [DATA.shop.test]\n"
+    )
+    assert problems_of(text) == [
+        (
+            "keys",
+            1,
+            "host 'data.shop.test' is claimed by keys 'website' and 'other'; a host maps to "
+            "one key",
+        )
+    ]
+
+
 # --- duplicates -------------------------------------------------------------------------
 
 

@@ -39,8 +39,12 @@ def event(**fields: Any) -> dict[str, Any]:
         ("www.shop.test:51234", "shop.test"),
         ("a.b.example.co.uk", "example.co.uk"),
         ("example.com", "example.com"),
-        ("EXAMPLE.com.", "example.com"),
+        ("DATA.Example.COM", "example.com"),
+        # An absolute name: browsers keep example.com. apart from example.com, and would
+        # refuse a cookie for the domain example.com from it; host-only works.
+        ("EXAMPLE.com.", None),
         ("foo.github.io", "foo.github.io"),  # a private suffix: each user is its own site
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),  # an A-label, as browsers send
         ("localhost", None),
         ("localhost:8080", None),
         ("127.0.0.1:8080", None),
@@ -48,6 +52,22 @@ def event(**fields: Any) -> dict[str, Any]:
         ("co.uk", None),
         ("", None),
         (None, None),
+        # Not host names: never a Domain attribute, whatever part of them looks like one.
+        ("a.shop.test; SameSite=None; Secure", None),
+        ("a.shop.test;Domain=evil.test", None),
+        ("a.shop.test, b.shop.test", None),
+        ("a.shop.test b", None),
+        ("a=b.shop.test", None),
+        ("a_b.shop.test", None),
+        ("bücher.example", None),
+        ("a..shop.test", None),
+        ("-a.shop.test", None),
+        ("a.shop.test:99999", None),
+        ("a.shop.test:80:80", None),
+        ("a.shop.test:", None),
+        ("1.2.3.999", None),
+        ("x" * 64 + ".shop.test", None),
+        (("a." * 130) + "shop.test", None),
     ],
 )
 def test_registrable_domain(host: str | None, expected: str | None) -> None:

@@ -212,6 +212,8 @@ class Scenario:
 SEGMENT = "analytics.js"
 JITSU = "@jitsu/js"
 RUDDER = "RudderLabs JavaScript SDK"
+# The label of each SDK's events (the metrics' source, context.source).
+SOURCE_OF_LIBRARY = {SEGMENT: "segment", JITSU: "jitsu", RUDDER: "rudderstack"}
 RUDDER_BATCH = {"queueOptions": {"batch": {"enabled": True, "maxItems": 10, "flushInterval": 1000}}}
 RUDDER_BEACON = {"useBeacon": True, "beaconQueueOptions": {"flushQueueInterval": 1000}}
 
@@ -450,6 +452,7 @@ def test_sdk_delivers_page_track_identify_and_the_unload_probe_once(
         assert row["anonymous_id"] == anonymous_id, rows
         assert row["context_page_path"] == path
         assert row["context_library_name"] == scenario.library
+        assert row["context_source"] == SOURCE_OF_LIBRARY[scenario.library]
         assert row["message_id"]
     page_row, track, identify = by_type["page"], by_type["track"], by_type["identify"]
     assert page_row["user_id"] is None

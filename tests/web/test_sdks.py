@@ -6,8 +6,10 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 from typing import Any
+from unittest.mock import ANY
 
 import orjson
+import pytest
 
 from tagrelay.app import SPOOL
 from tests.support import BROWSER_KEY, SERVER_KEY, basic, metric_value
@@ -70,6 +72,36 @@ async def test_the_segment_library_is_served_from_the_configured_dir(
     for bad in ("..%2Fsecret.js", "%2E%2E%2Fsecret.js", "missing.js", "standalone.txt"):
         assert (await client.get(f"/analytics-next/bundles/{bad}")).status == 404
     assert (await client.get("/analytics.js/v1/unknown/analytics.min.js")).status == 401
+
+
+async def test_symlinks_are_served_only_when_they_resolve_inside_the_library_dir(
+    relay: Any, tmp_path: Path
+) -> None:
+    library = tmp_path / "umd"
+    (library / "chunks").mkdir(parents=True)
+    (library / "chunks" / "real.js").write_text("/* inside */")
+    (tmp_path / "secret.js").write_text("/* outside */")
+    (library / "standalone.js").symlink_to(tmp_path / "secret.js")
+    (library / "inside.js").symlink_to(library / "chunks" / "real.js")
+    (library / "relative-out.js").symlink_to("../secret.js")
+    (library / "dir.js").symlink_to(library / "chunks")
+    (library / "dangling.js").symlink_to(library / "missing.js")
+    (library / "loop.js").symlink_to(library / "loop.js")
+    client = await relay(sdks={"segment": {"library_dir": str(library)}})
+
+    inside = await client.get("/analytics-next/bundles/inside.js")
+    assert inside.status == 200
+    assert await inside.text() == "/* inside */"
+    for name in ("relative-out.js", "dir.js", "dangling.js", "loop.js"):
+        resp = await client.get(f"/analytics-next/bundles/{name}")
+        assert resp.status == 404, name
+        assert (await resp.json())["error"] == "not_found"
+    # The snippet's library itself: a link out of the directory is not followed either.
+    out = await client.get(f"/analytics.js/v1/{BROWSER_KEY}/analytics.min.js")
+    assert out.status == 404
+    assert "outside" not in await out.text()
+    for bad in ("..%2Fsecret.js", "%2Fetc%2Fpasswd", "a%00.js", "chunks%2Freal.js"):
+        assert (await client.get(f"/analytics-next/bundles/{bad}")).status == 404
 
 
 async def test_without_a_library_dir_the_library_is_404(relay: Any) -> None:
@@ -161,6 +193,67 @@ async def test_rudderstack_identify_traits_and_anonymous_id_header(relay: Any) -
     [event] = await spooled(client)
     assert event["traits"] == {"email": "a@b.com"}
     assert event["anonymousId"] == "rs-anon-9"
+
+
+@pytest.mark.parametrize(
+    ("library", "channel", "source"),
+    [
+        ("RudderLabs JavaScript SDK", "web", "rudderstack"),
+        ("com.rudderstack.android.sdk.core", "mobile", "rudderstack"),
+        ("rudder-ios-library", "mobile", "rudderstack"),
+        ("rudder-analytics-python", "server", "rudderstack"),
+        ("analytics-node", "server", "rudderstack"),  # RudderStack's Node SDK
+        ("analytics-node", None, "segment"),  # Segment's classic Node library
+        ("analytics.js", None, "segment"),
+        ("analytics-python", None, "segment"),
+        (None, None, "segment"),
+    ],
+)
+async def test_rudderstack_sdks_are_labelled_rudderstack(
+    relay: Any, library: str | None, channel: str | None, source: str
+) -> None:
+    client = await relay()
+    event: dict[str, Any] = {"type": "track", "event": "E", "anonymousId": "a", "messageId": "m-1"}
+    if library is not None:
+        event["context"] = {"library": {"name": library, "version": "1.0"}}
+    if channel is not None:
+        event["channel"] = channel
+    resp = await client.post(
+        "/v1/batch",
+        data=orjson.dumps({"batch": [event, {**event, "messageId": "m-2", "event": ""}]}),
+        headers={**basic(BROWSER_KEY), "Content-Type": "application/json"},
+    )
+    assert resp.status == 200
+    assert await resp.json() == {
+        "success": True,
+        "accepted": 1,
+        "rejected": [{"index": 1, "error": "missing_event", "message": ANY}],
+    }
+    [stored] = await spooled(client)
+    assert stored["context"]["source"] == source
+    app = client.app
+    assert metric_value(app, "tagrelay_events_received_total", {"source": source}) == 2
+    assert metric_value(app, "tagrelay_events_accepted_total", {"source": source}) == 1
+    rejected = {"source": source, "reason": "missing_event"}
+    assert metric_value(app, "tagrelay_events_rejected_total", rejected) == 1
+    other = "segment" if source == "rudderstack" else "rudderstack"
+    assert metric_value(app, "tagrelay_events_received_total", {"source": other}) == 0
+
+
+async def test_a_rudderstack_batch_is_labelled_by_its_shared_context_too(relay: Any) -> None:
+    client = await relay()
+    body = {
+        "batch": [{"type": "track", "event": "E", "anonymousId": "a", "messageId": "m-1"}],
+        "context": {"library": {"name": "RudderLabs JavaScript SDK", "version": "3.34.1"}},
+    }
+    resp = await client.post(
+        f"/beacon/v1/batch?writeKey={BROWSER_KEY}",
+        data=orjson.dumps(body),
+        headers={"Content-Type": "text/plain"},
+    )
+    assert resp.status == 200
+    [stored] = await spooled(client)
+    assert stored["context"]["source"] == "rudderstack"
 
 
 async def test_preflights_allow_what_the_sdks_send(relay: Any) -> None:

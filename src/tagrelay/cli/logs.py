@@ -1,7 +1,10 @@
 """Log set-up for the CLI: JSON lines when stderr is not a terminal, readable text when it is.
 
 Fields passed with ``extra=`` are part of every record. Nothing here may log a secret: the
-code logs key ids, forwarder ids and reason codes, never key values or header values.
+code logs key ids, forwarder ids and reason codes, never key values or header values. One
+exception: a refused CORS origin is logged (``web.auth.CorsRefusals``, at INFO, once per
+interval), since the site owner needs to see which origin to allow; only a well-formed
+origin is written as is, anything else as ``(malformed)``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from tagrelay.config.common import ConfigModel, ForwarderConfigBase
 from tagrelay.forwarders import FORWARDERS
+from tagrelay.pipeline.host import valid_host_name
 from tagrelay.web.google_scripts import GoogleScriptsConfig
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -75,8 +76,10 @@ class WriteKeyConfig(ConfigModel):
     )
     kind: Literal["browser", "server"] = Field(
         description=(
-            "browser: public, used by pages, restricted by allowed_origins; server: a secret, "
-            "may set context.ip and context.userAgent and use /api/s/s2s/*."
+            "browser: public, used by pages, restricted by allowed_origins; server: a secret "
+            "for backends, may set context.ip and context.userAgent and use /api/s/s2s/*; "
+            "never answered with CORS headers, and refused (403) in a request that carries "
+            "an Origin header, as browsers' requests do."
         ),
         examples=["browser"],
     )
@@ -91,12 +94,47 @@ class WriteKeyConfig(ConfigModel):
         ),
         examples=[["https://www.example.com", "https://*.example.com"]],
     )
+    hosts: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Browser keys only: host names (no scheme, no port) whose keyless requests take "
+            "this key, as Jitsu maps a domain to its stream. A request to /api/s/* or to "
+            "paths.events that presents no write key, sent to one of these hosts, is "
+            "accepted with this key (its allowed_origins still apply). A host belongs to "
+            "one key at most."
+        ),
+        examples=[["data.example.com"]],
+    )
+
+    @field_validator("hosts")
+    @classmethod
+    def _host_names(cls, hosts: list[str]) -> list[str]:
+        names: list[str] = []
+        invalid: list[str] = []
+        for host in hosts:
+            name = host.lower().removesuffix(".")
+            if not valid_host_name(name):
+                invalid.append(repr(host))
+            elif name in names:
+                raise ValueError(f"host {name!r} is listed twice")
+            names.append(name)
+        if invalid:
+            raise ValueError(
+                f"not host names: {', '.join(invalid)} (expected letters, digits, hyphens and "
+                "dots, like data.example.com; no scheme, port, path or IP address)"
+            )
+        return names
 
     @model_validator(mode="after")
     def _origins_only_for_browser(self) -> WriteKeyConfig:
         if self.kind == "server" and self.allowed_origins:
             raise ValueError(
                 "allowed_origins applies to browser keys only; server keys are not for pages"
+            )
+        if self.kind == "server" and self.hosts:
+            raise ValueError(
+                "hosts applies to browser keys only: a keyless request must never be taken "
+                "as sent with a server key (a secret)"
             )
         return self
 
@@ -623,12 +661,20 @@ class Config(ConfigModel):
     def _unique_keys(cls, keys: list[WriteKeyConfig]) -> list[WriteKeyConfig]:
         seen_ids: set[str] = set()
         seen_values: set[str] = set()
+        host_owner: dict[str, str] = {}
         for key in keys:
             if key.id in seen_ids:
                 raise ValueError(f"key id {key.id!r} is used twice")
             value = key.key.get_secret_value()
             if value in seen_values:
                 raise ValueError(f"key {key.id!r} has the same value as another key")
+            for host in key.hosts:
+                if host in host_owner:
+                    raise ValueError(
+                        f"host {host!r} is claimed by keys {host_owner[host]!r} and {key.id!r}; "
+                        "a host maps to one key"
+                    )
+                host_owner[host] = key.id
             seen_ids.add(key.id)
             seen_values.add(value)
         return keys

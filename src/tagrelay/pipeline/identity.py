@@ -30,7 +30,6 @@ analytics storage; click-id and Meta cookies need ads storage (see ``pipeline.co
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import secrets
 import time
@@ -43,6 +42,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from tagrelay.config.models import IdentityConfig
 from tagrelay.model import Event
+from tagrelay.pipeline.host import parse_host
 
 CLICK_ID_PARAMS = (
     "gclid",
@@ -118,23 +118,14 @@ def _suffix_list() -> Any:
 @lru_cache(maxsize=1024)
 def registrable_domain(host: str | None) -> str | None:
     """The registrable domain (eTLD+1) of a Host header value: ``data.example.co.uk:443``
-    -> ``example.co.uk``. None for IP addresses, single-label hosts and public suffixes,
-    where a cookie must be host-only."""
-    if not host:
+    -> ``example.co.uk``. None, for a host-only cookie, when the value is not a valid host
+    (``pipeline.host``: it is never copied into a cookie), and for IP addresses,
+    single-label hosts, public suffixes and absolute names (``example.com.``, which
+    browsers keep apart from ``example.com``)."""
+    parsed = parse_host(host)
+    if parsed is None or parsed.is_ip or parsed.trailing_dot or "." not in parsed.name:
         return None
-    name = host.strip().lower()
-    if name.startswith("["):  # [::1]:8080
-        return None
-    name = name.rsplit(":", 1)[0] if name.count(":") == 1 else name
-    name = name.rstrip(".")
-    if not name or "." not in name:
-        return None
-    try:
-        ipaddress.ip_address(name)
-        return None
-    except ValueError:
-        pass
-    result: str | None = _suffix_list().privatesuffix(name)
+    result: str | None = _suffix_list().privatesuffix(parsed.name)
     return result
 
 

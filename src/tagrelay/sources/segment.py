@@ -4,6 +4,14 @@ Also the one-letter paths Segment's browser library (analytics-next) posts to
 (``/v1/t``, ``/v1/p``, ...; ``/v1/b`` for batches) and ``/v1/import``, Segment's older name
 for ``/v1/batch``. The path names the type; a batch carries its events under ``batch`` with
 a shared ``sentAt``, ``context`` and ``integrations``.
+
+RudderStack's SDKs post to the same routes. Their requests are labelled ``rudderstack``
+instead of ``segment`` (the ``source`` of the metrics and ``context.source``), as their
+``context.library.name`` tells: ``RudderLabs JavaScript SDK``, ``rudder-ios-library``,
+``com.rudderstack.android.sdk.core``, ``rudder-analytics-python``... RudderStack's Node SDK
+kept Segment's ``analytics-node`` but adds ``channel: "server"``, which Segment's libraries
+leave to Segment's servers. RudderStack's other server SDKs that kept Segment's names and
+add no channel cannot be told apart and stay ``segment``.
 """
 
 from __future__ import annotations
@@ -28,6 +36,9 @@ PATH_TYPES: Final = {
     "a": "alias",
 }
 BATCH_PATHS: Final = frozenset({"batch", "b", "import"})
+SEGMENT: Final = "segment"
+RUDDERSTACK: Final = "rudderstack"
+_LIBRARY_NAME_PEEK = 64
 
 
 def decode(obj: Any, path_name: str) -> Decoded:
@@ -51,3 +62,30 @@ def decode(obj: Any, path_name: str) -> Decoded:
         # Segment's rule: the endpoint decides the type.
         body["type"] = path_type
     return Decoded(events=[body], default_type=path_type, write_key=body_write_key(body))
+
+
+def _library_name(obj: Any) -> Any:
+    if type(obj) is dict:
+        context = obj.get("context")
+        if type(context) is dict:
+            library = context.get("library")
+            if type(library) is dict:
+                return library.get("name")
+    return None
+
+
+def sdk_source(decoded: Decoded) -> str:
+    """``rudderstack`` for a request one of RudderStack's SDKs sent, else ``segment``. One
+    look at the first event's library (or the batch's shared one): an SDK sends its own
+    events only."""
+    first = decoded.events[0] if decoded.events else None
+    name = _library_name(first)
+    if name is None:
+        name = _library_name(decoded.shared)
+    if type(name) is not str:
+        return SEGMENT
+    if "rudder" in name[:_LIBRARY_NAME_PEEK].lower():
+        return RUDDERSTACK
+    if name == "analytics-node" and type(first) is dict and first.get("channel") == "server":
+        return RUDDERSTACK
+    return SEGMENT

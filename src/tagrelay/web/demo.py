@@ -18,6 +18,7 @@ from aiohttp import web
 
 from tagrelay.config.models import Config
 from tagrelay.errors import WarehouseError
+from tagrelay.pipeline.host import parse_host
 from tagrelay.warehouse.process import WarehouseProcess
 from tagrelay.web.ingest import json_response
 from tagrelay.web.script import render_snippet
@@ -45,7 +46,10 @@ def add_demo_routes(
 
     @aiohttp_jinja2.template("demo.html")
     async def page(request: web.Request) -> dict[str, Any]:
-        origin = f"{request.scheme}://{request.host}"
+        # The snippet to copy names the relay's host; a Host header that names no valid host
+        # is not copied into the page (the script is then loaded by its path alone).
+        host = parse_host(request.headers.get("Host"))
+        origin = f"{request.scheme}://{request.headers['Host'].lower()}" if host else ""
         script_url = origin + prefix + config.paths.script
         return {
             "snippet": render_snippet(config, script_url, key.key.get_secret_value()),

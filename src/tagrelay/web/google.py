@@ -140,6 +140,9 @@ class GoogleEndpoints:
     # -- /mp/collect -------------------------------------------------------------------
 
     def _authorize_mp(self, request: web.Request) -> str:
+        """The measurement id of a request whose api_secret matches one of it. An
+        api_secret is a server credential: a browser request (it carries ``Origin``) is
+        refused, and no answer has CORS headers."""
         measurement_id = request.query.get("measurement_id", "")
         presented = request.query.get("api_secret", "").encode()
         secrets = self.mp_secrets.get(measurement_id)
@@ -152,6 +155,14 @@ class GoogleEndpoints:
                 "unknown_key",
                 "measurement_id and api_secret must match google.measurement_protocol",
                 status=401,
+            )
+        origin = request.headers.get("Origin")
+        if origin:
+            self.service.cors_refusals.record(_MP_KEY.id, origin, "server_key_from_browser")
+            raise IngestError(
+                "server_key_from_browser",
+                "an api_secret is a server credential; browsers send GA4 hits to /g/collect",
+                status=403,
             )
         return measurement_id
 
@@ -170,7 +181,7 @@ class GoogleEndpoints:
             measurement_id = self._authorize_mp(request)
             hits = parse_measurement_protocol(parse_json_body(await request.read()), measurement_id)
         except IngestError as exc:
-            if exc.status == 401:
+            if exc.status in (401, 403):
                 return error_response(exc)
             messages.append(_validation_message("", exc))
         else:

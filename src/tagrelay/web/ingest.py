@@ -34,9 +34,10 @@ from tagrelay.pipeline.consent import DENIED, GRANTED, ConsentPolicy, anonymize
 from tagrelay.pipeline.identity import IdentityService, Visit, VisitorState
 from tagrelay.pipeline.normalize import BatchSentAt, normalize_event
 from tagrelay.pipeline.privacy import apply_ip_truncation
-from tagrelay.sources import SOURCES, Decoded, parse_json_body
+from tagrelay.sources import SOURCE_LABELS, SOURCES, Decoded, parse_json_body
+from tagrelay.sources.segment import SEGMENT, sdk_source
 from tagrelay.spool.sqlite import SqliteSpool
-from tagrelay.web.auth import CorsPolicy, KeyRing, key_from_headers
+from tagrelay.web.auth import NO_KEY, CorsPolicy, CorsRefusals, KeyRing, key_from_headers
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,9 @@ class Route:
 
     source: str
     server_keys_only: bool = False
+    host_keys: bool = False
+    """A request that presents no key takes the browser key claiming its host
+    (``keys[].hosts``), as Jitsu does for its browser ingest."""
 
 
 class IngestService:
@@ -104,6 +108,7 @@ class IngestService:
         self.limits = config.limits
         self.keys = KeyRing.from_config(config.keys)
         self.cors = CorsPolicy(config.keys)
+        self.cors_refusals = CorsRefusals(metrics)
         self.resolver = ClientResolver(config.server.trusted_proxies)
         self.consent = ConsentPolicy(config.consent)
         self.identity = (
@@ -132,8 +137,10 @@ class IngestService:
         return CorsPolicy.response_headers(origin) if allowed else {}
 
     async def preflight(self, request: web.Request) -> web.Response:
+        """A CORS preflight names no key: any origin a browser key allows is answered."""
         origin = request.headers.get("Origin")
         if not origin or not self.cors.origin_allowed_anywhere(origin, request.headers.get("Host")):
+            self.cors_refusals.record(NO_KEY, origin, "origin_not_allowed")
             return json_response(
                 403,
                 {"error": "origin_not_allowed", "message": "this origin may not send events here"},
@@ -143,6 +150,7 @@ class IngestService:
                 origin, request.headers.get("Access-Control-Request-Headers")
             )
         except IngestError as exc:
+            self.cors_refusals.record(NO_KEY, origin, exc.code)
             return error_response(exc)
         return web.Response(status=204, headers=headers)
 
@@ -155,6 +163,7 @@ class IngestService:
         headers = {"Cache-Control": "no-store"}
         if origin:
             if not self.cors.origin_allowed_anywhere(origin, request.headers.get("Host")):
+                self.cors_refusals.record(NO_KEY, origin, "origin_not_allowed")
                 return json_response(
                     403,
                     {"error": "origin_not_allowed", "message": "this origin may not ask here"},
@@ -170,7 +179,7 @@ class IngestService:
         visitor = (
             VisitorState() if request.query.get("new") == "1" else identity.read(request.cookies)
         )
-        visit = Visit(domain=identity.cookie_domain(request.host))
+        visit = Visit(domain=identity.cookie_domain(request.headers.get("Host")))
         event: dict[str, Any] = {"context": {}}
         identity.apply(event, visitor, visit, own_script=True, ads=False, now_ms=0)
         response = json_response(200, {"anonymousId": visit.anonymous_id}, headers)
@@ -185,12 +194,18 @@ class IngestService:
         try:
             key_text = key_from_headers(request.headers, request.query)
             if key_text is not None:
-                key = self.authorize(key_text, route, request)
+                key = self.keys.lookup(key_text)
+                self.check_key(key, route, request)
             decoded = await self._decode(request, source, path_name)
+            if source == SEGMENT:
+                source = sdk_source(decoded)
             if key is None:
-                key = self.authorize(decoded.write_key, route, request)
+                key = self.find_key(decoded.write_key, route, request)
+                self.check_key(key, route, request)
             return await self.accept(request, source, key, decoded)
         except IngestError as exc:
+            # ``key`` is the key presented, when it is known: a refused request answers with
+            # its CORS headers (none for a server key, or an origin the key does not allow).
             return self.refuse(source, exc, self.cors_headers(request, key))
 
     def refuse(self, source: str, exc: IngestError, headers: dict[str, str]) -> web.Response:
@@ -201,17 +216,36 @@ class IngestService:
         log.debug("request rejected", extra={"source": source, "reason": exc.code})
         return error_response(exc, headers)
 
-    def authorize(self, key_text: str | None, route: Route, request: web.Request) -> WriteKeyConfig:
-        """The key presented, allowed on ``route`` and for the request's origin."""
-        key = self.keys.lookup(key_text)
+    def find_key(self, key_text: str | None, route: Route, request: web.Request) -> WriteKeyConfig:
+        """The key presented; with none, on a route that takes host keys, the browser key
+        that claims the request's host. Raises ``AuthError`` (401) when there is none."""
+        if key_text is None and route.host_keys:
+            key = self.keys.for_host(request.headers.get("Host"))
+            if key is not None:
+                return key
+        return self.keys.lookup(key_text)
+
+    def check_key(self, key: WriteKeyConfig, route: Route, request: web.Request) -> None:
+        """Refuse ``key`` where ``route`` or the request's origin does not allow it."""
         if route.server_keys_only and key.kind != "server":
             raise AuthError("server_key_required", "this endpoint takes server keys only")
         origin = request.headers.get("Origin")
-        if origin and not self.cors.origin_allowed_for(key, origin, request.headers.get("Host")):
+        if not origin:
+            return
+        if key.kind == "server":
+            # Only browsers send Origin; a server key is a secret no page may hold.
+            self.cors_refusals.record(key.id, origin, "server_key_from_browser")
+            raise IngestError(
+                "server_key_from_browser",
+                "server keys are secrets for backends; a browser (this request carries "
+                "Origin) must send a browser key",
+                status=403,
+            )
+        if not self.cors.origin_allowed_for(key, origin, request.headers.get("Host")):
+            self.cors_refusals.record(key.id, origin, "origin_not_allowed")
             raise IngestError(
                 "origin_not_allowed", "this origin may not send events with this key", status=403
             )
-        return key
 
     async def _decode(self, request: web.Request, source: str, path_name: str) -> Decoded:
         raw_ctype = request.headers.get("Content-Type")
@@ -328,7 +362,7 @@ class IngestService:
                 elif identity is not None and context.get("cookieless") is not True:
                     if visitor is None or visit is None:
                         visitor = identity.read(request.cookies)
-                        visit = Visit(domain=identity.cookie_domain(request.host))
+                        visit = Visit(domain=identity.cookie_domain(request.headers.get("Host")))
                     identity.apply(
                         event,
                         visitor,
@@ -445,4 +479,6 @@ class IngestService:
 
 
 # The answer to an accepted single event is always the same: encoded once.
-_OK_BODIES: dict[str, bytes] = {name: orjson.dumps(IngestService._ok(name)) for name in SOURCES}
+_OK_BODIES: dict[str, bytes] = {
+    name: orjson.dumps(IngestService._ok(name)) for name in SOURCE_LABELS
+}

@@ -7,11 +7,16 @@ path                               protocol                                     
                                    screen, identify, group, alias, batch,
                                    import, or a one-letter code (t, p, s, i,
                                    g, a, b)
-``/api/s/{type}``                  Jitsu browser ingest                         any
+``/api/s/{type}``                  Jitsu browser ingest                         any, or the
+                                                                                host's
 ``/api/s/s2s/{type}``              Jitsu server-to-server ingest                server only
-``paths.events`` (``/d``)          the relay's own script (tagrelay.js)         any
+``paths.events`` (``/d``)          the relay's own script (tagrelay.js)         any, or the
+                                                                                host's
 ``paths.identity`` (``/id``)       GET: the visitor's server-set id             none
 =================================  ===========================================  ============
+
+"The host's": a request that presents no write key takes the browser key whose ``hosts``
+names the request's host (Jitsu's domain-to-stream mapping); without one it is a 401.
 
 Every route is mounted under ``server.base_path``. Every ingest route also answers CORS
 preflights (``OPTIONS``).
@@ -58,7 +63,10 @@ def ingest_routes(
         resource.add_route("POST", _handler(service, route, kind))
         resource.add_route("OPTIONS", service.preflight)
 
-    segment, jitsu = Route("segment"), Route("jitsu")
+    # Keyless requests on Jitsu's browser routes and the relay's own events path take the
+    # browser key claiming their host (keys[].hosts); Segment's SDKs always send a key, and
+    # s2s takes server keys only.
+    segment, jitsu = Route("segment"), Route("jitsu", host_keys=True)
     jitsu_s2s = Route("jitsu", server_keys_only=True)
     for kind in sorted({*PATH_TYPES, *BATCH_PATHS}):
         add(f"/v1/{kind}", segment, kind)
@@ -67,7 +75,7 @@ def ingest_routes(
         add(f"/api/s/{kind}", jitsu, kind)
     add("/api/s/s2s/{kind}", jitsu_s2s, None)
     add("/api/s/{kind:(?!s2s$)[^/]+}", jitsu, None)
-    add(paths.events, Route("tagrelay"), "")
+    add(paths.events, Route("tagrelay", host_keys=True), "")
     identity = router.add_resource(prefix + paths.identity)
     identity.add_route("GET", service.identity_handler)
     identity.add_route("OPTIONS", service.preflight)

@@ -19,11 +19,15 @@ path                                               for
 Settings are served for browser keys only (server keys are secrets), with CORS for the key's
 allowed origins. The settings name no destination: events come to the relay, and the
 relay's forwarders do the rest.
+
+The library files are regular files inside ``library_dir``, after symlinks are resolved: a
+link that leads out of the directory (or to a directory) is not served.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -32,7 +36,8 @@ from aiohttp import web
 from tagrelay.config.models import Config, WriteKeyConfig
 from tagrelay.errors import AuthError, IngestError
 from tagrelay.metrics import Metrics
-from tagrelay.web.auth import CorsPolicy, key_from_headers
+from tagrelay.pipeline.host import parse_host
+from tagrelay.web.auth import key_from_headers
 from tagrelay.web.ingest import IngestService, Route, error_response, json_response
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.js")
@@ -54,32 +59,55 @@ class SdkEndpoints:
 
     # -- helpers -----------------------------------------------------------------------
 
-    def _browser_key(self, presented: str | None, request: web.Request) -> WriteKeyConfig:
-        """The browser key presented, with the request's origin allowed for it."""
-        key = self.service.authorize(presented, _SETTINGS_ROUTE, request)
-        if key.kind != "browser":
-            # A server key is a secret: no document for pages is made with it.
-            raise AuthError("browser_key_required", "settings are served for browser keys only")
-        return key
+    def _browser_key(
+        self, presented: str | None, request: web.Request
+    ) -> tuple[WriteKeyConfig | None, IngestError | None]:
+        """The browser key presented, with the request's origin allowed for it; or the key
+        as far as it is known (for the answer's CORS headers) and the error."""
+        key: WriteKeyConfig | None = None
+        try:
+            key = self.service.keys.lookup(presented)
+            if key.kind != "browser":
+                # A server key is a secret: no document for pages is made with it.
+                raise AuthError("browser_key_required", "settings are served for browser keys only")
+            self.service.check_key(key, _SETTINGS_ROUTE, request)
+        except IngestError as exc:
+            return key, exc
+        return key, None
 
-    def _cors(self, request: web.Request) -> dict[str, str]:
-        origin = request.headers.get("Origin")
-        return CorsPolicy.response_headers(origin) if origin else {}
+    def _cors(self, request: web.Request, key: WriteKeyConfig | None = None) -> dict[str, str]:
+        """CORS headers for an allowed origin: the key's, or with no key any browser
+        key's. None for a server key."""
+        return self.service.cors_headers(request, key)
 
-    def _api_host(self, request: web.Request) -> tuple[str, str]:
+    def _api_host(self, request: web.Request) -> tuple[str, str] | None:
         """Where this request reached the relay, as Segment's settings spell it: a host
-        with the path prefix and no scheme (``data.example.com/v1``), and the protocol."""
+        with the path prefix and no scheme (``data.example.com/v1``), and the protocol.
+        None when the ``Host`` header names no valid host (it is never copied as is)."""
+        host = parse_host(request.headers.get("Host"))
+        if host is None:
+            return None
         secure = self.service.resolver.is_https(request.scheme, request.remote, request.headers)
-        return f"{request.host}{self.prefix}/v1", "https" if secure else "http"
+        name = f"[{host.name}]" if ":" in host.name else host.name
+        if host.port is not None:
+            name += f":{host.port}"
+        return f"{name}{self.prefix}/v1", "https" if secure else "http"
 
     # -- Segment -----------------------------------------------------------------------
 
     async def segment_settings(self, request: web.Request) -> web.Response:
-        try:
-            key = self._browser_key(request.match_info["write_key"], request)
-        except IngestError as exc:
-            return error_response(exc, self._cors(request))
-        api_host, protocol = self._api_host(request)
+        key, error = self._browser_key(request.match_info["write_key"], request)
+        if error is not None or key is None:
+            assert error is not None
+            return error_response(error, self._cors(request, key))
+        where = self._api_host(request)
+        if where is None:
+            return json_response(
+                400,
+                {"error": "invalid_host", "message": "the Host header names no valid host"},
+                self._cors(request, key),
+            )
+        api_host, protocol = where
         value = key.key.get_secret_value()
         settings: dict[str, Any] = {
             "integrations": {
@@ -95,17 +123,16 @@ class SdkEndpoints:
             "remotePlugins": [],
         }
         headers = {
-            **self._cors(request),
+            **self._cors(request, key),
             "Cache-Control": f"public, max-age={SETTINGS_MAX_AGE_SECS}",
         }
         return json_response(200, settings, headers)
 
     async def segment_library(self, request: web.Request) -> web.StreamResponse:
         """The snippet's ``analytics.min.js``: analytics-next's standalone build."""
-        try:
-            self._browser_key(request.match_info["write_key"], request)
-        except IngestError as exc:
-            return error_response(exc)
+        _, error = self._browser_key(request.match_info["write_key"], request)
+        if error is not None:
+            return error_response(error)
         return self._library_file("standalone.js")
 
     async def segment_chunk(self, request: web.Request) -> web.StreamResponse:
@@ -120,8 +147,8 @@ class SdkEndpoints:
                     "message": "set sdks.segment.library_dir to serve analytics-next",
                 },
             )
-        path = self.library_dir / name
-        if not _FILE_NAME.fullmatch(name) or not path.is_file():
+        path = self._inside_library(name)
+        if path is None:
             return json_response(404, {"error": "not_found", "message": "no such file"})
         return web.FileResponse(
             path,
@@ -132,6 +159,20 @@ class SdkEndpoints:
                 "X-Content-Type-Options": "nosniff",
             },
         )
+
+    def _inside_library(self, name: str) -> Path | None:
+        """The regular file ``name`` names inside the library directory, symlinks resolved;
+        None for any other name (``..``, a path, NUL, a link that leads out)."""
+        assert self.library_dir is not None
+        if not _FILE_NAME.fullmatch(name):
+            return None
+        try:
+            path = (self.library_dir / name).resolve(strict=True)
+        except (OSError, RuntimeError):  # missing, a loop
+            return None
+        if not path.is_relative_to(self.library_dir) or not path.is_file():
+            return None
+        return path
 
     async def segment_metrics(self, request: web.Request) -> web.Response:
         """analytics-next's usage metrics (no write key): counted, then dropped."""
@@ -154,9 +195,12 @@ class SdkEndpoints:
     async def rudderstack_source_config(self, request: web.Request) -> web.Response:
         try:
             presented = key_from_headers(request.headers, request.query)
-            key = self._browser_key(presented, request)
         except IngestError as exc:
             return error_response(exc, self._cors(request))
+        key, error = self._browser_key(presented, request)
+        if error is not None or key is None:
+            assert error is not None
+            return error_response(error, self._cors(request, key))
         value = key.key.get_secret_value()
         document = {
             "isHosted": True,
@@ -176,7 +220,7 @@ class SdkEndpoints:
             },
         }
         headers = {
-            **self._cors(request),
+            **self._cors(request, key),
             "Cache-Control": f"public, max-age={SETTINGS_MAX_AGE_SECS}",
         }
         return json_response(200, document, headers)
