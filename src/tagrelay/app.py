@@ -30,6 +30,7 @@ from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.metrics import Metrics
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.warehouse.process import WarehouseProcess
+from tagrelay.web.bodies import SERVER_HANDLER_ARGS
 from tagrelay.web.demo import add_demo_routes
 from tagrelay.web.google import add_google_routes
 from tagrelay.web.google_scripts import add_google_script_routes
@@ -131,7 +132,11 @@ def create_app(
     data_dir = data_dir or config.data_dir
     metrics = Metrics()
     app = web.Application(
-        client_max_size=config.limits.max_request_bytes, middlewares=[observe_requests(metrics)]
+        client_max_size=config.limits.max_request_bytes,
+        middlewares=[observe_requests(metrics)],
+        # Bodies arrive as sent and are decoded by web.bodies.read_body, within the limit;
+        # on the application, so that every server made for it (tagrelay serve, tests) has it.
+        handler_args=SERVER_HANDLER_ARGS,
     )
     spool = SqliteSpool(
         spool_path(data_dir),
