@@ -70,10 +70,11 @@ INLINE_MAX_BYTES = 1024 * 1024
 about a millisecond); beyond, in a thread."""
 
 MAX_CODINGS = 2
-
-DECODE_THREADS = 2
-"""The most bodies decoded in threads at once."""
 """The most content codings one body may stack (``Content-Encoding: gzip, br``)."""
+
+DECODE_THREADS = 1
+"""The most bodies decoded in threads at once. One: a body that is not a bomb decodes in
+well under a millisecond, and a flood of bombs then holds one core, not the loop's."""
 
 _GZIP_WBITS = 16 + zlib.MAX_WBITS
 _ZLIB_WBITS = zlib.MAX_WBITS
