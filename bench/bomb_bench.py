@@ -33,6 +33,7 @@ import argparse
 import asyncio
 import base64
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -227,6 +228,7 @@ def main(argv: list[str]) -> int:
             return 1
     finally:
         relay.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print()
     print(f"decompression bombs against tagrelay serve ({args.rounds} rounds per row)")
     print(f"  command: {' '.join(shlex.quote(a) for a in [sys.executable, *sys.argv])}")
