@@ -30,6 +30,7 @@ from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.metrics import Metrics
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.warehouse.process import WarehouseProcess
+from tagrelay.web.bodies import SERVER_HANDLER_ARGS
 from tagrelay.web.demo import add_demo_routes
 from tagrelay.web.google import add_google_routes
 from tagrelay.web.google_scripts import add_google_script_routes
@@ -63,10 +64,34 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 """HTTP methods that get their own metric label; any other is counted as ``other``."""
 
 
+_HTTP_ERROR_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    416: "range_not_satisfiable",
+}
+_HTTP_ERROR_MESSAGES = {404: "no such endpoint"}
+_HTTP_ERROR_KEPT_HEADERS = ("Allow", "Content-Range", "Retry-After")
+
+
+def http_error_response(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own error (4xx, 5xx; raised by the router or while reading a request) as
+    the relay's JSON ``{"error", "message"}``, instead of its plain text."""
+    code = _HTTP_ERROR_CODES.get(exc.status) or exc.reason.lower().replace(" ", "_")
+    message = _HTTP_ERROR_MESSAGES.get(exc.status) or exc.reason
+    if exc.text and exc.text != f"{exc.status}: {exc.reason}":
+        message = exc.text  # aiohttp's own words, e.g. the body size it refused
+    headers = {name: exc.headers[name] for name in _HTTP_ERROR_KEPT_HEADERS if name in exc.headers}
+    return json_response(exc.status, {"error": code, "message": message}, headers)
+
+
 def observe_requests(metrics: Metrics) -> Middleware:
     """A middleware that times every request by route template, method and status class,
     and turns any unexpected exception into a JSON 500 (a bug, logged with its traceback)
-    instead of a dropped connection. Unknown paths and methods answer JSON 404/405."""
+    instead of a dropped connection. Every error aiohttp raises (unknown paths and methods,
+    a body it refused) answers JSON too."""
     # (route, method, status) -> labelled histogram; all three are bounded.
     children: dict[tuple[object, str, int], Histogram] = {}
 
@@ -80,11 +105,9 @@ def observe_requests(metrics: Metrics) -> Middleware:
             return response
         except web.HTTPException as exc:
             status = exc.status
-            if exc.status == 404:
-                return json_response(404, {"error": "not_found", "message": "no such endpoint"})
-            if exc.status == 405:
-                return json_response(405, {"error": "method_not_allowed", "message": exc.reason})
-            raise
+            if status < 400:
+                raise
+            return http_error_response(exc)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -131,7 +154,11 @@ def create_app(
     data_dir = data_dir or config.data_dir
     metrics = Metrics()
     app = web.Application(
-        client_max_size=config.limits.max_request_bytes, middlewares=[observe_requests(metrics)]
+        client_max_size=config.limits.max_request_bytes,
+        middlewares=[observe_requests(metrics)],
+        # Bodies arrive as sent and are decoded by web.bodies.read_body, within the limit;
+        # on the application, so that every server made for it (tagrelay serve, tests) has it.
+        handler_args=SERVER_HANDLER_ARGS,
     )
     spool = SqliteSpool(
         spool_path(data_dir),

@@ -343,3 +343,43 @@ def test_every_event_acknowledged_before_a_sigterm_under_load_is_stored(
     rows = wait_rows(config, "select message_id from events", len(acknowledged))
     stored = {r["message_id"] for r in rows}
     assert set(acknowledged) <= stored
+
+
+def test_serve_decodes_bodies_as_the_app_does(tmp_path: Path, relays: list[Relay]) -> None:
+    """``tagrelay serve`` makes its server from the app's own settings: aiohttp inflates
+    nothing, every body goes through web.bodies (tests/web/test_bodies.py has the matrix)."""
+    import brotli
+
+    relay = Relay(write_config(tmp_path, max_wait_secs=0.2), tmp_path)
+    relays.append(relay)
+    auth = "Basic " + base64.b64encode(f"{SERVER_KEY}:".encode()).decode()
+
+    def post(path: str, body: bytes, coding: str) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(
+            relay.url(path),
+            data=body,
+            method="POST",
+            headers={
+                "Authorization": auth,
+                "Content-Type": "application/json",
+                "Content-Encoding": coding,
+            },
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as err:
+            assert err.headers["Content-Type"] == "application/json"
+            return err.code, json.loads(err.read())
+
+    batch = json.dumps(signup_batch(1, "serve-br")).encode()
+    assert post("/v1/batch", brotli.compress(batch), "br")[0] == 200
+    for path in ("/v1/track", "/v1/m"):
+        status, answer = post(path, b'{"series": []}', "zstd")
+        assert (status, answer["error"]) == (400, "invalid_body_encoding"), path
+    bomb = brotli.compress(b" " * (64 << 20), quality=5)
+    status, answer = post("/v1/batch", bomb, "br")
+    assert (status, answer["error"]) == (413, "body_too_large")
+    assert post("/nope", bomb, "br")[0] == 404
+    with urllib.request.urlopen(relay.url("/healthz"), timeout=10) as resp:
+        assert resp.status == 200

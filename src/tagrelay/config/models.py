@@ -148,7 +148,7 @@ class LimitsConfig(ConfigModel):
     max_request_bytes: int = Field(
         500 * 1024,
         ge=1024,
-        description="Largest request body after decompression.",
+        description="Largest request body, both as sent and after decompression.",
         examples=[512000],
     )
     max_batch_events: int = Field(

@@ -33,6 +33,7 @@ from tagrelay.errors import IngestError
 from tagrelay.metrics import Metrics
 from tagrelay.sources import Decoded, parse_json_body
 from tagrelay.sources.ga4 import Hits, parse_collect, parse_measurement_protocol
+from tagrelay.web.bodies import read_body
 from tagrelay.web.ingest import IngestService, error_response, json_response
 
 COLLECT_SOURCE = "ga4"
@@ -56,6 +57,7 @@ class GoogleEndpoints:
     def __init__(self, config: Config, service: IngestService, metrics: Metrics) -> None:
         self.service = service
         self.metrics = metrics
+        self.max_request_bytes = config.limits.max_request_bytes
         self.collect_ids = frozenset(config.google.collect.measurement_ids)
         self.mp_secrets: dict[str, list[bytes]] = {}
         for secret in config.google.measurement_protocol:
@@ -122,7 +124,7 @@ class GoogleEndpoints:
         try:
             text = ""
             if request.method == "POST":
-                text = (await request.read()).decode("utf-8")
+                text = (await read_body(request, self.max_request_bytes)).decode("utf-8")
             hits = parse_collect(query, text)
         except UnicodeDecodeError:
             return self.service.refuse(
@@ -169,7 +171,8 @@ class GoogleEndpoints:
     async def measurement_protocol(self, request: web.Request) -> web.Response:
         try:
             measurement_id = self._authorize_mp(request)
-            hits = parse_measurement_protocol(parse_json_body(await request.read()), measurement_id)
+            body = await read_body(request, self.max_request_bytes)
+            hits = parse_measurement_protocol(parse_json_body(body), measurement_id)
         except IngestError as exc:
             return self.service.refuse(MP_SOURCE, exc, {})
         return await self._accept_hits(request, MP_SOURCE, _MP_KEY, hits, None, summarize=True)
@@ -179,10 +182,14 @@ class GoogleEndpoints:
         messages: list[dict[str, str]] = []
         try:
             measurement_id = self._authorize_mp(request)
-            hits = parse_measurement_protocol(parse_json_body(await request.read()), measurement_id)
+            # A body that cannot be read as sent is an error of the request, not a
+            # validation message about its content.
+            body = await read_body(request, self.max_request_bytes)
         except IngestError as exc:
-            if exc.status in (401, 403):
-                return error_response(exc)
+            return error_response(exc)
+        try:
+            hits = parse_measurement_protocol(parse_json_body(body), measurement_id)
+        except IngestError as exc:
             messages.append(_validation_message("", exc))
         else:
             messages.extend(_validation_message(f"events[{i}]", e) for i, e in hits.rejected)

@@ -1,6 +1,6 @@
 """The ingest handler shared by every event source.
 
-request -> content type and size checks -> body (aiohttp has already inflated gzip)
+request -> content type check -> body (``web.bodies.read_body``: size, Content-Encoding)
 -> JSON -> source.decode -> write key and origin -> per event: normalize, client IP and user
 agent, campaign, size check -> spool commit -> answer.
 
@@ -22,7 +22,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from aiohttp.web_protocol import RequestPayloadError
 
 from tagrelay.config.models import Config, WriteKeyConfig
 from tagrelay.errors import AuthError, IngestError, SpoolUnavailable
@@ -38,6 +37,7 @@ from tagrelay.sources import SOURCE_LABELS, SOURCES, Decoded, parse_json_body
 from tagrelay.sources.segment import SEGMENT, sdk_source
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.auth import NO_KEY, CorsPolicy, CorsRefusals, KeyRing, key_from_headers
+from tagrelay.web.bodies import read_body
 
 log = logging.getLogger(__name__)
 
@@ -263,25 +263,7 @@ class IngestService:
                 f"expected application/json or text/plain, got {ctype[:60]!r}",
                 status=415,
             )
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise IngestError(
-                "body_too_large",
-                f"the request body is larger than {self.limits.max_request_bytes} bytes",
-                status=413,
-            ) from None
-        except RequestPayloadError:
-            # A body that cannot be decoded as its Content-Encoding says (bad gzip), or one
-            # cut short by the client.
-            raise IngestError(
-                "invalid_body_encoding",
-                "the request body could not be read as sent (bad Content-Encoding, or cut short)",
-            ) from None
-        except ConnectionResetError:
-            raise IngestError(
-                "client_disconnected", "the client went away before sending the whole body"
-            ) from None
+        body = await read_body(request, self.limits.max_request_bytes)
         decoded = SOURCES[source](parse_json_body(body), path_name)
         # No event can nest deeper than the body has opening brackets.
         decoded.depth_bound = count_brackets_up_to(body, self.limits.max_nesting_depth)

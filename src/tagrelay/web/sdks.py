@@ -38,6 +38,7 @@ from tagrelay.errors import AuthError, IngestError
 from tagrelay.metrics import Metrics
 from tagrelay.pipeline.host import parse_host
 from tagrelay.web.auth import key_from_headers
+from tagrelay.web.bodies import read_body
 from tagrelay.web.ingest import IngestService, Route, error_response, json_response
 
 _FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.js")
@@ -178,7 +179,12 @@ class SdkEndpoints:
         """analytics-next's usage metrics (no write key): counted, then dropped."""
         cors = self._cors(request)
         try:
-            body = orjson.loads(await request.read())
+            raw = await read_body(request, self.config.limits.max_request_bytes)
+        except IngestError as exc:
+            self.metrics.sdk_metrics.labels("segment", "invalid").inc()
+            return error_response(exc, cors)
+        try:
+            body = orjson.loads(raw)
             series = body["series"]
             if not isinstance(series, list):
                 raise TypeError
