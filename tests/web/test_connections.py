@@ -266,3 +266,39 @@ def test_a_request_that_is_not_http_is_a_counted_400_and_no_error_log(
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert loud == [], [(r.name, r.getMessage()) for r in loud]
     assert SERVER_KEY not in caplog.text
+
+
+BROKEN_BODIES = {
+    # the head first, then a chunk size that is not hex
+    "bad_chunking": b'Transfer-Encoding: chunked\r\n\r\n|5\r\n{"a":\r\nzz\r\n',
+    # a body that is not what its Content-Encoding says
+    "bad_gzip": b"Content-Encoding: gzip\r\nContent-Length: 5\r\n\r\n|hello",
+}
+
+
+@pytest.mark.parametrize("loop_name", LOOPS)
+@pytest.mark.parametrize("broken", BROKEN_BODIES)
+def test_a_body_that_breaks_midway_is_a_prompt_400_and_no_error_log(
+    tmp_path: Path, loop_name: str, broken: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario(app: web.Application, port: int) -> None:
+        rest_of_head, body = BROKEN_BODIES[broken].split(b"|")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/track HTTP/1.1\r\nHost: relay.test\r\nContent-Type: application/json\r\n"
+            + auth()
+            + rest_of_head
+        )
+        await writer.drain()
+        await asyncio.sleep(LIMIT / 4)  # the head is read before the body arrives
+        writer.write(body)
+        answer = await closed_by_server(reader)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400"), answer
+        assert set(orjson.loads(body)) == {"error", "message"}
+
+    # Only a prompt answer can come before the test gives up: the body timeout is an hour.
+    run_served(tmp_path, loop_name, scenario, body_timeout_secs=3600)
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert loud == [], [(r.name, r.getMessage()) for r in loud]

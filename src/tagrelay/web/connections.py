@@ -51,7 +51,9 @@ from aiohttp.http_exceptions import (
     LineTooLong,
     TransferEncodingError,
 )
+from aiohttp.http_parser import RawRequestMessage
 from aiohttp.streams import StreamReader
+from aiohttp.web_protocol import RequestPayloadError
 from aiohttp.web_request import BaseRequest
 from yarl import URL
 
@@ -242,7 +244,19 @@ class GuardedRequestHandler(web.RequestHandler):
         if self._request_count != heads:
             # One head (or more, pipelined) is complete; the newest may announce a body.
             self._head_open = False
-            body = self._messages[-1][1] if self._messages else None
+            newest = self._messages[-1] if self._messages else None
+            if (
+                self._body is not None
+                and newest is not None
+                and not isinstance(newest[0], RawRequestMessage)
+            ):
+                # Not a head but a parse error, in the body being read (bad chunking): the
+                # route reading it fails now rather than waiting for the rest until
+                # body_timeout_secs.
+                self._body.set_exception(
+                    RequestPayloadError("the request body is malformed (bad chunking)")
+                )
+            body = newest[1] if newest is not None else None
             if body is not None and not body.is_eof():
                 self._body = body
                 self._arm("body_timeout", self._guard.body_timeout)
@@ -296,6 +310,16 @@ class GuardedRequestHandler(web.RequestHandler):
         self.force_close()
 
     # -- requests that are not valid HTTP
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        """aiohttp logs an ERROR with a traceback when the rest of a request body it reads
+        after the response (to keep the connection usable) turns out malformed: the
+        client's fault, so a DEBUG line here."""
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, RequestPayloadError | HttpProcessingError):
+            log.debug("a request body was malformed", extra={"error": type(exc).__name__})
+            return
+        super().log_exception(*args, **kwargs)
 
     def handle_error(
         self,
