@@ -191,22 +191,24 @@ def test_an_idle_keepalive_connection_is_closed_after_its_timeout(
 
 @pytest.mark.parametrize("loop_name", LOOPS)
 def test_connections_beyond_the_cap_are_refused_with_a_503_and_counted(
-    tmp_path: Path, loop_name: str
+    tmp_path: Path, loop_name: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario(app: web.Application, port: int) -> None:
         held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(3)]
         await wait_for_metric(app, "tagrelay_connections_open", {}, 3)
 
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay.test\r\n\r\n")
-        answer = await closed_by_server(reader)
-        writer.close()
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 503")
-        assert b"Retry-After: 1" in head
-        assert orjson.loads(body)["error"] == "over_capacity"
+        for _ in range(2):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: relay.test\r\n\r\n")
+            answer = await closed_by_server(reader)
+            writer.close()
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503")
+            assert b"Retry-After: 1" in head
+            assert orjson.loads(body)["error"] == "over_capacity"
         labels = {"reason": "over_capacity"}
-        assert metric_value(app, "tagrelay_connections_closed_total", labels) == 1
+        assert metric_value(app, "tagrelay_connections_closed_total", labels) == 2
+        assert metric_value(app, "tagrelay_connections_open", {}) == 3
 
         # One held connection goes: a new one is served again.
         held[0][1].close()
@@ -216,6 +218,9 @@ def test_connections_beyond_the_cap_are_refused_with_a_503_and_counted(
             held_writer.close()
 
     run_served(tmp_path, loop_name, scenario, max_connections=3, header_timeout_secs=3600)
+    # The operator hears of it, once per interval rather than per refused connection.
+    [warning] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warning.getMessage() == "refusing connections: server.max_connections are open"
 
 
 MALFORMED = [
