@@ -22,6 +22,8 @@ from aiohttp import web
 
 from tagrelay.app import create_app
 from tagrelay.cli.serve import new_event_loop, start_relay
+from tagrelay.metrics import Metrics
+from tagrelay.web.connections import REFUSED_LINGERING_MAX, ConnectionGuard, RefusedConnection
 from tests.support import SERVER_KEY, make_config, metric_value
 
 LOOPS = ["asyncio", "uvloop"]
@@ -307,3 +309,38 @@ def test_a_body_that_breaks_midway_is_a_prompt_400_and_no_error_log(
     run_served(tmp_path, loop_name, scenario, body_timeout_secs=3600)
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert loud == [], [(r.name, r.getMessage()) for r in loud]
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.written = b""
+        self.aborted = False
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None: ...
+
+
+async def test_a_flood_beyond_the_cap_is_reset_rather_than_answered(tmp_path: Path) -> None:
+    guard = ConnectionGuard(make_config(tmp_path).server, Metrics())
+    lingering = [RefusedConnection(guard) for _ in range(REFUSED_LINGERING_MAX)]
+    transports = [FakeTransport() for _ in lingering]
+    for protocol, transport in zip(lingering, transports, strict=True):
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+    assert all(t.written.startswith(b"HTTP/1.1 503") for t in transports)
+    assert guard.refusing == REFUSED_LINGERING_MAX
+
+    one_more = FakeTransport()
+    RefusedConnection(guard).connection_made(one_more)  # type: ignore[arg-type]
+    assert (one_more.written, one_more.aborted) == (b"", True)
+
+    for protocol in lingering:
+        protocol.connection_lost(None)
+    assert guard.refusing == 0

@@ -95,6 +95,9 @@ OVER_CAPACITY_RESPONSE = (
 REFUSED_LINGER_SECS = 1.0
 """How long a refused connection stays open after its 503, for the client to read it (closing
 a socket with the client's request still unread sends a reset, which may destroy the 503)."""
+REFUSED_LINGERING_MAX = 64
+"""Most refused connections lingering at once; beyond, a refusal is a bare reset (a flood of
+connections must not use up the files that the cap keeps in reserve)."""
 
 
 def rejection_reason(exc: HttpProcessingError) -> str:
@@ -130,6 +133,8 @@ class ConnectionGuard:
         self.max_connections = max_connections or server.max_connections
         self.open = 0
         """Connections open now (refused ones not included)."""
+        self.refusing = 0
+        """Refused connections still open (for the client to read its 503)."""
         metrics.connections_open.set_function(lambda: self.open)
         self._closed = {r: metrics.connections_closed.labels(r) for r in CONNECTION_CLOSE_REASONS}
         self._rejected = {r: metrics.http_rejected.labels(r) for r in HTTP_REJECT_REASONS}
@@ -155,7 +160,7 @@ class ConnectionGuard:
                     "refusing connections: server.max_connections are open",
                     extra={"max_connections": self.max_connections},
                 )
-                return RefusedConnection()
+                return RefusedConnection(self)
             return GuardedRequestHandler(server, guard=self, loop=loop, **kwargs)
 
         return protocol
@@ -170,11 +175,18 @@ class ConnectionGuard:
 class RefusedConnection(asyncio.Protocol):
     """A connection beyond the cap: a 503 with ``Retry-After``, then closed."""
 
-    def __init__(self) -> None:
+    def __init__(self, guard: ConnectionGuard) -> None:
+        self._guard = guard
         self._timer: asyncio.TimerHandle | None = None
+        self._lingering = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass it
+        if self._guard.refusing >= REFUSED_LINGERING_MAX:
+            transport.abort()
+            return
+        self._lingering = True
+        self._guard.refusing += 1
         transport.write(OVER_CAPACITY_RESPONSE)
         if transport.can_write_eof():
             transport.write_eof()  # the client sees the end of the answer and closes
@@ -187,6 +199,9 @@ class RefusedConnection(asyncio.Protocol):
         return False  # the transport closes itself
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lingering:
+            self._lingering = False
+            self._guard.refusing -= 1
         if self._timer is not None:
             self._timer.cancel()
 
