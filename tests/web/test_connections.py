@@ -23,7 +23,12 @@ from aiohttp import web
 from tagrelay.app import create_app
 from tagrelay.cli.serve import new_event_loop, start_relay
 from tagrelay.metrics import Metrics
-from tagrelay.web.connections import REFUSED_LINGERING_MAX, ConnectionGuard, RefusedConnection
+from tagrelay.web.connections import (
+    REFUSED_LINGERING_MAX,
+    ConnectionGuard,
+    GuardedRequestHandler,
+    RefusedConnection,
+)
 from tests.support import SERVER_KEY, make_config, metric_value
 
 LOOPS = ["asyncio", "uvloop"]
@@ -344,3 +349,18 @@ async def test_a_flood_beyond_the_cap_is_reset_rather_than_answered(tmp_path: Pa
     for protocol in lingering:
         protocol.connection_lost(None)
     assert guard.refusing == 0
+
+
+async def test_the_guarded_handlers_take_the_servers_handler_arguments(tmp_path: Path) -> None:
+    """What AppRunner(**kwargs) or Application(handler_args=...) gives aiohttp's handlers
+    (auto_decompress, max_line_size, ...) reaches the guarded ones too."""
+
+    async def nothing(request: web.BaseRequest) -> web.StreamResponse:
+        return web.Response()
+
+    server = web.Server(nothing, max_line_size=1234, max_field_size=4321)
+    guard = ConnectionGuard(make_config(tmp_path).server, Metrics())
+    handler = guard.protocol_factory(server, asyncio.get_running_loop())()
+    assert isinstance(handler, GuardedRequestHandler)
+    assert (handler.max_line_size, handler.max_field_size) == (1234, 4321)
+    assert handler.keepalive_timeout > guard.keepalive_timeout + guard.header_timeout
