@@ -27,6 +27,7 @@ from tagrelay.forwarders import FORWARDERS, ForwarderContext
 from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.forwarders.warehouse import WarehouseForwarder
+from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.warehouse.process import WarehouseProcess
@@ -110,7 +111,15 @@ def observe_requests(metrics: Metrics) -> Middleware:
             return http_error_response(exc)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
+            if isinstance(exc, ConnectionResetError) and _client_gone(request):
+                # The client hung up (or was cut off for sending too slowly) while a route
+                # read its body: nobody will read an answer, and it is not the relay's error.
+                status = 400
+                log.debug("client went away", extra={"path": request.path})
+                return json_response(
+                    400, {"error": "client_disconnected", "message": "the client went away"}
+                )
             log.exception("unhandled error", extra={"path": request.path})
             return json_response(500, {"error": "internal_error", "message": "internal error"})
         finally:
@@ -125,6 +134,11 @@ def observe_requests(metrics: Metrics) -> Middleware:
             child.observe(time.perf_counter() - start)
 
     return observe
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -281,7 +295,8 @@ def freeze_after_startup(app: web.Application) -> None:
 
 async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
     """Delete delivered events and expired message ids, and checkpoint the WAL, every
-    ``interval`` seconds."""
+    ``interval`` seconds. A failure that lasts (a full disk) is logged once a minute."""
+    failures = LogThrottle(log)
     while True:
         await asyncio.sleep(interval)
         try:
@@ -289,7 +304,12 @@ async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
             await spool.prune_message_ids()
             await spool.checkpoint()
         except Exception:
-            log.warning("spool maintenance failed; will try again", exc_info=True)
+            failures.log(
+                logging.WARNING,
+                "maintenance",
+                "spool maintenance failed; will try again",
+                exc_info=True,
+            )
 
 
 def warehouse_of(app: web.Application) -> WarehouseProcess | None:

@@ -23,6 +23,17 @@ REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 
+HTTP_REJECT_REASONS = (
+    "bad_request_line",
+    "bad_header",
+    "header_too_large",
+    "bad_chunking",
+    "other",
+)
+"""Reasons of ``tagrelay_http_rejected``: why a request was not valid HTTP."""
+CONNECTION_CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "over_capacity")
+"""Reasons of ``tagrelay_connections_closed``."""
+
 
 class _SpoolCollector(Collector):
     """Reads the spool's figures at scrape time (no bookkeeping on the hot path)."""
@@ -178,6 +189,31 @@ class Metrics:
             ["key"],
             registry=r,
         )
+        self.http_rejected = Counter(
+            "tagrelay_http_rejected",
+            "Requests that are not valid HTTP, refused before any route with a 400 and the "
+            "connection closed, by reason: " + ", ".join(HTTP_REJECT_REASONS) + ".",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_closed = Counter(
+            "tagrelay_connections_closed",
+            "Client connections the relay closed on its own, by reason: header_timeout (the "
+            "request head took longer than server.header_timeout_secs), body_timeout, "
+            "idle_timeout (a kept-alive connection unused for server.keepalive_timeout_secs), "
+            "over_capacity (refused with a 503: server.max_connections were open).",
+            ["reason"],
+            registry=r,
+        )
+        self.connections_open = Gauge(
+            "tagrelay_connections_open",
+            "Client connections open on the relay's HTTP listener.",
+            registry=r,
+        )
+        for reason in HTTP_REJECT_REASONS:
+            self.http_rejected.labels(reason)
+        for reason in CONNECTION_CLOSE_REASONS:
+            self.connections_closed.labels(reason)
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
         self._http_children: dict[tuple[str, str, str], Histogram] = {}
         self._sources: dict[str, SourceMetrics] = {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tagrelay.cli.serve import RESERVED_FILES
 
 SEED_QUERY = (
     "select * from events where context_page_path = '/signup' "
@@ -269,6 +272,13 @@ def test_sigterm_flushes_the_batch_in_progress(tmp_path: Path, relays: list[Rela
     # server.event_loop is auto and uvloop is a dependency: the relay served on it
     listening = next(r for r in records if r["msg"] == "tagrelay listening")
     assert listening["event_loop"] == "uvloop"
+    # the soft open-files limit was raised to the hard one, and is reported
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY:
+        assert listening["open_files_limit"] == hard
+    assert listening["max_connections"] == min(
+        10_000, listening["open_files_limit"] - RESERVED_FILES
+    )
 
 
 @pytest.mark.slow

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tagrelay.errors import SpoolUnavailable
+from tagrelay.logthrottle import LogThrottle
 from tagrelay.spool.sqlite import CursorState, HeadWatch, SqliteSpool
 from tests.support import SERVER_KEY, basic, metric_value
 
@@ -102,6 +104,36 @@ async def test_a_full_spool_raises_and_stores_nothing(tmp_path: Path) -> None:
     stored = len(await spool.read(0, 1000))
     assert stored == spool.head < 50
     assert not spool.writable()
+    await spool.close()
+
+
+async def test_a_full_spool_logs_one_error_per_interval_with_the_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "tagrelay.spool.sqlite")
+    spool = await open_spool(tmp_path, max_size_mb=1)
+    clock = [0.0]
+    spool._errors = LogThrottle(logging.getLogger("tagrelay.spool.sqlite"), clock=lambda: clock[0])
+    big = b"x" * 100_000
+    refused = 0
+    for _ in range(40):
+        try:
+            await spool.append([(1, big)])
+        except SpoolUnavailable:
+            refused += 1
+    assert refused >= 20, "the spool filled up and refused the rest"
+    [first] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert (first.levelname, first.getMessage(), first.repeated) == (
+        "ERROR",
+        "spool commit failed",
+        1,
+    )
+    clock[0] += 61  # the interval has passed: the next refusal logs, with the count
+    with pytest.raises(SpoolUnavailable):
+        await spool.append([(1, big)])
+    errors = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(errors) == 2
+    assert errors[1].repeated == refused  # type: ignore[attr-defined]
     await spool.close()
 
 

@@ -64,6 +64,55 @@ class ServerConfig(ConfigModel):
         ),
         examples=["auto"],
     )
+    header_timeout_secs: float = Field(
+        10.0,
+        gt=0,
+        description=(
+            "How long a client may take to send a whole request head (request line and "
+            "headers): from the connection opening for its first request, from the first "
+            "byte for the next ones on a kept-alive connection. A client still sending "
+            "after that (slowloris) is disconnected and counted "
+            "(tagrelay_connections_closed{reason=header_timeout}). A head is one or two "
+            "packets: 10 s covers the slowest mobile networks."
+        ),
+        examples=[10.0],
+    )
+    body_timeout_secs: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "How long a client may take to send a request body, from the end of its head. "
+            "A body still arriving after that (a trickle) is cut off, the connection closed "
+            "and counted (reason=body_timeout). A time limit, not a minimum rate: it bounds "
+            "how long any one request can hold a connection however it paces its bytes. A "
+            "body of limits.max_request_bytes (500 KB) needs ~17 KB/s to arrive in 30 s; "
+            "event batches are usually a few KB."
+        ),
+        examples=[30.0],
+    )
+    keepalive_timeout_secs: float = Field(
+        75.0,
+        gt=0,
+        description=(
+            "How long a kept-alive connection may wait for its next request before the relay "
+            "closes it (reason=idle_timeout). Behind a load balancer, keep it above the "
+            "balancer's own idle timeout (AWS ALB: 60 s; Google Cloud: 600 s), or the "
+            "balancer may send a request on a connection the relay is closing."
+        ),
+        examples=[75.0],
+    )
+    max_connections: int = Field(
+        10_000,
+        ge=1,
+        description=(
+            "Most client connections open at once. A connection beyond it is answered 503 "
+            "with Retry-After and closed at once, and counted (reason=over_capacity), so a "
+            "load balancer can try another replica instead of waiting. Lowered at start-up "
+            "(with a warning) to what the open-files limit leaves after a reserve for the "
+            "relay's own files and outgoing connections."
+        ),
+        examples=[10_000],
+    )
 
 
 class WriteKeyConfig(ConfigModel):

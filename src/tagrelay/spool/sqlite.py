@@ -46,6 +46,7 @@ from typing import IO, Any, TypeVar
 import orjson
 
 from tagrelay.errors import SpoolUnavailable
+from tagrelay.logthrottle import LogThrottle
 from tagrelay.spool.dedup import RecentIds
 from tagrelay.spool.segments import SELECT_FIRST_RECEIVED, segments_after
 from tagrelay.spool.writer import WriterProcess
@@ -209,6 +210,7 @@ class SqliteSpool:
         self._positions: dict[str, int] = {}
         self._closed = False
         self._last_failure: float | None = None
+        self._errors = LogThrottle(log)
         self._lock_handle: IO[str] | None = None
         self._commits: WriterProcess | None = None
         self.lock_wait_secs = LOCK_WAIT_SECS
@@ -453,7 +455,8 @@ class SqliteSpool:
         pending: list[Pending],
         exc: SpoolUnavailable,
     ) -> None:
-        log.error("spool commit failed", extra={"error": str(exc)})
+        # A full disk fails every round until space is freed: one line per interval.
+        self._errors.log(logging.ERROR, "commit", "spool commit failed", {"error": str(exc)})
         self._last_failure = time.monotonic()
         for _, _, fut in pending:
             if not fut.done():
@@ -765,5 +768,5 @@ class SqliteSpool:
         try:
             return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
         except sqlite3.Error as exc:
-            log.error("spool write failed", extra={"error": str(exc)})
+            self._errors.log(logging.ERROR, "write", "spool write failed", {"error": str(exc)})
             raise SpoolUnavailable(f"the spool could not commit: {exc}") from exc

@@ -1,0 +1,40 @@
+"""The spool's maintenance loop keeps going when a round fails, and logs a lasting failure
+(a full disk) once per interval, not once a second."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from tagrelay.app import _prune_loop
+
+
+class FailingSpool:
+    def __init__(self) -> None:
+        self.rounds = 0
+
+    async def prune(self) -> int:
+        self.rounds += 1
+        raise OSError(28, "No space left on device")
+
+    async def prune_message_ids(self) -> None: ...
+
+    async def checkpoint(self) -> None: ...
+
+
+async def test_a_lasting_maintenance_failure_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "tagrelay.app")
+    spool: Any = FailingSpool()
+    loop = asyncio.create_task(_prune_loop(spool, 0.001))
+    async with asyncio.timeout(30):
+        while spool.rounds < 20:
+            await asyncio.sleep(0.005)
+    loop.cancel()
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.getMessage() for r in warnings] == ["spool maintenance failed; will try again"]
+    assert warnings[0].exc_info is not None, "the first line says why"
