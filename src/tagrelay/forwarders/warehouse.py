@@ -31,6 +31,7 @@ import orjson
 from pydantic import Field
 
 from tagrelay.config.common import BatchConfig, ForwarderConfigBase
+from tagrelay.datadir import private_dir
 from tagrelay.errors import WarehouseError
 from tagrelay.forwarders._base import Forwarder, ForwarderContext, SpanDelivery, SpoolSpan
 from tagrelay.model import Delivered, Event, Outcome, Retry
@@ -102,7 +103,7 @@ def open_warehouse(
     ``tagrelay sql`` opens it ``read_only`` when no relay holds it."""
     path = database_path(config, data_dir)
     if not read_only:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
     return Warehouse.open(
         config.dialect,
         str(path),
@@ -138,7 +139,7 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
             max_workers=1, thread_name_prefix=f"tagrelay-warehouse-{self.id}"
         )
         path = database_path(self.config, self.context.data_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         process = WarehouseProcess(
             WarehouseSpec(
                 dialect=self.config.dialect,

@@ -41,6 +41,7 @@ from typing import Any
 
 import orjson
 
+from tagrelay.datadir import CHILD_UMASK
 from tagrelay.errors import QueryRejected, WarehouseError
 from tagrelay.spool.segments import SpanMissing, open_read_only, read_span
 from tagrelay.warehouse import InsertResult, QueryResult
@@ -100,6 +101,9 @@ def _child_main(conn: Connection) -> None:
     # here, then closes the pipe, which is what ends this process.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # DuckDB creates its write-ahead log and spill files with the process's umask: private
+    # (``tagrelay.datadir``). Safe here, unlike in the relay: no other thread exists yet.
+    os.umask(CHILD_UMASK)
     # When the machine is busy, answering clients matters more than loading the warehouse,
     # whose backlog waits on disk in the spool: the kernel favours the relay's process.
     os.nice(CHILD_NICENESS)

@@ -20,6 +20,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tagrelay.datadir import PRIVATE_FILE_MODE, private_dir
 from tagrelay.errors import QueryRejected, WarehouseError
 from tagrelay.web.ingest import encoded_json_response
 
@@ -69,7 +70,7 @@ def build_admin_app(main_app: web.Application) -> web.Application:
 
 def admin_socket_ctx(path: Path) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(app: web.Application) -> AsyncIterator[None]:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         runner = web.AppRunner(build_admin_app(app), handle_signals=False, access_log=None)
@@ -77,8 +78,9 @@ def admin_socket_ctx(path: Path) -> Callable[[web.Application], AsyncIterator[No
         site = web.UnixSite(runner, str(path))
         await site.start()
         # Connecting needs write permission on the socket; the default umask already denies
-        # it to others, and this leaves it to the relay's own user alone.
-        os.chmod(path, 0o600)
+        # it to others (and the data directory is 0700), and this leaves it to the relay's
+        # own user alone.
+        os.chmod(path, PRIVATE_FILE_MODE)
         try:
             yield
         finally:

@@ -22,11 +22,13 @@ import contextlib
 import re
 import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import duckdb
 import orjson
 
+from tagrelay.datadir import PRIVATE_DIR_MODE, tighten
 from tagrelay.errors import QueryRejected, WarehouseError, WarehouseLocked
 from tagrelay.warehouse.dialects.base import QueryResult, quote_identifier
 from tagrelay.warehouse.schema import ColumnType, json_safe
@@ -108,6 +110,8 @@ class DuckDBDialect:
     # -- lifecycle -------------------------------------------------------------------
 
     def open(self) -> None:
+        if not self.read_only:
+            self._tighten_files()
         config: dict[str, str | bool | int | float | list[str]] = {
             **self.settings,
             **_DEFAULT_CONFIG,
@@ -132,7 +136,21 @@ class DuckDBDialect:
         except duckdb.Error as e:
             con.close()
             raise WarehouseError(f"cannot configure {self.path}: {e}") from e
+        if not self.read_only:
+            # A new file holds only DuckDB's header yet: private before the first row.
+            self._tighten_files()
         self._con = con
+
+    def _tighten_files(self) -> None:
+        """The database, its write-ahead log and its spill directory to the relay's user
+        alone (``tagrelay.datadir``): DuckDB creates them with the process's umask, and
+        files of an older relay may be looser. A database in memory has no files."""
+        if self.path == ":memory:" or self.path.startswith(":memory:"):
+            return
+        path = Path(self.path)
+        tighten(path)
+        tighten(path.with_name(path.name + ".wal"))
+        tighten(path.with_name(path.name + ".tmp"), PRIVATE_DIR_MODE)
 
     def close(self) -> None:
         con, self._con = self._con, None
