@@ -98,9 +98,7 @@ async def test_a_relay_on_a_new_data_dir_keeps_every_file_to_its_user(
     await wait_idle(app)
     warehouse = warehouse_of(app)
     assert warehouse is not None
-    assert (await asyncio.to_thread(warehouse.query, "select count(*) from events")).rows == [
-        (20,)
-    ]
+    assert (await asyncio.to_thread(warehouse.query, "select count(*) from events")).rows == [(20,)]
     for _ in range(100):  # the script's disk copy is written after the answer
         if any((data_dir / "google-scripts").glob("*.json")):
             break
