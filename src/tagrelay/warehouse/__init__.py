@@ -6,7 +6,7 @@ in one statement that skips message ids already in the table. Values that do not
 column land in the row's ``_unmapped_data`` JSON; no event is dropped except duplicates.
 
 ``Warehouse.query`` answers ``tagrelay sql``: one read-only statement, a row cap, a timeout;
-it may run in another thread while a batch is loading.
+it runs in another thread while a batch is loading, and never waits for it.
 
 Dialects live in ``tagrelay.warehouse.dialects``: ``duckdb`` (the embedded default) now,
 PostgreSQL and ClickHouse later; ``schema`` does not change for them.
@@ -75,7 +75,7 @@ class Warehouse:
     """One table in one database, with its columns known in memory.
 
     ``insert`` and ``close`` are meant for one thread (the forwarder's); ``query`` may be
-    called from any other thread meanwhile."""
+    called from other threads meanwhile, several at once."""
 
     def __init__(
         self, dialect: Dialect, table: str, max_columns: int, *, read_only: bool = False
@@ -190,8 +190,8 @@ class Warehouse:
     ) -> QueryResult:
         """Run one read-only statement (SELECT, EXPLAIN, DESCRIBE, SHOW, SUMMARIZE, reading
         PRAGMAs) and return at most ``max_rows`` rows, ``truncated`` saying whether there
-        were more. Raises ``QueryRejected`` for anything else, ``WarehouseError`` when it
-        fails or runs past ``timeout_secs`` (None: no limit)."""
+        were more. Raises ``QueryRejected`` for anything else, ``QueryTimeout`` when it runs
+        past ``timeout_secs`` (None: no limit), ``WarehouseError`` when it fails."""
         if max_rows < 1:
             raise WarehouseError(f"max_rows must be at least 1, got {max_rows}")
         return self.dialect.query(sql, max_rows, timeout_secs)

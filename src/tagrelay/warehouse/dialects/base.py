@@ -65,6 +65,7 @@ class Dialect(Protocol):
 
     def query(self, sql: str, max_rows: int, timeout_secs: float | None) -> QueryResult:
         """Run one read-only statement and return at most ``max_rows`` rows. Raises
-        ``QueryRejected`` for anything that could write, ``WarehouseError`` when the
-        statement fails or runs past ``timeout_secs``. Safe to call from another thread
-        while the other methods run."""
+        ``QueryRejected`` for anything that could write, ``QueryTimeout`` when it runs
+        past ``timeout_secs`` (it is interrupted), ``WarehouseError`` when it fails. Safe
+        to call from other threads, several at once, while the other methods run: a query
+        never waits for a load. ``close`` interrupts the queries still running."""

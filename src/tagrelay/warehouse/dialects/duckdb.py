@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -29,7 +30,7 @@ import duckdb
 import orjson
 
 from tagrelay.datadir import PRIVATE_DIR_MODE, tighten
-from tagrelay.errors import QueryRejected, WarehouseError, WarehouseLocked
+from tagrelay.errors import QueryRejected, QueryTimeout, WarehouseError, WarehouseLocked
 from tagrelay.warehouse.dialects.base import QueryResult, quote_identifier
 from tagrelay.warehouse.schema import ColumnType, json_safe
 
@@ -81,6 +82,9 @@ _ALLOWED_HINT: Final = (
     "SELECT, FROM, WITH, VALUES, EXPLAIN, DESCRIBE, SHOW, SUMMARIZE, PRAGMA table_info"
 )
 
+CLOSE_WAIT_SECS: Final = 10.0
+"""How long ``close`` waits for interrupted queries to stop."""
+
 _DEFAULT_CONFIG: Final[Mapping[str, str | int | bool]] = {
     "enable_external_access": False,
     "autoinstall_known_extensions": False,
@@ -105,6 +109,12 @@ class DuckDBDialect:
         self.read_only = read_only
         self.settings = dict(settings or {})
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._readers: duckdb.DuckDBPyConnection | None = None
+        """Where query cursors come from: a connection that loads never use, so that
+        opening a cursor never waits for an insert running on ``_con``."""
+        self._running: set[duckdb.DuckDBPyConnection] = set()
+        self._queries_done = threading.Condition()
+        """Guards ``_readers`` and ``_running``; notified when a query ends."""
         self._insert_sql: dict[tuple[str, tuple[tuple[str, str], ...], bool], str] = {}
 
     # -- lifecycle -------------------------------------------------------------------
@@ -140,6 +150,7 @@ class DuckDBDialect:
             # A new file holds only DuckDB's header yet: private before the first row.
             self._tighten_files()
         self._con = con
+        self._readers = con.cursor()
 
     def _tighten_files(self) -> None:
         """The database, its write-ahead log and its spill directory to the relay's user
@@ -153,6 +164,19 @@ class DuckDBDialect:
         tighten(path.with_name(path.name + ".tmp"), PRIVATE_DIR_MODE)
 
     def close(self) -> None:
+        """Interrupt the queries still running, wait for them to stop, then close."""
+        deadline = time.monotonic() + CLOSE_WAIT_SECS
+        with self._queries_done:
+            readers, self._readers = self._readers, None
+            # DuckDB refuses to close a connection whose cursor is still working, and an
+            # interrupted query stops within moments. Again and again: an interrupt is lost
+            # on a cursor that has not started its statement yet.
+            while self._running and time.monotonic() < deadline:
+                for cursor in self._running:
+                    cursor.interrupt()
+                self._queries_done.wait(0.05)
+            if readers is not None and not self._running:
+                readers.close()
         con, self._con = self._con, None
         if con is not None:
             con.close()
@@ -264,17 +288,25 @@ class DuckDBDialect:
     # -- reading ---------------------------------------------------------------------
 
     def query(self, sql: str, max_rows: int, timeout_secs: float | None) -> QueryResult:
-        # A cursor is a connection of its own on the same database: it may run in another
-        # thread while the writer inserts, and sees a consistent snapshot.
-        try:
-            cursor = self._connection().cursor()
-        except duckdb.Error as e:
-            raise WarehouseError(f"cannot open a cursor: {e}") from e
+        # A cursor is a connection of its own on the same database: it runs in its own
+        # thread while the writer inserts (DuckDB releases the GIL while it works), and
+        # sees a consistent snapshot.
+        with self._queries_done:
+            if self._readers is None:
+                raise WarehouseError(f"the warehouse {self.path} is not open")
+            try:
+                cursor = self._readers.cursor()
+            except duckdb.Error as e:
+                raise WarehouseError(f"cannot open a cursor: {e}") from e
+            self._running.add(cursor)
         try:
             statement = _read_only_statement(cursor, sql)
             return _run_read_only(cursor, statement, max_rows, timeout_secs)
         finally:
             cursor.close()
+            with self._queries_done:
+                self._running.discard(cursor)
+                self._queries_done.notify_all()
 
 
 def _read_only_statement(cursor: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement:
@@ -318,7 +350,17 @@ def _run_read_only(
     max_rows: int,
     timeout_secs: float | None,
 ) -> QueryResult:
-    timer = threading.Timer(timeout_secs, cursor.interrupt) if timeout_secs else None
+    timed_out, finished = threading.Event(), threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        # Until it ends: an interrupt is lost on a cursor between two statements.
+        while True:
+            cursor.interrupt()
+            if finished.wait(0.05):
+                return
+
+    timer = threading.Timer(timeout_secs, stop) if timeout_secs else None
     try:
         cursor.execute("BEGIN TRANSACTION READ ONLY")
         if timer is not None:
@@ -327,15 +369,20 @@ def _run_read_only(
         columns = tuple(d[0] for d in cursor.description or ())
         rows = cursor.fetchmany(max_rows + 1) if columns else []
     except duckdb.InterruptException as e:
-        raise WarehouseError(
-            f"the query ran longer than {timeout_secs} s and was stopped; narrow it "
+        if not timed_out.is_set():
+            raise WarehouseError("the query was stopped: the warehouse is closing") from e
+        raise QueryTimeout(
+            f"the query ran longer than {timeout_secs:g} s and was stopped; narrow it "
             "(a WHERE on timestamp, a LIMIT)"
         ) from e
     except duckdb.Error as e:
         raise WarehouseError(f"the query failed: {e}") from e
     finally:
+        finished.set()
         if timer is not None:
             timer.cancel()
+            if timer.ident is not None:  # started: its last interrupt is done after this
+                timer.join()
         _rollback(cursor)
     return QueryResult(columns=columns, rows=rows[:max_rows], truncated=len(rows) > max_rows)
 
