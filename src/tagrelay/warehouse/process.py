@@ -405,8 +405,8 @@ class WarehouseProcess:
     def insert_lines(self, payload: bytes) -> InsertResult:
         """Load events given as compact JSON, one per line."""
         result: InsertResult = self._call(("insert", payload))
-        for name, kind in result.new_columns.items():
-            self.columns[name] = kind
+        self.columns.update(result.new_columns)
+        self.columns.update(result.widened_columns)
         return result
 
     def insert_span(
@@ -417,8 +417,8 @@ class WarehouseProcess:
         result: InsertResult
         arrivals: list[tuple[int, int]]
         result, arrivals = self._call(("insert_span", spool, after, last))
-        for name, kind in result.new_columns.items():
-            self.columns[name] = kind
+        self.columns.update(result.new_columns)
+        self.columns.update(result.widened_columns)
         return result, arrivals
 
     def query(

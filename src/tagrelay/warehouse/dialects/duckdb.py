@@ -97,6 +97,7 @@ class DuckDBDialect:
     connect (e.g. ``{"threads": 1}``); external file access is always off."""
 
     name = "duckdb"
+    widenings: frozenset[tuple[str, str]] = frozenset({(ColumnType.BIGINT, ColumnType.DOUBLE)})
 
     def __init__(
         self,
@@ -227,6 +228,30 @@ class DuckDBDialect:
         except duckdb.Error as e:
             _rollback(con)
             raise WarehouseError(f"cannot add columns to {table}: {e}") from e
+
+    def widen_column(self, table: str, column: str, from_type: str, to_type: str) -> bool:
+        if (from_type, to_type) not in self.widenings:
+            raise WarehouseError(f"cannot change a {from_type} column to {to_type}")
+        con = self._connection()
+        quoted_table, quoted = quote_identifier(table), quote_identifier(column)
+        wider, narrower = _NATIVE_TYPES[to_type], _NATIVE_TYPES[from_type]
+        try:
+            con.begin()
+            # ALTER ... SET DATA TYPE casts every value, rounding an int beyond 2**53
+            # silently: first make sure none would change.
+            lossy = con.execute(
+                f"SELECT EXISTS (SELECT 1 FROM {quoted_table} WHERE {quoted} IS NOT NULL AND "
+                f"TRY_CAST(CAST({quoted} AS {wider}) AS {narrower}) IS DISTINCT FROM {quoted})"
+            ).fetchone()
+            if lossy is None or lossy[0]:
+                _rollback(con)
+                return False
+            con.execute(f"ALTER TABLE {quoted_table} ALTER COLUMN {quoted} SET DATA TYPE {wider}")
+            con.commit()
+        except duckdb.Error as e:
+            _rollback(con)
+            raise WarehouseError(f"cannot change {table}.{column} to {to_type}: {e}") from e
+        return True
 
     # -- loading ---------------------------------------------------------------------
 
