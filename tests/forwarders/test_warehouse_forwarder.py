@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 from tagrelay.app import create_app, warehouse_of
+from tagrelay.errors import WarehouseError
 from tagrelay.forwarders import FORWARDERS
 from tagrelay.forwarders._base import ForwarderContext, SpanDelivery, SpoolSpan
 from tagrelay.forwarders._worker import ForwarderWorker
@@ -251,6 +252,44 @@ async def test_a_killed_warehouse_process_is_restarted(forwarder: WarehouseForwa
     warehouse._proc.wait()
     assert await forwarder.deliver([event("m2")]) == Delivered()
     assert warehouse.query("select count(*) from events").rows == [(2,)]
+
+
+async def test_a_query_after_the_warehouse_process_died_starts_it_again(
+    forwarder: WarehouseForwarder,
+) -> None:
+    warehouse = forwarder.warehouse
+    assert warehouse is not None and warehouse._proc is not None
+    await forwarder.deliver([event("m1")])
+    warehouse._proc.kill()
+    warehouse._proc.wait()
+
+    result = await asyncio.to_thread(warehouse.query, "select count(*) from events")
+
+    assert result.rows == [(1,)]
+
+
+async def test_queries_run_beside_each_other_and_beside_loads(
+    forwarder: WarehouseForwarder,
+) -> None:
+    warehouse = forwarder.warehouse
+    assert warehouse is not None
+    endless = [
+        asyncio.create_task(
+            asyncio.to_thread(
+                warehouse.query, "select count(*) from range(1000000000000)", 10, 3600
+            )
+        )
+        for _ in range(2)
+    ]
+    for n in range(3):
+        assert await forwarder.deliver([event(f"m{n}")]) == Delivered()
+    counted = await asyncio.to_thread(warehouse.query, "select count(*) from events")
+
+    assert counted.rows == [(3,)]
+    assert not any(task.done() for task in endless)
+    await forwarder.close()  # interrupts them
+    for outcome in await asyncio.gather(*endless, return_exceptions=True):
+        assert isinstance(outcome, WarehouseError)
 
 
 @pytest.fixture

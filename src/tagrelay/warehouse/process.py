@@ -426,8 +426,8 @@ class WarehouseProcess:
     ) -> QueryResult:
         """``Warehouse.query`` in the child, alongside the loads: raises ``QueryRejected``,
         ``QueryTimeout`` (interrupted past ``timeout_secs``) or ``WarehouseError``."""
-        queries = self._queries
-        if queries is None or not queries.open:
+        queries, proc = self._queries, self._proc
+        if queries is None or not queries.open or proc is None or proc.poll() is not None:
             with self._lock:  # the child is gone: start it again (after a load in flight)
                 self._running()
                 queries = self._queries
