@@ -10,6 +10,7 @@
      +-- WarehouseError         a warehouse statement failed
           +-- WarehouseLocked   another process holds the warehouse file
           +-- QueryRejected     ``tagrelay sql`` got a statement it may not run
+          +-- QueryTimeout      a ``tagrelay sql`` query ran past its time limit and was stopped
 
 Messages say what was expected, what arrived and what to do; they never carry secrets.
 """
@@ -83,3 +84,7 @@ class WarehouseLocked(WarehouseError):
 
 class QueryRejected(WarehouseError):
     """``tagrelay sql`` was given a statement that is not a read-only query."""
+
+
+class QueryTimeout(WarehouseError):
+    """A ``tagrelay sql`` query ran past its time limit and was interrupted."""

@@ -171,9 +171,12 @@ class Metrics:
             registry=r,
         )
         self.warehouse_unmapped = Counter(
-            "tagrelay_warehouse_unmapped_values",
-            "Values that did not fit their column and went to _unmapped_data.",
-            ["forwarder"],
+            "tagrelay_warehouse_unmapped",
+            "Values stored in the row's _unmapped_data instead of their column, by table and "
+            "reason: type_mismatch (the value does not fit the column's type, even widened: "
+            "a string in a DOUBLE column), name_collision (another key of the event has the "
+            "column name), over_limit (name too long, or the table has max_columns).",
+            ["forwarder", "table", "reason"],
             registry=r,
         )
         self.warehouse_duplicates = Counter(

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ import aiohttp
 import orjson
 import pytest
 
+from tagrelay.app import create_app, warehouse_of
+from tagrelay.errors import WarehouseError
 from tagrelay.forwarders import FORWARDERS
 from tagrelay.forwarders._base import ForwarderContext, SpanDelivery, SpoolSpan
 from tagrelay.forwarders._worker import ForwarderWorker
@@ -28,6 +30,7 @@ from tagrelay.forwarders.warehouse import (
 from tagrelay.metrics import Metrics
 from tagrelay.model import Delivered, Retry
 from tagrelay.spool.sqlite import SqliteSpool
+from tests.support import SERVER_KEY, basic, make_config, metric_value, wait_idle
 
 
 def event(message_id: str, **properties: Any) -> dict[str, Any]:
@@ -104,10 +107,87 @@ async def test_a_redelivered_batch_makes_no_second_row(forwarder: WarehouseForwa
     assert counted(forwarder, "tagrelay_warehouse_duplicates_total") == 2
 
 
-async def test_misfits_are_delivered_and_counted(forwarder: WarehouseForwarder) -> None:
+async def test_misfits_are_delivered_and_counted_by_table_and_reason(
+    forwarder: WarehouseForwarder,
+) -> None:
     await forwarder.deliver([event("m1", seats=3)])
     assert await forwarder.deliver([event("m2", seats="many")]) == Delivered()
-    assert counted(forwarder, "tagrelay_warehouse_unmapped_values_total") == 1
+    value = forwarder.context.metrics.registry.get_sample_value(
+        "tagrelay_warehouse_unmapped_total",
+        {"forwarder": "warehouse", "table": "events", "reason": "type_mismatch"},
+    )
+    assert value == 1
+
+
+async def test_through_the_relay_revenue_keeps_its_decimals_and_a_string_is_counted(
+    tmp_path: Path, aiohttp_client: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The issue's case, events in over HTTP and loaded by the warehouse forwarder: a first
+    ``revenue: 20`` must not cost the later ``19.99``; a string then is kept aside, counted
+    for its table and logged once however many arrive."""
+    config = make_config(
+        tmp_path,
+        forwarders=[
+            {
+                "id": "warehouse",
+                "type": "warehouse",
+                "batch": {"max_events": 50, "max_wait_secs": 0},
+            }
+        ],
+    )
+    app = create_app(config, admin_socket=False)
+    client = await aiohttp_client(app)
+    caplog.set_level(logging.INFO, logger="tagrelay.forwarders.warehouse")
+
+    async def send(*revenues: Any) -> None:
+        batch = [
+            {
+                "type": "track",
+                "event": "Order Completed",
+                "userId": "u1",
+                "properties": {"revenue": revenue},
+            }
+            for revenue in revenues
+        ]
+        resp = await client.post("/v1/batch", json={"batch": batch}, headers=basic(SERVER_KEY))
+        assert resp.status == 200, await resp.text()
+        await wait_idle(app)  # each call is its own batch
+
+    for revenue in (20, 19.99, 5):
+        await send(revenue)
+    warehouse = warehouse_of(app)
+    assert warehouse is not None
+
+    def query(sql: str) -> list[tuple[Any, ...]]:
+        assert warehouse is not None
+        return warehouse.query(sql).rows
+
+    assert warehouse.columns["properties_revenue"] == "DOUBLE"
+    assert [
+        (round(total, 6), n)
+        for total, n in query("select sum(properties_revenue), count(_unmapped_data) from events")
+    ] == [(44.99, 0)]
+
+    await send(*(["abc"] * 5))
+    await send("xyz", 7.5)
+
+    unmapped = metric_value(
+        app,
+        "tagrelay_warehouse_unmapped_total",
+        {"forwarder": "warehouse", "table": "events", "reason": "type_mismatch"},
+    )
+    assert unmapped == 6
+    assert query(
+        "select count(*) from events where _unmapped_data->>'properties_revenue' is not null"
+    ) == [(6,)]
+    assert [
+        round(total, 6) for (total,) in query("select sum(properties_revenue) from events")
+    ] == [52.49]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "properties_revenue" in warnings[0] and "abc" not in warnings[0]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert any("widened" in m and "properties_revenue DOUBLE" in m for m in infos)
 
 
 async def test_the_database_runs_in_a_child_process_fed_from_one_thread(
@@ -172,6 +252,44 @@ async def test_a_killed_warehouse_process_is_restarted(forwarder: WarehouseForwa
     warehouse._proc.wait()
     assert await forwarder.deliver([event("m2")]) == Delivered()
     assert warehouse.query("select count(*) from events").rows == [(2,)]
+
+
+async def test_a_query_after_the_warehouse_process_died_starts_it_again(
+    forwarder: WarehouseForwarder,
+) -> None:
+    warehouse = forwarder.warehouse
+    assert warehouse is not None and warehouse._proc is not None
+    await forwarder.deliver([event("m1")])
+    warehouse._proc.kill()
+    warehouse._proc.wait()
+
+    result = await asyncio.to_thread(warehouse.query, "select count(*) from events")
+
+    assert result.rows == [(1,)]
+
+
+async def test_queries_run_beside_each_other_and_beside_loads(
+    forwarder: WarehouseForwarder,
+) -> None:
+    warehouse = forwarder.warehouse
+    assert warehouse is not None
+    endless = [
+        asyncio.create_task(
+            asyncio.to_thread(
+                warehouse.query, "select count(*) from range(1000000000000)", 10, 3600
+            )
+        )
+        for _ in range(2)
+    ]
+    for n in range(3):
+        assert await forwarder.deliver([event(f"m{n}")]) == Delivered()
+    counted = await asyncio.to_thread(warehouse.query, "select count(*) from events")
+
+    assert counted.rows == [(3,)]
+    assert not any(task.done() for task in endless)
+    await forwarder.close()  # interrupts them
+    for outcome in await asyncio.gather(*endless, return_exceptions=True):
+        assert isinstance(outcome, WarehouseError)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tagrelay.errors import QueryRejected, WarehouseError
+from tagrelay.errors import QueryRejected, QueryTimeout, WarehouseError
 from tagrelay.warehouse import Warehouse
 from tagrelay.warehouse.schema import BASE_COLUMNS
 
@@ -407,11 +408,36 @@ def test_rows_are_capped_and_truncation_is_reported(warehouse: Warehouse) -> Non
 
 
 def test_a_query_past_its_timeout_is_stopped(warehouse: Warehouse) -> None:
-    with pytest.raises(WarehouseError, match="stopped"):
+    with pytest.raises(QueryTimeout, match=r"ran longer than 0\.2 s and was stopped"):
         warehouse.query(
             "select count(*) from range(1000000000) a, range(1000000) b", timeout_secs=0.2
         )
     assert warehouse.query("select 42").rows == [(42,)]
+
+
+def test_close_interrupts_the_queries_still_running(db_path: Path) -> None:
+    warehouse = Warehouse.open("duckdb", str(db_path))
+    failures: list[BaseException] = []
+
+    def endless() -> None:
+        try:
+            warehouse.query("select count(*) from range(1000000000000)", timeout_secs=None)
+        except WarehouseError as e:
+            failures.append(e)
+
+    reader = threading.Thread(target=endless)
+    reader.start()
+    dialect = warehouse.dialect
+    for _ in range(500):  # until the query runs
+        if getattr(dialect, "_running", None):
+            break
+        time.sleep(0.01)
+    warehouse.close()
+    reader.join(60)
+
+    assert not reader.is_alive()
+    assert len(failures) == 1 and "closing" in str(failures[0])
+    assert not isinstance(failures[0], QueryTimeout)
 
 
 def test_a_query_in_another_thread_sees_whole_batches_while_loading(

@@ -262,6 +262,95 @@ def test_a_misfit_against_an_existing_column_goes_to_unmapped_data_by_column_nam
     assert result.new_columns == {}
 
 
+# -- widening ---------------------------------------------------------------------------
+
+CAN_WIDEN = frozenset({(B, D)})
+"""What a dialect such as DuckDB declares it can change in place."""
+
+
+def test_a_fraction_after_an_integer_in_one_batch_makes_the_new_column_double() -> None:
+    result = plan(
+        [track("m1", revenue=20), track("m2", revenue=19.99), track("m3", revenue=5)],
+        BASE_COLUMNS,
+        1000,
+    )
+    assert result.new_columns["properties_revenue"] == D
+    assert result.widened_columns == {}
+    values = [row["properties_revenue"] for row in result.rows]
+    assert values == [20.0, 19.99, 5.0] and all(type(v) is float for v in values)
+    assert result.misfits == 0 and all(UNMAPPED_COLUMN not in row for row in result.rows)
+
+
+def test_a_fraction_widens_a_bigint_column_of_the_table_the_dialect_can_change() -> None:
+    existing = {**BASE_COLUMNS, "properties_revenue": "BIGINT"}
+    result = plan(
+        [track("m1", revenue=7), track("m2", revenue=19.99)],
+        existing,
+        1000,
+        widenings=CAN_WIDEN,
+    )
+    assert result.widened_columns == {"properties_revenue": D}
+    assert result.insert_columns["properties_revenue"] == D
+    assert [row["properties_revenue"] for row in result.rows] == [7.0, 19.99]
+    assert result.misfits == 0
+
+
+def test_without_the_dialects_widening_or_for_a_fixed_column_a_fraction_is_a_misfit() -> None:
+    existing = {**BASE_COLUMNS, "properties_revenue": "BIGINT"}
+    events = [track("m1", revenue=19.99)]
+    for result in (
+        plan(events, existing, 1000),
+        plan(events, existing, 1000, widenings=CAN_WIDEN, fixed_columns={"properties_revenue"}),
+    ):
+        assert result.widened_columns == {}
+        assert result.rows[0][UNMAPPED_COLUMN] == {"properties_revenue": 19.99}
+        assert result.misfit_columns == {"properties_revenue": "number"}
+
+
+def test_a_column_holding_an_int_beyond_2_53_does_not_widen() -> None:
+    result = plan([track("m1", n=2**60), track("m2", n=1.5)], BASE_COLUMNS, 1000)
+    assert result.new_columns["properties_n"] == B
+    assert result.rows[0]["properties_n"] == 2**60
+    assert result.rows[1][UNMAPPED_COLUMN] == {"properties_n": 1.5}
+
+
+@pytest.mark.parametrize(
+    ("column_type", "first", "then"),
+    [
+        (BO, True, 1),  # a boolean column never becomes a number
+        (B, 1, True),  # nor a number column boolean
+        (B, 1, "abc"),  # a number never becomes text
+        (D, 1.5, "abc"),
+        (D, 1.5, 2**53 + 1),  # an int DOUBLE cannot hold exactly
+        (TS, "2024-05-01T10:00:00Z", "tomorrow"),
+    ],
+)
+def test_no_other_change_is_made_and_the_value_is_a_misfit(
+    column_type: ColumnType, first: Any, then: Any
+) -> None:
+    existing = {**BASE_COLUMNS, "properties_x": column_type.value}
+    new = plan([track("m1", x=first), track("m2", x=then)], BASE_COLUMNS, 1000)
+    old = plan([track("m2", x=then)], existing, 1000, widenings=CAN_WIDEN)
+    assert new.new_columns["properties_x"] == column_type
+    for result in (new, old):
+        assert result.widened_columns == {}
+        assert result.rows[-1][UNMAPPED_COLUMN] == {"properties_x": then}
+        assert result.misfits == 1
+        assert list(result.misfit_columns) == ["properties_x"]
+
+
+def test_misfits_name_their_column_and_the_kind_of_the_first_value() -> None:
+    existing = {**BASE_COLUMNS, "properties_revenue": "DOUBLE", "properties_ok": "BOOLEAN"}
+    result = plan(
+        [track("m1", revenue="abc", ok=[1]), track("m2", revenue=True)],
+        existing,
+        1000,
+        widenings=CAN_WIDEN,
+    )
+    assert result.misfit_columns == {"properties_revenue": "string", "properties_ok": "array"}
+    assert result.misfits == 3
+
+
 def test_lossless_values_are_converted_for_their_column() -> None:
     existing = {**BASE_COLUMNS, "properties_price": "DOUBLE", "properties_label": "VARCHAR"}
     result = plan([track("m1", price=10, label=True)], existing, 1000)

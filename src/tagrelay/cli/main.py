@@ -24,6 +24,13 @@ def _add_config(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _positive_secs(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 3600:
+        raise argparse.ArgumentTypeError(f"expected seconds between 0 and 3600, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tagrelay", description="First-party tracking relay.")
     parser.add_argument("--version", action="version", version=f"tagrelay {__version__}")
@@ -43,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     sql.add_argument("--data-dir", type=Path, help="data directory (overrides data_dir)")
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--max-rows", type=int, default=10_000, help="cap on rows returned")
+    sql.add_argument(
+        "--timeout-secs",
+        type=_positive_secs,
+        default=60.0,
+        help="stop the query after this many seconds (default 60)",
+    )
     sql.add_argument("query", help='the SQL query, e.g. "select count(*) from events"')
     return parser
 
@@ -69,7 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from tagrelay.cli.sql import run_sql
 
     return run_sql(
-        config, args.query, data_dir=args.data_dir, fmt=args.format, max_rows=args.max_rows
+        config,
+        args.query,
+        data_dir=args.data_dir,
+        fmt=args.format,
+        max_rows=args.max_rows,
+        timeout_secs=args.timeout_secs,
     )
 
 

@@ -19,10 +19,12 @@ import orjson
 
 from tagrelay.app import admin_socket_path
 from tagrelay.config.models import Config
-from tagrelay.errors import WarehouseError
+from tagrelay.errors import QueryTimeout, WarehouseError
 
 
-async def _via_socket(sock: Path, query: str, max_rows: int) -> dict[str, Any] | None:
+async def _via_socket(
+    sock: Path, query: str, max_rows: int, timeout_secs: float
+) -> dict[str, Any] | None:
     """The relay's answer, or None when no relay listens on ``sock``."""
     try:
         connector = aiohttp.UnixConnector(path=str(sock))
@@ -30,21 +32,29 @@ async def _via_socket(sock: Path, query: str, max_rows: int) -> dict[str, Any] |
             aiohttp.ClientSession(connector=connector) as session,
             session.post(
                 "http://relay/sql",
-                json={"sql": query, "max_rows": max_rows},
-                timeout=aiohttp.ClientTimeout(total=300),
+                json={"sql": query, "max_rows": max_rows, "timeout_secs": timeout_secs},
+                # the relay answers query_timeout at timeout_secs; this is for a relay stuck
+                timeout=aiohttp.ClientTimeout(total=timeout_secs + 60),
             ) as resp,
         ):
             body: dict[str, Any] = await resp.json(loads=orjson.loads)
             return body
-    except (aiohttp.ClientConnectionError, FileNotFoundError, ConnectionRefusedError):
+    except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError):
         return None
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+        return {
+            "error": "relay_disconnected",
+            "message": "the relay closed the connection before it answered (is it stopping?)",
+        }
 
 
 LOCK_WAIT_SECS = 5.0
 """How long ``tagrelay sql`` waits for a warehouse file still locked by a stopping relay."""
 
 
-def _direct(config: Config, data_dir: Path, query: str, max_rows: int) -> dict[str, Any]:
+def _direct(
+    config: Config, data_dir: Path, query: str, max_rows: int, timeout_secs: float
+) -> dict[str, Any]:
     from tagrelay.forwarders.warehouse import open_warehouse_readonly
     from tagrelay.warehouse import open_when_unlocked
 
@@ -58,7 +68,9 @@ def _direct(config: Config, data_dir: Path, query: str, max_rows: int) -> dict[s
     except WarehouseError as exc:
         return {"error": "no_warehouse", "message": str(exc)}
     try:
-        result = wh.query(query, max_rows)
+        result = wh.query(query, max_rows, timeout_secs)
+    except QueryTimeout as exc:
+        return {"error": "query_timeout", "message": str(exc)}
     except WarehouseError as exc:
         return {"error": "query_failed", "message": str(exc)}
     finally:
@@ -97,11 +109,19 @@ def render(result: dict[str, Any], fmt: str) -> str:
     return "\n".join(out_lines)
 
 
-def run_sql(config: Config, query: str, *, data_dir: Path | None, fmt: str, max_rows: int) -> int:
+def run_sql(
+    config: Config,
+    query: str,
+    *,
+    data_dir: Path | None,
+    fmt: str,
+    max_rows: int,
+    timeout_secs: float = 60.0,
+) -> int:
     data_dir = data_dir or config.data_dir
-    result = asyncio.run(_via_socket(admin_socket_path(data_dir), query, max_rows))
+    result = asyncio.run(_via_socket(admin_socket_path(data_dir), query, max_rows, timeout_secs))
     if result is None:
-        result = _direct(config, data_dir, query, max_rows)
+        result = _direct(config, data_dir, query, max_rows, timeout_secs)
     if "error" in result:
         print(f"error: {result['error']}: {result['message']}", file=sys.stderr)
         return 1

@@ -635,7 +635,9 @@ class Config(ConfigModel):
     data_dir: Path = Field(
         Path("data"),
         description="Directory for the spool, the embedded warehouse and the admin socket. "
-        "Relative paths are relative to the working directory.",
+        "Relative paths are relative to the working directory. Created with mode 0700, and "
+        "every file the relay creates in it 0600 (they hold personal data); a directory that "
+        "already exists keeps its mode, with a warning if other users can read it.",
         examples=["/var/lib/tagrelay"],
     )
     server: ServerConfig = Field(

@@ -15,7 +15,9 @@ cannot load twice since rows are keyed on ``message_id``.
 ``WarehouseForwarder.warehouse`` is the ``WarehouseProcess``: the relay's admin socket
 answers ``tagrelay sql`` with its ``query`` (from another thread); when the relay is not
 running the CLI opens the same file with ``open_warehouse_readonly(config, data_dir)``.
-Duplicates and values sent to ``_unmapped_data`` are counted in Prometheus.
+Duplicates and values sent to ``_unmapped_data`` are counted in Prometheus (the latter by
+table and reason); a column whose values do not fit its type is logged once, a widened or
+new column at INFO.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import orjson
 from pydantic import Field
 
 from tagrelay.config.common import BatchConfig, ForwarderConfigBase
+from tagrelay.datadir import private_dir
 from tagrelay.errors import WarehouseError
 from tagrelay.forwarders._base import Forwarder, ForwarderContext, SpanDelivery, SpoolSpan
 from tagrelay.model import Delivered, Event, Outcome, Retry
@@ -102,7 +105,7 @@ def open_warehouse(
     ``tagrelay sql`` opens it ``read_only`` when no relay holds it."""
     path = database_path(config, data_dir)
     if not read_only:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
     return Warehouse.open(
         config.dialect,
         str(path),
@@ -132,13 +135,15 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
         """The warehouse process between ``start`` and ``close``; its ``query`` may be called
         from any thread (not from the event loop: it blocks)."""
         self._executor: ThreadPoolExecutor | None = None
+        self._misfit_columns: set[str] = set()
+        """Columns whose misfits were logged (bounded by max_columns)."""
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"tagrelay-warehouse-{self.id}"
         )
         path = database_path(self.config, self.context.data_dir)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         process = WarehouseProcess(
             WarehouseSpec(
                 dialect=self.config.dialect,
@@ -204,13 +209,24 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
     def _loaded(self, result: InsertResult) -> Outcome:
         """Count and log what a load did."""
         metrics = self.context.metrics
+        table = self.config.table
         if result.duplicates:
             metrics.warehouse_duplicates.labels(self.id).inc(result.duplicates)
-        if result.unmapped_values:
-            metrics.warehouse_unmapped.labels(self.id).inc(result.unmapped_values)
+        for reason, count in result.unmapped_reasons.items():
+            metrics.warehouse_unmapped.labels(self.id, table, reason).inc(count)
         if result.new_columns:
             added = ", ".join(f"{name} {kind}" for name, kind in result.new_columns.items())
-            log.info("warehouse %s: added columns to %s: %s", self.id, self.config.table, added)
+            log.info("warehouse %s: added columns to %s: %s", self.id, table, added)
+        if result.widened_columns:
+            widened = ", ".join(f"{name} {kind}" for name, kind in result.widened_columns.items())
+            log.info(
+                "warehouse %s: widened columns of %s for values that did not fit: %s",
+                self.id,
+                table,
+                widened,
+            )
+        for name, kind in result.misfit_columns.items():
+            self._warn_misfits(name, kind)
         log.debug(
             "warehouse %s: %d inserted, %d duplicates, %d values to _unmapped_data",
             self.id,
@@ -219,6 +235,24 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
             result.unmapped_values,
         )
         return Delivered()
+
+    def _warn_misfits(self, column: str, kind: str) -> None:
+        """Once per column while the relay runs: its values of another kind are kept in
+        _unmapped_data, not in the column, and queries on the column miss them."""
+        if column in self._misfit_columns:
+            return
+        self._misfit_columns.add(column)
+        column_type = self.warehouse.columns.get(column, "?") if self.warehouse else "?"
+        log.warning(
+            "warehouse %s: column %s of %s is %s: a %s value for it went to _unmapped_data, "
+            "as will every value that does not fit it (logged once per column; counted in "
+            "tagrelay_warehouse_unmapped_total)",
+            self.id,
+            column,
+            self.config.table,
+            column_type,
+            kind,
+        )
 
     async def close(self) -> None:
         warehouse, self.warehouse = self.warehouse, None

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -45,6 +46,7 @@ from typing import IO, Any, TypeVar
 
 import orjson
 
+from tagrelay.datadir import open_private, private_dir, private_file, tighten
 from tagrelay.errors import SpoolUnavailable
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.spool.dedup import RecentIds
@@ -222,8 +224,12 @@ class SqliteSpool:
     # -- lifecycle ---------------------------------------------------------------------
 
     async def open(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         await self._take_lock()
+        # Before SQLite creates it: SQLite gives its -wal and -shm the database's mode.
+        private_file(self.path)
+        for suffix in ("-wal", "-shm", "-journal"):
+            tighten(self.path.with_name(self.path.name + suffix))
         loop = asyncio.get_running_loop()
         try:
             await self._on_writer(self._open_writer)
@@ -240,7 +246,7 @@ class SqliteSpool:
         commit process inherits the lock, so it is free only once that process has exited
         too."""
         lock_path = self.path.with_name(self.path.name + ".lock")
-        handle = lock_path.open("a+")
+        handle = os.fdopen(open_private(lock_path, os.O_RDWR | os.O_APPEND), "a+")
         deadline = time.monotonic() + self.lock_wait_secs
         while True:
             try:

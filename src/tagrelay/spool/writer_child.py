@@ -36,6 +36,7 @@ delete chunk took it again: commits of 10-40 ms, every second, under steady load
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sqlite3
@@ -170,6 +171,10 @@ def main(argv: list[str]) -> int:
     # commits here during its graceful shutdown, then closes the socket, which ends this.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # SQLite gives the files it adds the database's mode (0600); this keeps anything else
+    # the child may create private too (``tagrelay.datadir``, which this module cannot
+    # import: it runs on the standard library alone). Set before any thread exists.
+    os.umask(0o077)
     fd, path, synchronous, max_page_count = int(argv[1]), argv[2], argv[3], int(argv[4])
     with socket.socket(fileno=fd) as sock:
         try:

@@ -1,12 +1,14 @@
 """The SQL warehouse: events loaded into one table whose columns evolve with the data.
 
 The path of a batch: ``Warehouse.insert`` flattens and types it against the table's known
-columns (``schema.plan``, pure), has the dialect add the new columns, then load every row
-in one statement that skips message ids already in the table. Values that do not fit their
-column land in the row's ``_unmapped_data`` JSON; no event is dropped except duplicates.
+columns (``schema.plan``, pure), has the dialect widen the columns a value needs widened
+(BIGINT -> DOUBLE for a fraction, ``Dialect.widenings``) and add the new ones, then load
+every row in one statement that skips message ids already in the table. Values that still
+do not fit their column land in the row's ``_unmapped_data`` JSON; no event is dropped
+except duplicates.
 
 ``Warehouse.query`` answers ``tagrelay sql``: one read-only statement, a row cap, a timeout;
-it may run in another thread while a batch is loading.
+it runs in another thread while a batch is loading, and never waits for it.
 
 Dialects live in ``tagrelay.warehouse.dialects``: ``duckdb`` (the embedded default) now,
 PostgreSQL and ClickHouse later; ``schema`` does not change for them.
@@ -69,13 +71,22 @@ class InsertResult:
     name too long, column limit)."""
     new_columns: Mapping[str, str]
     """Columns added to the table for this batch, name -> type, in order."""
+    widened_columns: Mapping[str, str]
+    """Columns of the table changed to a wider type for this batch, name -> new type."""
+    unmapped_reasons: Mapping[str, int]
+    """``unmapped_values`` by reason, the reasons with a count only: ``type_mismatch`` (the
+    value does not fit its column's type, even widened), ``name_collision`` (another key
+    of the event has its column name), ``over_limit`` (its name is too long, or the table
+    has ``max_columns``)."""
+    misfit_columns: Mapping[str, str]
+    """Columns whose values did not fit their type -> the JSON kind of the first one."""
 
 
 class Warehouse:
     """One table in one database, with its columns known in memory.
 
     ``insert`` and ``close`` are meant for one thread (the forwarder's); ``query`` may be
-    called from any other thread meanwhile."""
+    called from other threads meanwhile, several at once."""
 
     def __init__(
         self, dialect: Dialect, table: str, max_columns: int, *, read_only: bool = False
@@ -85,6 +96,9 @@ class Warehouse:
         self.max_columns = max_columns
         self.read_only = read_only
         self._columns: dict[str, str] = {}
+        self._fixed_columns: set[str] = set()
+        """Columns the dialect refused to widen (a value would not survive): not asked
+        again while this process lives."""
 
     @classmethod
     def open(
@@ -162,8 +176,19 @@ class Warehouse:
         can then be retried as a whole (nothing is written twice)."""
         if self.read_only:
             raise WarehouseError(f"the warehouse of table {self.table} was opened read-only")
-        batch = plan(events, self._columns, self.max_columns)
+        widened: dict[str, str] = {}
         try:
+            while True:
+                batch = plan(
+                    events,
+                    self._columns,
+                    self.max_columns,
+                    widenings=self.dialect.widenings,
+                    fixed_columns=self._fixed_columns,
+                )
+                if self._widen(batch.widened_columns, widened):
+                    break
+                # a column could not widen: plan again with it fixed (rare: once per column)
             if batch.new_columns:
                 self.dialect.add_columns(self.table, batch.new_columns)
                 self._columns.update(batch.new_columns)
@@ -171,12 +196,33 @@ class Warehouse:
         except WarehouseError:
             self._reload_after_failure()
             raise
+        reasons = {
+            "type_mismatch": batch.misfits,
+            "name_collision": batch.collisions,
+            "over_limit": batch.over_limit,
+        }
         return InsertResult(
             inserted=inserted,
             duplicates=batch.duplicates + len(batch.rows) - inserted,
             unmapped_values=batch.unmapped_values,
             new_columns=dict(batch.new_columns),
+            widened_columns=widened,
+            unmapped_reasons={reason: n for reason, n in reasons.items() if n},
+            misfit_columns=dict(batch.misfit_columns),
         )
+
+    def _widen(self, columns: Mapping[str, str], widened: dict[str, str]) -> bool:
+        """Widen ``columns`` in the table (recording them in ``widened``); False when one
+        could not be, which is then fixed at its type."""
+        done = True
+        for name, kind in columns.items():
+            if self.dialect.widen_column(self.table, name, self._columns[name], kind):
+                self._columns[name] = widened[name] = kind
+                log.debug("warehouse %s: widened %s to %s", self.table, name, kind)
+            else:
+                self._fixed_columns.add(name)
+                done = False
+        return done
 
     def _reload_after_failure(self) -> None:
         """After a failed write the table may or may not have the new columns: ask it."""
@@ -190,8 +236,8 @@ class Warehouse:
     ) -> QueryResult:
         """Run one read-only statement (SELECT, EXPLAIN, DESCRIBE, SHOW, SUMMARIZE, reading
         PRAGMAs) and return at most ``max_rows`` rows, ``truncated`` saying whether there
-        were more. Raises ``QueryRejected`` for anything else, ``WarehouseError`` when it
-        fails or runs past ``timeout_secs`` (None: no limit)."""
+        were more. Raises ``QueryRejected`` for anything else, ``QueryTimeout`` when it runs
+        past ``timeout_secs`` (None: no limit), ``WarehouseError`` when it fails."""
         if max_rows < 1:
             raise WarehouseError(f"max_rows must be at least 1, got {max_rows}")
         return self.dialect.query(sql, max_rows, timeout_secs)

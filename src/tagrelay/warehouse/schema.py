@@ -14,14 +14,25 @@ Types
     A new column takes the type of the first value seen for it, in batch order:
     bool -> BOOLEAN, int (int64) -> BIGINT, larger int or float -> DOUBLE, array -> JSON,
     str -> VARCHAR, or TIMESTAMPTZ for a strict ISO-8601 date-time with a time zone.
-    A column's type never changes.
+
+Widening
+    A column changes type only to widen, by the rules of ``WIDENINGS``: one so far, BIGINT
+    -> DOUBLE, when a number with a fraction arrives (a first ``revenue: 20`` must not send
+    every later ``19.99`` to ``_unmapped_data``). A column new in the batch widens as its
+    values come (``20`` then ``19.99``: created DOUBLE); a column of the table widens when
+    the dialect can change it in place (``Dialect.widenings``) and ``plan`` lists it in
+    ``widened_columns``. A column widens only if every value it holds, in the batch and in
+    the table, stays exact (an int beyond 2**53 would not: the dialect checks the table's).
+    No other change is safe: a BOOLEAN never becomes a number, a number never becomes
+    VARCHAR (``sum()`` would stop working), a TIMESTAMPTZ never becomes VARCHAR.
 
 Misfits
-    A value that cannot be stored losslessly in its column's type (``'abc'`` into BIGINT,
-    ``1.5`` into BIGINT, a string into BOOLEAN) goes, under its column name, into the row's
-    ``_unmapped_data`` JSON object; the row is kept. So do keys whose column name is longer
-    than ``MAX_IDENTIFIER_LENGTH`` or would add a column past ``max_columns``, and (under
-    their original dotted key path) keys whose name is already taken in the same event.
+    A value that cannot be stored losslessly in its column's type, even widened (``'abc'``
+    into BIGINT or DOUBLE, ``true`` into BIGINT, an int beyond 2**53 into DOUBLE, a string
+    into BOOLEAN) goes, under its column name, into the row's ``_unmapped_data`` JSON object;
+    the row is kept. So do keys whose column name is longer than ``MAX_IDENTIFIER_LENGTH``
+    or would add a column past ``max_columns``, and (under their original dotted key path)
+    keys whose name is already taken in the same event.
 
 Deduplication
     ``message_id`` is the key: a batch keeps the first event of each id. An event with no
@@ -35,10 +46,11 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any, Final
 
 import orjson
@@ -97,6 +109,13 @@ well-known times are TIMESTAMPTZ. Declaring them up front means the queries user
 first (``where context_page_path = '/signup' and timestamp > now() - interval '1 day'``)
 work on a new, even empty, table instead of failing on a missing column."""
 
+WIDENINGS: Final[Mapping[str, ColumnType]] = MappingProxyType(
+    {ColumnType.BIGINT: ColumnType.DOUBLE}
+)
+"""Column type -> the wider type it becomes when a value fits only that one (exactly: an
+int beyond 2**53 never widens BIGINT). The only rules the planner applies; see the module
+docstring for the changes it never makes."""
+
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 _EXACT_DOUBLE_INT: Final = 2**53
@@ -117,6 +136,8 @@ class Plan:
 
     new_columns: Mapping[str, ColumnType]
     """Columns to add before inserting, in order of first appearance in the batch."""
+    widened_columns: Mapping[str, ColumnType]
+    """Columns of the table to change to a wider type before inserting (``WIDENINGS``)."""
     insert_columns: Mapping[str, ColumnType]
     """Every column some row has a value for (table order, then new ones): the insert's
     column list."""
@@ -134,6 +155,9 @@ class Plan:
     """Values moved to ``_unmapped_data`` because of the name length or ``max_columns``."""
     generated_ids: int
     """Events without a usable messageId that got an id derived from their content."""
+    misfit_columns: Mapping[str, str]
+    """Columns that had misfits -> the JSON kind of the first one (``string``, ``number``,
+    ``boolean``, ``array``), for a message that names the column and never the value."""
 
     @property
     def unmapped_values(self) -> int:
@@ -354,10 +378,33 @@ def content_id(event: Mapping[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(text).hexdigest()
 
 
-def plan(events: Sequence[Event], existing_columns: Mapping[str, str], max_columns: int) -> Plan:
+def json_kind(value: Any) -> str:
+    """The JSON kind of a value, as a message may name it (never the value itself)."""
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list | tuple):
+        return "array"
+    return "object" if isinstance(value, dict) else type(value).__name__
+
+
+def plan(
+    events: Sequence[Event],
+    existing_columns: Mapping[str, str],
+    max_columns: int,
+    *,
+    widenings: Collection[tuple[str, str]] = frozenset(),
+    fixed_columns: Collection[str] = frozenset(),
+) -> Plan:
     """Plan the load of ``events`` into a table that has ``existing_columns`` (name -> type,
-    in table order; types outside ``ColumnType`` accept no value). Deterministic: the same
-    input gives the same plan. See the module docstring for the rules."""
+    in table order; types outside ``ColumnType`` accept no value). ``widenings`` are the
+    ``(from, to)`` type changes the dialect can make to a column of the table (columns new
+    in the batch widen by ``WIDENINGS`` regardless); ``fixed_columns`` never widen (the
+    dialect found a value that would not survive). Deterministic: the same input gives the
+    same plan. See the module docstring for the rules."""
     # Known types as ColumnType members, so that the loop can compare with ``is``.
     types: dict[str, str] = {
         name: _KNOWN_TYPES.get(kind, kind)
@@ -365,6 +412,8 @@ def plan(events: Sequence[Event], existing_columns: Mapping[str, str], max_colum
         if name != UNMAPPED_COLUMN
     }
     new_columns: dict[str, ColumnType] = {}
+    widened: dict[str, ColumnType] = {}
+    misfit_columns: dict[str, str] = {}
     room = max_columns - len(existing_columns)
     rows: list[dict[str, Any]] = []
     seen_ids: set[str] = set()
@@ -430,11 +479,30 @@ def plan(events: Sequence[Event], existing_columns: Mapping[str, str], max_colum
                 row[name] = value
                 continue
             converted = convert(column_type, value)
-            if converted is _MISFIT:
-                _put(unmapped, name, value)
-                misfits += 1
-            else:
+            if converted is not _MISFIT:
                 row[name] = converted
+                continue
+            wider = WIDENINGS.get(column_type)
+            if (
+                wider is not None
+                and (
+                    name in new_columns
+                    or ((column_type, wider) in widenings and name not in fixed_columns)
+                )
+                and (converted := convert(wider, value)) is not _MISFIT
+                and _widen_planned(rows, name, wider)
+            ):
+                types[name] = wider
+                if name in new_columns:
+                    new_columns[name] = wider
+                else:
+                    widened[name] = wider
+                row[name] = converted
+                continue
+            _put(unmapped, name, value)
+            misfits += 1
+            if name not in misfit_columns:
+                misfit_columns[name] = json_kind(value)
 
         if collided:
             collisions += _move_collisions(event, unmapped)
@@ -450,6 +518,7 @@ def plan(events: Sequence[Event], existing_columns: Mapping[str, str], max_colum
     insert_columns = {name: ColumnType(types[name]) for name in types if name in used}
     return Plan(
         new_columns=new_columns,
+        widened_columns=widened,
         insert_columns=insert_columns,
         rows=rows,
         duplicates=duplicates,
@@ -457,7 +526,24 @@ def plan(events: Sequence[Event], existing_columns: Mapping[str, str], max_colum
         collisions=collisions,
         over_limit=over_limit,
         generated_ids=generated_ids,
+        misfit_columns=misfit_columns,
     )
+
+
+def _widen_planned(rows: list[dict[str, Any]], name: str, wider: ColumnType) -> bool:
+    """Convert the values the batch's earlier rows have for column ``name`` to ``wider``,
+    if every one of them fits it exactly; else change nothing and return False. Walks the
+    rows planned so far: a column widens once, not per row."""
+    converted: list[tuple[dict[str, Any], Any]] = []
+    for row in rows:
+        if name in row:
+            value = convert(wider, row[name])
+            if value is _MISFIT:
+                return False
+            converted.append((row, value))
+    for row, value in converted:
+        row[name] = value
+    return True
 
 
 def _message_id(event: Mapping[str, Any]) -> str | None:

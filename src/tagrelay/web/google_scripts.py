@@ -98,6 +98,7 @@ from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
 from tagrelay.config.common import ConfigModel
+from tagrelay.datadir import open_private, private_dir
 
 # tagrelay.web.script (accepts_gzip, _etag, _etag_matches) is imported inside the functions
 # that use it: tagrelay.config.models mounts GoogleScriptsConfig from this module, and
@@ -381,7 +382,8 @@ def _build_version(
 
 def _write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
+    with os.fdopen(open_private(temporary, os.O_WRONLY | os.O_TRUNC), "wb") as file:
+        file.write(data)
     os.replace(temporary, path)
 
 
@@ -651,7 +653,7 @@ class GoogleScripts:
 
     def _write(self, key: ScriptKey, version: _Version, body_changed: bool) -> None:
         script_path, meta_path = self._paths(key)
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.cache_dir, owned=True)
         if body_changed or not script_path.exists():
             _write_atomically(script_path, version.body)
         meta = {

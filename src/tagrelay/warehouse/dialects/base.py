@@ -38,6 +38,11 @@ class Dialect(Protocol):
     """One SQL engine. Created closed; ``open`` connects."""
 
     name: str
+    widenings: frozenset[tuple[str, str]]
+    """The ``(from, to)`` logical type changes ``widen_column`` makes in place, keeping the
+    column's rows (DuckDB: BIGINT -> DOUBLE). ``schema.plan`` asks for no other; a dialect
+    that can make none declares an empty set, and a misfit value then goes to
+    ``_unmapped_data`` as before."""
 
     def open(self) -> None:
         """Connect (creating the database file where the engine does that)."""
@@ -56,6 +61,12 @@ class Dialect(Protocol):
     def add_columns(self, table: str, columns: Mapping[str, str]) -> None:
         """Add nullable ``columns`` (logical types) to ``table``; existing ones are skipped."""
 
+    def widen_column(self, table: str, column: str, from_type: str, to_type: str) -> bool:
+        """Change ``column`` of ``table`` from ``from_type`` to ``to_type`` (a pair of
+        ``widenings``) in place, in one transaction, if every value it holds converts
+        exactly (converted back, it is the same value); return False, changing nothing, if
+        one would not (an int beyond 2**53 into DOUBLE)."""
+
     def insert_rows(
         self, table: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, Any]]
     ) -> int:
@@ -65,6 +76,7 @@ class Dialect(Protocol):
 
     def query(self, sql: str, max_rows: int, timeout_secs: float | None) -> QueryResult:
         """Run one read-only statement and return at most ``max_rows`` rows. Raises
-        ``QueryRejected`` for anything that could write, ``WarehouseError`` when the
-        statement fails or runs past ``timeout_secs``. Safe to call from another thread
-        while the other methods run."""
+        ``QueryRejected`` for anything that could write, ``QueryTimeout`` when it runs
+        past ``timeout_secs`` (it is interrupted), ``WarehouseError`` when it fails. Safe
+        to call from other threads, several at once, while the other methods run: a query
+        never waits for a load. ``close`` interrupts the queries still running."""

@@ -21,13 +21,16 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
+import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, Final
 
 import duckdb
 import orjson
 
-from tagrelay.errors import QueryRejected, WarehouseError, WarehouseLocked
+from tagrelay.datadir import PRIVATE_DIR_MODE, tighten
+from tagrelay.errors import QueryRejected, QueryTimeout, WarehouseError, WarehouseLocked
 from tagrelay.warehouse.dialects.base import QueryResult, quote_identifier
 from tagrelay.warehouse.schema import ColumnType, json_safe
 
@@ -79,6 +82,9 @@ _ALLOWED_HINT: Final = (
     "SELECT, FROM, WITH, VALUES, EXPLAIN, DESCRIBE, SHOW, SUMMARIZE, PRAGMA table_info"
 )
 
+CLOSE_WAIT_SECS: Final = 10.0
+"""How long ``close`` waits for interrupted queries to stop."""
+
 _DEFAULT_CONFIG: Final[Mapping[str, str | int | bool]] = {
     "enable_external_access": False,
     "autoinstall_known_extensions": False,
@@ -91,6 +97,7 @@ class DuckDBDialect:
     connect (e.g. ``{"threads": 1}``); external file access is always off."""
 
     name = "duckdb"
+    widenings: frozenset[tuple[str, str]] = frozenset({(ColumnType.BIGINT, ColumnType.DOUBLE)})
 
     def __init__(
         self,
@@ -103,11 +110,19 @@ class DuckDBDialect:
         self.read_only = read_only
         self.settings = dict(settings or {})
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._readers: duckdb.DuckDBPyConnection | None = None
+        """Where query cursors come from: a connection that loads never use, so that
+        opening a cursor never waits for an insert running on ``_con``."""
+        self._running: set[duckdb.DuckDBPyConnection] = set()
+        self._queries_done = threading.Condition()
+        """Guards ``_readers`` and ``_running``; notified when a query ends."""
         self._insert_sql: dict[tuple[str, tuple[tuple[str, str], ...], bool], str] = {}
 
     # -- lifecycle -------------------------------------------------------------------
 
     def open(self) -> None:
+        if not self.read_only:
+            self._tighten_files()
         config: dict[str, str | bool | int | float | list[str]] = {
             **self.settings,
             **_DEFAULT_CONFIG,
@@ -132,9 +147,37 @@ class DuckDBDialect:
         except duckdb.Error as e:
             con.close()
             raise WarehouseError(f"cannot configure {self.path}: {e}") from e
+        if not self.read_only:
+            # A new file holds only DuckDB's header yet: private before the first row.
+            self._tighten_files()
         self._con = con
+        self._readers = con.cursor()
+
+    def _tighten_files(self) -> None:
+        """The database, its write-ahead log and its spill directory to the relay's user
+        alone (``tagrelay.datadir``): DuckDB creates them with the process's umask, and
+        files of an older relay may be looser. A database in memory has no files."""
+        if self.path == ":memory:" or self.path.startswith(":memory:"):
+            return
+        path = Path(self.path)
+        tighten(path)
+        tighten(path.with_name(path.name + ".wal"))
+        tighten(path.with_name(path.name + ".tmp"), PRIVATE_DIR_MODE)
 
     def close(self) -> None:
+        """Interrupt the queries still running, wait for them to stop, then close."""
+        deadline = time.monotonic() + CLOSE_WAIT_SECS
+        with self._queries_done:
+            readers, self._readers = self._readers, None
+            # DuckDB refuses to close a connection whose cursor is still working, and an
+            # interrupted query stops within moments. Again and again: an interrupt is lost
+            # on a cursor that has not started its statement yet.
+            while self._running and time.monotonic() < deadline:
+                for cursor in self._running:
+                    cursor.interrupt()
+                self._queries_done.wait(0.05)
+            if readers is not None and not self._running:
+                readers.close()
         con, self._con = self._con, None
         if con is not None:
             con.close()
@@ -185,6 +228,30 @@ class DuckDBDialect:
         except duckdb.Error as e:
             _rollback(con)
             raise WarehouseError(f"cannot add columns to {table}: {e}") from e
+
+    def widen_column(self, table: str, column: str, from_type: str, to_type: str) -> bool:
+        if (from_type, to_type) not in self.widenings:
+            raise WarehouseError(f"cannot change a {from_type} column to {to_type}")
+        con = self._connection()
+        quoted_table, quoted = quote_identifier(table), quote_identifier(column)
+        wider, narrower = _NATIVE_TYPES[to_type], _NATIVE_TYPES[from_type]
+        try:
+            con.begin()
+            # ALTER ... SET DATA TYPE casts every value, rounding an int beyond 2**53
+            # silently: first make sure none would change.
+            lossy = con.execute(
+                f"SELECT EXISTS (SELECT 1 FROM {quoted_table} WHERE {quoted} IS NOT NULL AND "
+                f"TRY_CAST(CAST({quoted} AS {wider}) AS {narrower}) IS DISTINCT FROM {quoted})"
+            ).fetchone()
+            if lossy is None or lossy[0]:
+                _rollback(con)
+                return False
+            con.execute(f"ALTER TABLE {quoted_table} ALTER COLUMN {quoted} SET DATA TYPE {wider}")
+            con.commit()
+        except duckdb.Error as e:
+            _rollback(con)
+            raise WarehouseError(f"cannot change {table}.{column} to {to_type}: {e}") from e
+        return True
 
     # -- loading ---------------------------------------------------------------------
 
@@ -246,17 +313,25 @@ class DuckDBDialect:
     # -- reading ---------------------------------------------------------------------
 
     def query(self, sql: str, max_rows: int, timeout_secs: float | None) -> QueryResult:
-        # A cursor is a connection of its own on the same database: it may run in another
-        # thread while the writer inserts, and sees a consistent snapshot.
-        try:
-            cursor = self._connection().cursor()
-        except duckdb.Error as e:
-            raise WarehouseError(f"cannot open a cursor: {e}") from e
+        # A cursor is a connection of its own on the same database: it runs in its own
+        # thread while the writer inserts (DuckDB releases the GIL while it works), and
+        # sees a consistent snapshot.
+        with self._queries_done:
+            if self._readers is None:
+                raise WarehouseError(f"the warehouse {self.path} is not open")
+            try:
+                cursor = self._readers.cursor()
+            except duckdb.Error as e:
+                raise WarehouseError(f"cannot open a cursor: {e}") from e
+            self._running.add(cursor)
         try:
             statement = _read_only_statement(cursor, sql)
             return _run_read_only(cursor, statement, max_rows, timeout_secs)
         finally:
             cursor.close()
+            with self._queries_done:
+                self._running.discard(cursor)
+                self._queries_done.notify_all()
 
 
 def _read_only_statement(cursor: duckdb.DuckDBPyConnection, sql: str) -> duckdb.Statement:
@@ -300,7 +375,17 @@ def _run_read_only(
     max_rows: int,
     timeout_secs: float | None,
 ) -> QueryResult:
-    timer = threading.Timer(timeout_secs, cursor.interrupt) if timeout_secs else None
+    timed_out, finished = threading.Event(), threading.Event()
+
+    def stop() -> None:
+        timed_out.set()
+        # Until it ends: an interrupt is lost on a cursor between two statements.
+        while True:
+            cursor.interrupt()
+            if finished.wait(0.05):
+                return
+
+    timer = threading.Timer(timeout_secs, stop) if timeout_secs else None
     try:
         cursor.execute("BEGIN TRANSACTION READ ONLY")
         if timer is not None:
@@ -309,15 +394,20 @@ def _run_read_only(
         columns = tuple(d[0] for d in cursor.description or ())
         rows = cursor.fetchmany(max_rows + 1) if columns else []
     except duckdb.InterruptException as e:
-        raise WarehouseError(
-            f"the query ran longer than {timeout_secs} s and was stopped; narrow it "
+        if not timed_out.is_set():
+            raise WarehouseError("the query was stopped: the warehouse is closing") from e
+        raise QueryTimeout(
+            f"the query ran longer than {timeout_secs:g} s and was stopped; narrow it "
             "(a WHERE on timestamp, a LIMIT)"
         ) from e
     except duckdb.Error as e:
         raise WarehouseError(f"the query failed: {e}") from e
     finally:
+        finished.set()
         if timer is not None:
             timer.cancel()
+            if timer.ident is not None:  # started: its last interrupt is done after this
+                timer.join()
         _rollback(cursor)
     return QueryResult(columns=columns, rows=rows[:max_rows], truncated=len(rows) > max_rows)
 
