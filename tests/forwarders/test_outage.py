@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -595,3 +596,66 @@ def test_detail_in_log_lines_is_short_and_has_no_url_query() -> None:
     assert text.startswith("ClientError: https://api.example/v1?... failed yyy")
     assert len(text) == 200 and text.endswith("...")
     assert "abc" not in text
+
+
+async def test_a_ga4_batch_retried_after_more_events_arrived_resends_nothing_google_took(
+    tmp_path: Path,
+) -> None:
+    """GA4 skips, on a retry, the requests of the batch that Google already took, as long as
+    the batch is the same: the retried batch keeps its events although more arrived, so
+    Google does not get the first request twice (its Measurement Protocol has no dedup)."""
+    from datetime import UTC, datetime
+
+    from tagrelay.forwarders.ga4 import GA4Config
+    from tests.support import recording_server
+
+    def track(message_id: str, anonymous_id: str) -> bytes:
+        now = datetime.now(UTC).isoformat()
+        return orjson.dumps(
+            {
+                "type": "track",
+                "event": "Clicked",
+                "messageId": message_id,
+                "anonymousId": anonymous_id,
+                "timestamp": now,
+                "context": {"consent": {"analytics": "granted"}},
+            }
+        )
+
+    async with recording_server("Google", ["/mp/collect"]) as google:
+        config = GA4Config.model_validate(
+            {
+                "id": "ga4",
+                "type": "ga4",
+                "measurement_id": "G-TEST1234",
+                "api_secret": "s3cret-api",
+                "mp_url": google.url + "mp/collect",
+                "max_concurrent_requests": 1,
+                "batch": {"max_events": 10, "max_wait_secs": 0},
+            }
+        )
+        google.script = [(204, {}, b""), (503, {}, b"busy")]  # then 200s
+        spool = SqliteSpool(tmp_path / "spool.sqlite3")
+        await spool.open()
+        async with aiohttp.ClientSession() as http:
+            metrics = Metrics()
+            context = ForwarderContext(data_dir=tmp_path, http=http, metrics=metrics)
+            worker = ForwarderWorker(GA4Forwarder(config, context), spool, metrics)
+
+            async def sleep(secs: float) -> None:  # more events arrive during the backoff
+                await spool.append([(int(time.time() * 1000), track("m-3", "anon-c"))])
+
+            worker._sleep = sleep  # type: ignore[method-assign]
+            await worker.start()
+            now_ms = int(time.time() * 1000)
+            await spool.append([(now_ms, track("m-1", "anon-a")), (now_ms, track("m-2", "anon-b"))])
+            for _ in range(500):
+                if spool.head == 3 and spool.depth("ga4") == 0:
+                    break
+                await asyncio.sleep(0.01)
+            await worker.stop(5)
+        await spool.close()
+    bodies = [r["body"] for r in google.requests]
+    assert len(bodies) == 4, "a, b (503), b again, then c"
+    assert bodies[2] == bodies[1]
+    assert bodies.count(bodies[0]) == 1, "what Google took is not sent again"
