@@ -135,14 +135,16 @@ async def test_other_4xx_go_to_dead_letters_with_the_response(
     )
 
 
-async def test_dead_letter_after_max_attempts(relay: Any, recorder: Recorder) -> None:
+async def test_dead_letter_after_max_attempts_of_events_older_than_max_age(
+    relay: Any, recorder: Recorder
+) -> None:
     recorder.script = [(503, {}, b"down")] * 10
-    client = await relay(forwarders=[hook(recorder)])
+    client = await relay(forwarders=[hook(recorder, retry={**FAST_RETRY, "max_age_secs": 0.001})])
     await send(client, 2)
     await wait_idle(client.app)
     assert len(recorder.requests) == FAST_RETRY["max_attempts"]
     dead = await client.app[SPOOL].dead_letters("hook")
-    assert [d.reason for d in dead] == ["max_attempts", "max_attempts"]
+    assert [d.reason for d in dead] == ["max_age", "max_age"]
     assert dead[0].attempts == FAST_RETRY["max_attempts"]
     assert "HTTP 503" in dead[0].detail
     assert "s3cret" not in dead[0].detail
@@ -165,7 +167,7 @@ async def test_connection_errors_are_retried(relay: Any) -> None:
         "type": "webhook",
         "endpoint": "http://127.0.0.1:9/hook",
         "batch": {"max_events": 10, "max_wait_secs": 0},
-        "retry": {**FAST_RETRY, "max_attempts": 3},
+        "retry": {**FAST_RETRY, "max_attempts": 3, "max_age_secs": 0.001},
     }
     client = await relay(forwarders=[cfg])
     await send(client, 1)
@@ -179,7 +181,7 @@ async def test_connection_errors_are_retried(relay: Any) -> None:
         == 2
     )
     [dead] = await client.app[SPOOL].dead_letters("hook")
-    assert dead.reason == "max_attempts"
+    assert dead.reason == "max_age"
 
 
 async def test_a_failing_forwarder_does_not_hold_back_another(
@@ -272,20 +274,24 @@ async def test_events_refused_one_by_one_become_dead_letters(tmp_path: Any) -> N
         FORWARDERS["webhook"] = original
 
 
-async def test_dead_letter_after_max_age(relay: Any, recorder: Recorder) -> None:
+async def test_dead_letter_only_once_older_than_max_age(relay: Any, recorder: Recorder) -> None:
+    """Its attempts used up, the batch is retried until its event is older than max_age."""
     recorder.script = [(503, {}, b"down")] * 1000
     retry = {
-        "max_attempts": 1000,
+        "max_attempts": 2,
         "initial_backoff_secs": 0.02,
         "max_backoff_secs": 0.05,
         "max_age_secs": 0.3,
     }
     client = await relay(forwarders=[hook(recorder, retry=retry)])
+    sent_ms = time.time() * 1000
     await send(client, 1)
     await wait_idle(client.app)
     [dead] = await client.app[SPOOL].dead_letters("hook")
     assert dead.reason == "max_age"
-    assert 1 < len(recorder.requests) < 1000
+    assert dead.dead_at_ms - sent_ms >= 300
+    assert dead.attempts == len(recorder.requests) > 2
+    assert "older than 0.3s (retry.max_age_secs)" in dead.detail
     assert (
         metric_value(
             client.app, "tagrelay_dead_letters_total", {"forwarder": "hook", "reason": "max_age"}
@@ -391,6 +397,7 @@ async def test_events_a_destination_already_took_are_not_dead_lettered(
     spans: list[SpoolSpan] = []
 
     class HalfTaken:
+        max_event_age_secs = None
         config = ForwarderConfigBase.model_validate(
             {
                 "id": "half",

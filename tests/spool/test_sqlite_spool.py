@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -50,14 +51,31 @@ async def test_cursors_survive_a_restart_with_their_retry_state(tmp_path: Path) 
     assert (await spool.register("w")).position == 3, "a new forwarder starts at the head"
     await spool.append([(1, b"d"), (1, b"e")])
     await spool.advance("w", 4)
-    await spool.record_failure("w", CursorState(4, attempts=3, first_failure_ms=1234))
+    await spool.record_failure("w", CursorState(4, attempts=3, first_failure_ms=1234, batch_last=5))
     await spool.close()
 
     again = await open_spool(tmp_path)
     state = await again.register("w")
-    assert (state.position, state.attempts, state.first_failure_ms) == (4, 3, 1234)
+    assert state == CursorState(4, attempts=3, first_failure_ms=1234, batch_last=5)
     assert [r.payload for r in await again.read(state.position, 10)] == [b"e"]
     await again.close()
+
+
+async def test_a_spool_of_an_older_version_gets_the_cursors_batch_column(tmp_path: Path) -> None:
+    """Spools written before ``batch_last`` existed open with their cursors as they were."""
+    path = tmp_path / "spool.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute(
+            "CREATE TABLE cursors (forwarder TEXT PRIMARY KEY, position INTEGER NOT NULL, "
+            "attempts INTEGER NOT NULL DEFAULT 0, first_failure_ms INTEGER)"
+        )
+        conn.execute("INSERT INTO cursors VALUES ('w', 0, 2, 99)")
+    conn.close()
+    spool = await open_spool(tmp_path)
+    assert await spool.register("w") == CursorState(0, attempts=2, first_failure_ms=99)
+    await spool.record_failure("w", CursorState(0, 3, 99, batch_last=7))
+    assert await spool.register("w") == CursorState(0, 3, 99, batch_last=7)
+    await spool.close()
 
 
 async def test_prune_keeps_what_the_slowest_cursor_needs(tmp_path: Path) -> None:

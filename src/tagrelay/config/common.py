@@ -60,21 +60,52 @@ class BatchConfig(ConfigModel):
 
 
 class RetryConfig(ConfigModel):
-    """Retries of a failed batch: capped exponential backoff with full jitter."""
+    """Retries of a batch that failed for a transient reason (a connection error, a timeout,
+    408, 429, 5xx): capped exponential backoff with full jitter, or the destination's
+    Retry-After. An outage only delays events: one becomes a dead letter only once it is
+    older than ``max_age_secs`` and its batch has also failed ``max_attempts`` times."""
 
     max_attempts: int = Field(
-        10, ge=1, description="Dead-letter a batch after this many failed attempts.", examples=[10]
+        10,
+        ge=1,
+        description=(
+            "Failed attempts a batch must have used before its events older than "
+            "max_age_secs become dead letters; younger events are retried whatever the "
+            "count. Counted per batch and stored with the cursor (a restart keeps it)."
+        ),
+        examples=[10],
     )
     initial_backoff_secs: float = Field(
         1.0, gt=0, description="Backoff ceiling after the first failure.", examples=[1.0]
     )
     max_backoff_secs: float = Field(
-        300.0, gt=0, description="Upper bound of any single backoff.", examples=[300.0]
+        60.0,
+        gt=0,
+        le=3600,
+        description=(
+            "Upper bound of any single backoff: once a destination recovers, delivery "
+            "resumes within this time, then the backlog goes out at full speed."
+        ),
+        examples=[60.0],
+    )
+    max_retry_after_secs: float = Field(
+        3600.0,
+        ge=0,
+        le=86_400,
+        description=(
+            "Upper bound of a destination's Retry-After (seconds or an HTTP date): a "
+            "longer wait is cut to this."
+        ),
+        examples=[3600.0],
     )
     max_age_secs: float = Field(
         86_400.0,
         gt=0,
-        description="Dead-letter a batch that has been failing for longer than this.",
+        description=(
+            "Age (since the relay received it) past which an event whose batch keeps "
+            "failing becomes a dead letter, once the batch has used max_attempts. Never "
+            "more than the destination accepts (ga4: 72 hours)."
+        ),
         examples=[86_400.0],
     )
 
@@ -116,7 +147,7 @@ class ForwarderConfigBase(ConfigModel):
     retry: RetryConfig = Field(
         default_factory=RetryConfig,
         description="Retries and dead letters.",
-        examples=[{"max_attempts": 10}],
+        examples=[{"max_attempts": 10, "max_age_secs": 86_400}],
     )
     filter: FilterConfig = Field(
         default_factory=FilterConfig,

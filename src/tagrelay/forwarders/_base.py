@@ -71,6 +71,11 @@ class Forwarder(ABC, Generic[C]):
     batches as spans of the spool, which it reads itself (from another process), whenever
     no filter or consent rule needs the events in the relay."""
 
+    max_event_age_secs: ClassVar[float | None] = None
+    """The age (since the relay received it) past which the destination no longer accepts
+    an event, or None when it takes events of any age. Retries never keep an event longer
+    (``RetryConfig.max_age_secs`` is cut to it)."""
+
     def __init__(self, config: C, context: ForwarderContext) -> None:
         self.config = config
         self.context = context

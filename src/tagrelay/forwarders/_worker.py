@@ -7,10 +7,20 @@ applies the forwarder's filter, calls ``deliver`` and acts on the outcome:
 - ``Delivered``: the cursor moves past the batch; events refused one by one become dead
   letters.
 - ``Retry``: the same batch is tried again after a capped exponential backoff with full
-  jitter (or the destination's ``Retry-After``). The attempt count and the time of the first
-  failure are stored with the cursor, so a restart neither forgets nor resets them. After
-  ``retry.max_attempts`` attempts or ``retry.max_age_secs``, the batch becomes dead letters.
+  jitter, or the destination's ``Retry-After`` (capped too). "The same" means the same
+  events: the attempt count, the time of the first failure and the batch's last sequence
+  number are stored with the cursor, so a restart neither forgets nor resets them, and
+  events committed after the batch was first tried are not charged its attempts. An outage
+  only delays events: once the batch has used ``retry.max_attempts``, those of its events
+  older than the max age (``retry.max_age_secs``, cut to the forwarder's
+  ``max_event_age_secs``; the age since the relay received the event) become dead letters,
+  and the rest of the batch is tried again. A failing destination logs one WARNING per
+  reason and interval, not one per attempt.
 - ``Dead``: the batch becomes dead letters at once, with the reason and detail.
+
+Once a batch that had failed goes through (or is dead-lettered), the next batch starts with
+no attempts, and the backlog behind it goes out at full speed: no backoff, and no waiting
+for a partial batch to fill until the worker has caught up with the spool.
 
 A forwarder that reads the spool file itself (``reads_spool``, the warehouse) and has no
 filter or consent rule gets its batches as spans, ``after < seq <= last``, chosen from the
@@ -27,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 
@@ -34,6 +45,7 @@ import orjson
 
 from tagrelay.config.common import ForwarderConfigBase, RetryConfig
 from tagrelay.forwarders._base import Forwarder, SpanDelivery, SpoolSpan
+from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
 from tagrelay.spool.sqlite import CursorState, SpooledEvent, SqliteSpool
@@ -44,12 +56,47 @@ IDLE_POLL_SECS = 5.0
 """Upper bound on waiting for the spool's wake-up signal (a safety net, not the mechanism)."""
 
 
+RETRY_LOG_INTERVAL_SECS = 60.0
+"""A failing destination logs one line per forwarder and reason per interval, with the count
+of failures since the previous line (``LogThrottle``), instead of one per attempt."""
+
+LOG_DETAIL_CHARS = 200
+"""An outcome's detail (a response body, an exception's text) is cut to this in log lines;
+dead letters keep the longer detail."""
+
+MAX_BACKOFF_EXPONENT = 62
+"""``2.0 ** attempt`` overflows a float past 1023: the growth stops long before (a long
+outage counts thousands of attempts; ``max_backoff_secs`` is reached after a few)."""
+
+_URL_TAIL = re.compile(r"(\w+://[^\s?#'\"<>]*)[?#][^\s'\"<>]*")
+
+
 def backoff_secs(
     attempt: int, retry: RetryConfig, rand: Callable[[], float] = random.random
 ) -> float:
     """Full jitter: uniform in [0, min(max_backoff, initial * 2**(attempt-1))]."""
-    growth: float = retry.initial_backoff_secs * 2.0 ** max(0, attempt - 1)
+    exponent = min(max(0, attempt - 1), MAX_BACKOFF_EXPONENT)
+    growth: float = retry.initial_backoff_secs * 2.0**exponent
     return min(retry.max_backoff_secs, growth) * rand()
+
+
+def retry_delay_secs(
+    attempt: int, outcome: Retry, retry: RetryConfig, rand: Callable[[], float] = random.random
+) -> float:
+    """The wait before the next attempt: the destination's ``Retry-After`` when it gave one,
+    cut to ``max_retry_after_secs``; else the backoff."""
+    if outcome.after_secs is not None:
+        return min(max(0.0, outcome.after_secs), retry.max_retry_after_secs)
+    return backoff_secs(attempt, retry, rand)
+
+
+def log_detail(detail: str) -> str:
+    """An outcome's detail fit for a log line: the query and fragment of any URL in it cut
+    off (they may carry a token), whitespace folded, at most ``LOG_DETAIL_CHARS``."""
+    text = " ".join(_URL_TAIL.sub(r"\1?...", detail).split())
+    if len(text) > LOG_DETAIL_CHARS:
+        text = text[: LOG_DETAIL_CHARS - 3] + "..."
+    return text
 
 
 def accepts(config: ForwarderConfigBase, event: Event) -> bool:
@@ -107,6 +154,18 @@ class ForwarderWorker:
         self._spans = forwarder.reads_spool and not self._filters and not self._required_consent
         """Batches go to the forwarder as spans of the spool (``deliver_span``): nothing
         here needs their events."""
+        retry_age = self.config.retry.max_age_secs
+        window = forwarder.max_event_age_secs
+        if window is not None and window < retry_age:
+            self.max_age_secs = window
+            self._max_age_text = f"{window:g}s (the oldest the destination accepts)"
+        else:
+            self.max_age_secs = retry_age
+            self._max_age_text = f"{retry_age:g}s (retry.max_age_secs)"
+        self._backlog = False
+        """A batch that had failed was settled: until a partial batch shows that the worker
+        has caught up, batches go out without waiting to fill."""
+        self._throttle = LogThrottle(log, RETRY_LOG_INTERVAL_SECS)
 
     @property
     def id(self) -> str:
@@ -152,20 +211,18 @@ class ForwarderWorker:
         batches go out as they are until the spool is empty or one fails (a failure is
         retried after the restart). ``stop`` bounds the time this may take."""
         try:
-            while True:
+            while not self._state.attempts:  # a failing batch is retried after the restart
                 before = self._state.position
                 if self._spans:
                     if self.spool.head <= before:
                         return
-                    await self._process_span(
-                        min(self.spool.head, before + self.config.batch.max_events)
-                    )
+                    await self._process_span(self._span_end())
                 else:
-                    batch = await self.spool.read(before, self.config.batch.max_events)
+                    batch = await self._read_batch()
                     if not batch:
                         return
                     await self._process(batch)
-                if self._state.position == before or self._state.attempts:
+                if self._state.position == before:
                     return
         except asyncio.CancelledError:
             raise
@@ -178,15 +235,35 @@ class ForwarderWorker:
             return
         batch_cfg = self.config.batch
         self._wake.arm(self._state.position + 1)  # any commit past the cursor
-        batch = await self.spool.read(self._state.position, batch_cfg.max_events)
+        batch = await self._read_batch()
         if not batch:
             await self._wait_for_wake(IDLE_POLL_SECS)
             return
         if len(batch) < batch_cfg.max_events and self._state.attempts == 0:
-            deadline = batch[0].received_ms / 1000 + batch_cfg.max_wait_secs
-            if await self._wait_until_full(deadline):
-                batch = await self.spool.read(self._state.position, batch_cfg.max_events)
+            if self._backlog:
+                self._backlog = False  # the last of the backlog: it goes out now
+            else:
+                deadline = batch[0].received_ms / 1000 + batch_cfg.max_wait_secs
+                if await self._wait_until_full(deadline):
+                    batch = await self._read_batch()
         await self._process(batch)
+
+    async def _read_batch(self) -> list[SpooledEvent]:
+        """The events of the next batch: up to ``max_events`` after the cursor; for a batch
+        that has failed, no event committed after its first try."""
+        batch = await self.spool.read(self._state.position, self.config.batch.max_events)
+        end = self._state.batch_last
+        if self._state.attempts and end is not None and batch and batch[-1].seq > end:
+            batch = [item for item in batch if item.seq <= end]
+        return batch
+
+    def _span_end(self) -> int:
+        """``_read_batch`` for spans: the last sequence number of the next batch."""
+        last = min(self.spool.head, self._state.position + self.config.batch.max_events)
+        end = self._state.batch_last
+        if self._state.attempts and end is not None:
+            last = min(last, max(end, self._state.position + 1))
+        return last
 
     async def _step_span(self) -> None:
         """``_step`` for a forwarder that reads the spool itself: the batch is decided from
@@ -199,10 +276,13 @@ class ForwarderWorker:
             return
         full_at = position + batch_cfg.max_events
         if self.spool.head < full_at and self._state.attempts == 0:
-            first_ms = await self.spool.first_received_ms(position)
-            oldest = self._clock() if first_ms is None else first_ms / 1000
-            await self._wait_until_full(oldest + batch_cfg.max_wait_secs)
-        await self._process_span(min(self.spool.head, full_at))
+            if self._backlog:
+                self._backlog = False  # the last of the backlog: it goes out now
+            else:
+                first_ms = await self.spool.first_received_ms(position)
+                oldest = self._clock() if first_ms is None else first_ms / 1000
+                await self._wait_until_full(oldest + batch_cfg.max_wait_secs)
+        await self._process_span(self._span_end())
 
     async def _wait_until_full(self, deadline: float) -> bool:
         """A partial batch: wait until enough events are committed for a full one, or until
@@ -235,14 +315,15 @@ class ForwarderWorker:
                 kept.append(item)
                 events.append(event)
             filtered = len(batch) - len(kept) - denied
-            if filtered:
+            first_try = not self._state.attempts  # a retry does not count them again
+            if filtered and first_try:
                 self.metrics.forwarder_events.labels(self.id, "filtered").inc(filtered)
-            if denied:
+            if denied and first_try:
                 self.metrics.forwarder_events.labels(self.id, "dropped").inc(denied)
                 self.metrics.forwarder_dropped.labels(self.id, "consent_denied").inc(denied)
             if not events:
                 await self.spool.advance(self.id, last)
-                self._state = CursorState(last)
+                self._moved(last)
                 return
             delivery = self.forwarder.deliver(events)
         else:
@@ -275,7 +356,7 @@ class ForwarderWorker:
         outcome = delivery.outcome
         if isinstance(outcome, Delivered) and not outcome.rejected and not outcome.dropped:
             await self.spool.advance(self.id, last)
-            self._state = CursorState(last)
+            self._moved(last, resumed=True)
             self._count_delivered(count, delivery.arrivals)
             return
         await self._settle(await self.spool.read(after, count), outcome, last)
@@ -289,7 +370,7 @@ class ForwarderWorker:
         if isinstance(outcome, Delivered):
             await self._delivered(kept, outcome, last)
         elif isinstance(outcome, Dead):
-            await self._dead(kept, outcome.reason, outcome.detail, last)
+            await self._dead(kept, outcome.reason, outcome.detail, self._state.attempts + 1, last)
         else:
             await self._retry(kept, outcome, last)
 
@@ -302,7 +383,7 @@ class ForwarderWorker:
                 self.id, [kept[index]], "rejected_by_destination", text, self._state.attempts + 1
             )
         await self.spool.advance(self.id, last)
-        self._state = CursorState(last)
+        self._moved(last, resumed=True)
         if refused:
             self.metrics.dead_letters.labels(self.id, "rejected_by_destination").inc(len(refused))
             self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(refused))
@@ -328,70 +409,135 @@ class ForwarderWorker:
             for _ in range(n):
                 hist.observe(latency)
 
-    async def _dead(self, kept: list[SpooledEvent], reason: str, detail: str, last: int) -> None:
-        attempts = self._state.attempts + 1
-        await self.spool.dead_letter(self.id, kept, reason, detail, attempts, advance_to=last)
-        self._state = CursorState(last)
-        self.metrics.dead_letters.labels(self.id, reason).inc(len(kept))
-        self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(kept))
-        log.error(
+    def _moved(self, position: int, *, resumed: bool = False) -> None:
+        """The cursor is past a batch (now at ``position``): the next batch starts with no
+        attempts. If this one had failed, the backlog behind it goes out at once (``_step``);
+        ``resumed``: the destination took it."""
+        state = self._state
+        if state.attempts:
+            self._backlog = True
+            if resumed:
+                failing_ms = int(self._clock() * 1000) - (state.first_failure_ms or 0)
+                log.info(
+                    "destination answers again; sending the backlog",
+                    extra={
+                        "forwarder": self.id,
+                        "failed_attempts": state.attempts,
+                        "failing_secs": round(max(0, failing_ms) / 1000, 1),
+                        "backlog": self.spool.depth(self.id),
+                    },
+                )
+        self._state = CursorState(position)
+
+    async def _dead(
+        self,
+        items: list[SpooledEvent],
+        reason: str,
+        detail: str,
+        attempts: int,
+        advance_to: int | CursorState,
+    ) -> None:
+        """Store ``items`` as dead letters and move the cursor to ``advance_to``: a position
+        past the batch, or the state of what remains of it (``spool.dead_letter``)."""
+        await self.spool.dead_letter(self.id, items, reason, detail, attempts, advance_to)
+        if isinstance(advance_to, CursorState):
+            self._state = advance_to
+        else:
+            self._moved(advance_to)
+        self.metrics.dead_letters.labels(self.id, reason).inc(len(items))
+        self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(items))
+        self._throttle.log(
+            logging.ERROR,
+            (self.id, "dead_letter", reason),
             "events dead-lettered",
-            extra={
+            {
                 "forwarder": self.id,
-                "events": len(kept),
+                "events": len(items),
                 "reason": reason,
                 "attempts": attempts,
+                "detail": log_detail(detail),
             },
         )
 
-    async def _give_up(
-        self, kept: list[SpooledEvent], outcome: Retry, reason: str, detail: str, last: int
+    def _expired(self, kept: list[SpooledEvent], now: float) -> int:
+        """How many events at the head of ``kept`` are older than the max age. Only a head:
+        the cursor cannot skip an event (arrival times follow sequence numbers, up to
+        clock steps, after which an older event waits for the younger before it)."""
+        cutoff_ms = (now - self.max_age_secs) * 1000
+        count = 0
+        for item in kept:
+            if item.received_ms > cutoff_ms:
+                break
+            count += 1
+        return count
+
+    async def _expire(
+        self,
+        items: list[SpooledEvent],
+        outcome: Retry,
+        attempts: int,
+        failing_secs: float,
+        advance_to: int | CursorState,
     ) -> None:
-        """Retries ran out: dead letters for the events the destination does not have yet;
-        those it already took (``outcome.delivered``) count as delivered."""
-        done = [item for i, item in enumerate(kept) if i in outcome.delivered]
+        """Retries ran out for ``items`` (the head of the batch, older than the max age):
+        dead letters for the events the destination does not have yet; those it already
+        took (``outcome.delivered``) count as delivered."""
+        done = sum(1 for i in range(len(items)) if i in outcome.delivered)
         if done:
-            self.metrics.forwarder_events.labels(self.id, "delivered").inc(len(done))
-        rest = [item for i, item in enumerate(kept) if i not in outcome.delivered]
+            self.metrics.forwarder_events.labels(self.id, "delivered").inc(done)
+        rest = [item for i, item in enumerate(items) if i not in outcome.delivered]
         if rest:
-            await self._dead(rest, reason, detail, last)
+            detail = (
+                f"older than {self._max_age_text} after {attempts} attempts in "
+                f"{failing_secs:.0f}s; last: {outcome.reason}: {outcome.detail}"
+            )
+            await self._dead(rest, "max_age", detail, attempts, advance_to)
+        elif isinstance(advance_to, CursorState):
+            await self.spool.record_failure(self.id, advance_to)
+            self._state = advance_to
         else:
-            await self.spool.advance(self.id, last)
-            self._state = CursorState(last)
+            await self.spool.advance(self.id, advance_to)
+            self._moved(advance_to)
 
     async def _retry(self, kept: list[SpooledEvent], outcome: Retry, last: int) -> None:
+        """A transient failure of the batch ``kept`` (its events up to ``last``): retry it,
+        unless it has used its attempts and events at its head are older than the max age:
+        those become dead letters, and the rest of the batch is retried."""
         retry_cfg = self.config.retry
-        now_ms = int(self._clock() * 1000)
+        now = self._clock()
         attempts = self._state.attempts + 1
-        first = self._state.first_failure_ms or now_ms
-        age_secs = (now_ms - first) / 1000
-        if attempts >= retry_cfg.max_attempts:
-            await self._give_up(
-                kept, outcome, "max_attempts", f"{attempts} attempts; last: {outcome.detail}", last
-            )
-            return
-        if age_secs >= retry_cfg.max_age_secs:
-            await self._give_up(
-                kept,
-                outcome,
-                "max_age",
-                f"failing for {age_secs:.0f}s; last: {outcome.detail}",
-                last,
-            )
-            return
+        first_ms = self._state.first_failure_ms or int(now * 1000)
+        failing_secs = max(0.0, now - first_ms / 1000)
+        position = self._state.position
+        exhausted = attempts >= retry_cfg.max_attempts
+        if exhausted:
+            expired = self._expired(kept, now)
+            if expired == len(kept):
+                await self._expire(kept, outcome, attempts, failing_secs, last)
+                return
+            if expired:
+                position = kept[expired].seq - 1
+                remains = CursorState(position, attempts, first_ms, last)
+                await self._expire(kept[:expired], outcome, attempts, failing_secs, remains)
+                kept = kept[expired:]
         self.metrics.forwarder_retries.labels(self.id, outcome.reason).inc()
-        self._state = CursorState(self._state.position, attempts, first)
+        self._state = CursorState(position, attempts, first_ms, last)
         await self.spool.record_failure(self.id, self._state)
-        delay = backoff_secs(attempts, retry_cfg, self._rand)
-        if outcome.after_secs is not None:
-            delay = outcome.after_secs
-        delay = min(delay, max(0.0, retry_cfg.max_age_secs - age_secs))
-        log.warning(
+        delay = retry_delay_secs(attempts, outcome, retry_cfg, self._rand)
+        if exhausted:
+            # The next failure dead-letters the head of the batch if it is too old by then:
+            # not later than that (never past the destination's window).
+            delay = min(delay, max(0.0, kept[0].received_ms / 1000 + self.max_age_secs - now))
+        self._throttle.log(
+            logging.WARNING,
+            (self.id, outcome.reason),
             "delivery failed; will retry",
-            extra={
+            {
                 "forwarder": self.id,
                 "reason": outcome.reason,
+                "detail": log_detail(outcome.detail),
                 "attempt": attempts,
+                "failing_secs": round(failing_secs, 1),
                 "retry_in_secs": round(delay, 3),
             },
         )

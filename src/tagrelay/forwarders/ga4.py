@@ -1169,6 +1169,9 @@ def _validation_outcome(response: HttpResponse) -> Outcome:
 
 class GA4Forwarder(Forwarder[GA4Config]):
     config_model = GA4Config
+    max_event_age_secs = MAX_EVENT_AGE.total_seconds()
+    """GA refuses events older than 72 hours (gtag hits are stamped when they arrive, so
+    a backlog shifts them in time: the same limit applies)."""
 
     def __init__(self, config: GA4Config, context: ForwarderContext) -> None:
         super().__init__(config, context)

@@ -78,7 +78,8 @@ CREATE TABLE IF NOT EXISTS cursors (
     forwarder TEXT PRIMARY KEY,
     position INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
-    first_failure_ms INTEGER
+    first_failure_ms INTEGER,
+    batch_last INTEGER                -- last seq of the batch the attempts were spent on
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
@@ -157,11 +158,14 @@ class SpooledEvent:
 
 @dataclass(slots=True)
 class CursorState:
-    """Where a forwarder is, and how long its current batch has been failing."""
+    """Where a forwarder is, and how its current batch has been failing: ``attempts`` were
+    spent on the events up to ``batch_last`` (a retry sends those again, and no event
+    committed after them), the first of them at ``first_failure_ms``."""
 
     position: int
     attempts: int = 0
     first_failure_ms: int | None = None
+    batch_last: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +304,7 @@ class SqliteSpool:
         # do not hold up group commits.
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.executescript(SCHEMA)
+        self._migrate(conn)
         if self._max_size_mb:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             self._max_page_count = self._max_size_mb * 1024 * 1024 // page_size
@@ -307,6 +312,13 @@ class SqliteSpool:
         self._head = self._read_head(conn)
         self._load_recent_ids(conn)
         self._wconn = conn
+
+    @staticmethod
+    def _migrate(conn: sqlite3.Connection) -> None:
+        """Bring a spool written by an older version up to ``SCHEMA``."""
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(cursors)")}
+        if "batch_last" not in columns:
+            conn.execute("ALTER TABLE cursors ADD COLUMN batch_last INTEGER")
 
     @staticmethod
     def _read_head(conn: sqlite3.Connection) -> int:
@@ -546,10 +558,11 @@ class SqliteSpool:
             (forwarder, self._head),
         )
         row = conn.execute(
-            "SELECT position, attempts, first_failure_ms FROM cursors WHERE forwarder = ?",
+            "SELECT position, attempts, first_failure_ms, batch_last FROM cursors "
+            "WHERE forwarder = ?",
             (forwarder,),
         ).fetchone()
-        return CursorState(int(row[0]), int(row[1]), row[2])
+        return CursorState(int(row[0]), int(row[1]), row[2], row[3])
 
     async def drop_cursors_except(self, keep: set[str]) -> list[str]:
         """Forget cursors of forwarders no longer configured, so they stop holding events."""
@@ -612,12 +625,13 @@ class SqliteSpool:
     async def record_failure(self, forwarder: str, state: CursorState) -> None:
         """Persist the retry state of the batch at the cursor (survives restarts)."""
         await self._on_writer(self._save_cursor, forwarder, state)
+        self._positions[forwarder] = state.position
 
     def _save_cursor(self, forwarder: str, state: CursorState) -> None:
         self._conn().execute(
-            "UPDATE cursors SET position = ?, attempts = ?, first_failure_ms = ? "
-            "WHERE forwarder = ?",
-            (state.position, state.attempts, state.first_failure_ms, forwarder),
+            "UPDATE cursors SET position = ?, attempts = ?, first_failure_ms = ?, "
+            "batch_last = ? WHERE forwarder = ?",
+            (state.position, state.attempts, state.first_failure_ms, state.batch_last, forwarder),
         )
 
     # -- dead letters ------------------------------------------------------------------
@@ -629,15 +643,15 @@ class SqliteSpool:
         reason: str,
         detail: str,
         attempts: int,
-        advance_to: int | None = None,
+        advance_to: int | CursorState | None = None,
     ) -> None:
         """Store ``events`` as dead letters of ``forwarder`` and, in the same transaction,
-        move its cursor to ``advance_to`` when given."""
-        await self._on_writer(
-            self._dead_letter, forwarder, events, reason, detail, attempts, advance_to
-        )
-        if advance_to is not None:
-            self._positions[forwarder] = advance_to
+        move its cursor to ``advance_to`` when given: a position (a new batch starts
+        there), or a state (the rest of a failing batch keeps its retry state)."""
+        state = CursorState(advance_to) if isinstance(advance_to, int) else advance_to
+        await self._on_writer(self._dead_letter, forwarder, events, reason, detail, attempts, state)
+        if state is not None:
+            self._positions[forwarder] = state.position
 
     def _dead_letter(
         self,
@@ -646,7 +660,7 @@ class SqliteSpool:
         reason: str,
         detail: str,
         attempts: int,
-        advance_to: int | None,
+        state: CursorState | None,
     ) -> None:
         conn = self._conn()
         now = _now_ms()
@@ -657,8 +671,8 @@ class SqliteSpool:
                 "dead_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(forwarder, e.seq, e.payload, reason, detail, attempts, now) for e in events],
             )
-            if advance_to is not None:
-                self._save_cursor(forwarder, CursorState(advance_to))  # same transaction
+            if state is not None:
+                self._save_cursor(forwarder, state)  # same transaction
             conn.execute("COMMIT")
         except sqlite3.Error:
             if conn.in_transaction:
