@@ -293,7 +293,14 @@ async def test_after_recovery_the_backlog_goes_out_at_once(
     await destination.down(how)
     await rig.start()
     await append(rig.spool, range(35))
-    await rig.until(lambda: len(destination.taken) == 35, "the backlog")
+    # The destination has the events before the worker has read its answer: wait for both.
+    await rig.until(
+        lambda: (
+            len(destination.taken) == 35
+            and rig.count("tagrelay_forwarder_events_total", outcome="delivered") == 35
+        ),
+        "the backlog",
+    )
 
     assert destination.taken == ids(range(35)), "in order, exactly once"
     backoffs = [secs for secs, _ in rig.sleeps]
@@ -389,7 +396,13 @@ async def test_an_event_is_dead_lettered_once_older_than_max_age_and_its_batch_u
     await destination.down("503")
     await rig.start()
     await append(rig.spool, range(2))
-    await rig.until(lambda: len(destination.taken) == 3, "batch B")
+    await rig.until(
+        lambda: (
+            len(destination.taken) == 3
+            and rig.count("tagrelay_forwarder_events_total", outcome="delivered") == 3
+        ),
+        "batch B",
+    )
 
     assert destination.sizes == [2, 2, 2] + [3] * 6
     dead = await rig.spool.dead_letters("hook")
