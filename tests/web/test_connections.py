@@ -364,3 +364,28 @@ async def test_the_guarded_handlers_take_the_servers_handler_arguments(tmp_path:
     assert isinstance(handler, GuardedRequestHandler)
     assert (handler.max_line_size, handler.max_field_size) == (1234, 4321)
     assert handler.keepalive_timeout > guard.keepalive_timeout + guard.header_timeout
+
+
+def test_the_listen_backlog_is_server_listen_backlog(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp's 128 filled up while thousands of connections opened at once (a client then
+    waits for its SYN retry, a second or more): the socket listens with the configured
+    backlog."""
+    backlogs: list[int] = []
+    create_server = asyncio.BaseEventLoop.create_server
+
+    async def recording(self: asyncio.BaseEventLoop, *args: Any, **kwargs: Any) -> Any:
+        backlogs.append(kwargs["backlog"])
+        return await create_server(self, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio.BaseEventLoop, "create_server", recording)
+
+    async def scenario(app: web.Application, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert (await closed_by_server(reader)).startswith(b"HTTP/1.1 200")
+        writer.close()
+
+    run_served(tmp_path, "asyncio", scenario, listen_backlog=777)
+    assert backlogs == [777]

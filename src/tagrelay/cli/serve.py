@@ -105,7 +105,7 @@ async def start_relay(
     await runner.setup()
     try:
         guard = ConnectionGuard(config.server, app[METRICS], max_connections=max_connections)
-        site = GuardedSite(runner, host, port, guard)
+        site = GuardedSite(runner, host, port, guard, backlog=config.server.listen_backlog)
         await site.start()
     except BaseException:
         await runner.cleanup()

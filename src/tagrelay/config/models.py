@@ -113,6 +113,17 @@ class ServerConfig(ConfigModel):
         ),
         examples=[10_000],
     )
+    listen_backlog: int = Field(
+        1024,
+        ge=1,
+        le=65535,
+        description=(
+            "Connections the kernel queues before the relay accepts them. A burst of new "
+            "connections beyond it waits for the client's SYN retry (a second or more); the "
+            "kernel caps it at net.core.somaxconn (4096 on current Linux)."
+        ),
+        examples=[1024],
+    )
 
 
 class WriteKeyConfig(ConfigModel):
