@@ -23,12 +23,11 @@ from aiohttp import hdrs, web
 from aiohttp.test_utils import TestClient, TestServer
 from pydantic import ValidationError
 
+from tagrelay.config.google_scripts import GoogleScriptEntry, GoogleScriptsConfig
 from tagrelay.web.google_scripts import (
     BROWSER_MAX_AGE_SECS,
     FAILURE_BACKOFF_SECS,
     STALE_MAX_AGE_SECS,
-    GoogleScriptEntry,
-    GoogleScriptsConfig,
     add_google_script_routes,
 )
 

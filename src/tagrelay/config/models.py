@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from tagrelay.config.common import ConfigModel, ForwarderConfigBase
+from tagrelay.config.google_scripts import GoogleScriptsConfig
 from tagrelay.forwarders import FORWARDERS
 from tagrelay.pipeline.host import valid_host_name
-from tagrelay.web.google_scripts import GoogleScriptsConfig
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 

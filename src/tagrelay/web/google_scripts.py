@@ -89,48 +89,40 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Annotated, Final, Literal
+from typing import Final, Literal
 
 import aiohttp
 from aiohttp import hdrs, web
 from multidict import MultiMapping
-from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
-from tagrelay.config.common import ConfigModel
+from tagrelay.config.google_scripts import (
+    DATA_LAYER_PATTERN,
+    TAG_ID_PATTERN,
+    UPSTREAM_PATHS,
+    GoogleScriptsConfig,
+    ScriptKind,
+)
 from tagrelay.datadir import open_private, private_dir
-
-# tagrelay.web.script (accepts_gzip, _etag, _etag_matches) is imported inside the functions
-# that use it: tagrelay.config.models mounts GoogleScriptsConfig from this module, and
-# tagrelay.web.script imports tagrelay.config.models, so a top-level import would be circular.
+from tagrelay.web.script import accepts_gzip, etag_matches, strong_etag
 
 __all__ = [
     "BROWSER_MAX_AGE_SECS",
     "FAILURE_BACKOFF_SECS",
     "STALE_MAX_AGE_SECS",
-    "GoogleScriptEntry",
     "GoogleScripts",
-    "GoogleScriptsConfig",
     "Rejection",
     "ScriptKey",
-    "ScriptKind",
     "Served",
     "add_google_script_routes",
     "default_session_factory",
-    "kind_of",
 ]
 
 log = logging.getLogger(__name__)
 
-ScriptKind = Literal["gtag", "gtm"]
 FetchFailure = Literal["upstream_error", "too_large"]
 
-TAG_ID_PATTERN: Final = r"^(G|AW|DC|GTM)-[A-Z0-9]{1,24}$"
-DATA_LAYER_PATTERN: Final = r"^[A-Za-z_$][A-Za-z0-9_$]{0,63}$"
-RENAMED_PATH_PATTERN: Final = r"^(/[A-Za-z0-9._~-]+)+$"
 DEFAULT_DATA_LAYER: Final = "dataLayer"
-
-UPSTREAM_PATHS: Final[dict[ScriptKind, str]] = {"gtag": "/gtag/js", "gtm": "/gtm.js"}
 CONTENT_TYPE: Final = "text/javascript; charset=utf-8"
 JAVASCRIPT_TYPES: Final = frozenset(
     {
@@ -153,146 +145,6 @@ READ_CHUNK_BYTES: Final = 64 * 1024
 
 _TAG_ID = re.compile(TAG_ID_PATTERN.removesuffix("$"))
 _DATA_LAYER = re.compile(DATA_LAYER_PATTERN.removesuffix("$"))
-
-
-def kind_of(tag_id: str) -> ScriptKind:
-    """Which script serves a tag id: gtm.js for ``GTM-`` ids, gtag.js for the others."""
-    return "gtm" if tag_id.startswith("GTM-") else "gtag"
-
-
-# ---------------------------------------------------------------------------------------
-# Configuration
-
-
-class GoogleScriptEntry(ConfigModel):
-    """A tag id the relay serves the script of, and optionally a renamed path for it."""
-
-    id: str = Field(
-        pattern=TAG_ID_PATTERN,
-        description=(
-            "A Google tag id: G- (GA4), AW- (Google Ads) and DC- (Floodlight) ids are served "
-            "as gtag.js, GTM- ids as gtm.js."
-        ),
-        examples=["G-ABC123XYZ9"],
-    )
-    path: str | None = Field(
-        None,
-        pattern=RENAMED_PATH_PATTERN,
-        description=(
-            "An extra path (below server.base_path) serving this id's script with no query "
-            "string, so that blocklist rules on /gtag/js and /gtm.js miss it."
-        ),
-        examples=["/assets/site.js"],
-    )
-
-    @field_validator("path")
-    @classmethod
-    def _no_dot_segments(cls, path: str | None) -> str | None:
-        if path is not None and any(part in (".", "..") for part in path.split("/")):
-            raise ValueError("a renamed path may not contain . or .. segments")
-        return path
-
-    @property
-    def kind(self) -> ScriptKind:
-        return kind_of(self.id)
-
-
-class GoogleScriptsConfig(ConfigModel):
-    """First-party gtag.js and gtm.js: Google's scripts proxied from the relay's origin,
-    cached in memory and on disk, for the allowed tag ids only."""
-
-    upstream: str = Field(
-        "https://www.googletagmanager.com",
-        description=(
-            "Origin the scripts are fetched from: scheme, host and optional port; no path. "
-            "The request path and id are added by the relay."
-        ),
-        examples=["https://www.googletagmanager.com"],
-    )
-    ids: list[GoogleScriptEntry] = Field(
-        default_factory=list,
-        description="The tag ids served; any other id is answered 404 without an upstream fetch.",
-        examples=[[{"id": "G-ABC123XYZ9", "path": "/assets/site.js"}, {"id": "GTM-K7X2P9Q"}]],
-    )
-    data_layers: list[Annotated[str, Field(pattern=DATA_LAYER_PATTERN)]] = Field(
-        default_factory=list,
-        description=(
-            "Renamed dataLayer names a request may choose with ?l= (passed upstream); "
-            "dataLayer itself is always allowed. Any other l is answered 404."
-        ),
-        examples=[["shopLayer"]],
-    )
-    ttl_secs: int = Field(
-        900,
-        ge=1,
-        le=7 * 86_400,
-        description="How long a fetched script is served before it is fetched (revalidated) again.",
-        examples=[900],
-    )
-    max_bytes: int = Field(
-        2_000_000,
-        ge=1024,
-        description=(
-            "Largest script accepted from the upstream (after decompression); a bigger one is "
-            "refused and counted as too_large."
-        ),
-        examples=[2_000_000],
-    )
-    timeout_secs: float = Field(
-        10.0,
-        gt=0,
-        le=300,
-        description="Time limit of one upstream fetch, body included.",
-        examples=[10.0],
-    )
-    stale_max_age_secs: int = Field(
-        7 * 86_400,
-        ge=0,
-        description=(
-            "While the upstream fails, a cached copy fetched (or revalidated) less than this "
-            "long ago is served instead of an error."
-        ),
-        examples=[604_800],
-    )
-
-    @field_validator("upstream")
-    @classmethod
-    def _origin_only(cls, value: str) -> str:
-        problem = (
-            "upstream must be an origin such as https://www.googletagmanager.com: http or "
-            "https, a host and an optional port; no path, query, fragment or credentials"
-        )
-        try:
-            url = URL(value)
-            origin = url.origin()
-        except ValueError:
-            raise ValueError(problem) from None
-        if (
-            url.scheme not in ("http", "https")
-            or not url.host
-            or url.user is not None
-            or url.password is not None
-            or url.path not in ("", "/")
-            or url.query_string
-            or url.fragment
-        ):
-            raise ValueError(problem)
-        return str(origin)
-
-    @model_validator(mode="after")
-    def _distinct(self) -> GoogleScriptsConfig:
-        ids = [entry.id for entry in self.ids]
-        repeated = sorted({i for i in ids if ids.count(i) > 1})
-        if repeated:
-            raise ValueError("tag ids listed more than once: " + ", ".join(repeated))
-        paths = [entry.path for entry in self.ids if entry.path is not None]
-        repeated = sorted({p for p in paths if paths.count(p) > 1})
-        if repeated:
-            raise ValueError("renamed paths used by more than one id: " + ", ".join(repeated))
-        for path in paths:
-            if path in UPSTREAM_PATHS.values():
-                raise ValueError(f"{path} is served already; a renamed path must differ")
-        return self
 
 
 # ---------------------------------------------------------------------------------------
@@ -367,13 +219,11 @@ def _build_version(
     upstream_last_modified: str | None,
 ) -> _Version:
     """Gzip and hash ``body`` (blocking: run in a thread)."""
-    from tagrelay.web.script import _etag  # see the note on imports at the top
-
     return _Version(
         body=body,
         gzipped=gzip.compress(body, compresslevel=9, mtime=0),
-        etag=_etag(body),
-        gzip_etag=_etag(body, "-gz"),
+        etag=strong_etag(body),
+        gzip_etag=strong_etag(body, "-gz"),
         fetched_at=fetched_at,
         upstream_etag=upstream_etag,
         upstream_last_modified=upstream_last_modified,
@@ -679,8 +529,6 @@ def _error_response(status: int, code: str, message: str) -> web.Response:
 
 
 def _script_response(request: web.Request, version: _Version, max_age: int) -> web.Response:
-    from tagrelay.web.script import _etag_matches, accepts_gzip  # see the imports' note
-
     gzipped = accepts_gzip(request.headers.get(hdrs.ACCEPT_ENCODING))
     headers = {
         hdrs.CACHE_CONTROL: f"public, max-age={max_age}",
@@ -690,9 +538,7 @@ def _script_response(request: web.Request, version: _Version, max_age: int) -> w
         hdrs.ETAG: version.gzip_etag if gzipped else version.etag,
     }
     if_none_match = request.headers.get(hdrs.IF_NONE_MATCH)
-    if if_none_match is not None and _etag_matches(
-        if_none_match, (version.etag, version.gzip_etag)
-    ):
+    if if_none_match is not None and etag_matches(if_none_match, (version.etag, version.gzip_etag)):
         return web.Response(status=304, headers=headers)
     headers[hdrs.CONTENT_TYPE] = CONTENT_TYPE
     if gzipped:

@@ -43,10 +43,12 @@ __all__ = [
     "accepts_gzip",
     "add_script_route",
     "build_script",
+    "etag_matches",
     "minify_js",
     "render_snippet",
     "script_handler",
     "script_settings",
+    "strong_etag",
 ]
 
 SCRIPT_TEMPLATE: Final = "p.js"
@@ -313,7 +315,9 @@ def script_settings(config: Config, version: str) -> dict[str, object]:
     }
 
 
-def _etag(data: bytes, suffix: str = "") -> str:
+def strong_etag(data: bytes, suffix: str = "") -> str:
+    """A strong ETag for ``data``: a hash of the content, quoted; ``suffix`` tells another
+    representation of the same content apart (``-gz`` for its gzipped form)."""
     return '"' + hashlib.sha256(data).hexdigest()[:32] + suffix + '"'
 
 
@@ -331,8 +335,8 @@ def build_script(config: Config, version: str) -> ScriptAsset:
     return ScriptAsset(
         identity=identity,
         gzipped=gzipped,
-        etag=_etag(identity),
-        gzip_etag=_etag(identity, "-gz"),
+        etag=strong_etag(identity),
+        gzip_etag=strong_etag(identity, "-gz"),
     )
 
 
@@ -370,7 +374,7 @@ def accepts_gzip(accept_encoding: str | None) -> bool:
     return bool(wildcard)
 
 
-def _etag_matches(if_none_match: str, etags: tuple[str, ...]) -> bool:
+def etag_matches(if_none_match: str, etags: tuple[str, ...]) -> bool:
     """``If-None-Match`` uses the weak comparison (RFC 9110, 13.1.2)."""
     if if_none_match.strip() == "*":
         return True
@@ -400,7 +404,7 @@ def script_handler(asset: ScriptAsset, cache_max_age_secs: int) -> Handler:
         gzipped = accepts_gzip(request.headers.get(hdrs.ACCEPT_ENCODING))
         headers = {**common, hdrs.ETAG: asset.gzip_etag if gzipped else asset.etag}
         if_none_match = request.headers.get(hdrs.IF_NONE_MATCH)
-        if if_none_match is not None and _etag_matches(if_none_match, current):
+        if if_none_match is not None and etag_matches(if_none_match, current):
             return web.Response(status=304, headers=headers)
         headers[hdrs.CONTENT_TYPE] = CONTENT_TYPE
         if gzipped:
