@@ -30,7 +30,8 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from tagrelay.app import SPOOL, create_app
+from tagrelay.app import create_app
+from tagrelay.appkeys import SPOOL
 from tagrelay.config.models import Config
 
 KEY = "bench-server-key"

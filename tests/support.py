@@ -16,7 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from tagrelay.app import WORKERS, create_app
+from tagrelay.app import create_app
+from tagrelay.appkeys import METRICS, SPOOL, WORKERS
 from tagrelay.config.models import Config
 
 BROWSER_KEY = "test-browser-key"
@@ -46,8 +47,6 @@ def make_config(tmp_path: Path, **overrides: Any) -> Config:
 
 
 def metric_value(app: web.Application, name: str, labels: dict[str, str] | None = None) -> float:
-    from tagrelay.app import METRICS
-
     value = app[METRICS].registry.get_sample_value(name, labels or {})
     return 0.0 if value is None else value
 
@@ -66,8 +65,6 @@ async def relay(tmp_path: Path, aiohttp_client: Callable[..., Any]) -> Callable[
 
 async def wait_idle(app: web.Application, timeout: float = 10.0) -> None:
     """Wait until every forwarder has caught up with the spool."""
-    from tagrelay.app import SPOOL
-
     spool = app[SPOOL]
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout

@@ -18,7 +18,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tagrelay.app import create_app, warehouse_of
+from tagrelay.app import create_app
+from tagrelay.appkeys import warehouse_of
 from tagrelay.datadir import private_dir, private_file
 from tagrelay.spool.sqlite import SqliteSpool
 from tests.support import SERVER_KEY, basic, make_config, wait_idle

@@ -22,15 +22,15 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
+from tagrelay.appkeys import CONFIG, INGEST, METRICS, READY, SPOOL, WORKERS
 from tagrelay.config.models import Config
 from tagrelay.forwarders import FORWARDERS, ForwarderContext
 from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
-from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.spool.sqlite import SqliteSpool
-from tagrelay.warehouse.process import WarehouseProcess
+from tagrelay.web.admin import admin_socket_ctx
 from tagrelay.web.bodies import SERVER_HANDLER_ARGS
 from tagrelay.web.demo import add_demo_routes
 from tagrelay.web.google import add_google_routes
@@ -41,13 +41,6 @@ from tagrelay.web.script import add_script_route
 from tagrelay.web.sdks import add_sdk_routes
 
 log = logging.getLogger(__name__)
-
-CONFIG = web.AppKey("config", Config)
-METRICS = web.AppKey("metrics", Metrics)
-SPOOL = web.AppKey("spool", SqliteSpool)
-WORKERS = web.AppKey("workers", dict[str, ForwarderWorker])
-INGEST = web.AppKey("ingest", IngestService)
-READY = web.AppKey("ready", dict[str, bool])
 
 
 def spool_path(data_dir: Path) -> Path:
@@ -250,8 +243,6 @@ def create_app(
     app.cleanup_ctx.append(spool_ctx)
     app.cleanup_ctx.append(forwarders_ctx)
     if admin_socket:
-        from tagrelay.web.admin import admin_socket_ctx
-
         app.cleanup_ctx.append(admin_socket_ctx(admin_socket_path(data_dir)))
 
     prefix = config.server.base_path
@@ -271,7 +262,7 @@ def create_app(
     ingest_routes(app.router, app[INGEST], prefix, config.paths)
     add_script_route(app.router, config, prefix)
     if config.demo.enabled:
-        add_demo_routes(app, config, prefix, warehouse_of)
+        add_demo_routes(app, config, prefix)
     return app
 
 
@@ -310,13 +301,3 @@ async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
                 "spool maintenance failed; will try again",
                 exc_info=True,
             )
-
-
-def warehouse_of(app: web.Application) -> WarehouseProcess | None:
-    """The first warehouse forwarder's ``WarehouseProcess`` (its ``query`` blocks: call it
-    from a thread), for the admin socket; None when no warehouse runs."""
-    for worker in app[WORKERS].values():
-        forwarder = worker.forwarder
-        if isinstance(forwarder, WarehouseForwarder) and forwarder.warehouse is not None:
-            return forwarder.warehouse
-    return None

@@ -22,7 +22,7 @@ import orjson
 import pytest
 from aiohttp import web
 
-from tagrelay.app import SPOOL
+from tagrelay.appkeys import SPOOL
 from tagrelay.config.common import RetryConfig
 from tagrelay.forwarders import ForwarderContext
 from tagrelay.forwarders._worker import ForwarderWorker, backoff_secs

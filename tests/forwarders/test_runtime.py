@@ -13,7 +13,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tagrelay.app import SPOOL
+from tagrelay.appkeys import SPOOL
 from tagrelay.config.common import RetryConfig
 from tagrelay.forwarders import ForwarderContext
 from tagrelay.forwarders._worker import ForwarderWorker, backoff_secs

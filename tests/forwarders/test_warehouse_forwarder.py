@@ -16,7 +16,8 @@ import aiohttp
 import orjson
 import pytest
 
-from tagrelay.app import create_app, warehouse_of
+from tagrelay.app import create_app
+from tagrelay.appkeys import warehouse_of
 from tagrelay.errors import WarehouseError
 from tagrelay.forwarders import FORWARDERS
 from tagrelay.forwarders._base import ForwarderContext, SpanDelivery, SpoolSpan

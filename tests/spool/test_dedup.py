@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tagrelay.app import SPOOL
+from tagrelay.appkeys import SPOOL
 from tagrelay.errors import SpoolUnavailable
 from tagrelay.spool import writer_child
 from tagrelay.spool.dedup import RecentIds

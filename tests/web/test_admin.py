@@ -13,7 +13,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-from tagrelay.app import CONFIG, admin_socket_path, create_app, warehouse_of
+from tagrelay.app import admin_socket_path, create_app
+from tagrelay.appkeys import CONFIG, warehouse_of
 from tagrelay.cli.sql import _via_socket
 from tests.support import SERVER_KEY, basic, make_config, wait_idle
 

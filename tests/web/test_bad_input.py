@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tagrelay.app import SPOOL
+from tagrelay.appkeys import SPOOL
 from tests.support import SERVER_KEY, basic, metric_value
 
 AUTH = basic(SERVER_KEY)

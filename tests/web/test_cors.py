@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tagrelay.app import SPOOL
+from tagrelay.appkeys import SPOOL
 from tagrelay.metrics import Metrics
 from tagrelay.web.auth import MALFORMED_ORIGIN, NO_KEY, CorsRefusals
 from tests.support import BROWSER_KEY, SERVER_KEY, basic, metric_value

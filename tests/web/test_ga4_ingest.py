@@ -7,7 +7,7 @@ from typing import Any
 import orjson
 from yarl import URL
 
-from tagrelay.app import SPOOL
+from tagrelay.appkeys import SPOOL
 from tests.support import metric_value
 
 TID = "G-8XK2MS9Q4T"

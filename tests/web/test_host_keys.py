@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tagrelay.app import SPOOL
+from tagrelay.appkeys import SPOOL
 from tests.support import BROWSER_KEY, SERVER_KEY, metric_value
 
 KEYS = [

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from tagrelay.app import SPOOL
+from tagrelay.appkeys import SPOOL
 from tests.support import BROWSER_KEY, SERVER_KEY, basic, metric_value
 
 ORIGIN = {

@@ -9,7 +9,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tagrelay.app import INGEST, SPOOL
+from tagrelay.appkeys import INGEST, SPOOL
 from tests.support import BROWSER_KEY, SERVER_KEY, basic, metric_value
 
 

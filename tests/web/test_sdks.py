@@ -11,7 +11,7 @@ from unittest.mock import ANY
 import orjson
 import pytest
 
-from tagrelay.app import SPOOL
+from tagrelay.appkeys import SPOOL
 from tests.support import BROWSER_KEY, SERVER_KEY, basic, metric_value
 
 ORIGIN = "https://www.shop.test"

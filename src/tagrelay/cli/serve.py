@@ -10,7 +10,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from tagrelay.app import METRICS, create_app, freeze_after_startup
+from tagrelay.app import create_app, freeze_after_startup
+from tagrelay.appkeys import METRICS
 from tagrelay.cli.logs import setup_logging
 from tagrelay.config.models import Config
 from tagrelay.errors import TagrelayError

@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from tagrelay.appkeys import warehouse_of
 from tagrelay.datadir import PRIVATE_FILE_MODE, private_dir
 from tagrelay.errors import QueryRejected, QueryTimeout, WarehouseError
 from tagrelay.web.ingest import encoded_json_response
@@ -43,8 +44,6 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 
 def build_admin_app(main_app: web.Application) -> web.Application:
-    from tagrelay.app import warehouse_of
-
     admin = web.Application()
 
     async def sql(request: web.Request) -> web.Response:

@@ -9,17 +9,16 @@ process, read-only). Everything in the page is public: the browser key is public
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp_jinja2
 import jinja2
 from aiohttp import web
 
+from tagrelay.appkeys import warehouse_of
 from tagrelay.config.models import Config
 from tagrelay.errors import WarehouseError
 from tagrelay.pipeline.host import parse_host
-from tagrelay.warehouse.process import WarehouseProcess
 from tagrelay.web.ingest import json_response
 from tagrelay.web.script import render_snippet
 from tagrelay.web.templates import templates_dir
@@ -29,12 +28,8 @@ RECENT_ROWS_SQL = (
     "from events order by received_at desc limit 20"
 )
 
-WarehouseLookup = Callable[[web.Application], WarehouseProcess | None]
 
-
-def add_demo_routes(
-    app: web.Application, config: Config, prefix: str, warehouse: WarehouseLookup
-) -> None:
+def add_demo_routes(app: web.Application, config: Config, prefix: str) -> None:
     aiohttp_jinja2.setup(
         app,
         loader=jinja2.FileSystemLoader(str(templates_dir())),
@@ -63,7 +58,7 @@ def add_demo_routes(
         }
 
     async def rows(request: web.Request) -> web.Response:
-        process = warehouse(request.app)
+        process = warehouse_of(request.app)
         if process is None:
             return json_response(
                 404, {"error": "no_warehouse", "message": "no warehouse forwarder is running"}

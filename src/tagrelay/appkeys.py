@@ -1,0 +1,41 @@
+"""The relay application's typed state: the ``web.AppKey``s under which ``create_app``
+(``tagrelay.app``) keeps the parts it wires, and ``warehouse_of`` to find the running
+warehouse among them.
+
+They live apart from ``tagrelay.app`` so that what reads them (the admin socket, the demo
+page, the CLI, tests) need not import the module that builds the application, which imports
+those readers in turn.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from tagrelay.config.models import Config
+from tagrelay.forwarders._worker import ForwarderWorker
+from tagrelay.forwarders.warehouse import WarehouseForwarder
+from tagrelay.metrics import Metrics
+from tagrelay.spool.sqlite import SqliteSpool
+from tagrelay.warehouse.process import WarehouseProcess
+from tagrelay.web.ingest import IngestService
+
+__all__ = ["CONFIG", "INGEST", "METRICS", "READY", "SPOOL", "WORKERS", "warehouse_of"]
+
+CONFIG = web.AppKey("config", Config)
+METRICS = web.AppKey("metrics", Metrics)
+SPOOL = web.AppKey("spool", SqliteSpool)
+WORKERS = web.AppKey("workers", dict[str, ForwarderWorker])
+"""The running forwarders' workers by forwarder id; filled as the delivery loop starts."""
+INGEST = web.AppKey("ingest", IngestService)
+READY = web.AppKey("ready", dict[str, bool])
+"""What ``/readyz`` checks: each part's name and whether it is up."""
+
+
+def warehouse_of(app: web.Application) -> WarehouseProcess | None:
+    """The first warehouse forwarder's ``WarehouseProcess`` (its ``query`` blocks: call it
+    from a thread), for the admin socket and the demo page; None when no warehouse runs."""
+    for worker in app[WORKERS].values():
+        forwarder = worker.forwarder
+        if isinstance(forwarder, WarehouseForwarder) and forwarder.warehouse is not None:
+            return forwarder.warehouse
+    return None
