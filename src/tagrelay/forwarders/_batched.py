@@ -210,10 +210,12 @@ class BatchedHttpForwarder(Forwarder[C]):
 
     async def _attempt(self, planned: PlannedRequest) -> Outcome:
         timeout = cast(_HttpLimits, self.config).timeout_secs
-        generation = self._auth_generation
         authorized = await self.authorize(planned.request)
         if not isinstance(authorized, HttpRequest):
             return authorized
+        # Taken once the credentials are in hand (no await between): a refusal of them
+        # after a refresh by another request refreshes again.
+        generation = self._auth_generation
         response = await send(self.context.http, authorized, timeout)
         if isinstance(response, HttpResponse) and self.unauthorized(response):
             async with self._auth_lock:
