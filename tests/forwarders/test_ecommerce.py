@@ -7,6 +7,7 @@ from __future__ import annotations
 import tagrelay.forwarders._ecommerce as ecommerce
 from tagrelay.forwarders._ecommerce import (
     SEGMENT_EVENT_NAMES,
+    STANDARD_EVENTS,
     Commerce,
     CommerceItem,
     commerce,
@@ -28,6 +29,7 @@ def test_the_module_exports_its_public_names() -> None:
         "SEGMENT_EVENT_NAMES",
         "SINGLE_PRODUCT_EVENTS",
         "SINGLE_PRODUCT_KEYS",
+        "STANDARD_EVENTS",
         "commerce",
         "currency_code",
         "event_name_key",
@@ -42,6 +44,24 @@ def test_event_names_match_whatever_the_case_and_spacing() -> None:
     names = {event_name_key(k): v for k, v in SEGMENT_EVENT_NAMES.items()}
     assert names[event_name_key("  order   COMPLETED ")] == "purchase"
     assert names[event_name_key("Lead Generated")] == "generate_lead"
+
+
+def test_the_standard_event_table_is_keyed_by_canonical_names() -> None:
+    canonical = set(SEGMENT_EVENT_NAMES.values()) | {
+        "page_view",
+        "view_search_results",
+        "subscribe",
+        "start_trial",
+        "contact",
+    }
+    assert set(STANDARD_EVENTS) <= canonical
+    platforms = {p for names in STANDARD_EVENTS.values() for p in names}
+    assert platforms == {"meta", "tiktok", "snap", "pinterest", "reddit"}
+    purchase = SEGMENT_EVENT_NAMES["Order Completed"]
+    assert (STANDARD_EVENTS[purchase]["meta"], STANDARD_EVENTS[purchase]["tiktok"]) == (
+        "Purchase",
+        "Purchase",
+    )
 
 
 def test_numbers_and_currencies() -> None:

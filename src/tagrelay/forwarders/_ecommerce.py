@@ -4,7 +4,7 @@ Events arrive named by Segment's spec (``Order Completed``, ``Product Added``, .
 GA4's recommended events (``purchase``, ``add_to_cart``, ... from gtag.js and Measurement
 Protocol senders). The canonical names here are GA4's (``SEGMENT_EVENT_NAMES`` maps
 Segment's onto them, matched with ``event_name_key``); a destination maps canonical names
-onto its own standard events.
+onto its own standard events (``STANDARD_EVENTS`` holds the platforms' tables).
 
 Their commerce fields, in both vocabularies, come in two layers:
 
@@ -39,6 +39,7 @@ __all__ = [
     "SEGMENT_EVENT_NAMES",
     "SINGLE_PRODUCT_EVENTS",
     "SINGLE_PRODUCT_KEYS",
+    "STANDARD_EVENTS",
     "Commerce",
     "CommerceItem",
     "commerce",
@@ -70,6 +71,92 @@ SEGMENT_EVENT_NAMES: Final[Mapping[str, str]] = {
 }
 """Segment's e-commerce (and B2B) spec events -> GA4 recommended events (the canonical
 names); look names up by ``event_name_key``."""
+
+STANDARD_EVENTS: Final[Mapping[str, Mapping[str, str]]] = {
+    "page_view": {
+        "meta": "PageView",
+        "snap": "PAGE_VIEW",
+        "pinterest": "page_visit",
+        "reddit": "PAGE_VISIT",
+    },
+    "view_item": {
+        "meta": "ViewContent",
+        "tiktok": "ViewContent",
+        "snap": "VIEW_CONTENT",
+        "pinterest": "page_visit",
+        "reddit": "VIEW_CONTENT",
+    },
+    "view_item_list": {
+        "meta": "ViewContent",
+        "tiktok": "ViewContent",
+        "snap": "LIST_VIEW",
+        "pinterest": "view_category",
+        "reddit": "VIEW_CONTENT",
+    },
+    "search": {
+        "meta": "Search",
+        "tiktok": "Search",
+        "snap": "SEARCH",
+        "pinterest": "search",
+        "reddit": "SEARCH",
+    },
+    "view_search_results": {
+        "meta": "Search",
+        "tiktok": "Search",
+        "snap": "SEARCH",
+        "pinterest": "search",
+        "reddit": "SEARCH",
+    },
+    "add_to_cart": {
+        "meta": "AddToCart",
+        "tiktok": "AddToCart",
+        "snap": "ADD_CART",
+        "pinterest": "add_to_cart",
+        "reddit": "ADD_TO_CART",
+    },
+    "add_to_wishlist": {
+        "meta": "AddToWishlist",
+        "tiktok": "AddToWishlist",
+        "snap": "ADD_TO_WISHLIST",
+        "pinterest": "add_to_wishlist",
+        "reddit": "ADD_TO_WISHLIST",
+    },
+    "begin_checkout": {
+        "meta": "InitiateCheckout",
+        "tiktok": "InitiateCheckout",
+        "snap": "START_CHECKOUT",
+    },
+    "add_payment_info": {
+        "meta": "AddPaymentInfo",
+        "tiktok": "AddPaymentInfo",
+        "snap": "ADD_BILLING",
+        "pinterest": "add_payment_info",
+    },
+    "purchase": {
+        "meta": "Purchase",
+        "tiktok": "Purchase",
+        "snap": "PURCHASE",
+        "pinterest": "checkout",
+        "reddit": "PURCHASE",
+    },
+    "generate_lead": {"meta": "Lead", "tiktok": "Lead", "pinterest": "lead", "reddit": "LEAD"},
+    "sign_up": {
+        "meta": "CompleteRegistration",
+        "tiktok": "CompleteRegistration",
+        "snap": "SIGN_UP",
+        "pinterest": "signup",
+        "reddit": "SIGN_UP",
+    },
+    "subscribe": {"meta": "Subscribe", "tiktok": "Subscribe", "snap": "SUBSCRIBE"},
+    "start_trial": {"meta": "StartTrial", "tiktok": "StartTrial", "snap": "START_TRIAL"},
+    "contact": {"meta": "Contact", "tiktok": "Contact", "pinterest": "contact"},
+    "login": {"snap": "LOGIN"},
+}
+"""Canonical event -> each platform's standard event (destinations.md §11), as data: a
+platform missing from an entry has no standard event for it (the forwarder's ``unmapped``
+rule decides). Where the sources disagree (Snap's lead, TikTok's page view: a pixel
+auto-event) no name is given. Google Ads, LinkedIn and X name no events: a configured
+conversion action / rule / event tag stands for them."""
 
 AMOUNT_KEYS: Final = ("value", "total", "revenue")
 """Where an event's value is read from, the first present winning."""
