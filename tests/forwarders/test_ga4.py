@@ -17,12 +17,12 @@ import yaml
 from pydantic import ValidationError
 
 from tagrelay.forwarders._base import ForwarderContext
+from tagrelay.forwarders._batched import Plan
+from tagrelay.forwarders._ecommerce import SEGMENT_EVENT_NAMES
 from tagrelay.forwarders.ga4 import (
     DROP_REASONS,
-    SEGMENT_EVENT_NAMES,
     GA4Config,
     GA4Forwarder,
-    Plan,
     build_plan,
     client_hints,
     derived_client_id,

@@ -1,7 +1,10 @@
 """Forwarders: one module per destination, registered here by ``type``.
 
 Adding a destination: a module with a config model and a ``Forwarder`` subclass, one line
-in ``FORWARDERS``, one test file under ``tests/forwarders/``.
+in ``FORWARDERS``, one test file under ``tests/forwarders/``. An HTTP API subclasses
+``_batched.BatchedHttpForwarder`` (a pure plan of requests and a classification of
+responses; sending, retries without resending, credentials and secret scrubbing are
+shared) and reads commerce fields through ``_ecommerce``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ A forwarder turns a batch of events into deliveries to one destination and says 
 went (``tagrelay.model.outcome``). Everything around that is shared and lives elsewhere:
 reading from the spool, batching, filtering, retries with backoff, dead letters and metrics
 (``tagrelay.forwarders._worker``); HTTP sending and response classification
-(``tagrelay.forwarders._http``).
+(``tagrelay.forwarders._http``); a batch sent as the requests of a plan, with retries that
+skip what was accepted, credentials and secret scrubbing (``tagrelay.forwarders._batched``);
+Segment's e-commerce fields (``tagrelay.forwarders._ecommerce``).
 
 A new destination is one module defining a config model (a ``ForwarderConfigBase``
 subclass with a ``type`` literal) and a ``Forwarder`` subclass, one line in

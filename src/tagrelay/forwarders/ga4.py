@@ -36,13 +36,14 @@ fields: consent, user properties, user data, IP), split further if the body woul
 - names: ``page`` and ``screen`` -> ``page_view`` (``screen_view`` is reserved on MP, and
   web streams report screens as pages, ``page_title`` = the screen's name); ``track`` ->
   ``event_names`` (this config) or Segment's e-commerce spec table
-  (``SEGMENT_EVENT_NAMES``), matched case-insensitively, else snake_cased; ``identify``,
+  (``_ecommerce.SEGMENT_EVENT_NAMES``), matched case-insensitively, else snake_cased; ``identify``,
   ``group`` and ``alias`` are not sent (MP has no event for them; their traits reach GA as
   user properties of the visitor's later events that carry ``context.traits``).
 - params: page context (``page_location``, ``page_referrer``, ``page_title``,
   ``language``, ``screen_resolution``), Segment's e-commerce fields renamed to GA4's
-  (``products[]`` -> ``items[]``; ``items[]`` already in GA4's shape are kept), then the
-  other properties (flat scalars only). Names that are valid GA4 names are kept, others
+  by the shared field tables of ``_ecommerce`` (``products[]`` -> ``items[]``; ``items[]``
+  already in GA4's shape are kept; values as sent, numbers where GA4 takes numbers), then
+  the other properties (flat scalars only). Names that are valid GA4 names are kept, others
   are snake_cased.
 - ``user_properties`` from ``context.traits`` and ``traits``, without personal data (GA's
   terms forbid it): email, phone, names, address, birthday and any value that looks like an
@@ -80,16 +81,15 @@ of an event that was sent.
 
 **Outcomes**: GA answers 2xx (normally 204) on success, and never reports bad payloads on
 ``/mp/collect``; 429, 5xx and network errors are retried by the shared table of ``_http``.
-A batch that needs several requests is retried as a whole, but requests that already
-succeeded are not sent again (they are remembered for the batch in flight): GA has no
-deduplication. A request that fails for good dead-letters its own events only.
+Sending is ``_batched.BatchedHttpForwarder``'s: a batch that needs several requests is
+retried as a whole, but requests that already succeeded are not sent again (GA has no
+deduplication); a request that fails for good dead-letters its own events only; the API
+secret is scrubbed from every detail.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
-import logging
 import re
 import unicodedata
 from collections import Counter
@@ -103,24 +103,29 @@ import orjson
 from pydantic import Field, SecretStr, field_validator
 
 from tagrelay.config.common import ForwarderConfigBase
-from tagrelay.forwarders._base import Forwarder, ForwarderContext
-from tagrelay.forwarders._http import (
-    MAX_DETAIL_CHARS,
-    HttpRequest,
-    HttpResponse,
-    classify_status,
-    send,
+from tagrelay.forwarders._base import ForwarderContext
+from tagrelay.forwarders._batched import BatchedHttpForwarder, Plan, PlannedRequest
+from tagrelay.forwarders._ecommerce import (
+    AMOUNT_KEYS,
+    GA4_ITEM_NAMES,
+    ITEM_SOURCE_KEYS,
+    SEGMENT_EVENT_NAMES,
+    SINGLE_PRODUCT_EVENTS,
+    SINGLE_PRODUCT_KEYS,
+    currency_code,
+    event_name_key,
+    item_fields,
+    number,
 )
-from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
+from tagrelay.forwarders._http import MAX_DETAIL_CHARS, HttpRequest, HttpResponse, classify_status
+from tagrelay.model import Dead, Delivered, Event, Outcome
 
 __all__ = [
     "DROP_REASONS",
     "EVENT_DROP_REASONS",
-    "SEGMENT_EVENT_NAMES",
     "GA4Config",
     "GA4Forwarder",
-    "Plan",
-    "PlannedRequest",
+    "GA4Request",
     "RequestBuilder",
     "build_plan",
     "build_user_data",
@@ -130,8 +135,6 @@ __all__ = [
     "normalize_phone",
     "snake_name",
 ]
-
-log = logging.getLogger(__name__)
 
 COLLECT_URL: Final = "https://region1.google-analytics.com/g/collect"
 MP_URL: Final = "https://region1.google-analytics.com/mp/collect"
@@ -184,28 +187,6 @@ RESERVED_USER_PROPERTIES: Final = frozenset(
     }
 )
 RESERVED_USER_PROPERTY_PREFIXES: Final = ("_", "firebase_", "ga_", "google_")
-
-SEGMENT_EVENT_NAMES: Final[Mapping[str, str]] = {
-    "Products Searched": "search",
-    "Product List Viewed": "view_item_list",
-    "Product Clicked": "select_item",
-    "Product Viewed": "view_item",
-    "Product Added": "add_to_cart",
-    "Product Removed": "remove_from_cart",
-    "Cart Viewed": "view_cart",
-    "Checkout Started": "begin_checkout",
-    "Payment Info Entered": "add_payment_info",
-    "Order Completed": "purchase",
-    "Order Refunded": "refund",
-    "Product Added to Wishlist": "add_to_wishlist",
-    "Product Shared": "share",
-    "Promotion Viewed": "view_promotion",
-    "Promotion Clicked": "select_promotion",
-    "Signed Up": "sign_up",
-    "Signed In": "login",
-    "Lead Generated": "generate_lead",
-}
-"""Segment's e-commerce (and B2B) spec events -> GA4 recommended events."""
 
 EVENT_DROP_REASONS: Final = frozenset(
     {
@@ -373,10 +354,6 @@ def snake_name(raw: str) -> str:
     return _LEADING_NON_LETTERS.sub("", text).strip("_")
 
 
-def _event_name_key(name: str) -> str:
-    return " ".join(name.split()).lower()
-
-
 # -- client hints --------------------------------------------------------------------------
 
 
@@ -533,18 +510,9 @@ def build_user_data(traits: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
-class PlannedRequest:
-    request: HttpRequest
-    indices: tuple[int, ...]
-    """The events (by index in the batch) this request carries."""
+class GA4Request(PlannedRequest):
     validation: bool = False
     """Sent to the MP validation endpoint: its answer says whether the events are valid."""
-
-
-@dataclass
-class Plan:
-    requests: list[PlannedRequest] = field(default_factory=list)
-    drops: Counter[str] = field(default_factory=Counter)
 
 
 @dataclass
@@ -576,20 +544,6 @@ def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _number(value: Any) -> int | float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return value
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-        return int(number) if number.is_integer() and "." not in value else number
-    return None
-
-
 # Personal data GA's terms forbid in params and user properties. A property called "name"
 # names a thing (a video, a plan); a trait called "name" names the person.
 _PII_PARAMS: Final = frozenset(
@@ -610,21 +564,7 @@ _PII_TRAITS: Final = _PII_PARAMS | {"name", "username", "id"}
 
 _NUMERIC_PARAMS: Final = ("value", "price", "quantity", "tax", "shipping", "discount")
 
-# Segment product fields -> GA4 item fields (first source present wins).
-_ITEM_FIELDS: Final = (
-    (("product_id", "sku", "id"), "item_id"),
-    (("name",), "item_name"),
-    (("brand",), "item_brand"),
-    (("category",), "item_category"),
-    (("variant",), "item_variant"),
-    (("price",), "price"),
-    (("quantity",), "quantity"),
-    (("position",), "index"),
-    (("coupon",), "coupon"),
-    (("discount",), "discount"),
-    (("affiliation",), "affiliation"),
-)
-_ITEM_SOURCE_KEYS: Final = frozenset(k for sources, _ in _ITEM_FIELDS for k in sources)
+# GA4's item fields, kept as they are on items that already use them (gtag.js, MP senders).
 _GA4_ITEM_FIELDS: Final = frozenset(
     {
         "item_id",
@@ -651,11 +591,6 @@ _GA4_ITEM_FIELDS: Final = frozenset(
         "creative_slot",
     }
 )
-_SINGLE_PRODUCT_EVENTS: Final = frozenset(
-    {"select_item", "view_item", "add_to_cart", "remove_from_cart", "add_to_wishlist"}
-)
-# Fields read from a single-product event's properties into its one item.
-_SINGLE_ITEM_KEYS: Final = _ITEM_SOURCE_KEYS - {"coupon", "affiliation"}
 _PAGE_PROPERTY_KEYS: Final = frozenset({"url", "title", "referrer", "path", "search", "name"})
 
 
@@ -665,8 +600,8 @@ class RequestBuilder:
 
     def __init__(self, config: GA4Config) -> None:
         self.config = config
-        names = {_event_name_key(k): v for k, v in SEGMENT_EVENT_NAMES.items()}
-        names.update({_event_name_key(k): v for k, v in config.event_names.items()})
+        names = {event_name_key(k): v for k, v in SEGMENT_EVENT_NAMES.items()}
+        names.update({event_name_key(k): v for k, v in config.event_names.items()})
         self._event_names = names
         self._exact_names = dict(config.event_names)
         query = urlencode(
@@ -863,7 +798,7 @@ class RequestBuilder:
             return "page_view"
         raw = event.get("event")
         raw = raw if isinstance(raw, str) else ""
-        mapped = self._exact_names.get(raw) or self._event_names.get(_event_name_key(raw))
+        mapped = self._exact_names.get(raw) or self._event_names.get(event_name_key(raw))
         if mapped is not None:
             return mapped  # validated by the config, or one of ours
         name = snake_name(raw)
@@ -887,7 +822,7 @@ class RequestBuilder:
         drops: Counter[str],
     ) -> dict[str, Any]:
         properties = dict(_dict(event.get("properties")))
-        engagement = _number(properties.pop("engagement_time_msec", None))
+        engagement = number(properties.pop("engagement_time_msec", None))
         params: dict[str, Any] = {
             "session_id": session_id,
             "engagement_time_msec": engagement if engagement is not None else 1,
@@ -913,7 +848,7 @@ class RequestBuilder:
         if isinstance(locale, str) and locale:
             params["language"] = self._text(locale.lower(), MAX_VALUE, drops)
         screen = _dict(context.get("screen"))
-        width, height = _number(screen.get("width")), _number(screen.get("height"))
+        width, height = number(screen.get("width")), number(screen.get("height"))
         if width is not None and height is not None:
             params["screen_resolution"] = f"{int(width)}x{int(height)}"
         if name != "page_view":
@@ -930,12 +865,12 @@ class RequestBuilder:
     ) -> None:
         """Segment's e-commerce fields renamed to GA4's, taken out of ``properties``."""
         # value wins, then total (what the customer paid), then revenue; all three are used up.
-        amounts = [properties.pop(k) for k in ("value", "total", "revenue") if k in properties]
+        amounts = [properties.pop(k) for k in AMOUNT_KEYS if k in properties]
         if amounts:
             self._numeric(params, "value", amounts[0], drops)
-        currency = properties.pop("currency", None)
-        if isinstance(currency, str) and currency.strip():
-            params["currency"] = currency.strip().upper()[:MAX_VALUE]
+        currency = currency_code(properties.pop("currency", None))
+        if currency is not None:
+            params["currency"] = currency[:MAX_VALUE]
         if "order_id" in properties:
             self._param(params, "transaction_id", properties.pop("order_id"), drops)
         renames: tuple[tuple[str, str], ...] = ()
@@ -968,7 +903,7 @@ class RequestBuilder:
             drops["nested_value"] += 1
         if isinstance(products, list):
             items = [
-                self._item(p, _ITEM_SOURCE_KEYS, drops) for p in products if isinstance(p, dict)
+                self._item(p, ITEM_SOURCE_KEYS, drops) for p in products if isinstance(p, dict)
             ]
             if len(items) > MAX_ITEMS:
                 drops["too_many_items"] += len(items) - MAX_ITEMS
@@ -976,10 +911,10 @@ class RequestBuilder:
             params["items"] = items
         elif products is not None:
             drops["nested_value"] += 1
-        elif name in _SINGLE_PRODUCT_EVENTS:
-            product = {k: properties.pop(k) for k in _SINGLE_ITEM_KEYS & properties.keys()}
+        elif name in SINGLE_PRODUCT_EVENTS:
+            product = {k: properties.pop(k) for k in SINGLE_PRODUCT_KEYS & properties.keys()}
             if product:
-                item = self._item(product, _SINGLE_ITEM_KEYS, drops)
+                item = self._item(product, SINGLE_PRODUCT_KEYS, drops)
                 params["items"] = [item]
                 price, quantity = item.get("price"), item.get("quantity", 1)
                 if "value" not in params and isinstance(price, int | float):
@@ -993,22 +928,19 @@ class RequestBuilder:
             if key in _GA4_ITEM_FIELDS:  # already GA4's names (gtag.js, MP senders): kept
                 self._param(item, key, value, drops)
         known = known | _GA4_ITEM_FIELDS
-        for sources, target in _ITEM_FIELDS:
-            for source in sources:
-                if source in product and product[source] is not None:
-                    self._param(item, target, product[source], drops)
-                    break
+        for field_name, value in item_fields(product).items():
+            self._param(item, GA4_ITEM_NAMES[field_name], value, drops)
         unmapped = sum(1 for k, v in product.items() if k not in known and v is not None)
         if unmapped:
             drops["unmapped_item_field"] += unmapped
         return item
 
     def _numeric(self, params: dict[str, Any], name: str, value: Any, drops: Counter[str]) -> None:
-        number = _number(value)
-        if number is None:
+        parsed = number(value)
+        if parsed is None:
             drops["invalid_value"] += 1
         else:
-            params[name] = number
+            params[name] = parsed
 
     def _param(self, params: dict[str, Any], key: str, value: Any, drops: Counter[str]) -> None:
         """One property as a param: scalar values only, names fit for GA4, personal data out."""
@@ -1138,9 +1070,7 @@ class RequestBuilder:
             return
         headers = {"Content-Type": "application/json", "User-Agent": "tagrelay"}
         request = HttpRequest("POST", self._mp_url, headers, encoded)
-        yield PlannedRequest(
-            request, tuple(i for i, _ in pairs), validation=self.config.validate_only
-        )
+        yield GA4Request(request, tuple(i for i, _ in pairs), validation=self.config.validate_only)
 
 
 def build_plan(config: GA4Config, events: list[Event], now: datetime) -> Plan:
@@ -1167,85 +1097,25 @@ def _validation_outcome(response: HttpResponse) -> Outcome:
     return Dead(reason="validation_failed", detail=detail)
 
 
-class GA4Forwarder(Forwarder[GA4Config]):
+class GA4Forwarder(BatchedHttpForwarder[GA4Config]):
     config_model = GA4Config
     max_event_age_secs = MAX_EVENT_AGE.total_seconds()
     """GA refuses events older than 72 hours (gtag hits are stamped when they arrive, so
     a backlog shifts them in time: the same limit applies)."""
+    event_drop_reasons = EVENT_DROP_REASONS
+    field_drop_reasons = FIELD_DROP_REASONS
 
     def __init__(self, config: GA4Config, context: ForwarderContext) -> None:
         super().__init__(config, context)
         self.builder = RequestBuilder(config)
-        self.drops: dict[str, int] = {}
-        """Counts by reason (``DROP_REASONS``) of what this forwarder did not send."""
-        self._secret = config.api_secret.get_secret_value()
-        self._batch_key: bytes = b""
-        self._sent: set[bytes] = set()
-        """Requests of the batch in flight that GA already took (a retry skips them)."""
 
-    def dropped(self, reason: str, n: int = 1) -> None:
-        """Count ``n`` events or fields not sent, by a bounded ``reason``."""
-        self.drops[reason] = self.drops.get(reason, 0) + n
-        if reason in FIELD_DROP_REASONS:
-            # Whole events are counted by the runtime from Delivered.dropped.
-            self.context.metrics.forwarder_field_drops.labels(self.id, reason).inc(n)
-        log.debug("ga4 dropped", extra={"forwarder": self.id, "reason": reason, "count": n})
+    def plan(self, events: list[Event], now: datetime) -> Plan:
+        return self.builder.build(events, now)
 
-    async def deliver(self, events: list[Event]) -> Outcome:
-        plan = self.builder.build(events, datetime.now(UTC))
-        batch_key = hashlib.sha256(orjson.dumps([e.get("messageId") for e in events])).digest()
-        if batch_key != self._batch_key:
-            self._batch_key, self._sent = batch_key, set()
+    def classify(self, planned: PlannedRequest, response: HttpResponse) -> Outcome:
+        if isinstance(planned, GA4Request) and planned.validation:
+            return _validation_outcome(response)
+        return classify_status(response)
 
-        limit = asyncio.Semaphore(self.config.max_concurrent_requests)
-
-        async def one(planned: PlannedRequest) -> Outcome:
-            request = planned.request
-            key = hashlib.sha256(request.url.encode() + b"\0" + request.body).digest()
-            if key in self._sent:
-                return Delivered()
-            async with limit:
-                response = await send(self.context.http, request, self.config.timeout_secs)
-            if isinstance(response, Retry):
-                return Retry(response.reason, self._scrub(response.detail), response.after_secs)
-            if planned.validation:
-                outcome = _validation_outcome(response)
-            else:
-                outcome = classify_status(response)
-            if isinstance(outcome, Delivered):
-                self._sent.add(key)
-            return outcome
-
-        outcomes = await asyncio.gather(*(one(p) for p in plan.requests))
-        retries = [o for o in outcomes if isinstance(o, Retry)]
-        if retries:
-            waits = [r.after_secs for r in retries if r.after_secs is not None]
-            first = retries[0]
-            accepted = frozenset(
-                index
-                for planned, outcome in zip(plan.requests, outcomes, strict=True)
-                if isinstance(outcome, Delivered)
-                for index in planned.indices
-            )
-            return Retry(
-                first.reason, first.detail, max(waits) if waits else None, delivered=accepted
-            )
-        self._batch_key, self._sent = b"", set()
-        dead = [(p, o) for p, o in zip(plan.requests, outcomes, strict=True) if isinstance(o, Dead)]
-        if dead and len(dead) == len(plan.requests):
-            # Nothing went through: the whole batch becomes dead letters with GA's reason
-            # (what the plan left out goes with it, so it is not counted as dropped).
-            first_dead = dead[0][1]
-            return Dead(first_dead.reason, self._scrub(first_dead.detail))
-        for reason, n in sorted(plan.drops.items()):
-            self.dropped(reason, n)
-        rejected = {
-            index: self._scrub(f"{outcome.reason}: {outcome.detail}")
-            for planned, outcome in dead
-            for index in planned.indices
-        }
-        whole = {r: n for r, n in plan.drops.items() if r in EVENT_DROP_REASONS}
-        return Delivered(rejected=rejected, dropped=whole)
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._secret, "***") if self._secret else text
+    def secrets(self) -> Iterable[str]:
+        return (self.config.api_secret.get_secret_value(),)

@@ -1,0 +1,358 @@
+"""Segment's e-commerce spec, read once for every destination.
+
+Events arrive named by Segment's spec (``Order Completed``, ``Product Added``, ...) or by
+GA4's recommended events (``purchase``, ``add_to_cart``, ... from gtag.js and Measurement
+Protocol senders). The canonical names here are GA4's (``SEGMENT_EVENT_NAMES`` maps
+Segment's onto them, matched with ``event_name_key``); a destination maps canonical names
+onto its own standard events (``STANDARD_EVENTS`` holds the platforms' tables).
+
+Their commerce fields, in both vocabularies, come in two layers:
+
+- **the field tables**, for a destination that keeps values as sent (GA4 does, and counts
+  its own cuts): ``AMOUNT_KEYS`` (``value`` wins, then ``total``, what the customer paid,
+  then ``revenue``), ``ITEM_FIELDS`` (canonical item field <- Segment product fields, the
+  first present wins; ``item_fields`` applies it to one product), ``GA4_ITEM_NAMES``
+  (canonical item field -> GA4's item field), and for single-product events
+  (``SINGLE_PRODUCT_EVENTS``) the product's fields at the top of the properties
+  (``SINGLE_PRODUCT_KEYS``);
+- **the normalized view** (``commerce``), for the ad platforms: ``value`` a number,
+  ``currency`` an uppercased ISO 4217 code, ``order_id`` text (``order_id``, else
+  ``transaction_id``), ``items`` with ``id`` (``product_id``/``sku``/``id`` or GA4's
+  ``item_id``, as text), ``name``, ``brand``, ``category``, ``variant``, ``price``,
+  ``quantity``, and ``num_items`` (the quantities summed). What could not be read is left
+  out and counted in ``Commerce.problems`` by a bounded reason.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+__all__ = [
+    "AMOUNT_KEYS",
+    "GA4_ITEM_NAMES",
+    "ITEM_FIELDS",
+    "ITEM_SOURCE_KEYS",
+    "SEGMENT_EVENT_NAMES",
+    "SINGLE_PRODUCT_EVENTS",
+    "SINGLE_PRODUCT_KEYS",
+    "STANDARD_EVENTS",
+    "Commerce",
+    "CommerceItem",
+    "commerce",
+    "currency_code",
+    "event_name_key",
+    "item_fields",
+    "number",
+]
+
+SEGMENT_EVENT_NAMES: Final[Mapping[str, str]] = {
+    "Products Searched": "search",
+    "Product List Viewed": "view_item_list",
+    "Product Clicked": "select_item",
+    "Product Viewed": "view_item",
+    "Product Added": "add_to_cart",
+    "Product Removed": "remove_from_cart",
+    "Cart Viewed": "view_cart",
+    "Checkout Started": "begin_checkout",
+    "Payment Info Entered": "add_payment_info",
+    "Order Completed": "purchase",
+    "Order Refunded": "refund",
+    "Product Added to Wishlist": "add_to_wishlist",
+    "Product Shared": "share",
+    "Promotion Viewed": "view_promotion",
+    "Promotion Clicked": "select_promotion",
+    "Signed Up": "sign_up",
+    "Signed In": "login",
+    "Lead Generated": "generate_lead",
+}
+"""Segment's e-commerce (and B2B) spec events -> GA4 recommended events (the canonical
+names); look names up by ``event_name_key``."""
+
+STANDARD_EVENTS: Final[Mapping[str, Mapping[str, str]]] = {
+    "page_view": {
+        "meta": "PageView",
+        "snap": "PAGE_VIEW",
+        "pinterest": "page_visit",
+        "reddit": "PAGE_VISIT",
+    },
+    "view_item": {
+        "meta": "ViewContent",
+        "tiktok": "ViewContent",
+        "snap": "VIEW_CONTENT",
+        "pinterest": "page_visit",
+        "reddit": "VIEW_CONTENT",
+    },
+    "view_item_list": {
+        "meta": "ViewContent",
+        "tiktok": "ViewContent",
+        "snap": "LIST_VIEW",
+        "pinterest": "view_category",
+        "reddit": "VIEW_CONTENT",
+    },
+    "search": {
+        "meta": "Search",
+        "tiktok": "Search",
+        "snap": "SEARCH",
+        "pinterest": "search",
+        "reddit": "SEARCH",
+    },
+    "view_search_results": {
+        "meta": "Search",
+        "tiktok": "Search",
+        "snap": "SEARCH",
+        "pinterest": "search",
+        "reddit": "SEARCH",
+    },
+    "add_to_cart": {
+        "meta": "AddToCart",
+        "tiktok": "AddToCart",
+        "snap": "ADD_CART",
+        "pinterest": "add_to_cart",
+        "reddit": "ADD_TO_CART",
+    },
+    "add_to_wishlist": {
+        "meta": "AddToWishlist",
+        "tiktok": "AddToWishlist",
+        "snap": "ADD_TO_WISHLIST",
+        "pinterest": "add_to_wishlist",
+        "reddit": "ADD_TO_WISHLIST",
+    },
+    "begin_checkout": {
+        "meta": "InitiateCheckout",
+        "tiktok": "InitiateCheckout",
+        "snap": "START_CHECKOUT",
+    },
+    "add_payment_info": {
+        "meta": "AddPaymentInfo",
+        "tiktok": "AddPaymentInfo",
+        "snap": "ADD_BILLING",
+        "pinterest": "add_payment_info",
+    },
+    "purchase": {
+        "meta": "Purchase",
+        "tiktok": "Purchase",
+        "snap": "PURCHASE",
+        "pinterest": "checkout",
+        "reddit": "PURCHASE",
+    },
+    "generate_lead": {"meta": "Lead", "tiktok": "Lead", "pinterest": "lead", "reddit": "LEAD"},
+    "sign_up": {
+        "meta": "CompleteRegistration",
+        "tiktok": "CompleteRegistration",
+        "snap": "SIGN_UP",
+        "pinterest": "signup",
+        "reddit": "SIGN_UP",
+    },
+    "subscribe": {"meta": "Subscribe", "tiktok": "Subscribe", "snap": "SUBSCRIBE"},
+    "start_trial": {"meta": "StartTrial", "tiktok": "StartTrial", "snap": "START_TRIAL"},
+    "contact": {"meta": "Contact", "tiktok": "Contact", "pinterest": "contact"},
+    "login": {"snap": "LOGIN"},
+}
+"""Canonical event -> each platform's standard event (destinations.md §11), as data: a
+platform missing from an entry has no standard event for it (the forwarder's ``unmapped``
+rule decides). Where the sources disagree (Snap's lead, TikTok's page view: a pixel
+auto-event) no name is given. Google Ads, LinkedIn and X name no events: a configured
+conversion action / rule / event tag stands for them."""
+
+AMOUNT_KEYS: Final = ("value", "total", "revenue")
+"""Where an event's value is read from, the first present winning."""
+
+ITEM_FIELDS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
+    ("id", ("product_id", "sku", "id")),
+    ("name", ("name",)),
+    ("brand", ("brand",)),
+    ("category", ("category",)),
+    ("variant", ("variant",)),
+    ("price", ("price",)),
+    ("quantity", ("quantity",)),
+    ("position", ("position",)),
+    ("coupon", ("coupon",)),
+    ("discount", ("discount",)),
+    ("affiliation", ("affiliation",)),
+)
+"""Canonical item field <- Segment product fields (the first present, not null, wins)."""
+
+ITEM_SOURCE_KEYS: Final = frozenset(k for _, sources in ITEM_FIELDS for k in sources)
+"""Every Segment product field that ``ITEM_FIELDS`` reads."""
+
+GA4_ITEM_NAMES: Final[Mapping[str, str]] = {
+    "id": "item_id",
+    "name": "item_name",
+    "brand": "item_brand",
+    "category": "item_category",
+    "variant": "item_variant",
+    "price": "price",
+    "quantity": "quantity",
+    "position": "index",
+    "coupon": "coupon",
+    "discount": "discount",
+    "affiliation": "affiliation",
+}
+"""Canonical item field -> GA4's item field of the same meaning."""
+
+SINGLE_PRODUCT_EVENTS: Final = frozenset(
+    {"select_item", "view_item", "add_to_cart", "remove_from_cart", "add_to_wishlist"}
+)
+"""Canonical events about one product, whose fields Segment puts at the top of the
+properties (``{"product_id": "p-1", "price": 5}``) rather than in ``products[]``."""
+
+SINGLE_PRODUCT_KEYS: Final = ITEM_SOURCE_KEYS - {"coupon", "affiliation"}
+"""The top-level properties of a single-product event read as its product's fields (an
+order-level ``coupon`` or ``affiliation`` stays the event's)."""
+
+_CURRENCY = re.compile(r"[A-Z]{3}")
+
+
+def event_name_key(name: str) -> str:
+    """The form event names are matched in: case and runs of whitespace ignored."""
+    return " ".join(name.split()).lower()
+
+
+def number(value: Any) -> int | float | None:
+    """A number from a JSON number or numeric text (``"12"`` -> 12, ``"12.0"`` -> 12.0);
+    None for anything else, booleans included."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = float(value.strip())
+        except ValueError:
+            return None
+        return int(parsed) if parsed.is_integer() and "." not in value else parsed
+    return None
+
+
+def currency_code(value: Any) -> str | None:
+    """Text trimmed and uppercased (``" eur"`` -> ``EUR``); None when not text or blank."""
+    if isinstance(value, str) and value.strip():
+        return value.strip().upper()
+    return None
+
+
+def item_fields(product: Mapping[str, Any]) -> dict[str, Any]:
+    """A Segment product's values by canonical item field, as sent (``ITEM_FIELDS`` order;
+    fields it does not carry are absent)."""
+    fields: dict[str, Any] = {}
+    for target, sources in ITEM_FIELDS:
+        for source in sources:
+            if product.get(source) is not None:
+                fields[target] = product[source]
+                break
+    return fields
+
+
+@dataclass(frozen=True)
+class CommerceItem:
+    id: str | None = None
+    name: str | None = None
+    brand: str | None = None
+    category: str | None = None
+    variant: str | None = None
+    price: int | float | None = None
+    quantity: int | None = None
+
+
+@dataclass(frozen=True)
+class Commerce:
+    """The commerce fields of one event, normalized (see the module docstring)."""
+
+    value: int | float | None = None
+    currency: str | None = None
+    order_id: str | None = None
+    items: tuple[CommerceItem, ...] = ()
+    num_items: int | None = None
+    """The items' quantities summed (1 for an item without one); None without items."""
+    problems: Mapping[str, int] = field(default_factory=dict)
+    """Fields left out, by reason: ``invalid_value`` (a number that is not one),
+    ``invalid_currency`` (not three letters), ``invalid_item`` (a product that is not an
+    object)."""
+
+
+def _text(value: Any) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _product_fields(product: Mapping[str, Any]) -> dict[str, Any]:
+    """Segment's names first, then GA4's."""
+    fields = item_fields(product)
+    for canonical, ga4_name in GA4_ITEM_NAMES.items():
+        if canonical not in fields and product.get(ga4_name) is not None:
+            fields[canonical] = product[ga4_name]
+    return fields
+
+
+def _item(fields: Mapping[str, Any], problems: Counter[str]) -> CommerceItem:
+    numbers: dict[str, int | float | None] = {}
+    for key in ("price", "quantity"):
+        raw = fields.get(key)
+        numbers[key] = number(raw) if raw is not None else None
+        if raw is not None and numbers[key] is None:
+            problems["invalid_value"] += 1
+    quantity = numbers["quantity"]
+    if quantity is not None and (quantity != int(quantity) or quantity < 0):
+        problems["invalid_value"] += 1
+        quantity = None
+    return CommerceItem(
+        id=_text(fields.get("id")),
+        name=_text(fields.get("name")),
+        brand=_text(fields.get("brand")),
+        category=_text(fields.get("category")),
+        variant=_text(fields.get("variant")),
+        price=numbers["price"],
+        quantity=None if quantity is None else int(quantity),
+    )
+
+
+def commerce(properties: Mapping[str, Any], event_name: str | None = None) -> Commerce:
+    """The normalized commerce view of an event's ``properties``; ``event_name`` is its
+    canonical name (for single-product events, see ``SINGLE_PRODUCT_EVENTS``). Pure."""
+    problems: Counter[str] = Counter()
+    value = None
+    amount_key = next((k for k in AMOUNT_KEYS if properties.get(k) is not None), None)
+    if amount_key is not None:
+        value = number(properties[amount_key])
+        if value is None:
+            problems["invalid_value"] += 1
+    currency = currency_code(properties.get("currency"))
+    if currency is not None and not _CURRENCY.fullmatch(currency):
+        problems["invalid_currency"] += 1
+        currency = None
+    order_id = _text(properties.get("order_id")) or _text(properties.get("transaction_id"))
+
+    products = properties.get("products")
+    if not isinstance(products, list):
+        products = properties.get("items")
+    items: list[CommerceItem] = []
+    if isinstance(products, list):
+        for product in products:
+            if isinstance(product, Mapping):
+                items.append(_item(_product_fields(product), problems))
+            else:
+                problems["invalid_item"] += 1
+    elif event_name in SINGLE_PRODUCT_EVENTS:
+        own = {k: v for k, v in properties.items() if k in SINGLE_PRODUCT_KEYS}
+        if own:
+            item = _item(item_fields(own), problems)
+            items.append(item)
+            if value is None and item.price is not None:
+                value = item.price * (item.quantity if item.quantity is not None else 1)
+    num_items = (
+        sum(item.quantity if item.quantity is not None else 1 for item in items) if items else None
+    )
+    return Commerce(
+        value=value,
+        currency=currency,
+        order_id=order_id,
+        items=tuple(items),
+        num_items=num_items,
+        problems=dict(problems),
+    )
