@@ -46,22 +46,22 @@ The table (``H`` = SHA-256 hex of the normalized UTF-8 string, ``plain`` = sent 
 normalized; an empty cell = the platform takes no such field; ``?`` = not confirmed by the
 platform's own documentation, see the comments at :data:`RULES`):
 
-===========  ======  ======  =======  ====  =======  =====  ====  ===  =======  ===  ===
-field        meta    google  tiktok   snap  pinter.  linkd  redd  x    microso
-===========  ======  ======  =======  ====  =======  =====  ====  ===  =======  ===  ===
-email        H       H g     H        H     H        H      H r   H    H m?
-phone        H d     H +     H +?     H d   H d             H +?  H +  H +?
-first_name   H n     H l     H lo     H n   H lo     plain?
-last_name    H n     H l     H lo     H n   H lo     plain?
-street               H s
-city         H c     plain l          H c   H c
-state        H st    plain l          H st  H st
-zip          H z     plain p  H zt?   H z   H zd
-country      H cc    plain CC         H cc  H cc     plain?
-gender       H fm                     H fm  H fm
-birthday     H dob                    H dob H dob
-external_id  H lo            H t      H t   H t      plain? H t        H t?
-===========  ======  ======  =======  ====  =======  =====  ====  ===  =======  ===  ===
+===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
+field        meta   google    tiktok  snapchat  pinterest  linkedin  reddit  x    microsoft
+===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
+email        H      H g       H       H         H          H         H r     H    H m?
+phone        H d    H +       H +?    H d       H d                  H +?    H +  H +?
+first_name   H n    H n       H lo    H n       H lo       plain?
+last_name    H n    H n       H lo    H n       H lo       plain?
+street              H s
+city         H c    plain n           H c       H c
+state        H st   plain n           H st      H st
+zip          H z    plain p   H zt?   H z       H zd
+country      H cc   plain CC          H cc      H cc       plain?
+gender       H fm                     H fm      H fm
+birthday     H dob                    H dob     H dob
+external_id  H lo             H t     H t       H t        plain?    H t          H t?
+===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
 
 Rules: email: trim and lowercase, must look like ``local@domain.tld``; ``g`` Google: no
 whitespace anywhere, and for gmail.com / googlemail.com no dots and no ``+suffix`` in the
@@ -70,11 +70,12 @@ local part (``cloudy.sanfrancisco+shopping@gmail.com`` -> ``cloudysanfrancisco@g
 letters and digits; ``m`` Microsoft: for every domain, local part without dots and
 ``+suffix``. Phone: parsed by ``phonenumbers`` (a leading ``00`` read as ``+``; a number
 without a country code takes the forwarder's ``default_phone_country``, without one it is
-read as if it started with ``+``); one that does not parse or is not a possible number is
-dropped, never sent raw; ``d`` E.164 digits without ``+`` (``16505551212``); ``+`` E.164
-with ``+`` (``+16505551212``). Names: ``n`` lowercase, punctuation and symbols removed,
-letters of every script kept as UTF-8 (``valéry``, ``정``); ``l`` Google: lowercase, only
-letters and single spaces (no digits, punctuation or symbols); ``lo`` lowercase and trim.
+read as if it started with ``+``); one that does not parse or is not a valid number for
+its country is dropped, never sent raw; ``d`` E.164 digits without ``+`` (``16505551212``);
+``+`` E.164 with ``+`` (``+16505551212``). Names: ``n`` lowercase, only letters and single spaces
+(digits, punctuation and symbols removed), letters of every script kept as UTF-8
+(``valéry``, ``정``): Meta's and Snap's rule, and it meets Google's for first and last
+names (Google's city and region: the same, sent plain); ``lo`` lowercase and trim.
 ``s`` street: lowercase, symbols removed, single spaces. ``c`` city: lowercase letters only,
 no spaces (``menlopark``); ``st`` state: like city, and a US state's name becomes its code
 (``california`` -> ``ca``); ``z`` zip: lowercase, no spaces or dashes, a US ZIP+4 cut to its
@@ -468,7 +469,7 @@ def _email_microsoft(value: str, _: _Context) -> str | None:
 
 
 def _e164(value: str, context: _Context) -> str | None:
-    """The number in E.164 (``+16505551212``), or None when it is not a possible number."""
+    """The number in E.164 (``+16505551212``), or None when it is not a valid number."""
     text = value.strip()
     compact = "".join(ch for ch in text if ch.isdigit() or ch == "+")
     if compact.startswith("00"):
@@ -482,7 +483,9 @@ def _e164(value: str, context: _Context) -> str | None:
         number = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException:
         return None
-    if not phonenumbers.is_possible_number(number):
+    # Valid, not merely possible: "6505551212" without a country would otherwise pass as a
+    # Singapore number (+65 0555 1212).
+    if not phonenumbers.is_valid_number(number):
         return None
     return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
 
