@@ -107,6 +107,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import date
+from functools import lru_cache
 from typing import Any, Final, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
 
@@ -470,13 +471,19 @@ def _email_microsoft(value: str, _: _Context) -> str | None:
 
 def _e164(value: str, context: _Context) -> str | None:
     """The number in E.164 (``+16505551212``), or None when it is not a valid number."""
+    return _parse_phone(value, context.default_phone_country)
+
+
+@lru_cache(maxsize=4096)
+def _parse_phone(value: str, region: str | None) -> str | None:
+    # Cached: parsing is most of the cost of preparing an event, and every ad forwarder
+    # prepares the same event's phone number in turn.
     text = value.strip()
     compact = "".join(ch for ch in text if ch.isdigit() or ch == "+")
     if compact.startswith("00"):
         # The ITU international prefix (Snap: "remove any double 0 in front of the country
         # code"); phonenumbers only reads it as such for regions that dial 00.
         text = "+" + compact[2:]
-    region = context.default_phone_country
     if not text.startswith("+") and region is None:
         text = "+" + text  # no country to assume: the digits must start with one
     try:
@@ -774,7 +781,8 @@ def prepare(
     hashes, plain where it does not, left out (and counted in ``drops``) where a value does
     not normalize. ``default_phone_country``: the ISO 3166-1 alpha-2 code (``US``) of numbers
     written without a country code. Pure; raises nothing."""
-    context = _Context(default_phone_country, data.country)
+    country = default_phone_country.upper() if default_phone_country else None
+    context = _Context(country, data.country)
     values: dict[Field, str] = {}
     drops: Counter[str] = Counter()
     for name, rule in RULES[platform].items():
