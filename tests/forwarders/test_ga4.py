@@ -808,6 +808,21 @@ def test_user_data_already_hashed_and_invalid_values() -> None:
     assert sent is None and drops == {"invalid_email": 1}
 
 
+def test_user_data_takes_email_and_phone_properties_but_params_do_not() -> None:
+    event = track(
+        "Lead Generated",
+        properties={"email": "Jane@Example.com", "phone": "+44 20 7946 0958", "plan": "pro"},
+        context={"consent": {"ad_user_data": "granted"}},
+    )
+    sent = body(build_plan(config(send_user_data=True), [event], NOW))
+    assert sent["user_data"] == {
+        "sha256_email_address": [sha("jane@example.com")],
+        "sha256_phone_number": [sha("+442079460958")],
+    }
+    params = sent["events"][0]["params"]
+    assert params["plan"] == "pro" and not {"email", "phone"} & params.keys()
+
+
 def test_default_phone_country_must_be_a_country_code() -> None:
     assert config(default_phone_country="GB").default_phone_country == "GB"
     for bad in ("us", "USA", "ZZ"):

@@ -312,8 +312,9 @@ class GA4Config(ForwarderConfigBase):
     send_user_data: bool = Field(
         False,
         description=(
-            "Send user_data (hashed email, phone, name, address from traits) with events "
-            "that grant ad_user_data."
+            "Send user_data (email, phone, name, address from traits, email and phone also "
+            "from properties; normalized and hashed by Google's rules) with events that "
+            "grant ad_user_data."
         ),
         examples=[True],
     )
