@@ -32,7 +32,6 @@ from aiohttp import web
 
 from tagrelay.config.models import Config
 from tagrelay.errors import IngestError
-from tagrelay.metrics import Metrics
 from tagrelay.sources import SOURCES
 from tagrelay.sources.ga4 import COLLECT_SOURCE, MP_SOURCE
 from tagrelay.web.bodies import read_body
@@ -90,9 +89,8 @@ def _mp_answer(stored: int, rejected: list[dict[str, Any]], cors: dict[str, str]
 
 
 class GoogleEndpoints:
-    def __init__(self, config: Config, service: IngestService, metrics: Metrics) -> None:
+    def __init__(self, config: Config, service: IngestService) -> None:
         self.service = service
-        self.metrics = metrics
         self.max_request_bytes = config.limits.max_request_bytes
         self.collect_ids = frozenset(config.google.collect.measurement_ids)
         self.mp_secrets: dict[str, list[bytes]] = {}
@@ -195,13 +193,9 @@ def _validation_message(path: str, exc: IngestError) -> dict[str, str]:
 
 
 def add_google_routes(
-    router: web.UrlDispatcher,
-    config: Config,
-    service: IngestService,
-    metrics: Metrics,
-    prefix: str,
+    router: web.UrlDispatcher, config: Config, service: IngestService, prefix: str
 ) -> None:
-    google = GoogleEndpoints(config, service, metrics)
+    google = GoogleEndpoints(config, service)
     if google.collect_ids:
         collect = router.add_resource(prefix + "/g/collect")
         collect.add_route("GET", google.collect)
