@@ -156,6 +156,8 @@ class IngestService:
     # -- the handler -------------------------------------------------------------------
 
     async def handle(self, request: web.Request, route: Route, path_name: str) -> web.Response:
+        """A request on a route of the write-key protocols (Segment, Jitsu, the relay's
+        script): key, decode, key from the body if none came in the headers, accept."""
         source = route.source
         key: WriteKeyConfig | None = None
         try:
@@ -215,6 +217,7 @@ class IngestService:
             )
 
     async def _decode(self, request: web.Request, source: str, path_name: str) -> Decoded:
+        """Content type, body and the source's decoder, for the JSON protocols."""
         raw_ctype = request.headers.get("Content-Type")
         if not raw_ctype:
             ctype = ""
@@ -232,7 +235,8 @@ class IngestService:
             )
         body = await read_body(request, self.limits.max_request_bytes)
         decoded = SOURCES[source](body, path_name)
-        # No event can nest deeper than the body has opening brackets.
+        # No event can nest deeper than the body has opening brackets (these protocols'
+        # events are the body's own objects).
         decoded.depth_bound = count_brackets_up_to(body, self.limits.max_nesting_depth)
         if len(decoded.events) > self.limits.max_batch_events:
             raise IngestError(
