@@ -294,8 +294,7 @@ async def test_the_token_is_cached_until_a_minute_before_it_expires(
     clock.now = NOW + 3600 - 60
     assert await tokens.token(http) == "ya29.second"
     assert len(endpoint.requests) == 2
-    assert "ya29.first" not in tokens.secrets()
-    assert "ya29.second" in tokens.secrets()
+    assert set(tokens.secrets()) == {CLIENT_SECRET, REFRESH_TOKEN, "ya29.first", "ya29.second"}
 
 
 async def test_a_short_lived_token_is_kept_for_half_its_life(
@@ -328,7 +327,6 @@ async def test_a_failed_refresh_leaves_no_token_cached(
     tokens = oauth_provider(endpoint)
     assert await tokens.token(http) == "ya29.old"
     assert isinstance(await tokens.token(http, refresh=True), Retry)
-    assert "ya29.old" not in tokens.secrets()
     assert await tokens.token(http) == "ya29.new"
     assert len(endpoint.requests) == 3
 
@@ -445,7 +443,7 @@ async def test_a_network_failure_is_a_retry(http: aiohttp.ClientSession) -> None
 # -- configuration ----------------------------------------------------------------------
 
 
-class AdsLikeConfig(ForwarderConfigBase, GoogleCredentialsConfig):
+class AdsLikeConfig(GoogleCredentialsConfig, ForwarderConfigBase):
     """A forwarder's config that inherits the credentials' options."""
 
     type: Literal["ads_like"] = "ads_like"
@@ -478,6 +476,7 @@ def test_the_options_join_a_forwarder_config(tmp_path: Path, rsa_key: rsa.RSAPri
         }
     )
     assert config.token_url == "https://oauth2.googleapis.com/token"
+    assert list(AdsLikeConfig.model_fields)[:1] == ["id"]
     assert config.oauth is not None and config.oauth.refresh_token.get_secret_value() == "r"
     path = key_file(tmp_path, rsa_key)
     assert (

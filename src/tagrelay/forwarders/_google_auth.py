@@ -1,7 +1,9 @@
 """Google OAuth2 access tokens for forwarders that call Google's APIs (Google Ads).
 
-A forwarder declares its credentials by inheriting ``GoogleCredentialsConfig`` next to
-``ForwarderConfigBase``: either ``oauth`` (an OAuth client and a refresh token, exchanged
+A forwarder declares its credentials by inheriting ``GoogleCredentialsConfig`` before
+``ForwarderConfigBase`` (``class GoogleAdsConfig(GoogleCredentialsConfig,
+ForwarderConfigBase)``, so that the shared options come first in the file's reference):
+either ``oauth`` (an OAuth client and a refresh token, exchanged
 at ``token_url`` with ``grant_type=refresh_token``) or ``service_account_file`` (a
 service-account JSON key; the relay signs an RS256 JWT with the key and exchanges it at
 the same endpoint with the ``jwt-bearer`` grant, RFC 7523). Exactly one of the two; a key
@@ -129,7 +131,7 @@ class GoogleOAuthConfig(ConfigModel):
 class GoogleCredentialsConfig(ConfigModel):
     """How a Google forwarder gets its OAuth2 access tokens: ``oauth`` or
     ``service_account_file``, exactly one. A forwarder's config inherits these options
-    (``class MyConfig(ForwarderConfigBase, GoogleCredentialsConfig)``)."""
+    (``class MyConfig(GoogleCredentialsConfig, ForwarderConfigBase)``)."""
 
     oauth: GoogleOAuthConfig | None = Field(
         None,
@@ -152,8 +154,8 @@ class GoogleCredentialsConfig(ConfigModel):
             "accounts > Keys); the relay signs a JWT with its private key and exchanges it "
             "at token_url. The service account's email must be a user of the Google Ads "
             "account (or see service_account_subject). Read when the configuration is "
-            "loaded: a file that cannot be read or parsed is a configuration error. Set "
-            "this or oauth."
+            "loaded: a file that cannot be read or parsed is a configuration error. "
+            "Relative paths are relative to the working directory. Set this or oauth."
         ),
         examples=["/etc/tagrelay/google-ads-service-account.json"],
     )
@@ -397,6 +399,8 @@ class TokenProvider:
         self._renew_margin_secs = renew_margin_secs
         self._clock = clock
         self._token: _Token | None = None
+        self._previous = ""
+        """The token replaced last: a request that carried it may still be answered."""
         self._fetching: asyncio.Task[str | Retry | Dead] | None = None
 
     @classmethod
@@ -438,9 +442,9 @@ class TokenProvider:
 
     def secrets(self) -> tuple[str, ...]:
         """Values never to show: the client secret and refresh token (or the last signed
-        assertion) and the current access token."""
-        current = (self._token.value,) if self._token is not None else ()
-        return (*self._grant.secrets(), *current)
+        assertion), the current access token and the one it replaced."""
+        tokens = (self._token.value if self._token is not None else "", self._previous)
+        return (*self._grant.secrets(), *(token for token in tokens if token))
 
     async def token(
         self, session: aiohttp.ClientSession, *, refresh: bool = False
@@ -450,7 +454,7 @@ class TokenProvider:
         API refused the cached token; drop it (a failed fetch leaves none) and get
         another. ``Retry``/``Dead`` when the endpoint gives none."""
         if refresh:
-            self._token = None
+            self._drop()
         elif self._token is not None and self._clock() < self._token.renew_at:
             return self._token.value
         task = self._fetching
@@ -470,6 +474,10 @@ class TokenProvider:
         if not isinstance(token, str):
             return token
         return replace(request, headers={**request.headers, "Authorization": f"Bearer {token}"})
+
+    def _drop(self) -> None:
+        if self._token is not None:
+            self._previous, self._token = self._token.value, None
 
     def _fetched(self, task: asyncio.Task[str | Retry | Dead]) -> None:
         if self._fetching is task:
@@ -518,6 +526,7 @@ class TokenProvider:
             )
             # Renewed a margin before it expires, but never sooner than half its lifetime.
             renew_at = started + max(lifetime - self._renew_margin_secs, lifetime / 2)
+            self._drop()
             self._token = _Token(token, renew_at)
             return token
         shared = classify_status(response)
