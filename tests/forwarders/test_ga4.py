@@ -26,8 +26,6 @@ from tagrelay.forwarders.ga4 import (
     build_plan,
     client_hints,
     derived_client_id,
-    normalize_email,
-    normalize_phone,
     snake_name,
 )
 from tagrelay.metrics import Metrics
@@ -764,24 +762,72 @@ def test_user_data_needs_the_option_and_granted_ad_user_data() -> None:
     assert body(no)["consent"] == {"ad_user_data": "DENIED"}
 
 
-def test_normalization_helpers() -> None:
-    assert normalize_email(" Jane.Doe@Example.com ") == "jane.doe@example.com"
-    assert normalize_email("j.o.h.n@googlemail.com") == "john@googlemail.com"
-    assert normalize_phone("0044 20 7946 0958") == "+00442079460958"
-    assert normalize_phone("n/a") is None
+def user_data_of(traits: dict[str, Any], **overrides: Any) -> Any:
+    """The user_data GA4 is sent for a track event with ``traits``, and what was left out
+    of it (the traits also count as pii_removed from the user properties: not shown)."""
+    event = track("Signed Up", traits=traits, context={"consent": {"ad_user_data": "granted"}})
+    plan = build_plan(config(send_user_data=True, **overrides), [event], NOW)
+    drops = {k: n for k, n in plan.drops.items() if k != "pii_removed"}
+    return body(plan).get("user_data"), drops
+
+
+def test_user_data_phone_numbers_take_their_country_code() -> None:
+    # Google's formatting rules (Data Manager "Format user data"): the US number
+    # (800)555-0100 is +18005550100. It used to be hashed as +8005550100 (no country code);
+    # without a default country it cannot be completed: left out and counted.
+    sent, drops = user_data_of({"phone": "(800)555-0100", "email": "jane@example.com"})
+    assert sent == {"sha256_email_address": [sha("jane@example.com")]}
+    assert drops == {"invalid_phone": 1}
+    sent, _ = user_data_of({"phone": "(800)555-0100"}, default_phone_country="US")
+    assert sent == {"sha256_phone_number": [sha("+18005550100")]}
+    # 00 is the international prefix, not part of the number (it used to be +0044...).
+    sent, _ = user_data_of({"phone": "0044 20 7946 0958"}, default_phone_country="US")
+    assert sent == {"sha256_phone_number": [sha("+442079460958")]}
+    # A number with its country code needs no default.
+    sent, _ = user_data_of({"phone": "+1 800 555 0100"})
+    assert sent == {"sha256_phone_number": [sha("+18005550100")]}
+
+
+def test_user_data_gmail_addresses_lose_dots_and_plus_suffix() -> None:
+    # Google's example: cloudy.sanfrancisco+shopping@gmail.com -> cloudysanfrancisco@gmail.com
+    # (the +suffix used to be kept); other domains keep both (user.name+nyc@example.com).
+    sent, _ = user_data_of({"email": "cloudy.sanfrancisco+shopping@gmail.com"})
+    assert sent == {"sha256_email_address": [sha("cloudysanfrancisco@gmail.com")]}
+    sent, _ = user_data_of({"email": "user.name+NYC@Example.com"})
+    assert sent == {"sha256_email_address": [sha("user.name+nyc@example.com")]}
+    sent, _ = user_data_of({"email": "j.o.h.n@googlemail.com"})
+    assert sent == {"sha256_email_address": [sha("john@googlemail.com")]}
+
+
+def test_user_data_already_hashed_and_invalid_values() -> None:
     already = sha("jane@example.com")
-    plan = build_plan(
-        config(send_user_data=True),
-        [
-            track(
-                "Signed Up",
-                traits={"email": already.upper()},
-                context={"consent": {"ad_user_data": "granted"}},
-            )
-        ],
-        NOW,
+    sent, drops = user_data_of({"email": already.upper(), "phone": "n/a"})
+    assert sent == {"sha256_email_address": [already]}
+    assert drops == {"invalid_phone": 1}
+    sent, drops = user_data_of({"email": "not an email"})
+    assert sent is None and drops == {"invalid_email": 1}
+
+
+def test_user_data_takes_email_and_phone_properties_but_params_do_not() -> None:
+    event = track(
+        "Lead Generated",
+        properties={"email": "Jane@Example.com", "phone": "+44 20 7946 0958", "plan": "pro"},
+        context={"consent": {"ad_user_data": "granted"}},
     )
-    assert body(plan)["user_data"] == {"sha256_email_address": [already]}
+    sent = body(build_plan(config(send_user_data=True), [event], NOW))
+    assert sent["user_data"] == {
+        "sha256_email_address": [sha("jane@example.com")],
+        "sha256_phone_number": [sha("+442079460958")],
+    }
+    params = sent["events"][0]["params"]
+    assert params["plan"] == "pro" and not {"email", "phone"} & params.keys()
+
+
+def test_default_phone_country_must_be_a_country_code() -> None:
+    assert config(default_phone_country="GB").default_phone_country == "GB"
+    for bad in ("us", "USA", "ZZ"):
+        with pytest.raises(ValidationError):
+            config(default_phone_country=bad)
 
 
 def test_client_hints_leave_out_what_a_header_cannot_carry() -> None:

@@ -50,9 +50,11 @@ fields: consent, user properties, user data, IP), split further if the body woul
   email address are left out.
 - ``consent`` from ``context.consent.ad_user_data`` / ``ad_personalization``.
 - ``user_data`` (``send_user_data``, only when ``ad_user_data`` is granted): email, phone,
-  name and address from the traits, normalized and SHA-256 hashed by Google's rules
-  (:func:`normalize_email` and friends); 64-hex values are taken as already hashed. Without
-  such traits, the ``user_data`` a Measurement Protocol sender gave (already hashed).
+  name and address of the event (``forwarders._user_data``: traits, then email and phone
+  properties), normalized and SHA-256 hashed by Google's rules, phones in E.164 with
+  ``default_phone_country`` for national numbers; 64-hex values are taken as already
+  hashed; values that do not normalize are left out and counted (``invalid_email``, ...).
+  Without any, the ``user_data`` a Measurement Protocol sender gave (already hashed).
 - ``ip_override`` from ``context.ip`` when the relay kept one.
 
 **Consent** (``analytics_denied``): an event whose ``context.consent.analytics`` is
@@ -118,6 +120,15 @@ from tagrelay.forwarders._ecommerce import (
     number,
 )
 from tagrelay.forwarders._http import MAX_DETAIL_CHARS, HttpRequest, HttpResponse, classify_status
+from tagrelay.forwarders._user_data import DROP_REASONS as USER_DATA_DROP_REASONS
+from tagrelay.forwarders._user_data import Field as UserDataField
+from tagrelay.forwarders._user_data import (
+    UserData,
+    extract_user_data,
+    is_phone_country,
+    looks_like_email,
+    prepare,
+)
 from tagrelay.model import Dead, Delivered, Event, Outcome
 
 __all__ = [
@@ -131,8 +142,6 @@ __all__ = [
     "build_user_data",
     "client_hints",
     "derived_client_id",
-    "normalize_email",
-    "normalize_phone",
     "snake_name",
 ]
 
@@ -217,6 +226,7 @@ FIELD_DROP_REASONS: Final = frozenset(
         "pii_removed",  # personal data kept out of params and user properties
         "unmapped_item_field",  # a product field GA4 items have no place for
         "invalid_user_id",  # a userId over 256 characters (sent without it)
+        *USER_DATA_DROP_REASONS,  # invalid_email, invalid_phone, ...: left out of user_data
     }
 )
 """Reasons for which part of a sent event was cut or left out."""
@@ -227,8 +237,6 @@ _GA4_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*")
 _CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _NOT_WORD = re.compile(r"[^A-Za-z0-9]+")
 _LEADING_NON_LETTERS = re.compile(r"^[^a-z]+")
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_EMAILISH = re.compile(r"[^@\s]+@[^@\s]+\.[A-Za-z]{2,}")
 MAX_CLIENT_ID: Final = 256
 
 
@@ -285,10 +293,21 @@ class GA4Config(ForwarderConfigBase):
     send_user_data: bool = Field(
         False,
         description=(
-            "Send user_data (hashed email, phone, name, address from traits) with events "
-            "that grant ad_user_data."
+            "Send user_data (email, phone, name, address from traits, email and phone also "
+            "from properties; normalized and hashed by Google's rules) with events that "
+            "grant ad_user_data."
         ),
         examples=[True],
+    )
+    default_phone_country: str | None = Field(
+        None,
+        pattern=r"^[A-Z]{2}$",
+        description=(
+            "ISO 3166-1 alpha-2 country (US, GB, ...) of user-data phone numbers written "
+            "without a country code. Without it, a number must start with its country code "
+            "(+ or 00 optional); one that does not is left out, counted as invalid_phone."
+        ),
+        examples=["US"],
     )
     analytics_denied: Literal["skip", "cookieless"] = Field(
         "cookieless",
@@ -331,6 +350,13 @@ class GA4Config(ForwarderConfigBase):
                 "GA4 event names must be letters, digits and underscores, start with a letter, "
                 "have at most 40 characters and not be reserved: " + ", ".join(bad)
             )
+        return value
+
+    @field_validator("default_phone_country")
+    @classmethod
+    def _known_phone_country(cls, value: str | None) -> str | None:
+        if value is not None and not is_phone_country(value):
+            raise ValueError(f"{value!r} is not an ISO 3166-1 alpha-2 country code")
         return value
 
 
@@ -421,89 +447,34 @@ def derived_client_id(seed: str) -> str:
     return f"{int.from_bytes(digest[:4], 'big')}.{int.from_bytes(digest[4:8], 'big')}"
 
 
-def _sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+_ADDRESS_FIELDS: Final[tuple[tuple[UserDataField, str], ...]] = (
+    ("first_name", "sha256_first_name"),
+    ("last_name", "sha256_last_name"),
+    ("street", "sha256_street"),
+    ("city", "city"),
+    ("state", "region"),
+    ("zip", "postal_code"),
+    ("country", "country"),
+)
 
 
-def normalize_email(value: str) -> str:
-    """Google's rule: no whitespace, lowercase; for gmail.com and googlemail.com, no dots
-    before the ``@``."""
-    email = "".join(value.split()).lower()
-    local, at, domain = email.rpartition("@")
-    if at and domain in ("gmail.com", "googlemail.com"):
-        email = local.replace(".", "") + "@" + domain
-    return email
-
-
-def normalize_phone(value: str) -> str | None:
-    """E.164 as Google hashes it: digits only, prefixed with ``+`` (the number must already
-    carry its country code: none is guessed). ``None`` when no digit is left."""
-    digits = "".join(ch for ch in value if ch.isdigit())
-    return "+" + digits if digits else None
-
-
-def _letters_only(value: str) -> str:
-    """Names, city, region: digits and symbols removed, lowercase, spaces trimmed."""
-    kept = "".join(ch for ch in value if ch.isalpha() or ch.isspace())
-    return " ".join(kept.split()).lower()
-
-
-def _street(value: str) -> str:
-    kept = "".join(ch for ch in value if ch.isalnum() or ch.isspace())
-    return " ".join(kept.split()).lower()
-
-
-def _hashed(value: str, normalized: str) -> str:
-    """Values that already are SHA-256 hex digests pass through unchanged."""
-    stripped = value.strip().lower()
-    return stripped if _HEX64.fullmatch(stripped) else _sha256(normalized)
-
-
-def _first(traits: Mapping[str, Any], *keys: str) -> str | None:
-    for key in keys:
-        value = traits.get(key)
-        if isinstance(value, str) and value.strip():
-            return value
-    return None
-
-
-def build_user_data(traits: Mapping[str, Any]) -> dict[str, Any] | None:
-    """GA4's ``user_data`` from Segment traits (``email``, ``phone``, ``firstName``,
-    ``lastName``, ``address{street, city, state, postalCode, country}``)."""
+def build_user_data(
+    data: UserData, default_phone_country: str | None = None
+) -> tuple[dict[str, Any] | None, Mapping[str, int]]:
+    """GA4's ``user_data`` (``sha256_email_address``, ``sha256_phone_number``, ``address``)
+    from the event's user data, normalized and hashed by Google's rules
+    (``forwarders._user_data``), and the counts of values left out (``invalid_email``, ...)."""
+    prepared = prepare(data, "google", default_phone_country=default_phone_country)
+    values = prepared.values
     user_data: dict[str, Any] = {}
-    email = _first(traits, "email")
-    if email is not None:
-        user_data["sha256_email_address"] = [_hashed(email, normalize_email(email))]
-    phone = _first(traits, "phone")
-    if phone is not None:
-        normalized = normalize_phone(phone)
-        if normalized is not None:
-            user_data["sha256_phone_number"] = [_hashed(phone, normalized)]
-    address: dict[str, str] = {}
-    first_name = _first(traits, "firstName", "first_name")
-    if first_name is not None and _letters_only(first_name):
-        address["sha256_first_name"] = _hashed(first_name, _letters_only(first_name))
-    last_name = _first(traits, "lastName", "last_name")
-    if last_name is not None and _letters_only(last_name):
-        address["sha256_last_name"] = _hashed(last_name, _letters_only(last_name))
-    raw_address = traits.get("address")
-    if isinstance(raw_address, dict):
-        street = _first(raw_address, "street")
-        if street is not None and _street(street):
-            address["sha256_street"] = _hashed(street, _street(street))
-        for keys, target in ((("city",), "city"), (("state", "region"), "region")):
-            text = _first(raw_address, *keys)
-            if text is not None and _letters_only(text):
-                address[target] = _letters_only(text)
-        postal = _first(raw_address, "postalCode", "postal_code")
-        if postal is not None:
-            address["postal_code"] = postal.strip()
-        country = _first(raw_address, "country")
-        if country is not None and len(country.strip()) == 2:
-            address["country"] = country.strip().upper()
+    if "email" in values:
+        user_data["sha256_email_address"] = [values["email"]]
+    if "phone" in values:
+        user_data["sha256_phone_number"] = [values["phone"]]
+    address = {target: values[name] for name, target in _ADDRESS_FIELDS if name in values}
     if address:
         user_data["address"] = [address]
-    return user_data or None
+    return user_data or None, prepared.drops
 
 
 # -- the plan: requests built from a batch (pure) -----------------------------------------
@@ -744,8 +715,12 @@ class RequestBuilder:
             if user_properties:
                 envelope["user_properties"] = user_properties
             if self.config.send_user_data and consent.get("ad_user_data") == "GRANTED":
-                # From the traits, else as a Measurement Protocol sender gave it (hashed).
-                user_data = build_user_data(traits) or _dict(ga4_context.get("userData"))
+                # From the event, else as a Measurement Protocol sender gave it (hashed).
+                user_data, user_data_drops = build_user_data(
+                    extract_user_data(event), self.config.default_phone_country
+                )
+                drops.update(user_data_drops)
+                user_data = user_data or _dict(ga4_context.get("userData"))
                 if user_data:
                     envelope["user_data"] = user_data
 
@@ -988,7 +963,7 @@ class RequestBuilder:
         if isinstance(value, bool):
             value = "true" if value else "false"
         if isinstance(value, str):
-            if _EMAILISH.search(value):
+            if looks_like_email(value):
                 drops["pii_removed"] += 1
                 return None
             return cls._text(value, limit, drops)
