@@ -308,6 +308,8 @@ class Conversion:
     """``context.consent`` as the relay stated it (category -> granted/denied)."""
     browser: bool = False
     """The event came from a browser: it carries a user agent and a page URL."""
+    field_drops: Mapping[str, int] = field(default_factory=dict)
+    """What was left out of it (``FIELD_DROP_REASONS``), counted only if it is sent."""
 
     @property
     def properties(self) -> Mapping[str, Any]:
@@ -450,7 +452,9 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
         self, index: int, event: Event, now: datetime, drops: Counter[str]
     ) -> Conversion | None:
         """``event`` as a :class:`Conversion`, or None when it is not sent (the reason
-        counted in ``drops``, as are the fields left out). Pure."""
+        counted in ``drops``; what was left out of a conversion is in its ``field_drops``,
+        counted by ``plan`` for the conversions it keeps). A platform that drops more
+        events overrides this, calling it first. Pure."""
         named = self.event_name(event)
         if isinstance(named, str):
             drops[named] += 1
@@ -478,9 +482,7 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
         prepared = prepare(
             user, self.platform, default_phone_country=self.config.default_phone_country
         )
-        drops.update(prepared.drops)
         facts = commerce(_dict(event.get("properties")), canonical)
-        drops.update(facts.problems)
         page = _dict(context.get("page"))
         properties = _dict(event.get("properties"))
         is_page = canonical == PAGE_VIEW and event.get("type") in ("page", "screen")
@@ -506,6 +508,7 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             referrer=referrer,
             consent=consent,
             browser=bool(user.user_agent and page_url),
+            field_drops=Counter(prepared.drops) + Counter(facts.problems),
         )
 
     def plan(self, events: list[Event], now: datetime) -> ConversionPlan:
@@ -515,6 +518,8 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             for index, event in enumerate(events)
             if (c := self.convert(index, event, now, plan.drops)) is not None
         ]
+        for c in conversions:
+            plan.drops.update(c.field_drops)
         plan.requests.extend(self.requests(conversions))
         plan.match_keys = {c.index: c.match_keys for c in conversions}
         return plan
