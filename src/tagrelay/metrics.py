@@ -115,7 +115,8 @@ class Metrics:
             "tagrelay_forwarder_dropped",
             "Events a forwarder did not send, by reason: consent_denied (the event does not "
             "grant a category in requires_consent), and the destination's own (ga4: too_old, "
-            "unsupported_type, reserved_name, ...).",
+            "unsupported_type, reserved_name, ...; ad forwarders: not_a_conversion, "
+            "unmapped_event, too_old, ad_user_data_denied, ...).",
             ["forwarder", "reason"],
             registry=r,
         )

@@ -4,6 +4,7 @@ the match-key counts (once per batch, never on a retried attempt)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +32,7 @@ from tagrelay.forwarders._http import HttpRequest
 from tagrelay.forwarders._user_data import sha256_hex
 from tagrelay.metrics import Metrics
 from tagrelay.model import Delivered, Event, Retry
+from tagrelay.sources.ga4 import parse_collect, parse_measurement_protocol
 from tests.support import Recorder, recording_server
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)
@@ -300,3 +302,46 @@ async def test_a_dead_batch_counts_no_match_keys(fake: Recorder, context: Forwar
     outcome = await fwd.deliver([person(GRANTED)])
     assert not isinstance(outcome, Delivered | Retry)
     assert match_count(context, "email") == 0
+
+
+# -- GA4 events as the GA4 sources store them ----------------------------------------------
+
+
+def test_gtag_and_measurement_protocol_events_map_with_their_commerce() -> None:
+    gtag = parse_collect(
+        "v=2&tid=G-TEST1234&cid=1.2&en=purchase&cu=eur&epn.value=30&ep.transaction_id=T-1"
+        "&pr1=idSKU_1~nmTee~pr10~qt3&dl=https%3A%2F%2Fwww.shop.test%2Fdone"
+    ).events
+    gtag_page = parse_collect("v=2&tid=G-TEST1234&cid=1.2&en=page_view").events
+    mp = parse_measurement_protocol(
+        {
+            "client_id": "1.2",
+            "events": [
+                {
+                    "name": "add_to_cart",
+                    "params": {
+                        "currency": "USD",
+                        "value": 5,
+                        "items": [{"item_id": "SKU_2", "price": 5, "quantity": 1}],
+                    },
+                }
+            ],
+        },
+        "G-TEST1234",
+    ).events
+    events = [*gtag, *gtag_page, *mp]
+    for event in events:
+        event["context"]["consent"] = dict(GRANTED)
+    plan = toy().plan(events, NOW)
+    assert dict(plan.drops) == {}
+    sent_events = [e for p in plan.requests for e in orjson.loads(p.request.body)["events"]]
+    assert [(e["name"], e["value"], e["currency"]) for e in sent_events] == [
+        ("PURCHASE", 30, "EUR"),
+        ("PAGE_VIEW", None, None),
+        ("ADD_CART", 5, "USD"),
+    ]
+    assert sent_events[0]["url"] == "https://www.shop.test/done"
+    conversion = toy().convert(0, gtag[0], NOW, Counter())
+    assert conversion is not None
+    assert conversion.commerce.order_id == "T-1"
+    assert [(i.id, i.price, i.quantity) for i in conversion.commerce.items] == [("SKU_1", 10, 3)]
