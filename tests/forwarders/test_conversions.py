@@ -121,6 +121,7 @@ def sent(fwd: Toy, events: list[Event]) -> list[dict[str, Any]]:
         ("Subscription Started", "SUBSCRIBE"),
         ("Trial Started", "START_TRIAL"),
         ("SIGN_UP", "SIGN_UP"),  # already the platform's own standard event
+        ("ADD_BILLING", "ADD_BILLING"),
     ],
 )
 def test_names_map_to_the_platforms_standard_events(name: str, expected: str) -> None:
@@ -145,6 +146,9 @@ def test_configured_names_add_and_override() -> None:
 def test_unmapped_events_are_custom_or_skipped() -> None:
     [event] = sent(toy(), [track(" Video Played ")])
     assert (event["name"], event["standard"]) == ("Video Played", False)
+    # A platform's own name counts only when spelled exactly.
+    [event] = sent(toy(), [track("add_billing")])
+    assert (event["name"], event["standard"]) == ("add_billing", False)
     plan = toy(unmapped="skip").plan([track("Video Played")], NOW)
     assert (plan.requests, dict(plan.drops)) == ([], {"unmapped_event": 1})
 

@@ -12,7 +12,8 @@ The path of an event through an ad forwarder (after the runtime's filter and
 
    - the forwarder's ``events`` option (``{"Demo Booked": "Lead"}``), matched exactly, then
      case- and space-insensitively; the value is the platform's event name, taken as is;
-   - the name already *is* one of the platform's standard events (``Purchase`` for Meta);
+   - the name already *is* one of the platform's standard events, exactly (``Purchase``
+     for Meta);
    - the canonical name (:data:`CANONICAL_EVENT_NAMES`: Segment's e-commerce and B2B spec
      names, ``Order Completed`` -> ``purchase``; GA4's recommended names as gtag and
      Measurement Protocol senders send them, ``purchase``, ``add_to_cart``; page views are
@@ -397,7 +398,6 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             }
         standard_names = set(self._standard.values()) | set(self.extra_standard_events)
         self._standard_names = frozenset(standard_names)
-        self._standard_by_key = {event_name_key(n): n for n in standard_names}
         self._configured_exact = dict(config.events)
         self._configured = {event_name_key(k): v for k, v in config.events.items()}
         window = self.max_event_age_secs
@@ -439,9 +439,8 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
         configured = self._configured_exact.get(raw) or self._configured.get(key)
         if configured is not None:
             return configured, configured in self._standard_names, canonical
-        own = self._standard_by_key.get(key)
-        if own is not None:
-            return own, True, canonical
+        if raw in self._standard_names:
+            return raw, True, canonical
         if canonical is not None and canonical in self._standard:
             return self._standard[canonical], True, canonical
         if etype != "track" or self.config.unmapped == "skip":
