@@ -114,7 +114,7 @@ def custom_event() -> Event:
         "event": "Video Played",
         "messageId": "msg-video-1",
         "timestamp": WHEN,
-        "properties": {"video_id": "v-9", "email": "kept.out@example.com"},
+        "properties": {"video_id": "v-9", "email": "viewer@example.com"},
         "context": browser_context(
             clientIds={"fbc": "fb.1.1733300000000.AbCdEf", "fbp": "fb.1.2.3"}
         ),
