@@ -437,7 +437,12 @@ async def test_an_order_reaches_meta_with_its_message_id_and_ads_denied_does_not
         "/v1/track", json=segment_order("order-denied", {"ads": "denied"}), headers=auth
     )
     granted = await client.post("/v1/track", json=segment_order("order-1", GRANTED), headers=auth)
-    assert (denied.status, granted.status) == (200, 200)
+    identify = await client.post(
+        "/v1/identify",
+        json={"userId": "user-42", "traits": {"plan": "pro"}, "context": {"consent": GRANTED}},
+        headers=auth,
+    )
+    assert (denied.status, granted.status, identify.status) == (200, 200, 200)
     await wait_idle(client.app)
     [request] = meta.requests
     assert request["path"] == PATH
@@ -448,8 +453,9 @@ async def test_an_order_reaches_meta_with_its_message_id_and_ads_denied_does_not
     assert event["custom_data"]["value"] == 42.0
     assert event["user_data"]["em"] == [sha256_hex("buyer@example.com")]
     app = client.app
-    labels = {"forwarder": "meta", "reason": "consent_denied"}
-    assert metric_value(app, "tagrelay_forwarder_dropped_total", labels) == 1
+    for reason in ("consent_denied", "not_a_conversion"):
+        labels = {"forwarder": "meta", "reason": reason}
+        assert metric_value(app, "tagrelay_forwarder_dropped_total", labels) == 1, reason
     delivered = {"forwarder": "meta", "outcome": "delivered"}
     assert metric_value(app, "tagrelay_forwarder_events_total", delivered) == 1
     email = {"forwarder": "meta", "key": "email"}
