@@ -15,6 +15,7 @@ import orjson
 import pytest
 from pydantic import Field, ValidationError
 
+import tagrelay.forwarders._conversions as conversions
 from tagrelay.forwarders._base import ForwarderContext
 from tagrelay.forwarders._conversions import (
     AD_EVENT_NAMES,
@@ -349,3 +350,8 @@ def test_gtag_and_measurement_protocol_events_map_with_their_commerce() -> None:
     assert conversion is not None
     assert conversion.commerce.order_id == "T-1"
     assert [(i.id, i.price, i.quantity) for i in conversion.commerce.items] == [("SKU_1", 10, 3)]
+
+
+def test_the_module_exports_its_public_names() -> None:
+    for name in conversions.__all__:
+        assert getattr(conversions, name) is not None
