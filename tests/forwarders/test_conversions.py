@@ -255,6 +255,8 @@ def test_config_defaults_and_validation() -> None:
         ToyConfig.model_validate({"id": "toy", "default_phone_country": "XX"})
     with pytest.raises(ValidationError):
         ToyConfig.model_validate({"id": "toy", "base_url": "https://toy.test/"})
+    with pytest.raises(ValidationError, match="blank"):
+        ToyConfig.model_validate({"id": "toy", "events": {"Demo Booked": " "}})
 
 
 def test_every_layer_option_documents_itself() -> None:

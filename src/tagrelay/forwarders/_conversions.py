@@ -251,6 +251,14 @@ class ConversionsConfig(ForwarderConfigBase):
         examples=[4],
     )
 
+    @field_validator("events")
+    @classmethod
+    def _named_events(cls, value: dict[str, str]) -> dict[str, str]:
+        blank = [source for source, target in value.items() if not target.strip()]
+        if blank:
+            raise ValueError("event names cannot be blank: " + ", ".join(map(repr, blank)))
+        return {source: target.strip() for source, target in value.items()}
+
     @field_validator("base_url")
     @classmethod
     def _plain_base_url(cls, value: str) -> str:
