@@ -227,6 +227,15 @@ def test_without_ad_user_data_only_the_ad_interaction_goes() -> None:
     assert (plan.requests, dict(plan.drops)) == ([], {"ad_user_data_denied": 2})
 
 
+def test_only_the_keys_a_payload_carries_are_match_keys() -> None:
+    class NoBrowserFacts(Toy):
+        payload_match_keys = frozenset({"email", "phone", "click_id"})
+
+    fwd = NoBrowserFacts(ToyConfig.model_validate({"id": "toy"}), toy().context)
+    [event] = sent(fwd, [person(GRANTED)])
+    assert event["keys"] == ["click_id", "email", "phone"]
+
+
 def test_values_that_do_not_normalize_are_left_out_and_counted() -> None:
     event = track(
         "Order Completed",

@@ -386,6 +386,9 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
     """Standard events of the platform beyond the canonical table (Meta's ``Donate``, ...):
     a track event so named is sent as that standard event."""
     max_events_per_request: ClassVar[int]
+    payload_match_keys: ClassVar[frozenset[str]] = frozenset(MATCH_KEYS)
+    """The match keys the platform's payload can carry: a key outside it is not counted
+    (Google Ads click conversions carry no IP or user agent)."""
     platform_event_drop_reasons: ClassVar[frozenset[str]] = frozenset()
     """The platform's own reasons for not sending a whole event (added to the layer's)."""
 
@@ -510,7 +513,7 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             user=user,
             prepared=prepared,
             user_data_granted=granted,
-            match_keys=match_keys(prepared, user),
+            match_keys=match_keys(prepared, user) & self.payload_match_keys,
             page_url=page_url,
             referrer=referrer,
             consent=consent,
