@@ -60,8 +60,9 @@ Drop reasons are bounded: :data:`EVENT_DROP_REASONS` (whole events, counted by t
 Writing a platform: subclass :class:`ConversionsConfig` (a ``type`` literal, ``base_url`` and
 ``api_version`` redeclared with today's defaults, the platform's credentials and test mode)
 and :class:`ConversionsForwarder` (class attributes ``platform``, ``standard_events``,
-``max_events_per_request``, ``max_event_age_secs``; methods ``request``, ``classify``,
-``secrets``), then one line in ``forwarders.FORWARDERS``.
+``max_events_per_request``, ``max_event_age_secs``, and where they apply
+``extra_standard_events``, ``payload_match_keys``, ``platform_event_drop_reasons``; methods
+``request``, ``classify``, ``secrets``), then one line in ``forwarders.FORWARDERS``.
 """
 
 from __future__ import annotations
