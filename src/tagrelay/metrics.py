@@ -3,7 +3,8 @@
 Labels are bounded: ``source`` (an inbound protocol; ``rudderstack`` for RudderStack's SDKs
 on Segment's routes, see ``sources.SOURCE_LABELS``), ``forwarder`` (a configured id),
 ``reason`` (a code from a fixed vocabulary), ``outcome``, ``route`` (the route template,
-never the raw path), ``status_class``, ``key`` (a configured write key's id, or ``none``).
+never the raw path), ``status_class``, ``key`` (a configured write key's id, or ``none``; on
+``tagrelay_forwarder_match_keys``, a match key of ``_user_data.MATCH_KEYS`` or ``none``).
 Never a URL, an origin, an id from a request, a key's value or raw error text.
 
 Each application owns a ``Metrics`` on its own registry, so that tests (and several apps
@@ -114,7 +115,8 @@ class Metrics:
             "tagrelay_forwarder_dropped",
             "Events a forwarder did not send, by reason: consent_denied (the event does not "
             "grant a category in requires_consent), and the destination's own (ga4: too_old, "
-            "unsupported_type, reserved_name, ...).",
+            "unsupported_type, reserved_name, ...; ad forwarders: not_a_conversion, "
+            "unmapped_event, too_old, ad_user_data_denied, ...).",
             ["forwarder", "reason"],
             registry=r,
         )
@@ -123,6 +125,15 @@ class Metrics:
             "Parts of sent events a forwarder cut or left out to meet the destination's "
             "limits, by reason (ga4: value_truncated, too_many_params, pii_removed, ...).",
             ["forwarder", "reason"],
+            registry=r,
+        )
+        self.forwarder_match_keys = Counter(
+            "tagrelay_forwarder_match_keys",
+            "Events an ad forwarder delivered, by the match key they carried (one count per "
+            "key per event): email, phone, name, address, external_id, ip, user_agent, "
+            "click_id, browser_id; none for an event that carried none of them. Divide by "
+            "tagrelay_forwarder_events_total with outcome delivered for each key's coverage.",
+            ["forwarder", "key"],
             registry=r,
         )
         self.forwarder_retries = Counter(

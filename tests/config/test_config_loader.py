@@ -11,6 +11,10 @@ import pytest
 from tagrelay.config.loader import format_config_error, load_config, parse_config
 from tagrelay.config.models import Config, ServerConfig
 from tagrelay.errors import ConfigError
+from tagrelay.forwarders import FORWARDERS
+
+TYPES = ", ".join(sorted(FORWARDERS))
+"""The forwarder types the messages list (every registered one, in order)."""
 
 SERVER_KEYS = ", ".join(ServerConfig.model_fields)
 """Every key of ``server:``, in the order an unknown-key error lists them."""
@@ -190,7 +194,7 @@ def test_several_problems_are_all_reported_with_their_paths_and_lines() -> None:
         (
             "forwarders[1].type",
             12,
-            "unknown type 'google_analytics'; expected one of: ga4, warehouse, webhook",
+            f"unknown type 'google_analytics'; expected one of: {TYPES}",
         ),
         (
             "forwarders[2].endpoint",
@@ -221,7 +225,7 @@ def test_missing_options_point_at_the_mapping_that_lacks_them() -> None:
         (
             "forwarders[1].type",
             7,
-            "required option is missing; set it to one of: ga4, warehouse, webhook",
+            f"required option is missing; set it to one of: {TYPES}",
         ),
     ]
 

@@ -337,3 +337,25 @@ def test_a_config_without_the_http_limits_is_refused(context: ForwarderContext) 
 
     with pytest.raises(TypeError, match="timeout_secs, max_concurrent_requests"):
         BareForwarder(Bare(id="bare"), context)
+
+
+async def test_settled_is_called_once_per_batch_when_it_is_done(
+    destination: FakeDestination, context: ForwarderContext
+) -> None:
+    calls: list[Outcome] = []
+
+    class Counting(Toy):
+        def settled(self, plan: Plan, outcome: Delivered | Dead) -> None:
+            calls.append(outcome)
+
+    raw: dict[str, Any] = {"id": "toy", "endpoint": destination.url}
+    fwd = Counting(ToyConfig.model_validate(raw), context)
+    destination.answers = {"b": [(503, {}, b"busy"), (204, {}, b"")], "c": [(400, {}, b"no")]}
+    batch = events("a", "b")
+    assert isinstance(await fwd.deliver(batch), Retry)
+    assert calls == []  # an attempt that will be retried is not done
+    assert await fwd.deliver(batch) == Delivered()
+    assert calls == [Delivered()]
+    dead = await fwd.deliver(events("c"))
+    assert isinstance(dead, Dead)
+    assert calls == [Delivered(), dead]

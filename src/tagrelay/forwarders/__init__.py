@@ -4,18 +4,22 @@ Adding a destination: a module with a config model and a ``Forwarder`` subclass,
 in ``FORWARDERS``, one test file under ``tests/forwarders/``. An HTTP API subclasses
 ``_batched.BatchedHttpForwarder`` (a pure plan of requests and a classification of
 responses; sending, retries without resending, credentials and secret scrubbing are
-shared) and reads commerce fields through ``_ecommerce``.
+shared) and reads commerce fields through ``_ecommerce``; an ad platform subclasses
+``_conversions.ConversionsForwarder`` (event names, consent, user data, commerce and
+match-key counts shared; it lays out its payload and reads its errors).
 """
 
 from __future__ import annotations
 
 from tagrelay.forwarders._base import Forwarder, ForwarderContext
 from tagrelay.forwarders.ga4 import GA4Forwarder
+from tagrelay.forwarders.meta_capi import MetaForwarder
 from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.forwarders.webhook import WebhookForwarder
 
 FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "ga4": GA4Forwarder,
+    "meta": MetaForwarder,
     "warehouse": WarehouseForwarder,
     "webhook": WebhookForwarder,
 }

@@ -48,6 +48,8 @@ The base owns the rest, the same for every destination:
                                                drops that are whole events
   ===========================================  ===========================================
 
+- **Settled**: once a batch is done, ``settled(plan, outcome)`` is called once (counts
+  that must not repeat on retries: the conversions layer counts match keys there).
 - **Drops**: once a batch is done (not on attempts that will be retried), every count of
   ``Plan.drops`` goes through ``dropped``: reasons in ``event_drop_reasons`` are whole
   events (the runtime counts them from ``Delivered.dropped``), those in
@@ -164,6 +166,12 @@ class BatchedHttpForwarder(Forwarder[C]):
         and the request is sent once more. Default: never (static credentials)."""
         return False
 
+    def settled(self, plan: Plan, outcome: Delivered | Dead) -> None:
+        """Called once when a batch is done (``Delivered`` or ``Dead``; never for an attempt
+        that will be retried), with the plan of its last attempt and the batch's outcome:
+        for counts that must not repeat on retries (which events went out with what).
+        ``Delivered.rejected`` names the batch's events that were not taken. Default: none."""
+
     # -- what the base does ------------------------------------------------------------
 
     def dropped(self, reason: str, n: int = 1) -> None:
@@ -255,7 +263,9 @@ class BatchedHttpForwarder(Forwarder[C]):
             # Nothing went through: the whole batch becomes dead letters with the
             # destination's reason (what the plan left out goes with it, not dropped).
             first_dead = dead[0][1]
-            return Dead(first_dead.reason, self.scrub(first_dead.detail))
+            whole_dead = Dead(first_dead.reason, self.scrub(first_dead.detail))
+            self.settled(plan, whole_dead)
+            return whole_dead
         for reason, n in sorted(plan.drops.items()):
             self.dropped(reason, n)
         rejected = {
@@ -269,4 +279,6 @@ class BatchedHttpForwarder(Forwarder[C]):
                     if 0 <= position < len(planned.indices):
                         rejected[planned.indices[position]] = self.scrub(text)
         whole = {r: n for r, n in plan.drops.items() if r in self.event_drop_reasons}
-        return Delivered(rejected=rejected, dropped=whole)
+        delivered = Delivered(rejected=rejected, dropped=whole)
+        self.settled(plan, delivered)
+        return delivered
