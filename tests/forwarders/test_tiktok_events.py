@@ -33,7 +33,15 @@ from tagrelay.forwarders.tiktok_events import (
 )
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Retry
-from tests.support import SERVER_KEY, Recorder, basic, metric_value, recording_server, wait_idle
+from tests.support import (
+    BROWSER_KEY,
+    SERVER_KEY,
+    Recorder,
+    basic,
+    metric_value,
+    recording_server,
+    wait_idle,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "tiktok_events"
 UPDATE = os.environ.get("TAGRELAY_UPDATE_GOLDEN") == "1"
@@ -666,3 +674,54 @@ async def test_a_permission_answer_is_dead_lettered_with_tiktoks_message(
     assert TOKEN not in dead.detail
     labels = {"forwarder": "tiktok", "reason": "tiktok_permission"}
     assert metric_value(app, "tagrelay_dead_letters_total", labels) == 1
+
+
+async def test_a_script_purchase_carries_the_ttp_cookie_and_the_landing_ttclid(
+    relay: Any, tiktok: Recorder
+) -> None:
+    """The tracking script's path: ``_ttp`` (set by TikTok's pixel on the site's domain)
+    comes with the request as a cookie; the ``ttclid`` of the landing URL is kept by the
+    relay and attached to the later purchase."""
+    client = await relay(forwarders=[tiktok_forwarder(tiktok.url)])
+    headers = {
+        "Origin": "https://www.shop.test",
+        "Host": "data.shop.test",
+        "Content-Type": "text/plain",
+    }
+    landing = {
+        "type": "page",
+        "anonymousId": "visitor-1",
+        "messageId": "m-landing",
+        "context": {
+            "consent": GRANTED,
+            "page": {"url": f"https://www.shop.test/?ttclid={TTCLID}", "path": "/"},
+        },
+    }
+    order = {
+        "type": "track",
+        "event": "Order Completed",
+        "anonymousId": "visitor-1",
+        "messageId": "m-order",
+        "properties": {"order_id": "o-9", "revenue": 10, "currency": "USD"},
+        "context": {
+            "consent": GRANTED,
+            "page": {"url": "https://www.shop.test/thanks", "path": "/thanks"},
+        },
+    }
+    cookies = {"_ttp": TTP}
+    for event in (landing, order):
+        body = orjson.dumps({"writeKey": BROWSER_KEY, "batch": [event]})
+        jar = "; ".join(f"{name}={value}" for name, value in cookies.items())
+        resp = await client.post("/d", data=body, headers={**headers, "Cookie": jar})
+        assert resp.status == 200
+        for header in resp.headers.getall("Set-Cookie", []):
+            name, _, rest = header.partition("=")
+            cookies[name] = rest.split(";", 1)[0]
+    assert "tr_clk" in cookies  # the relay keeps the landing's ttclid
+    await wait_idle(client.app)
+    sent = [e for r in tiktok.requests for e in orjson.loads(r["body"])["data"]]
+    by_id = {e["event_id"]: e for e in sent}
+    assert by_id["m-order"]["event"] == "Purchase"
+    assert by_id["m-order"]["user"]["ttp"] == TTP
+    assert by_id["m-order"]["user"]["ttclid"] == TTCLID
+    assert by_id["m-landing"]["event"] == "Pageview"
