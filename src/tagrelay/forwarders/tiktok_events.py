@@ -33,30 +33,33 @@ Each event::
     limited_data_use  true, with the limited_data_use option
 
 Answers: TikTok replies HTTP 200 with ``{"code", "message", "request_id", "data"}`` even
-for most failures, so the code decides (destinations.md §4 and §12):
+for most failures, so the code decides (destinations.md §4 and §12; the codes below are the
+ones our sources show, the rest of TikTok's list was not available to us):
 
 =======================================  ===============================================
 answer                                   outcome
 =======================================  ===============================================
-HTTP 408, 429, 5xx                       the shared table: ``Retry`` (``Retry-After``
+HTTP 408, 429, 5xx (any body)            the shared table: ``Retry`` (``Retry-After``
                                          honoured), TikTok's message in the detail
-code 0                                   ``Delivered``
-code 20001 (partial success)             ``Delivered``: TikTok took the request, and a
+code 0 on a 2xx                          ``Delivered``
+code 20001 on a 2xx (partial success)    ``Delivered``: TikTok took the request, and a
                                          retry would count the accepted events twice;
                                          which events failed is not documented in a
-                                         readable form, so TikTok's message is logged
-                                         (WARNING, once a minute per forwarder)
+                                         form we could read, so TikTok's message is
+                                         logged (WARNING, once a minute per forwarder)
 code 40100 (too many requests)           ``Retry(tiktok_throttled)``: the runtime's
-                                         backoff
+                                         backoff (or ``Retry-After`` if TikTok sends it)
 code 40001 (no permission on the pixel)  ``Dead(tiktok_permission)``
 code 40002 (invalid field)               ``Dead(tiktok_invalid)``
-other code from 50000 up                 ``Retry(tiktok_internal)``: TikTok's own errors
-                                         (50000 is its "system error")
-other code                               ``Dead(tiktok_error)``: a code nobody
-                                         classified is not retried blindly; the dead
-                                         letter carries it and the message, so it can be
-                                         replayed once understood
-HTTP 2xx without a readable code         ``Delivered`` (nothing says it failed; sending
+any other code from 50000 up             ``Retry(tiktok_internal)``: the Business API
+                                         numbers its server-side failures 5xxxx (as
+                                         HTTP does 5xx); retrying one costs a delay,
+                                         dead-lettering it loses the batch
+any other code (0 on an error status     ``Dead(tiktok_error)``: a code nobody classified
+too)                                     is not retried blindly (it would be retried
+                                         until max_age); the dead letter carries the
+                                         code and message, to be replayed once fixed
+HTTP 2xx without a numeric code          ``Delivered`` (nothing says it failed; sending
                                          it again could count it twice)
 other HTTP status without a code         the shared table (``Dead(status_4xx)``)
 =======================================  ===============================================
@@ -116,9 +119,10 @@ PARTIAL_LOG_INTERVAL_SECS: Final = 60.0
 
 PAGE_VIEW: Final = "page_view"
 PAGE_VIEW_EVENT: Final = "Pageview"
-"""TikTok's name for a page view: the pixel's automatic event (destinations.md §4, §11;
-RudderStack and Stape send it so). The layer's ``STANDARD_EVENTS`` has no TikTok page
-view, so ``TikTokForwarder.event_name`` supplies it."""
+"""TikTok's name for a page view: the pixel's automatic event, a legacy name that
+RudderStack's and Stape's integrations still send (destinations.md §4, §11). The layer's
+``STANDARD_EVENTS`` has no TikTok page view, so ``TikTokForwarder.event_name`` supplies
+it."""
 
 STANDARD_EVENTS: Final = frozenset(
     {
