@@ -355,3 +355,23 @@ def test_the_suffix_list_is_loaded_up_front_only_when_cookie_domains_need_it() -
     assert _suffix_list.cache_info().currsize == 0
     service().load_suffix_list()  # cookie_domain "auto"
     assert _suffix_list.cache_info().currsize == 1
+
+
+def test_tiktoks_ttp_cookie_is_attached_with_ads_consent_and_never_made_up() -> None:
+    ids = service()
+    ttp = "2F7h37YkS1j57AYSKTI7IHhJPYH"
+    e, visit = event(), Visit()
+    ids.apply(e, ids.read({"_ttp": ttp}), visit, own_script=True, ads=True, now_ms=NOW_MS)
+    assert e["context"]["clientIds"]["_ttp"] == ttp
+    assert "_ttp" not in visit.cookies  # TikTok's pixel owns it
+    denied = event()
+    ids.apply(denied, ids.read({"_ttp": ttp}), Visit(), own_script=True, ads=False, now_ms=NOW_MS)
+    assert "_ttp" not in denied["context"].get("clientIds", {})
+    fresh = event()
+    ids.apply(fresh, ids.read({}), Visit(), own_script=True, ads=True, now_ms=NOW_MS)
+    assert "_ttp" not in fresh["context"]["clientIds"]
+    sent = event(context={"clientIds": {"_ttp": "from-the-sender"}})
+    ids.apply(sent, ids.read({"_ttp": ttp}), Visit(), own_script=True, ads=True, now_ms=NOW_MS)
+    assert sent["context"]["clientIds"]["_ttp"] == "from-the-sender"
+    assert ids.read({"_ttp": "x" * 201}).ttp is None
+    assert ids.read({"_ttp": 'a"b'}).ttp is None

@@ -1,4 +1,5 @@
-"""Server-set identity: the visitor cookie, click ids, Meta's browser ids, GA's client id.
+"""Server-set identity: the visitor cookie, click ids, Meta's and TikTok's browser ids, GA's
+client id.
 
 Browsers cap cookies that scripts set (Safari: 7 days). A cookie set by the relay's own
 HTTP answer, HttpOnly, on the site's registrable domain, lives as long as the relay renews
@@ -18,6 +19,9 @@ it (400 days, renewed on every visit). What this module does for each browser re
   carries an fbclid the cookie does not have; ``_fbp`` is created when absent. Both are
   set as first-party cookies (readable by Meta's pixel, so not HttpOnly) and attached as
   ``context.clientIds.fbc`` / ``.fbp``.
+- **TikTok**: ``_ttp``, the browser id TikTok's pixel sets on the site's domain, is attached
+  as ``context.clientIds._ttp`` when the request carries it (the relay never makes one up:
+  only TikTok's pixel can tie it to its own records).
 - **Google Analytics**: ``_ga`` and ``_ga_<container>`` are parsed into
   ``context.clientIds.ga4 = {"clientId": "123.456", "sessionIds": {"G-XXXX": "1700000000"},
   "sessionNumbers": {"G-XXXX": 5}}``.
@@ -25,7 +29,8 @@ it (400 days, renewed on every visit). What this module does for each browser re
   with the visitor cookie's lifetime.
 
 Consent decides what may be stored: the visitor cookie, GA ids and the cookie keeper need
-analytics storage; click-id and Meta cookies need ads storage (see ``pipeline.consent``).
+analytics storage; click ids and the Meta and TikTok ids need ads storage (see
+``pipeline.consent``).
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ _CLICK_ID_BY_LOWER = {name.lower(): name for name in CLICK_ID_PARAMS}
 CLICK_COOKIE = "tr_clk"
 FBC_COOKIE = "_fbc"
 FBP_COOKIE = "_fbp"
+TTP_COOKIE = "_ttp"
 GA_COOKIE = "_ga"
 GA_SESSION_PREFIX = "_ga_"
 
@@ -70,6 +76,7 @@ _GA_CLIENT_ID_RE = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}")
 _CLICK_VALUE_RE = re.compile(r"[A-Za-z0-9._~:\-]{1,200}")
 _COOKIE_VALUE_RE = re.compile(r"[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]{1,1024}")
 """RFC 6265 cookie-octet: printable ASCII without space, quote, comma, semicolon, backslash."""
+_MAX_TTP = 200
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,7 @@ class VisitorState:
     click_ids: dict[str, str] = field(default_factory=dict)
     fbc: str | None = None
     fbp: str | None = None
+    ttp: str | None = None
     ga4: dict[str, Any] | None = None
     kept: dict[str, str] = field(default_factory=dict)
     ga_client_id: str | None = None
@@ -232,6 +240,9 @@ class IdentityService:
             state.click_ids = _valid_click_ids(dict(parse_qsl(clicks)))
         state.fbc = cookies.get(FBC_COOKIE) or None
         state.fbp = cookies.get(FBP_COOKIE) or None
+        ttp = cookies.get(TTP_COOKIE)
+        if ttp and len(ttp) <= _MAX_TTP and _COOKIE_VALUE_RE.fullmatch(ttp):
+            state.ttp = ttp
         ga = cookies.get(GA_COOKIE)
         client_id = parse_ga_client_id(ga) if ga else None
         if client_id is not None:
@@ -307,6 +318,8 @@ class IdentityService:
             client_ids["fbc"] = visitor.fbc
         if ads and visitor.fbp and "fbp" not in client_ids:
             client_ids["fbp"] = visitor.fbp
+        if ads and visitor.ttp and "_ttp" not in client_ids:
+            client_ids["_ttp"] = visitor.ttp
         if client_ids:
             context["clientIds"] = client_ids
 
