@@ -250,7 +250,7 @@ def create_app(
     app.router.add_get(prefix + "/readyz", readyz)
     app.router.add_get(prefix + "/metrics", metrics_handler)
     add_sdk_routes(app.router, config, app[INGEST], metrics, prefix)
-    add_google_routes(app.router, config, app[INGEST], metrics, prefix)
+    add_google_routes(app.router, config, app[INGEST], prefix)
     if config.google.scripts.ids:
         add_google_script_routes(
             app,

@@ -16,6 +16,7 @@ from tagrelay.pipeline.client import ClientResolver, apply_client
 from tagrelay.pipeline.normalize import (
     BatchSentAt,
     _exceeds_iterative,
+    count_brackets_up_to,
     nesting_depth_exceeds,
     normalize_event,
 )
@@ -219,3 +220,29 @@ def test_timestamps_at_the_ends_of_the_calendar_are_a_400_not_a_crash(
     with pytest.raises(IngestError) as info:
         norm({"type": "page", "anonymousId": "a", **fields})
     assert info.value.code == "invalid_timestamp"
+
+
+@pytest.mark.parametrize(
+    ("body", "limit", "expected"),
+    [
+        (b"", 16, 0),
+        (b'{"a": 1}', 16, 1),
+        (b'{"a": [1, {"b": "[{"}]}', 16, 5),
+        (b'{"a": [1, {"b": "[{"}]}', 5, 5),
+        (b'{"a": [1, {"b": "[{"}]}', 4, None),
+        (b"[" * 3 + b"{" * 3, 6, 6),
+        (b"[" * 3 + b"{" * 3, 5, None),
+        (b"{" * 40, 16, None),
+    ],
+)
+def test_count_brackets_up_to(body: bytes, limit: int, expected: int | None) -> None:
+    assert count_brackets_up_to(body, limit) == expected
+    if expected is not None:
+        assert expected == body.count(b"{") + body.count(b"[")
+
+
+def test_count_brackets_up_to_on_large_bodies() -> None:
+    padding = b" " * 5000
+    assert count_brackets_up_to(b"{" * 20 + padding, 16) is None
+    assert count_brackets_up_to(padding + b"{" * 20, 16) is None
+    assert count_brackets_up_to(padding + b"{[" * 8 + padding, 16) == 16

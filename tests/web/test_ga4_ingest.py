@@ -163,3 +163,54 @@ async def test_server_managed_client_id_rewrites_the_hit(relay: Any) -> None:
     assert event["anonymousId"] == "555.666"
     assert event["context"]["ga4"]["request"] == HIT.replace(f"cid={CID}", "cid=555.666")
     assert event["context"]["clientIds"]["ga4"]["clientId"] == "555.666"
+
+
+async def test_ga4_events_name_their_protocol_and_credential(relay: Any) -> None:
+    """GA4's protocols have no write keys: their events name the credential that admitted
+    them, a measurement id (gtag, from pages) or an api secret (backends)."""
+    client = await relay(google=GOOGLE)
+    assert (await client.get("/g/collect?" + HIT, headers=BROWSER)).status == 204
+    url = f"/mp/collect?measurement_id={TID}&api_secret={SECRET}"
+    body = {"client_id": "1.2", "events": [{"name": "sign_up"}]}
+    assert (await client.post(url, json=body)).status == 204
+    hit, mp = await spooled(client)
+    assert (hit["context"]["source"], hit["context"]["writeKeyId"]) == ("ga4", "ga4-collect")
+    assert (mp["context"]["source"], mp["context"]["writeKeyId"]) == ("ga4_mp", "ga4-mp")
+
+
+async def test_events_the_decoder_and_the_pipeline_reject_are_reported_and_counted(
+    relay: Any,
+) -> None:
+    """A Measurement Protocol request whose events all fail: one rejected while decoding (no
+    name), one by the pipeline (too large). The answer lists both, the decoder's first; each
+    is counted once, by reason."""
+    client = await relay(google=GOOGLE, limits={"max_event_bytes": 1024})
+    url = f"/mp/collect?measurement_id={TID}&api_secret={SECRET}"
+    body = {
+        "client_id": "1.2",
+        "events": [{"name": "big", "params": {"text": "x" * 2000}}, {"params": {}}],
+    }
+    resp = await client.post(url, json=body)
+    assert resp.status == 400
+    answer = await resp.json()
+    assert answer["error"] == "no_valid_events"
+    assert [(r["index"], r["error"]) for r in answer["rejected"]] == [
+        (1, "missing_event_name"),
+        (0, "event_too_large"),
+    ]
+    assert await spooled(client) == []
+    source = {"source": "ga4_mp"}
+    assert metric_value(client.app, "tagrelay_events_received_total", source) == 2
+    for reason in ("missing_event_name", "event_too_large"):
+        labels = {**source, "reason": reason}
+        assert metric_value(client.app, "tagrelay_events_rejected_total", labels) == 1
+
+    # One valid event is enough for gtag's 204; the line without a name is still counted.
+    resp = await client.post("/g/collect?" + BATCH_QUERY, data="en=scroll\nep.x=1", headers=BROWSER)
+    assert resp.status == 204
+    [event] = await spooled(client)
+    assert event["event"] == "scroll"
+    labels = {"source": "ga4", "reason": "missing_event_name"}
+    assert metric_value(client.app, "tagrelay_events_rejected_total", labels) == 1
+    assert metric_value(client.app, "tagrelay_events_received_total", {"source": "ga4"}) == 2
+    assert metric_value(client.app, "tagrelay_events_accepted_total", {"source": "ga4"}) == 1

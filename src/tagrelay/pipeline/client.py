@@ -1,4 +1,5 @@
-"""Who sent the request: the client IP behind trusted proxies, and the user agent.
+"""Who sent the request: the client IP behind trusted proxies, the user agent, and the
+anonymous id RudderStack's SDKs send in a header.
 
 ``context.ip`` comes from the socket. ``X-Forwarded-For`` and ``X-Real-IP`` are believed only
 when the peer is a configured trusted proxy; then the client is the right-most address in
@@ -9,9 +10,12 @@ for browser keys the relay's view always wins.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
+from typing import Any
 
 from tagrelay.model import Event
 
@@ -98,3 +102,22 @@ def apply_client(
             context.pop("ip", None)
     if not (trusted_sender and context.get("userAgent")) and user_agent:
         context["userAgent"] = user_agent
+
+
+def anonymous_id_header(value: str | None) -> str | None:
+    """The anonymous id of RudderStack's browser SDK, which sends
+    ``AnonymousId: base64(anonymousId)`` (the body has it too; the header fills in when the
+    body has none). None when absent or not base64 of UTF-8 text."""
+    if not value:
+        return None
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8").strip()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return decoded or None
+
+
+def fill_anonymous_id(raw: Any, anonymous_id: str) -> None:
+    """Give a raw event without an ``anonymousId`` the one from the request's header."""
+    if type(raw) is dict and not raw.get("anonymousId"):
+        raw["anonymousId"] = anonymous_id

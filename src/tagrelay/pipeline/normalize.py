@@ -113,6 +113,21 @@ def nesting_depth_exceeds(value: Any, limit: int) -> bool:
     return _children_exceed(value, limit - 1)
 
 
+_BRACKET_PEEK_BYTES: Final = 2048
+
+
+def count_brackets_up_to(body: bytes, limit: int) -> int | None:
+    """The number of opening brackets (``{`` and ``[``) in a JSON ``body``, or None when
+    there are more than ``limit``. No event decoded from the body nests deeper than that, so
+    a count within the limit lets the per-event :func:`nesting_depth_exceeds` walk be
+    skipped. A batch has more than the limit within its first event, so the start of the
+    body is looked at first: counting every bracket of a 50 KB batch costs ~40 us."""
+    if body.count(b"{", 0, _BRACKET_PEEK_BYTES) > limit:
+        return None
+    count = body.count(b"{") + body.count(b"[")
+    return count if count <= limit else None
+
+
 def _children_exceed(node: dict[str, Any] | list[Any], room: int) -> bool:
     """True when a container below ``node`` nests more than ``room`` levels under it.
 

@@ -1,25 +1,43 @@
 """Sources: one module per inbound protocol, registered here by name.
 
-Each exposes ``decode(parsed_body, path_name) -> Decoded`` (pure). The name is the
-``source`` label of the ingest metrics and ``context.source`` of the stored events, except
-that requests from RudderStack's SDKs on the Segment routes are labelled ``rudderstack``
-(``segment.sdk_source``). ``SOURCE_LABELS`` is every label a request of these sources gets.
+Every request becomes events the same way: its route reads the body and calls the
+protocol's decoder from ``SOURCES``, ``decode(body, param) -> Decoded`` (pure; a bad
+request raises ``IngestError``). ``body`` is the request body as received (``b""`` for a
+GET); ``param`` is the one thing the route adds to it:
+
+==========  ======================================  =====================================
+name        protocol                                param
+==========  ======================================  =====================================
+segment     Segment's HTTP API (``/v1/*``)          the path's type (``track``, ``b``...)
+jitsu       Jitsu's ingest (``/api/s/*``)           the path's type
+tagrelay    the relay's script (``paths.events``)   unused
+ga4         gtag hits (``/g/collect``)              the raw query string (the request's
+                                                    parameters, re-sent verbatim)
+ga4_mp      GA4 Measurement Protocol                the measurement id the api secret
+            (``/mp/collect``)                       was checked against
+==========  ======================================  =====================================
+
+The name is the ``source`` label of the ingest metrics and ``context.source`` of the stored
+events, except that requests from RudderStack's SDKs on the Segment routes are labelled
+``rudderstack`` (``segment.sdk_source``). ``SOURCE_LABELS`` is every label a request of
+these sources gets.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
-from tagrelay.sources import jitsu, segment, tagrelay
+from tagrelay.sources import ga4, jitsu, segment, tagrelay
 from tagrelay.sources._base import Decoded, parse_json_body
 
-Decoder = Callable[[Any, str], Decoded]
+Decoder = Callable[[bytes, str], Decoded]
 
 SOURCES: dict[str, Decoder] = {
     "segment": segment.decode,
     "jitsu": jitsu.decode,
     "tagrelay": tagrelay.decode,
+    ga4.COLLECT_SOURCE: ga4.decode_collect,
+    ga4.MP_SOURCE: ga4.decode_measurement_protocol,
 }
 SOURCE_LABELS: frozenset[str] = frozenset({*SOURCES, segment.RUDDERSTACK})
 

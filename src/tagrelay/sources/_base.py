@@ -1,12 +1,14 @@
 """What every source shares: the decoded form of a request, and JSON body parsing.
 
-A source is a pure function from a parsed request body (plus the route's parameters) to a
-``Decoded`` value. Authentication, normalization and the spool are the ingest handler's
-business (``tagrelay.web.ingest``), the same for every source.
+A source is a pure function from a request body (plus one value the route passes) to a
+``Decoded`` value. Authentication and the answer are the HTTP shell's business
+(``tagrelay.web.ingest``, ``tagrelay.web.google``); normalization and enrichment the
+pipeline's (``tagrelay.pipeline.run``), the same for every source.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +21,11 @@ from tagrelay.errors import IngestError
 class Decoded:
     events: list[Any]
     """The raw events, in request order (indexes in error reports refer to this list)."""
+    rejected: Sequence[tuple[int, IngestError]] = ()
+    """Events the source itself rejected while decoding, ``(index, error)``, the index
+    counting the request's events (GA4: an event without a name). They are reported and
+    counted with those the pipeline rejects; a request of Segment's or Jitsu's protocols
+    has none here."""
     batch_sent_at: Any = None
     default_type: str | None = None
     shared: dict[str, Any] = field(default_factory=dict)

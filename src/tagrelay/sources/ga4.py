@@ -17,10 +17,14 @@ back events of the internal model (``tagrelay.model.event``) plus the per-event 
     ``user_id``, ``timestamp_micros``, ``user_properties``, ``consent``, ``user_data`` and
     ``events: [{name, params}]``.
 
-Both return :class:`Hits`: the accepted events in request order, and ``(index, IngestError)``
-for each event rejected on its own (an event without a name), so that a batch keeps its valid
-events. A problem with the request as a whole (no measurement id, a wrong protocol version,
-too many events) raises :class:`~tagrelay.errors.IngestError` instead.
+``decode_collect(body, query)`` and ``decode_measurement_protocol(body, measurement_id)``
+    The same two from the raw request body, as the sources registry (``tagrelay.sources``)
+    calls them: they return the ``Decoded`` form every source returns.
+
+Both parsers return :class:`Hits`: the accepted events in request order, and
+``(index, IngestError)`` for each event rejected on its own (an event without a name), so that
+a batch keeps its valid events. A problem with the request as a whole (no measurement id, a
+wrong protocol version, too many events) raises :class:`~tagrelay.errors.IngestError` instead.
 
 The events are decoded, not yet normalized: they carry a deterministic ``messageId`` (so a
 resent request deduplicates in the spool) and no ``receivedAt``; a gtag hit has no
@@ -44,16 +48,26 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from tagrelay.errors import IngestError
 from tagrelay.model import Event, iso
+from tagrelay.sources._base import Decoded, parse_json_body
 
 __all__ = [
+    "COLLECT_SOURCE",
     "MAX_COLLECT_EVENTS",
     "MAX_MP_EVENTS",
+    "MP_SOURCE",
     "Hits",
+    "decode_collect",
+    "decode_measurement_protocol",
     "parse_collect",
     "parse_consent_gcd",
     "parse_consent_gcs",
     "parse_measurement_protocol",
 ]
+
+COLLECT_SOURCE: Final = "ga4"
+"""The source name (metrics label, ``context.source``) of gtag hits."""
+MP_SOURCE: Final = "ga4_mp"
+"""The source name of Measurement Protocol requests."""
 
 MAX_COLLECT_EVENTS: Final = 500
 """Event lines accepted in one ``/g/collect`` body (gtag batches far fewer)."""
@@ -741,3 +755,25 @@ def parse_measurement_protocol(obj: Any, measurement_id: str) -> Hits:
         else:
             hits.events.append(result)
     return hits
+
+
+# -- as sources ----------------------------------------------------------------------------
+
+
+def decode_collect(body: bytes, query: str) -> Decoded:
+    """A gtag hit from its raw body (``b""`` for a GET) and its query string exactly as
+    received (see :func:`parse_collect`). A body that is not UTF-8 is ``invalid_utf8``."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise IngestError("invalid_utf8", "the request body is not valid UTF-8") from None
+    hits = parse_collect(query, text)
+    return Decoded(events=hits.events, rejected=hits.rejected, is_batch=True)
+
+
+def decode_measurement_protocol(body: bytes, measurement_id: str) -> Decoded:
+    """A Measurement Protocol request from its raw JSON body, for the stream
+    ``measurement_id`` the request was authorized for (see
+    :func:`parse_measurement_protocol`)."""
+    hits = parse_measurement_protocol(parse_json_body(body), measurement_id)
+    return Decoded(events=hits.events, rejected=hits.rejected, is_batch=True)

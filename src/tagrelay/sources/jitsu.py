@@ -6,15 +6,13 @@ JSON, so the handler always answers with a JSON body.
 
 from __future__ import annotations
 
-from typing import Any
-
 from tagrelay.errors import IngestError
-from tagrelay.sources._base import Decoded, body_write_key, require_object
+from tagrelay.sources._base import Decoded, body_write_key, parse_json_body, require_object
 from tagrelay.sources.segment import PATH_TYPES
 
 
-def decode(obj: Any, path_name: str) -> Decoded:
-    body = require_object(obj, "the request body")
+def decode(body: bytes, path_name: str) -> Decoded:
+    obj = require_object(parse_json_body(body), "the request body")
     path_type = PATH_TYPES.get(path_name)
     if path_type is None:
         raise IngestError(
@@ -22,5 +20,5 @@ def decode(obj: Any, path_name: str) -> Decoded:
             f"unknown event type {path_name[:40]!r} in the path; expected one of "
             "page, track, identify, group, alias, screen (or p, t, i, g, a, s)",
         )
-    body["type"] = path_type
-    return Decoded(events=[body], default_type=path_type, write_key=body_write_key(body))
+    obj["type"] = path_type
+    return Decoded(events=[obj], default_type=path_type, write_key=body_write_key(obj))

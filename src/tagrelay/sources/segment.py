@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from tagrelay.errors import IngestError
-from tagrelay.sources._base import Decoded, body_write_key, require_object
+from tagrelay.sources._base import Decoded, body_write_key, parse_json_body, require_object
 
 PATH_TYPES: Final = {
     "track": "track",
@@ -41,27 +41,33 @@ RUDDERSTACK: Final = "rudderstack"
 _LIBRARY_NAME_PEEK = 64
 
 
-def decode(obj: Any, path_name: str) -> Decoded:
-    """Decode a parsed body posted to ``/v1/<path_name>``."""
-    body = require_object(obj, "the request body")
+def decode(body: bytes, path_name: str) -> Decoded:
+    """Decode a body posted to ``/v1/<path_name>``."""
+    obj = require_object(parse_json_body(body), "the request body")
     if path_name in BATCH_PATHS:
-        batch = body.get("batch")
-        if not isinstance(batch, list):
-            raise IngestError("invalid_batch", "a batch request needs a 'batch' array of events")
-        shared = {k: body[k] for k in ("context", "integrations") if isinstance(body.get(k), dict)}
-        return Decoded(
-            events=batch,
-            batch_sent_at=body.get("sentAt"),
-            shared=shared,
-            write_key=body_write_key(body),
-            is_batch=True,
-        )
+        return decode_batch(obj)
     path_type = PATH_TYPES[path_name]
-    declared = body.get("type")
+    declared = obj.get("type")
     if declared is not None and declared != path_type:
         # Segment's rule: the endpoint decides the type.
-        body["type"] = path_type
-    return Decoded(events=[body], default_type=path_type, write_key=body_write_key(body))
+        obj["type"] = path_type
+    return Decoded(events=[obj], default_type=path_type, write_key=body_write_key(obj))
+
+
+def decode_batch(obj: dict[str, Any]) -> Decoded:
+    """A batch request's parsed body: its events under ``batch``, with a shared ``sentAt``,
+    ``context`` and ``integrations``."""
+    batch = obj.get("batch")
+    if not isinstance(batch, list):
+        raise IngestError("invalid_batch", "a batch request needs a 'batch' array of events")
+    shared = {k: obj[k] for k in ("context", "integrations") if isinstance(obj.get(k), dict)}
+    return Decoded(
+        events=batch,
+        batch_sent_at=obj.get("sentAt"),
+        shared=shared,
+        write_key=body_write_key(obj),
+        is_batch=True,
+    )
 
 
 def _library_name(obj: Any) -> Any:

@@ -7,13 +7,12 @@ its write key: ``{"writeKey": "...", "sentAt": "...", "batch": [events...]}``, w
 
 from __future__ import annotations
 
-from typing import Any
-
 from tagrelay.sources import segment
-from tagrelay.sources._base import Decoded
+from tagrelay.sources._base import Decoded, parse_json_body, require_object
 
 
-def decode(obj: Any, path_name: str) -> Decoded:
-    decoded = segment.decode(obj, "batch")
+def decode(body: bytes, path_name: str) -> Decoded:
+    obj = require_object(parse_json_body(body), "the request body")
+    decoded = segment.decode_batch(obj)
     decoded.reset = obj.get("reset") is True
     return decoded

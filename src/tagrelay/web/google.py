@@ -4,11 +4,11 @@
 ``/g/collect`` is where gtag.js sends its hits once a page sets ``server_container_url`` (or
 ``transport_url``) to the relay. A hit names its GA4 property (``tid``); only the measurement
 ids in ``google.collect.measurement_ids`` are accepted, so the relay cannot be used to feed
-somebody else's property. Each event of the hit becomes an event of the internal model
-(``sources.ga4.parse_collect``) and goes through the same pipeline as every other event:
-consent (from gcs/gcd), identity cookies, IP truncation, the spool. The answer is Google's:
-``204 No Content``, once the events are stored; a hit that is wrong as a whole gets a 4xx
-JSON error. The raw query and body lines are kept with each event
+somebody else's property. The hit is decoded like every other request, by its source in
+``sources.SOURCES`` (``sources.ga4``), and its events go through the same pipeline as every
+other event: consent (from gcs/gcd), identity cookies, IP truncation, the spool. The
+answer is Google's: ``204 No Content``, once the events are stored; a hit that is wrong as a
+whole gets a 4xx JSON error. The raw query and body lines are kept with each event
 (``context.ga4.request`` / ``.event``) so that the ``ga4`` forwarder re-sends them as
 received.
 
@@ -16,34 +16,45 @@ received.
 backends, authenticated by a secret from ``google.measurement_protocol``.
 ``/debug/mp/collect`` validates the same body and answers Google's
 ``{"validationMessages": [...]}`` without storing anything.
+
+What this module adds to the shared ingest path (``web.ingest``) is GA4's own: the
+credentials (measurement ids, api secrets) in the place of write keys, and Google's answers.
 """
 
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from pydantic import SecretStr
 
-from tagrelay.config.models import Config, WriteKeyConfig
+from tagrelay.config.models import Config
 from tagrelay.errors import IngestError
-from tagrelay.metrics import Metrics
-from tagrelay.sources import Decoded, parse_json_body
-from tagrelay.sources.ga4 import Hits, parse_collect, parse_measurement_protocol
+from tagrelay.sources import SOURCES
+from tagrelay.sources.ga4 import COLLECT_SOURCE, MP_SOURCE
 from tagrelay.web.bodies import read_body
 from tagrelay.web.ingest import IngestService, error_response, json_response
 
-COLLECT_SOURCE = "ga4"
-MP_SOURCE = "ga4_mp"
+__all__ = ["COLLECT_SOURCE", "MP_SOURCE", "GoogleEndpoints", "add_google_routes", "raw_query"]
 
-# The ingest pipeline speaks of write keys; these two stand for the GA4 protocols, which
-# have none (their ids are never looked up: they only say browser or server, and name the
-# origin of the events in context.writeKeyId).
-_COLLECT_KEY = WriteKeyConfig(id="ga4-collect", kind="browser", key=SecretStr("-"))
-_MP_KEY = WriteKeyConfig(id="ga4-mp", kind="server", key=SecretStr("-"))
+
+@dataclass(frozen=True)
+class ProtocolCredential:
+    """What admitted a GA4 request, in the place a write key takes for the other protocols
+    (``pipeline.run.Sender``): GA4's protocols have no write keys but a credential of their
+    own, checked here. ``id`` names it in ``context.writeKeyId`` and in the CORS refusal
+    metrics; ``kind`` says whether it comes from pages or from backends."""
+
+    id: str
+    kind: Literal["browser", "server"]
+
+
+COLLECT_CREDENTIAL = ProtocolCredential("ga4-collect", "browser")
+"""A measurement id of ``google.collect.measurement_ids``: public, sent by gtag in pages."""
+MP_CREDENTIAL = ProtocolCredential("ga4-mp", "server")
+"""An api secret of ``google.measurement_protocol``: a backend's secret."""
 
 
 def raw_query(request: web.Request) -> str:
@@ -53,10 +64,33 @@ def raw_query(request: web.Request) -> str:
     return request.raw_path.partition("?")[2].partition("#")[0]
 
 
+def _collect_answer(
+    stored: int, rejected: list[dict[str, Any]], cors: dict[str, str]
+) -> web.Response:
+    """gtag's answer: ``204`` once any event is stored (or none was refused), else a 400 with
+    the first reason."""
+    if stored or not rejected:
+        return web.Response(status=204, headers=cors)
+    first = rejected[0]
+    return json_response(400, {"error": first["error"], "message": first["message"]}, cors)
+
+
+def _mp_answer(stored: int, rejected: list[dict[str, Any]], cors: dict[str, str]) -> web.Response:
+    """The Measurement Protocol's answer: ``204`` once any event is stored (or none was
+    refused), else a 400 with every reason."""
+    if stored or not rejected:
+        return web.Response(status=204, headers=cors)
+    body = {
+        "error": "no_valid_events",
+        "message": "no event in the request was valid",
+        "rejected": rejected,
+    }
+    return json_response(400, body, cors)
+
+
 class GoogleEndpoints:
-    def __init__(self, config: Config, service: IngestService, metrics: Metrics) -> None:
+    def __init__(self, config: Config, service: IngestService) -> None:
         self.service = service
-        self.metrics = metrics
         self.max_request_bytes = config.limits.max_request_bytes
         self.collect_ids = frozenset(config.google.collect.measurement_ids)
         self.mp_secrets: dict[str, list[bytes]] = {}
@@ -65,79 +99,34 @@ class GoogleEndpoints:
                 secret.api_secret.get_secret_value().encode()
             )
 
-    def _accept_hits(
-        self,
-        request: web.Request,
-        source: str,
-        key: WriteKeyConfig,
-        hits: Hits,
-        cors: dict[str, str] | None,
-        summarize: bool,
-    ) -> Awaitable[web.Response]:
-        """Store the hits' valid events, counting the ones the parser refused; answer
-        Google's ``204`` when any event was stored (or none was refused), else a 400 with
-        the first reason, or with every one (``summarize``). ``cors``: headers to answer
-        with instead of those of the pseudo key."""
-        counters = self.metrics.source(source)
-        if hits.rejected:
-            counters.received.inc(len(hits.rejected))
-            for _, exc in hits.rejected:
-                counters.rejected(exc.code)
-        parsed = [{"index": i, "error": e.code, "message": e.message} for i, e in hits.rejected]
-
-        def answer(
-            stored: int, rejected: list[dict[str, Any]], headers: dict[str, str]
-        ) -> web.Response:
-            headers = headers if cors is None else cors
-            if stored or not (rejected or parsed):
-                return web.Response(status=204, headers=headers)
-            errors = parsed + rejected
-            if summarize:
-                body = {
-                    "error": "no_valid_events",
-                    "message": "no event in the request was valid",
-                    "rejected": errors,
-                }
-            else:
-                body = {"error": errors[0]["error"], "message": errors[0]["message"]}
-            return json_response(400, body, headers)
-
-        decoded = Decoded(events=hits.events, is_batch=True)
-        return self.service.accept(request, source, key, decoded, answer)
-
     # -- /g/collect --------------------------------------------------------------------
 
     async def collect(self, request: web.Request) -> web.Response:
+        # CORS: any origin a browser key allows (a hit carries no key to narrow it).
         cors = self.service.cors_headers(request, None)
         query = raw_query(request)
-        tid = next((v for k, v in parse_qsl(query) if k == "tid"), None)
-        if tid is not None and tid not in self.collect_ids:
-            return self.service.refuse(
-                COLLECT_SOURCE,
-                IngestError(
-                    "measurement_id_not_allowed",
-                    "this relay does not accept hits for this measurement id",
-                    status=403,
-                ),
-                cors,
-            )
         try:
-            text = ""
+            self._authorize_collect(query)
+            body = b""
             if request.method == "POST":
-                text = (await read_body(request, self.max_request_bytes)).decode("utf-8")
-            hits = parse_collect(query, text)
-        except UnicodeDecodeError:
-            return self.service.refuse(
-                COLLECT_SOURCE,
-                IngestError("invalid_utf8", "the request body is not valid UTF-8"),
-                cors,
-            )
+                body = await read_body(request, self.max_request_bytes)
+            decoded = SOURCES[COLLECT_SOURCE](body, query)
         except IngestError as exc:
             return self.service.refuse(COLLECT_SOURCE, exc, cors)
-        # CORS: any origin a browser key allows (a hit carries no key to narrow it).
-        return await self._accept_hits(
-            request, COLLECT_SOURCE, _COLLECT_KEY, hits, cors, summarize=False
+        return await self.service.accept(
+            request, COLLECT_SOURCE, COLLECT_CREDENTIAL, decoded, cors, _collect_answer
         )
+
+    def _authorize_collect(self, query: str) -> None:
+        """Refuse a hit for a measurement id the relay does not accept, so that it cannot
+        feed somebody else's property (a hit without one is the decoder's 400)."""
+        tid = next((v for k, v in parse_qsl(query) if k == "tid"), None)
+        if tid is not None and tid not in self.collect_ids:
+            raise IngestError(
+                "measurement_id_not_allowed",
+                "this relay does not accept hits for this measurement id",
+                status=403,
+            )
 
     # -- /mp/collect -------------------------------------------------------------------
 
@@ -160,7 +149,7 @@ class GoogleEndpoints:
             )
         origin = request.headers.get("Origin")
         if origin:
-            self.service.cors_refusals.record(_MP_KEY.id, origin, "server_key_from_browser")
+            self.service.cors_refusals.record(MP_CREDENTIAL.id, origin, "server_key_from_browser")
             raise IngestError(
                 "server_key_from_browser",
                 "an api_secret is a server credential; browsers send GA4 hits to /g/collect",
@@ -172,10 +161,10 @@ class GoogleEndpoints:
         try:
             measurement_id = self._authorize_mp(request)
             body = await read_body(request, self.max_request_bytes)
-            hits = parse_measurement_protocol(parse_json_body(body), measurement_id)
+            decoded = SOURCES[MP_SOURCE](body, measurement_id)
         except IngestError as exc:
             return self.service.refuse(MP_SOURCE, exc, {})
-        return await self._accept_hits(request, MP_SOURCE, _MP_KEY, hits, None, summarize=True)
+        return await self.service.accept(request, MP_SOURCE, MP_CREDENTIAL, decoded, {}, _mp_answer)
 
     async def debug_measurement_protocol(self, request: web.Request) -> web.Response:
         """Validate like Google's ``/debug/mp/collect``; store nothing."""
@@ -188,11 +177,11 @@ class GoogleEndpoints:
         except IngestError as exc:
             return error_response(exc)
         try:
-            hits = parse_measurement_protocol(parse_json_body(body), measurement_id)
+            decoded = SOURCES[MP_SOURCE](body, measurement_id)
         except IngestError as exc:
             messages.append(_validation_message("", exc))
         else:
-            messages.extend(_validation_message(f"events[{i}]", e) for i, e in hits.rejected)
+            messages.extend(_validation_message(f"events[{i}]", e) for i, e in decoded.rejected)
         return json_response(200, {"validationMessages": messages})
 
 
@@ -204,13 +193,9 @@ def _validation_message(path: str, exc: IngestError) -> dict[str, str]:
 
 
 def add_google_routes(
-    router: web.UrlDispatcher,
-    config: Config,
-    service: IngestService,
-    metrics: Metrics,
-    prefix: str,
+    router: web.UrlDispatcher, config: Config, service: IngestService, prefix: str
 ) -> None:
-    google = GoogleEndpoints(config, service, metrics)
+    google = GoogleEndpoints(config, service)
     if google.collect_ids:
         collect = router.add_resource(prefix + "/g/collect")
         collect.add_route("GET", google.collect)

@@ -1,8 +1,13 @@
-"""The ingest handler shared by every event source.
+"""The HTTP shell of ingest, shared by every event source::
 
-request -> content type check -> body (``web.bodies.read_body``: size, Content-Encoding)
--> JSON -> source.decode -> write key and origin -> per event: normalize, client IP and user
-agent, campaign, size check -> spool commit -> answer.
+    request -> content type check -> body (``web.bodies.read_body``: size, Content-Encoding)
+    -> decode (the protocol's decoder in ``sources.SOURCES``) -> write key and origin (CORS)
+    -> pipeline (``pipeline.run.Pipeline``: every step of an event, in order)
+    -> spool commit -> answer
+
+GA4's routes (``web.google``) check their own credentials and answer in Google's shapes,
+and share the rest: ``SOURCES``, :meth:`IngestService.accept` (pipeline, spool, counting)
+and :meth:`IngestService.refuse`.
 
 Bad input gets a 4xx JSON body ``{"error": code, "message": text}`` and is counted by reason.
 In a batch the valid events are stored and the invalid ones reported by index. The 2xx
@@ -12,12 +17,9 @@ goes out only after the spool commit; if the spool cannot commit, the answer is 
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -26,14 +28,10 @@ from aiohttp import web
 from tagrelay.config.models import Config, WriteKeyConfig
 from tagrelay.errors import AuthError, IngestError, SpoolUnavailable
 from tagrelay.metrics import Metrics
-from tagrelay.model import Event, iso
-from tagrelay.pipeline.campaign import apply_campaign
-from tagrelay.pipeline.client import ClientResolver, apply_client
-from tagrelay.pipeline.consent import DENIED, GRANTED, ConsentPolicy, anonymize
-from tagrelay.pipeline.identity import IdentityService, Visit, VisitorState
-from tagrelay.pipeline.normalize import BatchSentAt, normalize_event
-from tagrelay.pipeline.privacy import apply_ip_truncation
-from tagrelay.sources import SOURCE_LABELS, SOURCES, Decoded, parse_json_body
+from tagrelay.pipeline.identity import Visit, VisitorState
+from tagrelay.pipeline.normalize import count_brackets_up_to
+from tagrelay.pipeline.run import Pipeline, Processed, Sender
+from tagrelay.sources import SOURCE_LABELS, SOURCES, Decoded
 from tagrelay.sources.segment import SEGMENT, sdk_source
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.auth import NO_KEY, CorsPolicy, CorsRefusals, KeyRing, key_from_headers
@@ -61,35 +59,9 @@ def error_response(exc: IngestError, headers: dict[str, str] | None = None) -> w
     return json_response(exc.status, {"error": exc.code, "message": exc.message}, headers)
 
 
-_BRACKET_PEEK_BYTES = 2048
-
-
-def count_brackets_up_to(body: bytes, limit: int) -> int | None:
-    """The number of opening brackets (``{`` and ``[``) in ``body``, or None when there are
-    more than ``limit``. A batch has more than the limit within its first event, so the
-    start of the body is looked at first: counting every bracket of a 50 KB batch costs
-    ~40 us."""
-    if body.count(b"{", 0, _BRACKET_PEEK_BYTES) > limit:
-        return None
-    count = body.count(b"{") + body.count(b"[")
-    return count if count <= limit else None
-
-
-def _anonymous_id_header(value: str | None) -> str | None:
-    """RudderStack's browser SDK sends ``AnonymousId: base64(anonymousId)`` (the body has it
-    too; the header fills in when the body has none)."""
-    if not value:
-        return None
-    try:
-        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8").strip()
-    except (binascii.Error, UnicodeDecodeError):
-        return None
-    return decoded or None
-
-
 Answer = Callable[[int, list[dict[str, Any]], dict[str, str]], web.Response]
 """A protocol's answer, from the number of events stored (resends included), the rejected
-ones (index, error, message) and the CORS headers."""
+ones (``Processed.rejected``: index, error, message) and the CORS headers."""
 
 
 @dataclass(frozen=True)
@@ -109,16 +81,11 @@ class IngestService:
         self.keys = KeyRing.from_config(config.keys)
         self.cors = CorsPolicy(config.keys)
         self.cors_refusals = CorsRefusals(metrics)
-        self.resolver = ClientResolver(config.server.trusted_proxies)
-        self.consent = ConsentPolicy(config.consent)
-        self.identity = (
-            IdentityService(
-                config.identity, config.server.base_path, config.google.server_client_id
-            )
-            if config.identity.enabled
-            else None
-        )
-        self.truncate_ip = config.privacy.truncate_ip
+        self.pipeline = Pipeline(config)
+        # The shell needs two of the pipeline's parts itself: HTTPS detection behind
+        # trusted proxies (the cookies' Secure flag), and identity for ``GET /id``.
+        self.resolver = self.pipeline.resolver
+        self.identity = self.pipeline.identity
         self.spool = spool
         self.metrics = metrics
 
@@ -189,6 +156,8 @@ class IngestService:
     # -- the handler -------------------------------------------------------------------
 
     async def handle(self, request: web.Request, route: Route, path_name: str) -> web.Response:
+        """A request on a route of the write-key protocols (Segment, Jitsu, the relay's
+        script): key, decode, key from the body if none came in the headers, accept."""
         source = route.source
         key: WriteKeyConfig | None = None
         try:
@@ -202,7 +171,7 @@ class IngestService:
             if key is None:
                 key = self.find_key(decoded.write_key, route, request)
                 self.check_key(key, route, request)
-            return await self.accept(request, source, key, decoded)
+            return await self.accept(request, source, key, decoded, self.cors_headers(request, key))
         except IngestError as exc:
             # ``key`` is the key presented, when it is known: a refused request answers with
             # its CORS headers (none for a server key, or an origin the key does not allow).
@@ -248,6 +217,7 @@ class IngestService:
             )
 
     async def _decode(self, request: web.Request, source: str, path_name: str) -> Decoded:
+        """Content type, body and the source's decoder, for the JSON protocols."""
         raw_ctype = request.headers.get("Content-Type")
         if not raw_ctype:
             ctype = ""
@@ -264,8 +234,9 @@ class IngestService:
                 status=415,
             )
         body = await read_body(request, self.limits.max_request_bytes)
-        decoded = SOURCES[source](parse_json_body(body), path_name)
-        # No event can nest deeper than the body has opening brackets.
+        decoded = SOURCES[source](body, path_name)
+        # No event can nest deeper than the body has opening brackets (these protocols'
+        # events are the body's own objects).
         decoded.depth_bound = count_brackets_up_to(body, self.limits.max_nesting_depth)
         if len(decoded.events) > self.limits.max_batch_events:
             raise IngestError(
@@ -280,109 +251,25 @@ class IngestService:
         self,
         request: web.Request,
         source: str,
-        key: WriteKeyConfig,
+        sender: Sender,
         decoded: Decoded,
+        cors: dict[str, str],
         answer: Answer | None = None,
     ) -> web.Response:
-        """Normalize, enrich and store the request's events; answer with ``answer`` (the
-        protocol's own success and error shapes) or the Segment/Jitsu answers. A 503 when
-        the spool cannot store them is the same for every protocol. ``decoded.events`` is
-        emptied once they are serialized."""
-        now = datetime.now(UTC)
-        received_ms = int(now.timestamp() * 1000)
-        received_iso = iso(now)
-        trusted = key.kind == "server"
-        ip = self.resolver.client_ip(request.remote, request.headers)
-        user_agent = request.headers.get("User-Agent")
-        limits = self.limits
-        # A body with no more brackets than the limit cannot nest too deep: skip the walk.
-        max_depth = None if decoded.depth_bound is not None else limits.max_nesting_depth
-        batch_sent_at = (
-            BatchSentAt(decoded.batch_sent_at) if decoded.batch_sent_at is not None else None
-        )
+        """Take the request's events through the pipeline, store them, count them, and
+        answer with ``answer`` (the protocol's own success and error shapes) or the
+        Segment/Jitsu answers, with the CORS headers ``cors``. A 503 when the spool cannot
+        store them is the same for every protocol."""
+        processed = self.pipeline.run(request, decoded, source, sender)
+        rows, rejected = processed.rows, processed.rejected
         counters = self.metrics.source(source)
-        shared_fields = tuple(decoded.shared.items())
-        gpc = request.headers.get("Sec-GPC") == "1"
-        # Identity cookies: browser-key requests only (a backend's request has no visitor).
-        identity = self.identity if key.kind == "browser" else None
-        visitor: VisitorState | None = None
-        visit: Visit | None = None
-        own_script = source == "tagrelay"
-        rows: list[tuple[int, bytes]] = []
-        message_ids: list[str] = []
-        rejected: list[dict[str, Any]] = []
-        header_anonymous_id = _anonymous_id_header(request.headers.get("AnonymousId"))
-        events = decoded.events
-        received = len(events)
-        raw: Any = None
-        event: Event | None = None
-        for index, raw in enumerate(events):
-            try:
-                if (
-                    header_anonymous_id is not None
-                    and type(raw) is dict
-                    and not raw.get("anonymousId")
-                ):
-                    raw["anonymousId"] = header_anonymous_id
-                event = normalize_event(
-                    raw,
-                    received_at=now,
-                    received_iso=received_iso,
-                    batch_sent_at=batch_sent_at,
-                    default_type=decoded.default_type,
-                    max_depth=max_depth,
-                )
-                for shared_key, shared in shared_fields:
-                    event[shared_key] = {**shared, **event.get(shared_key, {})}
-                apply_client(event, ip=ip, user_agent=user_agent, trusted_sender=trusted)
-                apply_campaign(event)
-                context = event["context"]
-                consent = self.consent.apply(event, gpc_header=gpc)
-                if consent["analytics"] == DENIED:
-                    if self.consent.anonymize_denied:
-                        anonymize(event)
-                elif identity is not None and context.get("cookieless") is not True:
-                    if visitor is None or visit is None:
-                        visitor = identity.read(request.cookies)
-                        visit = Visit(domain=identity.cookie_domain(request.headers.get("Host")))
-                    identity.apply(
-                        event,
-                        visitor,
-                        visit,
-                        own_script=own_script,
-                        ads=consent["ads"] == GRANTED,
-                        now_ms=received_ms,
-                        reset=decoded.reset,
-                    )
-                if self.truncate_ip:
-                    apply_ip_truncation(event)
-                context["source"] = source
-                context["writeKeyId"] = key.id
-                payload = orjson.dumps(event)
-                if len(payload) > limits.max_event_bytes:
-                    raise IngestError(
-                        "event_too_large",
-                        f"the event is {len(payload)} bytes; at most {limits.max_event_bytes}",
-                    )
-                rows.append((received_ms, payload))
-                message_ids.append(event["messageId"])
-            except IngestError as exc:
-                rejected.append({"index": index, "error": exc.code, "message": exc.message})
-                counters.rejected(exc.code)
-        counters.received.inc(received)
-        # The events are in ``rows`` now, serialized: free them at once. Freed only when
-        # the request ends, after the commit it waits for (other requests run meanwhile),
-        # a 100-event batch took ~15% more of the event loop's time, most likely because
-        # their memory is no longer in the CPU's caches by then (bench/README.md).
-        events.clear()
-        raw = event = None
-        cors = self.cors_headers(request, key)
-        if identity is not None and visitor is not None and visit is not None:
-            identity.keep(visitor, visit)
+        counters.received.inc(len(rows) + len(rejected))
+        for rejection in rejected:
+            counters.rejected(rejection["error"])
 
         if rows:
             try:
-                stored = await self.spool.append(rows, message_ids)
+                stored = await self.spool.append(rows, processed.message_ids)
             except SpoolUnavailable:
                 self.metrics.spool_errors.inc()
                 counters.rejected("spool_unavailable", len(rows))
@@ -401,20 +288,16 @@ class IngestService:
         if answer is not None:
             response = answer(len(rows), rejected, cors)
         else:
-            response = self._answer(source, decoded, rows, rejected, cors, visit)
+            response = self._answer(source, decoded, processed, cors)
+        visit = processed.visit
         if visit is not None and rows:
             self._set_cookies(response, visit, request)
         return response
 
     def _answer(
-        self,
-        source: str,
-        decoded: Decoded,
-        rows: list[tuple[int, bytes]],
-        rejected: list[dict[str, Any]],
-        cors: dict[str, str],
-        visit: Visit | None,
+        self, source: str, decoded: Decoded, processed: Processed, cors: dict[str, str]
     ) -> web.Response:
+        rows, rejected, visit = processed.rows, processed.rejected, processed.visit
         if not decoded.is_batch:
             if rejected:
                 first = rejected[0]
