@@ -13,12 +13,14 @@ from __future__ import annotations
 
 from tagrelay.forwarders._base import Forwarder, ForwarderContext
 from tagrelay.forwarders.ga4 import GA4Forwarder
+from tagrelay.forwarders.google_ads import GoogleAdsForwarder
 from tagrelay.forwarders.meta_capi import MetaForwarder
 from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.forwarders.webhook import WebhookForwarder
 
 FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "ga4": GA4Forwarder,
+    "google_ads": GoogleAdsForwarder,
     "meta": MetaForwarder,
     "warehouse": WarehouseForwarder,
     "webhook": WebhookForwarder,
