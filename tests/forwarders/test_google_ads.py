@@ -498,7 +498,7 @@ def partial_failure(*errors: dict[str, Any], results: list[Any] | None = None) -
             401,
             google_error(401, "UNAUTHENTICATED", "authenticationError", "DEVELOPER_TOKEN_INVALID"),
             Dead,
-            "google_ads_unauthenticated",
+            "google_ads_developer_token",
         ),
         (
             403,
@@ -622,6 +622,20 @@ def test_every_row_failing_transiently_is_a_retry_and_errors_on_no_row_are_dead(
     assert isinstance(nowhere, Dead) and nowhere.reason == "google_ads_partial_failure"
 
 
+def test_errors_on_no_row_go_to_the_rows_whose_result_is_empty() -> None:
+    unlocated = {"errorCode": {"conversionUploadError": "CLICK_NOT_FOUND"}, "message": "gone"}
+    body = partial_failure(unlocated, results=[{"gclid": "a"}, {}, {"gclid": "c"}])
+    outcome = classify_google_ads_response(HttpResponse(200, {}, body), 3)
+    assert outcome == Delivered(
+        rejected={
+            1: "Google Ads conversionUploadError.CLICK_NOT_FOUND: gone (at conversions[1]; "
+            "request id req-9)"
+        }
+    )
+    taken = partial_failure(unlocated, results=[{"gclid": "a"}, {"gclid": "b"}])
+    assert classify_google_ads_response(HttpResponse(200, {}, taken), 2) == Delivered()
+
+
 def big_partial_failure(failed: list[int], rows: int) -> bytes:
     """Google's answer as it prints it (indented), large enough to be cut by the shared
     64 KiB limit: the row errors first, then a result per row."""
@@ -692,6 +706,23 @@ async def test_a_401_refreshes_the_token_once_and_resends(
     assert isinstance(outcome, Dead) and outcome.reason == "google_ads_unauthenticated"
     assert "OAUTH_TOKEN_EXPIRED" in outcome.detail
     assert len(token_endpoint.forms) == 3
+
+
+async def test_a_refused_developer_token_is_dead_without_a_token_refresh(
+    ads: Recorder, token_endpoint: FakeTokenEndpoint, context: ForwarderContext
+) -> None:
+    fwd = forwarder(context, ads, token_endpoint)
+    refused = google_error(
+        401, "UNAUTHENTICATED", "authenticationError", "DEVELOPER_TOKEN_INVALID", "bad token"
+    )
+    ads.script = [(401, {}, refused)]
+    outcome = await fwd.deliver([{**purchase(), "timestamp": datetime.now(UTC).isoformat()}])
+    assert outcome == Dead(
+        "google_ads_developer_token",
+        "HTTP 401 UNAUTHENTICATED: authenticationError.DEVELOPER_TOKEN_INVALID: bad token "
+        "(request id req-123)",
+    )
+    assert (len(ads.requests), len(token_endpoint.forms)) == (1, 1)
 
 
 async def test_secrets_never_reach_a_dead_letter(

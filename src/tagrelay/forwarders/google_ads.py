@@ -58,14 +58,16 @@ at ``conversions[N]``                                  rejected (dead letters wi
                                                        EXISTS`` only is already in Google
                                                        (a re-sent upload): delivered
 ... every row failed, each with a transient code       ``Retry(google_ads_transient)``
-... errors on no row                                   ``Dead(google_ads_partial_failure)``
+... errors on no row: the rows with an empty result    rejected with them; without one
+                                                       result per row,
+                                                       ``Dead(google_ads_partial_failure)``
 429, ``RESOURCE_EXHAUSTED``,                           ``Retry(google_ads_rate_limited)``
 ``RESOURCE_TEMPORARILY_EXHAUSTED``                     (the error's retryDelay or
                                                        Retry-After honoured)
 5xx, ``TRANSIENT_ERROR``, ``INTERNAL_ERROR``,          ``Retry(google_ads_transient)``
 ``DEADLINE_EXCEEDED``
+a ``*DEVELOPER_TOKEN*`` code (no token refresh)        ``Dead(google_ads_developer_token)``
 401 (after the one refresh the shell makes)            ``Dead(google_ads_unauthenticated)``
-a ``*DEVELOPER_TOKEN*`` code                           ``Dead(google_ads_developer_token)``
 403, ``PERMISSION_DENIED``                             ``Dead(google_ads_permission_denied)``
 other 4xx                                              ``Dead(google_ads_request_error)``
 not Google's error JSON                                the shared status table
@@ -465,6 +467,7 @@ def _partial_failure(
     scanned: list[RowError] | None,
     rows: int,
     status: int,
+    results: Any = None,
 ) -> Outcome:
     if failure is not None:
         errors, request_ids, _ = _errors_of(failure)
@@ -475,6 +478,13 @@ def _partial_failure(
     for error in errors:
         if error.row is not None and 0 <= error.row < rows:
             by_row.setdefault(error.row, []).append(error)
+    if not by_row and isinstance(results, list) and len(results) == rows and errors:
+        # Errors Google located on no row, but one result per row: a failed row's
+        # result is empty (partial failure guide), so those rows carry the errors.
+        unlocated = [e for e in errors if e.row is None] or errors
+        by_row = {row: unlocated for row, result in enumerate(results) if not result}
+        if not by_row:
+            return Delivered()
     if not by_row:
         said = _describe(errors) or (summary if isinstance(summary, str) else "")
         detail = f"HTTP {status}: Google Ads partial failure on no conversion: {said}"
@@ -512,7 +522,7 @@ def classify_google_ads_response(response: HttpResponse, rows: int) -> Outcome:
         failure = body.get("partialFailureError")
         if not isinstance(failure, dict) or not failure:
             return Delivered()
-        return _partial_failure(failure, None, rows, status)
+        return _partial_failure(failure, None, rows, status, body.get("results"))
     error = body.get("error")
     if not isinstance(error, dict):
         return classify_status(response)
@@ -530,10 +540,10 @@ def classify_google_ads_response(response: HttpResponse, rows: int) -> Outcome:
         return Retry("google_ads_rate_limited", detail, after)
     if status >= 500 or rpc_status in TRANSIENT_STATUSES or values & TRANSIENT_CODES:
         return Retry("google_ads_transient", detail, after)
-    if status == 401 or rpc_status == "UNAUTHENTICATED":
-        return Dead("google_ads_unauthenticated", detail)
     if any("DEVELOPER_TOKEN" in value for value in values):
         return Dead("google_ads_developer_token", detail)
+    if status == 401 or rpc_status == "UNAUTHENTICATED":
+        return Dead("google_ads_unauthenticated", detail)
     if status == 403 or rpc_status == "PERMISSION_DENIED":
         return Dead("google_ads_permission_denied", detail)
     shared = classify_status(response)
@@ -659,7 +669,8 @@ class GoogleAdsForwarder(ConversionsForwarder[GoogleAdsConfig]):
         return await self.tokens.authorize(self.context.http, request, refresh=refresh)
 
     def unauthorized(self, response: HttpResponse) -> bool:
-        return response.status == 401
+        # A refused developer token is not cured by a new access token.
+        return response.status == 401 and b"DEVELOPER_TOKEN" not in response.body
 
     def secrets(self) -> Iterable[str]:
         return (self.config.developer_token.get_secret_value(), *self.tokens.secrets())
