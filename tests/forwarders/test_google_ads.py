@@ -42,7 +42,15 @@ from tagrelay.forwarders.google_ads import (
 )
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Retry
-from tests.support import SERVER_KEY, Recorder, basic, metric_value, recording_server, wait_idle
+from tests.support import (
+    BROWSER_KEY,
+    SERVER_KEY,
+    Recorder,
+    basic,
+    metric_value,
+    recording_server,
+    wait_idle,
+)
 
 GOLDEN = Path(__file__).parent / "golden" / "google_ads"
 UPDATE = os.environ.get("TAGRELAY_UPDATE_GOLDEN") == "1"
@@ -967,3 +975,51 @@ async def test_a_revoked_refresh_token_dead_letters_the_batch_with_googles_words
     )
     labels = {"forwarder": "gads", "reason": "token_invalid_grant"}
     assert metric_value(client.app, "tagrelay_dead_letters_total", labels) == 1
+
+
+async def test_a_gclid_from_the_landing_page_reaches_a_later_order_through_the_cookie(
+    relay: Any, ads: Recorder, token_endpoint: FakeTokenEndpoint
+) -> None:
+    client = await relay(forwarders=[relay_forwarder(ads, token_endpoint)])
+    browser = {
+        "Origin": "https://www.shop.test",
+        "Host": "data.shop.test",
+        "Content-Type": "text/plain",
+    }
+
+    def script_body(event: dict[str, Any]) -> bytes:
+        return orjson.dumps({"writeKey": BROWSER_KEY, "batch": [event]})
+
+    landing = {
+        "type": "page",
+        "anonymousId": "visitor-1",
+        "messageId": "page-1",
+        "context": {
+            "consent": GRANTED,
+            "page": {"url": f"https://www.shop.test/?gclid={GCLID}", "path": "/"},
+        },
+    }
+    resp = await client.post("/d", data=script_body(landing), headers=browser)
+    assert resp.status == 200
+    cookie = "; ".join(
+        f"{morsel.key}={morsel.value}" for morsel in resp.cookies.values() if morsel.value
+    )
+    assert "tr_clk=" in cookie
+    order = {
+        "type": "track",
+        "event": "Order Completed",
+        "anonymousId": "visitor-1",
+        "messageId": "order-1",
+        "properties": {"order_id": "o-1", "revenue": 10, "currency": "usd"},
+        "context": {
+            "consent": GRANTED,
+            "page": {"url": "https://www.shop.test/thanks", "path": "/thanks"},
+        },
+    }
+    resp = await client.post("/d", data=script_body(order), headers={**browser, "Cookie": cookie})
+    assert resp.status == 200
+    await wait_idle(client.app)
+    [request] = ads.requests  # the page view has no conversion action
+    [row] = orjson.loads(request["body"])["conversions"]
+    assert (row["gclid"], row["orderId"], row["conversionValue"]) == (GCLID, "o-1", 10)
+    assert row["conversionAction"] == PURCHASE_ACTION
