@@ -37,6 +37,7 @@ from tagrelay.forwarders.google_ads import (
     GoogleAdsForwarder,
     RowError,
     classify_google_ads_response,
+    cut_in_row_errors,
     google_date_time,
     scan_row_errors,
 )
@@ -676,6 +677,9 @@ def test_a_cut_answer_is_scanned_for_its_row_errors() -> None:
     inside = body[: body.index(b"row 9")].decode()
     assert [e.row for e in scan_row_errors(inside) or []] == [0, 5]
     assert scan_row_errors('{"results": [{"gclid": "a"}, {"gcl') is None
+    assert not cut_in_row_errors(HttpResponse(200, {}, body[: 64 * 1024]))
+    assert cut_in_row_errors(HttpResponse(200, {}, inside.encode()))
+    assert not cut_in_row_errors(HttpResponse(200, {}, body))
 
 
 async def test_a_partial_failure_in_a_large_answer_rejects_the_named_rows(
@@ -690,6 +694,26 @@ async def test_a_partial_failure_in_a_large_answer_rejects_the_named_rows(
     outcome = await fwd.deliver(events)
     assert isinstance(outcome, Delivered)
     assert sorted(outcome.rejected) == [3, 400]
+
+
+async def test_an_answer_cut_inside_its_row_errors_is_reported(
+    ads: Recorder,
+    token_endpoint: FakeTokenEndpoint,
+    context: ForwarderContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fwd = forwarder(context, ads, token_endpoint)
+    now = datetime.now(UTC).isoformat()
+    events = [{**purchase(f"m-{i}"), "timestamp": now} for i in range(600)]
+    ads.script = [(200, {}, big_partial_failure(list(range(300)), 600))]
+    with caplog.at_level("WARNING", logger="tagrelay.forwarders.google_ads"):
+        outcome = await fwd.deliver(events)
+    assert isinstance(outcome, Delivered)
+    named = sorted(outcome.rejected)
+    assert 0 < len(named) < 300 and named == list(range(len(named)))
+    [record] = caplog.records
+    assert record.getMessage().startswith("Google Ads answer cut before the end of its row")
+    assert (record.rows, record.rows_rejected) == (600, len(named))  # type: ignore[attr-defined]
 
 
 # -- credentials -------------------------------------------------------------------------------
