@@ -73,6 +73,11 @@ other 4xx                                              ``Dead(google_ads_request
 not Google's error JSON                                the shared status table
 =====================================================  ===================================
 
+A row Google refuses only for now (``TOO_RECENT_EVENT``: its click is under 6 hours old;
+a transient error on some rows while others went through) is a dead letter too: the
+shell retries requests, not single events, and re-sending the rows Google took would
+count leads without a click id or order id twice. Such dead letters can be replayed.
+
 A dead letter's detail is Google's words: HTTP status, gRPC status, each error's
 ``kind.CODE: message`` and the request id; the developer token, OAuth secrets and access
 tokens are scrubbed (``secrets``), and so is anything shaped like an email address.
