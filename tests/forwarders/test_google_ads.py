@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 
 from tagrelay.appkeys import SPOOL
@@ -43,6 +45,7 @@ from tagrelay.forwarders.google_ads import (
 )
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Retry
+from tests.forwarders.test_google_auth import key_file
 from tests.support import (
     BROWSER_KEY,
     SERVER_KEY,
@@ -1047,3 +1050,39 @@ async def test_a_gclid_from_the_landing_page_reaches_a_later_order_through_the_c
     [row] = orjson.loads(request["body"])["conversions"]
     assert (row["gclid"], row["orderId"], row["conversionValue"]) == (GCLID, "o-1", 10)
     assert row["conversionAction"] == PURCHASE_ACTION
+
+
+async def test_a_401_through_the_relay_refreshes_the_token_and_the_order_arrives(
+    relay: Any, ads: Recorder, token_endpoint: FakeTokenEndpoint
+) -> None:
+    expired = google_error(401, "UNAUTHENTICATED", "authenticationError", "OAUTH_TOKEN_EXPIRED")
+    ads.script = [(401, {}, expired)]
+    client = await relay(forwarders=[relay_forwarder(ads, token_endpoint)])
+    response = await client.post(
+        "/v1/track", json=segment_order("order-1", GRANTED), headers=basic(SERVER_KEY)
+    )
+    assert response.status == 200
+    await wait_idle(client.app)
+    assert [r["headers"]["Authorization"] for r in ads.requests] == [
+        "Bearer ya29.token-1",
+        "Bearer ya29.token-2",
+    ]
+    assert ads.requests[0]["body"] == ads.requests[1]["body"]
+    assert len(token_endpoint.forms) == 2
+    assert await client.app[SPOOL].dead_letters("gads") == []
+    delivered = {"forwarder": "gads", "outcome": "delivered"}
+    assert metric_value(client.app, "tagrelay_forwarder_events_total", delivered) == 1
+
+
+async def test_a_service_account_gets_the_token(
+    ads: Recorder, token_endpoint: FakeTokenEndpoint, context: ForwarderContext, tmp_path: Path
+) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = key_file(tmp_path, key)
+    fwd = forwarder(context, ads, token_endpoint, oauth=None, service_account_file=str(path))
+    assert await fwd.deliver([{**purchase(), "timestamp": datetime.now(UTC).isoformat()}]) == (
+        Delivered()
+    )
+    [form] = [parse_qs(body.decode()) for body in token_endpoint.forms]
+    assert form["grant_type"] == ["urn:ietf:params:oauth:grant-type:jwt-bearer"]
+    assert ads.requests[0]["headers"]["Authorization"] == "Bearer ya29.token-1"
