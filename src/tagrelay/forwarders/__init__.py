@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from tagrelay.forwarders._base import Forwarder, ForwarderContext
 from tagrelay.forwarders.ga4 import GA4Forwarder
+from tagrelay.forwarders.google_ads import GoogleAdsForwarder
 from tagrelay.forwarders.meta_capi import MetaForwarder
 from tagrelay.forwarders.tiktok_events import TikTokForwarder
 from tagrelay.forwarders.warehouse import WarehouseForwarder
@@ -20,6 +21,7 @@ from tagrelay.forwarders.webhook import WebhookForwarder
 
 FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "ga4": GA4Forwarder,
+    "google_ads": GoogleAdsForwarder,
     "meta": MetaForwarder,
     "tiktok": TikTokForwarder,
     "warehouse": WarehouseForwarder,
