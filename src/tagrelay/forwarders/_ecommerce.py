@@ -75,6 +75,9 @@ names); look names up by ``event_name_key``."""
 STANDARD_EVENTS: Final[Mapping[str, Mapping[str, str]]] = {
     "page_view": {
         "meta": "PageView",
+        # Not in TikTok's 2025 standard list: the name its pixel gives its automatic page
+        # views, which integrations still send (destinations.md §4, §11).
+        "tiktok": "Pageview",
         "snap": "PAGE_VIEW",
         "pinterest": "page_visit",
         "reddit": "PAGE_VISIT",

@@ -14,8 +14,8 @@ Each event::
                       the legacy CompletePayment is still taken: a site whose pixel sends
                       it maps events: {"Order Completed": "CompletePayment"}, since
                       TikTok deduplicates only the same event name with the same id.
-                      Page views are Pageview, the pixel's own name for them (the layer's
-                      table has none for TikTok; see ``event_name``).
+                      Page views are Pageview, the pixel's own name for them
+                      (``_ecommerce.STANDARD_EVENTS``).
     event_time        Unix seconds (the layer drops events older than 28 days, see
                       ``MAX_EVENT_AGE_SECS``)
     event_id          the event's messageId: the pixel's event_id for the same action, so
@@ -83,13 +83,11 @@ from pydantic import Field, SecretStr
 from tagrelay.forwarders._base import ForwarderContext
 from tagrelay.forwarders._batched import PlannedRequest
 from tagrelay.forwarders._conversions import (
-    CANONICAL_EVENT_NAMES,
     Conversion,
     ConversionsConfig,
     ConversionsForwarder,
     epoch_seconds,
 )
-from tagrelay.forwarders._ecommerce import event_name_key
 from tagrelay.forwarders._http import (
     HttpRequest,
     HttpResponse,
@@ -99,7 +97,7 @@ from tagrelay.forwarders._http import (
 from tagrelay.forwarders._user_data import Field as UserDataField
 from tagrelay.forwarders._user_data import looks_like_email
 from tagrelay.logthrottle import LogThrottle
-from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
+from tagrelay.model import Dead, Delivered, Outcome, Retry
 
 __all__ = ["TikTokConfig", "TikTokForwarder", "classify_tiktok_response"]
 
@@ -116,13 +114,6 @@ older event is worthless to TikTok and, if TikTok refused it, would fail its who
 request (one bad row fails a batch), so it is dropped (``too_old``)."""
 
 PARTIAL_LOG_INTERVAL_SECS: Final = 60.0
-
-PAGE_VIEW: Final = "page_view"
-PAGE_VIEW_EVENT: Final = "Pageview"
-"""TikTok's name for a page view: the pixel's automatic event, a legacy name that
-RudderStack's and Stape's integrations still send (destinations.md §4, §11). The layer's
-``STANDARD_EVENTS`` has no TikTok page view, so ``TikTokForwarder.event_name`` supplies
-it."""
 
 STANDARD_EVENTS: Final = frozenset(
     {
@@ -150,7 +141,7 @@ STANDARD_EVENTS: Final = frozenset(
         "CompletePayment",
         "PlaceAnOrder",
         "ClickButton",
-        PAGE_VIEW_EVENT,
+        "Pageview",
     }
 )
 """TikTok's standard events: a track event so named (or mapped to one) is sent as it is."""
@@ -297,30 +288,6 @@ class TikTokForwarder(ConversionsForwarder[TikTokConfig]):
     def __init__(self, config: TikTokConfig, context: ForwarderContext) -> None:
         super().__init__(config, context)
         self._partial_log = LogThrottle(log, PARTIAL_LOG_INTERVAL_SECS)
-        self._configured_keys = frozenset(event_name_key(name) for name in config.events)
-
-    def event_name(self, event: Event) -> tuple[str, bool, str | None] | str:
-        """The layer's name, except that a page view (a ``page`` or ``screen`` call, or a
-        track event named ``page_view``) that ``events`` does not name is TikTok's
-        ``Pageview``, not unmapped or custom. The layer change this stands for: a
-        ``tiktok`` entry ``Pageview`` under ``page_view`` in ``_ecommerce.STANDARD_EVENTS``."""
-        named = super().event_name(event)
-        unnamed = named == "unmapped_event" or (isinstance(named, tuple) and not named[1])
-        if unnamed and self._unconfigured_page_view(event):
-            return PAGE_VIEW_EVENT, True, PAGE_VIEW
-        return named
-
-    def _unconfigured_page_view(self, event: Event) -> bool:
-        etype, name = event.get("type"), event.get("event")
-        if etype in ("page", "screen"):
-            key = PAGE_VIEW
-        elif etype == "track" and isinstance(name, str):
-            key = event_name_key(name)
-            if CANONICAL_EVENT_NAMES.get(key) != PAGE_VIEW:
-                return False
-        else:
-            return False
-        return key not in self._configured_keys
 
     def request(self, conversions: Sequence[Conversion]) -> HttpRequest:
         config = self.config
