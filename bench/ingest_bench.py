@@ -60,6 +60,8 @@ AUTH = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
 FORWARDER = "warehouse"
 WAREHOUSE_MAX_EVENTS = 1000
 SCENARIOS = ("track", "batch", "rate")
+LOAD_MODES = ("track", "batch", "conversions", "gtag")
+"""What the load generators send (bench/ingest.lua's MODE): see ``BodyMaker``."""
 
 TARGETS = {
     "track_ratio": 0.40,  # relay req/s >= 40% of the bare app's
@@ -95,8 +97,42 @@ _EVENT_TAIL = (
 )
 
 
+_UA = (
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/126.0 Safari/537.36"
+)
+_CONSENT = (
+    '{"analytics":"granted","ads":"granted","ad_user_data":"granted",'
+    '"ad_personalization":"granted"}'
+)
+_PURCHASE = (
+    '{"type":"track","event":"Order Completed","anonymousId":"anon-%d","userId":"user-%d",'
+    '"messageId":"%s","properties":{"order_id":"%s","revenue":%d.5,"currency":"usd","products":['
+    '{"product_id":"p-%d","sku":"SKU-%d","name":"T-shirt","price":19.5,"quantity":1},'
+    '{"product_id":"p-%d","sku":"SKU-%d","name":"Mug","price":%d,"quantity":2}]},'
+    '"context":{"consent":' + _CONSENT + ',"traits":{"email":"Buyer.%d@Example.com",'
+    '"phone":"+1 650 555 %04d"},"page":{"path":"/checkout/thanks",'
+    '"url":"https://shop.example/checkout/thanks?gclid=Cj0KCQbench%d","title":"Thank you",'
+    '"referrer":"https://shop.example/cart"},"userAgent":"' + _UA + '",'
+    '"library":{"name":"bench","version":"1"}},"timestamp":"%s"%s}'
+)
+_PAGE = (
+    '{"type":"page","name":"Product","anonymousId":"anon-%d","messageId":"%s",'
+    '"properties":{"path":"/p/%d","url":"https://shop.example/p/%d","title":"Product %d"},'
+    '"context":{"consent":' + _CONSENT + ',"page":{"path":"/p/%d",'
+    '"url":"https://shop.example/p/%d","title":"Product %d","referrer":""},'
+    '"userAgent":"' + _UA + '","library":{"name":"bench","version":"1"}},"timestamp":"%s"%s}'
+)
+GTAG_MEASUREMENT_ID = "G-BENCH12345"
+_GTAG = (
+    "/g/collect?v=2&tid=" + GTAG_MEASUREMENT_ID + "&gcs=G111&cid=%d.1731420000&sid=1731425080"
+    "&sct=1&seg=1&ul=en-us&dl=https%%3A%%2F%%2Fshop.example%%2Fp%%2F%d&dt=Product&_p=%s"
+)
+
+
 class BodyMaker:
-    """Builds request bodies whose every event has a unique messageId ``NONCE-COUNTER``."""
+    """Builds request bodies whose every event has a unique messageId ``NONCE-COUNTER``
+    (the same shapes as ``bench/ingest.lua`` builds for wrk)."""
 
     def __init__(self, nonce: str, batch_size: int) -> None:
         self.nonce = nonce
@@ -129,6 +165,35 @@ class BodyMaker:
         ts = self._now()
         events = ",".join(self._event(ts, "") for _ in range(self.batch_size))
         return f'{{"batch":[{events}],"sentAt":"{ts}"}}'.encode()
+
+    def conversion(self) -> tuple[str, bytes]:
+        """The "conversions" mix, alternately: an ``Order Completed`` with revenue, products,
+        email and phone traits and a gclid (``/v1/track``), and a page view (``/v1/page``),
+        each granting every consent category."""
+        ts = self._now()
+        extra = f',"sentAt":"{ts}"'
+        self.counter += 1
+        n = self.counter
+        mid = f"{self.nonce}-{n}"
+        if n % 2 == 0:
+            return "/v1/track", (
+                _PURCHASE
+                % (n % 5000, n % 5000, mid, mid, 10 + n % 90, n % 50, n % 50, n % 70, n % 70,
+                   5 + n % 20, n, n % 10000, n, ts, extra)
+            ).encode()  # fmt: skip
+        p = n % 500
+        return "/v1/page", (_PAGE % (n % 5000, mid, p, p, p, p, p, p, ts, extra)).encode()
+
+    def gtag(self) -> str:
+        """A gtag hit's path and query (GA4's hits carry no messageId; ``_p`` makes each
+        distinct), alternately a page_view and a purchase."""
+        self.counter += 1
+        n = self.counter
+        hit = _GTAG % (n % 5000, n % 500, f"{self.nonce}{n}")
+        if n % 2 == 0:
+            order = f"T-{self.nonce}{n}"
+            return hit + f"&en=purchase&ep.transaction_id={order}&epn.value={10 + n % 90}&cu=USD"
+        return hit + "&en=page_view"
 
 
 # --------------------------------------------------------------------------------------
@@ -266,17 +331,32 @@ class _HttpPool:
 
 
 def _request_maker(args: argparse.Namespace) -> Callable[[], bytes]:
-    path = "/v1/batch" if args.mode == "batch" else "/v1/track"
     bodies = BodyMaker(args.nonce, args.batch_size)
-    make = bodies.batch if args.mode == "batch" else bodies.track
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\nAuthorization: {args.auth}\r\n"
-        "Content-Type: application/json\r\nContent-Length: "
-    ).encode()
+    host = f"Host: {args.host}:{args.port}\r\nUser-Agent: {_UA}\r\n".encode()
+    if args.mode == "gtag":
+        return lambda: b"GET %s HTTP/1.1\r\n%s\r\n" % (bodies.gtag().encode(), host)
+    heads: dict[str, bytes] = {}
+
+    def head(path: str) -> bytes:
+        if path not in heads:
+            heads[path] = (
+                f"POST {path} HTTP/1.1\r\n".encode()
+                + host
+                + f"Authorization: {args.auth}\r\n"
+                "Content-Type: application/json\r\nContent-Length: ".encode()
+            )
+        return heads[path]
+
+    if args.mode == "conversions":
+        make = bodies.conversion
+    elif args.mode == "batch":
+        make = lambda: ("/v1/batch", bodies.batch())  # noqa: E731
+    else:
+        make = lambda: ("/v1/track", bodies.track())  # noqa: E731
 
     def request() -> bytes:
-        body = make()
-        return b"%s%d\r\n\r\n%s" % (head, len(body), body)
+        path, body = make()
+        return b"%s%d\r\n\r\n%s" % (head(path), len(body), body)
 
     return request
 
@@ -384,7 +464,7 @@ async def _closed_loop(args: argparse.Namespace) -> dict[str, Any]:
 def loadgen_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="ingest_bench.py _loadgen")
     p.add_argument("--kind", choices=("open", "closed"), required=True)
-    p.add_argument("--mode", choices=("track", "batch"), required=True)
+    p.add_argument("--mode", choices=LOAD_MODES, required=True)
     p.add_argument("--host", default=HOST)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--rate", type=float, default=0.0)
