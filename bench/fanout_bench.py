@@ -43,6 +43,7 @@ import os
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -232,6 +233,7 @@ class ForwarderRow:
     depth_end: float
     drained_secs: float | None
     fake_events: int | None  # what the fakes received during the run and its drain
+    fake_requests: int | None
 
 
 @dataclass
@@ -242,6 +244,7 @@ class Run:
     loadavg: float
     accepted: float | None = None
     relay_cpu_s: float | None = None  # the relay process alone (all its threads)
+    fakes_cpu_pct: float | None = None
     forwarders: list[ForwarderRow] = field(default_factory=list)
     profile: str | None = None
 
@@ -267,6 +270,7 @@ def start_profile(args: argparse.Namespace, server: Server, path: Path) -> subpr
         "raw",
         "--threads",
         "--nonblocking",
+        *(["--gil"] if args.profile == "gil" else []),
         "--output",
         str(path),
     ]
@@ -287,12 +291,14 @@ def run_one(
     before = forwarder_state(server, forwarders) if is_relay else None
     fakes_before = fake_counts(fakes) if is_relay else {}
     relay_cpu0 = cpu_seconds([server.proc.pid]) if is_relay and server.proc else None
+    fakes_cpu0, t0 = cpu_seconds(fakes.pids()), time.monotonic()
     profiler = None
     profile_path = workdir / f"profile-{scenario}-{time.monotonic_ns()}.txt"
     if args.profile and server.name == "fanout":
         profiler = start_profile(args, server, profile_path)
     load = run_load(args, scenario, server)
     run = Run(scenario, server.name, load, os.getloadavg()[0])
+    run.fakes_cpu_pct = 100 * (cpu_seconds(fakes.pids()) - fakes_cpu0) / (time.monotonic() - t0)
     if not is_relay:
         return run
     after = forwarder_state(server, forwarders)
@@ -314,12 +320,16 @@ def run_one(
     run.accepted = after["_relay"]["accepted"] - before["_relay"]["accepted"]
     for f in forwarders:
         a, b = after[f], before[f]
-        received = None
+        received = requests = None
         if f in FAKE_COUNTERS:
-            received = sum(
-                fakes_after.get(c, {}).get("events", 0) - fakes_before.get(c, {}).get("events", 0)
-                for c in FAKE_COUNTERS[f]
-            )
+
+            def got(key: str, f: str = f) -> int:
+                return sum(
+                    fakes_after.get(c, {}).get(key, 0) - fakes_before.get(c, {}).get(key, 0)
+                    for c in FAKE_COUNTERS[f]
+                )
+
+            received, requests = got("events"), got("requests")
         run.forwarders.append(
             ForwarderRow(
                 forwarder=f,
@@ -331,6 +341,7 @@ def run_one(
                 depth_end=a["depth"],
                 drained_secs=drained[f],
                 fake_events=received,
+                fake_requests=requests,
             )
         )
     return run
@@ -415,7 +426,7 @@ def print_report(
     p()
     hdr = (
         f"{'scenario':<8} {'server':<9} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>8} {'fail':>5} "
-        f"{'srv cpu':>7} {'relay cpu':>9} {'loop us/ev':>10} {'loadavg':>7}"
+        f"{'srv cpu':>7} {'relay cpu':>9} {'loop us/ev':>10} {'fakes cpu':>9} {'loadavg':>7}"
     )
     p(hdr)
     p("-" * len(hdr))
@@ -426,15 +437,17 @@ def print_report(
         p(
             f"{r.scenario:<8} {r.server:<9} {fmt(L.req_per_s):>9} {fmt(L.p50_ms, '.2f'):>7} "
             f"{fmt(L.p99_ms, '.2f'):>8} {L.failed:>5} {fmt(L.server_cpu_pct, '.0f'):>6}% "
-            f"{fmt(relay_pct, '.0f'):>8}% {fmt(loop_us):>10} {r.loadavg:>7.2f}"
+            f"{fmt(relay_pct, '.0f'):>8}% {fmt(loop_us):>10} {fmt(r.fakes_cpu_pct, '.0f'):>8}% "
+            f"{r.loadavg:>7.2f}"
         )
     p()
     p("per forwarder, while the load lasted (out: left the queue, delivered or dropped by its")
-    p("rules; fake: events the fake destination received during the run and its drain)")
+    p("rules; fake ev, fake req: what the fake destination received during the run and its")
+    p("drain)")
     hdr = (
         f"{'scenario':<8} {'server':<9} {'forwarder':<10} {'arrived/s':>9} {'out/s':>8} "
         f"{'deliv/s':>8} {'dropped':>8} {'dead':>5} {'retries':>7} {'depth end':>9} "
-        f"{'drained':>9} {'fake':>8}"
+        f"{'drained':>9} {'fake ev':>8} {'fake req':>8}"
     )
     p(hdr)
     p("-" * len(hdr))
@@ -448,7 +461,7 @@ def print_report(
                 f"{r.scenario:<8} {r.server:<9} {f.forwarder:<10} {fmt(arrived):>9} "
                 f"{fmt(f.out_per_s):>8} {fmt(f.delivered_per_s):>8} {fmt(f.dropped):>8} "
                 f"{fmt(f.dead):>5} {fmt(f.retries):>7} {fmt(f.depth_end):>9} {drained:>9} "
-                f"{fmt(f.fake_events):>8}"
+                f"{fmt(f.fake_events):>8} {fmt(f.fake_requests):>8}"
             )
     notes = [f"  {r.scenario}/{r.server}: {n}" for r in runs for n in r.load.notes]
     if notes:
@@ -458,14 +471,17 @@ def print_report(
     for r in runs:
         if r.profile:
             p()
-            p(f"profile of the fanout relay during {r.scenario} (py-spy, {args.duration:g} s):")
+            p(
+                f"profile of the fanout relay during {r.scenario} (py-spy, {args.duration:g} s, "
+                f"{'samples holding the GIL' if args.profile == 'gil' else 'busy threads'}):"
+            )
             p(r.profile)
     p()
     print_targets(args, runs)
 
 
 def _median(values: list[float]) -> float | None:
-    return sorted(values)[(len(values) - 1) // 2] if values else None
+    return statistics.median(values) if values else None
 
 
 def print_targets(args: argparse.Namespace, runs: list[Run]) -> None:
@@ -476,15 +492,19 @@ def print_targets(args: argparse.Namespace, runs: list[Run]) -> None:
         return [r.load.req_per_s for r in runs if r.scenario == scenario and r.server == server]
 
     lines: list[tuple[bool | None, str]] = []
-    wh, fo, bare = (_median(rates("track", s)) for s in ("warehouse", "fanout", "bare"))
-    if wh and fo:
-        ratio = fo / wh
-        bare_text = f"; bare app {bare:,.0f}" if bare else ""
+    wh, fo, bare = (rates("track", s) for s in ("warehouse", "fanout", "bare"))
+    # Run i of each server ran next to run i of the others: compare within a round.
+    ratios = [f / w for w, f in zip(wh, fo, strict=False) if w]
+    if ratios:
+        ratio = _median(ratios) or 0.0
+        pairs = ", ".join(f"{f:,.0f}/{w:,.0f}" for w, f in zip(wh, fo, strict=False))
+        bare_text = f"; bare app {', '.join(f'{x:,.0f}' for x in bare)}" if bare else ""
         lines.append(
             (
                 ratio >= TARGETS["ingest_ratio"],
                 f"saturating ingest with fan-out >= {TARGETS['ingest_ratio']:.0%} of the "
-                f"warehouse alone: {fo:,.0f} / {wh:,.0f} events/s = {ratio:.0%}{bare_text}",
+                f"warehouse alone: {pairs} events/s = "
+                f"{', '.join(f'{x:.0%}' for x in ratios)} (median {ratio:.0%}){bare_text}",
             )
         )
     else:
@@ -572,9 +592,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--gen-procs", type=int, default=1, help="Python generator processes (1)")
     p.add_argument(
         "--profile",
-        action="store_true",
-        help="sample the fanout relay with py-spy during its runs (py-spy next to Python, "
-        "or on PATH) and print where its threads spend their time",
+        choices=("cpu", "gil"),
+        help="sample the fanout relay with py-spy during its runs (py-spy next to Python, or "
+        "on PATH) and print where its threads spend their time: every sample of a busy "
+        "thread (cpu), or only those holding the GIL (gil)",
     )
     p.add_argument(
         "--relay-cmd",
