@@ -40,6 +40,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -53,6 +54,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
@@ -350,10 +353,18 @@ def run_one(
 # --------------------------------------------------------------------------------------
 # Profile: py-spy's raw (collapsed) stacks, one line "frame;frame;... count" per stack.
 
-THREAD_KINDS = (
-    ("delivery loop", "tagrelay/forwarders/_loop.py"),
-    ("event loop (ingest)", "tagrelay/cli/serve.py"),
-)
+THREAD_KINDS = {
+    "MainThread": "MainThread (event loop: ingest)",
+    "tagrelay-delivery": "tagrelay-delivery (every forwarder's worker)",
+}
+
+
+def thread_kind(first_frame: str) -> str:
+    """A stack's thread, from py-spy's ``thread (ID): NAME`` frame; the threads of one
+    executor (``ThreadPoolExecutor-0_3``) as one."""
+    name = first_frame.split("): ", 1)[1] if "): " in first_frame else first_frame
+    name = re.sub(r"_\d+$", "", name)
+    return THREAD_KINDS.get(name, name)
 
 
 def summarize_profile(path: Path, duration: float, top: int = 12) -> str:
@@ -369,7 +380,7 @@ def summarize_profile(path: Path, duration: float, top: int = 12) -> str:
             continue
         count = int(count_text)
         frames = stack.split(";")
-        kind = next((k for k, marker in THREAD_KINDS if marker in stack), "other threads")
+        kind = thread_kind(frames[0])
         total += count
         threads[kind] += count
         files = set()
@@ -598,6 +609,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "thread (cpu), or only those holding the GIL (gil)",
     )
     p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FORWARDER.OPTION=VALUE",
+        help="change a forwarder's option in both relays' configs, VALUE read as YAML "
+        "(ga4.max_concurrent_requests=16, meta.batch={max_events: 500}); repeatable",
+    )
+    p.add_argument(
         "--relay-cmd",
         help="command starting a relay; {config} {host} {port} {data_dir} are filled in "
         "(default: this Python, -m tagrelay.cli.main serve ...)",
@@ -611,6 +630,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for chosen, allowed in ((args.scenario_list, SCENARIOS), (args.server_list, SERVERS)):
         if not set(chosen) <= set(allowed):
             p.error(f"choose from {','.join(allowed)}, not {','.join(chosen)}")
+    for item in args.set:
+        target, eq, value = item.partition("=")
+        forwarder, dot, option = target.partition(".")
+        if not (eq and dot and forwarder in FORWARDER_CONFIGS and option):
+            p.error(f"--set {item!r}: expected FORWARDER.OPTION=VALUE, FORWARDER one of "
+                    f"{','.join(FORWARDER_CONFIGS)}")  # fmt: skip
+        FORWARDER_CONFIGS[forwarder][option] = yaml.safe_load(value)
     args.batch_size = 1  # what ingest_bench's load functions read
     args.py_spy = None
     if args.profile:
