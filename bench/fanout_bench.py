@@ -43,7 +43,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -66,11 +65,13 @@ from ingest_bench import (  # noqa: E402 - the bench folder is not a package
     WRITE_KEY,
     LoadResult,
     Server,
+    add_load_options,
     closed_loop,
     cpu_seconds,
     find_wrk,
     fmt,
     free_port,
+    interrupt_on_signals,
     log,
     run_python_load,
     scrape_metrics,
@@ -564,12 +565,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--duration", type=float, default=15.0, help="seconds per run (default 15)")
-    p.add_argument("--connections", type=int, default=64, help="connections for track (64)")
-    p.add_argument("--rate", type=float, default=2000.0, help="events/s for rate (2000)")
-    p.add_argument(
-        "--rate-connections", type=int, default=256, help="most connections for rate (256)"
-    )
+    add_load_options(p)
     p.add_argument(
         "--forwarders",
         default=",".join(ALL_FORWARDERS),
@@ -591,16 +587,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=",".join(SERVERS),
         help=f"which of {','.join(SERVERS)} to run (default all)",
     )
-    p.add_argument("--repeat", type=int, default=1, help="runs per scenario and server (1)")
-    p.add_argument("--warmup", type=float, default=2.0, help="seconds of load per server first")
     p.add_argument(
         "--drain-secs", type=float, default=60.0, help="longest wait for the spools to drain"
     )
-    p.add_argument(
-        "--loadgen", choices=("auto", "wrk", "python"), default="auto", help="closed-loop load"
-    )
-    p.add_argument("--threads", type=int, default=1, help="wrk threads (default 1)")
-    p.add_argument("--gen-procs", type=int, default=1, help="Python generator processes (1)")
     p.add_argument(
         "--profile",
         choices=("cpu", "gil"),
@@ -621,9 +610,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="command starting a relay; {config} {host} {port} {data_dir} are filled in "
         "(default: this Python, -m tagrelay.cli.main serve ...)",
     )
-    p.add_argument("--start-timeout", type=float, default=60.0)
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     args.scenario_list = [s for s in args.scenarios.split(",") if s]
     args.server_list = [s for s in args.servers.split(",") if s]
@@ -656,11 +642,7 @@ def main(argv: list[str]) -> int:
     if missing:
         log(f"not registered here, left out: {', '.join(missing)}")
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    interrupt_on_signals()
     loadavg_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="tagrelay-fanout-"))
     fake_port = free_port()

@@ -1428,23 +1428,13 @@ def print_targets(args: argparse.Namespace, rows: list[Row]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="ingest_bench.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """The options of the load, the runs and the output that ``fanout_bench.py`` shares."""
     p.add_argument(
         "--duration", type=float, default=15.0, help="seconds per scenario and server (default 15)"
     )
     p.add_argument(
         "--connections", type=int, default=64, help="connections for 'track' (default 64)"
-    )
-    p.add_argument(
-        "--batch-connections", type=int, default=16, help="connections for 'batch' (default 16)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=100, help="events per /v1/batch request (default 100)"
     )
     p.add_argument(
         "--rate", type=float, default=2000.0, help="requests/s for 'rate' (default 2000)"
@@ -1467,6 +1457,52 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=1,
         help="wrk threads (default 1: one core for wrk, one for the server)",
     )
+    p.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="closed-loop load: wrk if installed (auto), or the Python generator",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each scenario per server, the servers alternating; ingest_bench.py "
+        "reports the median run (default 1)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of untimed load per server first (default 2)",
+    )
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for /healthz (default 60)",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory (config, data, server logs)",
+    )
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="ingest_bench.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_load_options(p)
+    p.add_argument(
+        "--batch-connections", type=int, default=16, help="connections for 'batch' (default 16)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=100, help="events per /v1/batch request (default 100)"
+    )
     p.add_argument("--only", choices=("relay", "bare"), help="run against one server only")
     p.add_argument(
         "--bare-loop",
@@ -1481,25 +1517,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)",
     )
     p.add_argument(
-        "--loadgen",
-        choices=("auto", "wrk", "python"),
-        default="auto",
-        help="closed-loop load: wrk if installed (auto), or the Python generator",
-    )
-    p.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        help="runs of each scenario per server, bare and relay alternating; the median run "
-        "is reported (default 1)",
-    )
-    p.add_argument(
-        "--warmup",
-        type=float,
-        default=2.0,
-        help="seconds of untimed load per server first (default 2)",
-    )
-    p.add_argument(
         "--drain-secs",
         type=float,
         default=30.0,
@@ -1512,26 +1529,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--data-dir {data_dir})",
     )
     p.add_argument(
-        "--start-timeout",
-        type=float,
-        default=60.0,
-        help="seconds to wait for /healthz (default 60)",
-    )
-    p.add_argument(
         "--no-sql", action="store_true", help="do not count warehouse rows with 'tagrelay sql'"
     )
-    p.add_argument(
-        "--keep",
-        action="store_true",
-        help="keep the temporary directory (config, data, server logs)",
-    )
-    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenario_list if s not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenario(s) {unknown}; choose from {SCENARIOS}")
     return args
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGINT raise KeyboardInterrupt, so that the servers are stopped."""
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Also SIGINT: a shell without job control starts background commands with SIGINT
+    # ignored, and Python would then never raise KeyboardInterrupt.
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
 
 
 def find_wrk(args: argparse.Namespace) -> str | None:
@@ -1557,13 +1574,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     args.wrk = find_wrk(args)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    # Also SIGINT: a shell without job control starts background commands with SIGINT
-    # ignored, and Python would then never raise KeyboardInterrupt.
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    interrupt_on_signals()
 
     tmp = Path(tempfile.mkdtemp(prefix="tagrelay-bench-"))
     data_dir = tmp / "data"
