@@ -28,6 +28,8 @@ def make_app() -> web.Application:
     app = web.Application(client_max_size=4 * 1024 * 1024)
     app.router.add_post("/v1/track", ingest)
     app.router.add_post("/v1/batch", ingest)
+    app.router.add_post("/v1/page", ingest)
+    app.router.add_route("GET", "/g/collect", ingest)
     app.router.add_get("/healthz", healthz)
     return app
 

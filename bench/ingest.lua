@@ -3,9 +3,14 @@
 --   wrk -t1 -c64 -d15s --latency -s bench/ingest.lua http://127.0.0.1:PORT \
 --       -- MODE BATCH_SIZE NONCE AUTH_HEADER
 --
--- MODE is "track" (one event per POST /v1/track) or "batch" (BATCH_SIZE events per
--- POST /v1/batch). Every event gets a unique messageId "NONCE-THREAD-COUNTER": the relay
+-- MODE is "track" (one event per POST /v1/track), "batch" (BATCH_SIZE events per
+-- POST /v1/batch), "conversions" (one event per request, alternately an "Order Completed"
+-- with revenue, products, email and phone traits and a gclid on POST /v1/track, and a page
+-- view on POST /v1/page, both granting every consent category: what ad platforms take) or
+-- "gtag" (GET /g/collect hits of the GA4 property G-BENCH12345, alternately page_view and
+-- purchase). Every event gets a unique messageId "NONCE-THREAD-COUNTER": the relay
 -- deduplicates on messageId, so a fixed body would only measure the duplicate path.
+-- bench/ingest_bench.py's BodyMaker builds the same bodies for its Python generators.
 -- At the end one line "WRKJSON {...}" carries the figures for the Python side to parse.
 
 local NAMES = { "Signed Up", "Product Viewed", "Order Completed", "Cart Viewed", "Checkout Started" }
@@ -16,6 +21,28 @@ local EVENT = '{"type":"track","event":"%s","anonymousId":"anon-%d","messageId":
   .. '"title":"Sign up","referrer":""},'
   .. '"userAgent":"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36",'
   .. '"library":{"name":"bench","version":"1"}},"timestamp":"%s"%s}'
+
+local UA = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
+local CONSENT = '{"analytics":"granted","ads":"granted","ad_user_data":"granted","ad_personalization":"granted"}'
+
+local PURCHASE = '{"type":"track","event":"Order Completed","anonymousId":"anon-%d","userId":"user-%d",'
+  .. '"messageId":"%s","properties":{"order_id":"%s","revenue":%d.5,"currency":"usd","products":['
+  .. '{"product_id":"p-%d","sku":"SKU-%d","name":"T-shirt","price":19.5,"quantity":1},'
+  .. '{"product_id":"p-%d","sku":"SKU-%d","name":"Mug","price":%d,"quantity":2}]},'
+  .. '"context":{"consent":' .. CONSENT .. ',"traits":{"email":"Buyer.%d@Example.com",'
+  .. '"phone":"+1 650 555 %04d"},"page":{"path":"/checkout/thanks",'
+  .. '"url":"https://shop.example/checkout/thanks?gclid=Cj0KCQbench%d","title":"Thank you",'
+  .. '"referrer":"https://shop.example/cart"},"userAgent":"' .. UA .. '",'
+  .. '"library":{"name":"bench","version":"1"}},"timestamp":"%s"%s}'
+
+local PAGE = '{"type":"page","name":"Product","anonymousId":"anon-%d","messageId":"%s",'
+  .. '"properties":{"path":"/p/%d","url":"https://shop.example/p/%d","title":"Product %d"},'
+  .. '"context":{"consent":' .. CONSENT .. ',"page":{"path":"/p/%d",'
+  .. '"url":"https://shop.example/p/%d","title":"Product %d","referrer":""},'
+  .. '"userAgent":"' .. UA .. '","library":{"name":"bench","version":"1"}},"timestamp":"%s"%s}'
+
+local GTAG = "/g/collect?v=2&tid=G-BENCH12345&gcs=G111&cid=%d.1731420000&sid=1731425080&sct=1"
+  .. "&seg=1&ul=en-us&dl=https%%3A%%2F%%2Fshop.example%%2Fp%%2F%d&dt=Product&_p=%s"
 
 local next_tid = 0
 local counter = 0
@@ -34,6 +61,7 @@ function init(args)
   nonce = args[3] or tostring(math.random(1, 1000000000))
   path = (mode == "batch") and "/v1/batch" or "/v1/track"
   wrk.headers["Content-Type"] = "application/json"
+  wrk.headers["User-Agent"] = UA
   if args[4] and args[4] ~= "" then
     wrk.headers["Authorization"] = args[4]
   end
@@ -45,9 +73,41 @@ local function event(ts, extra)
     nonce .. "-" .. tid .. "-" .. counter, counter % 1000, ts, extra)
 end
 
+-- One event of the "conversions" mix: (path, body).
+local function conversion(ts, extra)
+  counter = counter + 1
+  local n = counter
+  local id = nonce .. "-" .. tid .. "-" .. n
+  if n % 2 == 0 then
+    return "/v1/track", string.format(PURCHASE, n % 5000, n % 5000, id, id, 10 + n % 90,
+      n % 50, n % 50, n % 70, n % 70, 5 + n % 20, n, n % 10000, n, ts, extra)
+  end
+  local p = n % 500
+  return "/v1/page", string.format(PAGE, n % 5000, id, p, p, p, p, p, p, ts, extra)
+end
+
+-- One gtag hit: its query (GA4's hits carry no messageId; _p makes each one distinct).
+local function gtag()
+  counter = counter + 1
+  local n = counter
+  local hit = string.format(GTAG, n % 5000, n % 500, nonce .. tid .. n)
+  if n % 2 == 0 then
+    return hit .. "&en=purchase&ep.transaction_id=T-" .. nonce .. n .. "&epn.value=" .. (10 + n % 90)
+      .. "&cu=USD"
+  end
+  return hit .. "&en=page_view"
+end
+
 function request()
   local ts = os.date("!%Y-%m-%dT%H:%M:%SZ")
   local body
+  if mode == "gtag" then
+    return wrk.format("GET", gtag(), nil, nil)
+  end
+  if mode == "conversions" then
+    local p, b = conversion(ts, ',"sentAt":"' .. ts .. '"')
+    return wrk.format("POST", p, nil, b)
+  end
   if mode == "batch" then
     local parts = {}
     for i = 1, batch_size do

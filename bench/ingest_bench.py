@@ -60,6 +60,8 @@ AUTH = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
 FORWARDER = "warehouse"
 WAREHOUSE_MAX_EVENTS = 1000
 SCENARIOS = ("track", "batch", "rate")
+LOAD_MODES = ("track", "batch", "conversions", "gtag")
+"""What the load generators send (bench/ingest.lua's MODE): see ``BodyMaker``."""
 
 TARGETS = {
     "track_ratio": 0.40,  # relay req/s >= 40% of the bare app's
@@ -95,8 +97,42 @@ _EVENT_TAIL = (
 )
 
 
+_UA = (
+    "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) "
+    "Chrome/126.0 Safari/537.36"
+)
+_CONSENT = (
+    '{"analytics":"granted","ads":"granted","ad_user_data":"granted",'
+    '"ad_personalization":"granted"}'
+)
+_PURCHASE = (
+    '{"type":"track","event":"Order Completed","anonymousId":"anon-%d","userId":"user-%d",'
+    '"messageId":"%s","properties":{"order_id":"%s","revenue":%d.5,"currency":"usd","products":['
+    '{"product_id":"p-%d","sku":"SKU-%d","name":"T-shirt","price":19.5,"quantity":1},'
+    '{"product_id":"p-%d","sku":"SKU-%d","name":"Mug","price":%d,"quantity":2}]},'
+    '"context":{"consent":' + _CONSENT + ',"traits":{"email":"Buyer.%d@Example.com",'
+    '"phone":"+1 650 555 %04d"},"page":{"path":"/checkout/thanks",'
+    '"url":"https://shop.example/checkout/thanks?gclid=Cj0KCQbench%d","title":"Thank you",'
+    '"referrer":"https://shop.example/cart"},"userAgent":"' + _UA + '",'
+    '"library":{"name":"bench","version":"1"}},"timestamp":"%s"%s}'
+)
+_PAGE = (
+    '{"type":"page","name":"Product","anonymousId":"anon-%d","messageId":"%s",'
+    '"properties":{"path":"/p/%d","url":"https://shop.example/p/%d","title":"Product %d"},'
+    '"context":{"consent":' + _CONSENT + ',"page":{"path":"/p/%d",'
+    '"url":"https://shop.example/p/%d","title":"Product %d","referrer":""},'
+    '"userAgent":"' + _UA + '","library":{"name":"bench","version":"1"}},"timestamp":"%s"%s}'
+)
+GTAG_MEASUREMENT_ID = "G-BENCH12345"
+_GTAG = (
+    "/g/collect?v=2&tid=" + GTAG_MEASUREMENT_ID + "&gcs=G111&cid=%d.1731420000&sid=1731425080"
+    "&sct=1&seg=1&ul=en-us&dl=https%%3A%%2F%%2Fshop.example%%2Fp%%2F%d&dt=Product&_p=%s"
+)
+
+
 class BodyMaker:
-    """Builds request bodies whose every event has a unique messageId ``NONCE-COUNTER``."""
+    """Builds request bodies whose every event has a unique messageId ``NONCE-COUNTER``
+    (the same shapes as ``bench/ingest.lua`` builds for wrk)."""
 
     def __init__(self, nonce: str, batch_size: int) -> None:
         self.nonce = nonce
@@ -129,6 +165,35 @@ class BodyMaker:
         ts = self._now()
         events = ",".join(self._event(ts, "") for _ in range(self.batch_size))
         return f'{{"batch":[{events}],"sentAt":"{ts}"}}'.encode()
+
+    def conversion(self) -> tuple[str, bytes]:
+        """The "conversions" mix, alternately: an ``Order Completed`` with revenue, products,
+        email and phone traits and a gclid (``/v1/track``), and a page view (``/v1/page``),
+        each granting every consent category."""
+        ts = self._now()
+        extra = f',"sentAt":"{ts}"'
+        self.counter += 1
+        n = self.counter
+        mid = f"{self.nonce}-{n}"
+        if n % 2 == 0:
+            return "/v1/track", (
+                _PURCHASE
+                % (n % 5000, n % 5000, mid, mid, 10 + n % 90, n % 50, n % 50, n % 70, n % 70,
+                   5 + n % 20, n, n % 10000, n, ts, extra)
+            ).encode()  # fmt: skip
+        p = n % 500
+        return "/v1/page", (_PAGE % (n % 5000, mid, p, p, p, p, p, p, ts, extra)).encode()
+
+    def gtag(self) -> str:
+        """A gtag hit's path and query (GA4's hits carry no messageId; ``_p`` makes each
+        distinct), alternately a page_view and a purchase."""
+        self.counter += 1
+        n = self.counter
+        hit = _GTAG % (n % 5000, n % 500, f"{self.nonce}{n}")
+        if n % 2 == 0:
+            order = f"T-{self.nonce}{n}"
+            return hit + f"&en=purchase&ep.transaction_id={order}&epn.value={10 + n % 90}&cu=USD"
+        return hit + "&en=page_view"
 
 
 # --------------------------------------------------------------------------------------
@@ -266,17 +331,32 @@ class _HttpPool:
 
 
 def _request_maker(args: argparse.Namespace) -> Callable[[], bytes]:
-    path = "/v1/batch" if args.mode == "batch" else "/v1/track"
     bodies = BodyMaker(args.nonce, args.batch_size)
-    make = bodies.batch if args.mode == "batch" else bodies.track
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {args.host}:{args.port}\r\nAuthorization: {args.auth}\r\n"
-        "Content-Type: application/json\r\nContent-Length: "
-    ).encode()
+    host = f"Host: {args.host}:{args.port}\r\nUser-Agent: {_UA}\r\n".encode()
+    if args.mode == "gtag":
+        return lambda: b"GET %s HTTP/1.1\r\n%s\r\n" % (bodies.gtag().encode(), host)
+    heads: dict[str, bytes] = {}
+
+    def head(path: str) -> bytes:
+        if path not in heads:
+            heads[path] = (
+                f"POST {path} HTTP/1.1\r\n".encode()
+                + host
+                + f"Authorization: {args.auth}\r\n"
+                "Content-Type: application/json\r\nContent-Length: ".encode()
+            )
+        return heads[path]
+
+    if args.mode == "conversions":
+        make = bodies.conversion
+    elif args.mode == "batch":
+        make = lambda: ("/v1/batch", bodies.batch())  # noqa: E731
+    else:
+        make = lambda: ("/v1/track", bodies.track())  # noqa: E731
 
     def request() -> bytes:
-        body = make()
-        return b"%s%d\r\n\r\n%s" % (head, len(body), body)
+        path, body = make()
+        return b"%s%d\r\n\r\n%s" % (head(path), len(body), body)
 
     return request
 
@@ -384,7 +464,7 @@ async def _closed_loop(args: argparse.Namespace) -> dict[str, Any]:
 def loadgen_main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="ingest_bench.py _loadgen")
     p.add_argument("--kind", choices=("open", "closed"), required=True)
-    p.add_argument("--mode", choices=("track", "batch"), required=True)
+    p.add_argument("--mode", choices=LOAD_MODES, required=True)
     p.add_argument("--host", default=HOST)
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--rate", type=float, default=0.0)
@@ -1348,23 +1428,13 @@ def print_targets(args: argparse.Namespace, rows: list[Row]) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="ingest_bench.py",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_load_options(p: argparse.ArgumentParser) -> None:
+    """The options of the load, the runs and the output that ``fanout_bench.py`` shares."""
     p.add_argument(
         "--duration", type=float, default=15.0, help="seconds per scenario and server (default 15)"
     )
     p.add_argument(
         "--connections", type=int, default=64, help="connections for 'track' (default 64)"
-    )
-    p.add_argument(
-        "--batch-connections", type=int, default=16, help="connections for 'batch' (default 16)"
-    )
-    p.add_argument(
-        "--batch-size", type=int, default=100, help="events per /v1/batch request (default 100)"
     )
     p.add_argument(
         "--rate", type=float, default=2000.0, help="requests/s for 'rate' (default 2000)"
@@ -1387,6 +1457,52 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=1,
         help="wrk threads (default 1: one core for wrk, one for the server)",
     )
+    p.add_argument(
+        "--loadgen",
+        choices=("auto", "wrk", "python"),
+        default="auto",
+        help="closed-loop load: wrk if installed (auto), or the Python generator",
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each scenario per server, the servers alternating; ingest_bench.py "
+        "reports the median run (default 1)",
+    )
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of untimed load per server first (default 2)",
+    )
+    p.add_argument(
+        "--start-timeout",
+        type=float,
+        default=60.0,
+        help="seconds to wait for /healthz (default 60)",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory (config, data, server logs)",
+    )
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="ingest_bench.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_load_options(p)
+    p.add_argument(
+        "--batch-connections", type=int, default=16, help="connections for 'batch' (default 16)"
+    )
+    p.add_argument(
+        "--batch-size", type=int, default=100, help="events per /v1/batch request (default 100)"
+    )
     p.add_argument("--only", choices=("relay", "bare"), help="run against one server only")
     p.add_argument(
         "--bare-loop",
@@ -1401,25 +1517,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(SCENARIOS)} (default all)",
     )
     p.add_argument(
-        "--loadgen",
-        choices=("auto", "wrk", "python"),
-        default="auto",
-        help="closed-loop load: wrk if installed (auto), or the Python generator",
-    )
-    p.add_argument(
-        "--repeat",
-        type=int,
-        default=1,
-        help="runs of each scenario per server, bare and relay alternating; the median run "
-        "is reported (default 1)",
-    )
-    p.add_argument(
-        "--warmup",
-        type=float,
-        default=2.0,
-        help="seconds of untimed load per server first (default 2)",
-    )
-    p.add_argument(
         "--drain-secs",
         type=float,
         default=30.0,
@@ -1432,26 +1529,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--data-dir {data_dir})",
     )
     p.add_argument(
-        "--start-timeout",
-        type=float,
-        default=60.0,
-        help="seconds to wait for /healthz (default 60)",
-    )
-    p.add_argument(
         "--no-sql", action="store_true", help="do not count warehouse rows with 'tagrelay sql'"
     )
-    p.add_argument(
-        "--keep",
-        action="store_true",
-        help="keep the temporary directory (config, data, server logs)",
-    )
-    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenario_list if s not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenario(s) {unknown}; choose from {SCENARIOS}")
     return args
+
+
+def interrupt_on_signals() -> None:
+    """SIGTERM and SIGINT raise KeyboardInterrupt, so that the servers are stopped."""
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    # Also SIGINT: a shell without job control starts background commands with SIGINT
+    # ignored, and Python would then never raise KeyboardInterrupt.
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
 
 
 def find_wrk(args: argparse.Namespace) -> str | None:
@@ -1477,13 +1574,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     args.wrk = find_wrk(args)
 
-    def on_term(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    # Also SIGINT: a shell without job control starts background commands with SIGINT
-    # ignored, and Python would then never raise KeyboardInterrupt.
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    interrupt_on_signals()
 
     tmp = Path(tempfile.mkdtemp(prefix="tagrelay-bench-"))
     data_dir = tmp / "data"
