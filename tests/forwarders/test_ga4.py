@@ -4,6 +4,8 @@ against a recording fake Google (a local aiohttp app)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -14,6 +16,8 @@ import aiohttp
 import orjson
 import pytest
 import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from pydantic import ValidationError
 
 from tagrelay.forwarders._base import ForwarderContext
@@ -960,6 +964,41 @@ async def test_a_5xx_is_retried_without_resending_what_google_already_took(
     # the retry sent only the request that had failed
     assert len(google.requests) == 3
     assert google.requests[2]["body"] == google.requests[1]["body"]
+
+
+async def test_a_batch_of_many_visitors_keeps_32_requests_in_flight_by_default(
+    context: ForwarderContext,
+) -> None:
+    """The Measurement Protocol takes one visitor per request: a batch of 40 visitors is 40
+    requests, and the rate is the requests in flight per round trip. Google's fake holds
+    each request until 32 are in flight (or every one has arrived)."""
+    in_flight, most, arrived = 0, 0, 0
+    full = asyncio.Event()
+
+    async def collect(request: web.Request) -> web.Response:
+        nonlocal in_flight, most, arrived
+        await request.read()
+        in_flight += 1
+        arrived += 1
+        most = max(most, in_flight)
+        if in_flight == 32 or arrived == 40:
+            full.set()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(full.wait(), 1.0)
+        in_flight -= 1
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/mp/collect", collect)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        cfg = config(mp_url=str(server.make_url("/mp/collect")))
+        events = [recent(track("Clicked", f"m-{i}", f"anon-{i}")) for i in range(40)]
+        assert await GA4Forwarder(cfg, context).deliver(events) == Delivered()
+    finally:
+        await server.close()
+    assert (arrived, most) == (40, 32)
 
 
 async def test_a_request_refused_for_good_dead_letters_its_own_events(

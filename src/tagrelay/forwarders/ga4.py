@@ -330,11 +330,17 @@ class GA4Config(ForwarderConfigBase):
         10.0, gt=0, le=300, description="Per-request timeout.", examples=[10.0]
     )
     max_concurrent_requests: int = Field(
-        4,
+        32,
         ge=1,
         le=64,
-        description="Requests in flight at once while delivering one batch.",
-        examples=[4],
+        description=(
+            "Requests in flight at once while delivering one batch. The Measurement "
+            "Protocol takes one visitor per request, so a batch of mostly different visitors "
+            "is about one request per event, and this bounds the rate at about this many "
+            "events per round trip to Google (32 at a 30 ms round trip: ~1,000 events/s; 4, "
+            "the default before, carried ~130). bench/fanout_bench.py measures it."
+        ),
+        examples=[32],
     )
 
     @field_validator("event_names")
