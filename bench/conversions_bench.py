@@ -1,14 +1,17 @@
-"""The conversions layer and the meta forwarder's plan: events turned into Conversions API
+"""The conversions layer and an ad forwarder's plan: events turned into the platform's
 requests per second, without a network (the pure part of delivery).
 
 Run:
-    PYTHONPATH=src .venv/bin/python bench/conversions_bench.py                 # 20k events
+    PYTHONPATH=src .venv/bin/python bench/conversions_bench.py                 # meta, 20k events
+    PYTHONPATH=src .venv/bin/python bench/conversions_bench.py --forwarder tiktok
     PYTHONPATH=src .venv/bin/python bench/conversions_bench.py --events 100000
 
 Two mixes, planned in batches of ``--batch`` events: purchases carrying every kind of user
-data (email, phone, names, address, userId, IP, user agent, fbclid, fbp) and products, and
-page views carrying only IP, user agent and fbp (the common case). Prints events/s and
-microseconds per event for each mix, and the body bytes per event.
+data (email, phone, names, address, userId, IP, user agent, locale, the fbclid and ttclid
+click ids, the fbp and _ttp browser ids; each platform takes what it uses) and products,
+and page views carrying only IP, user agent and the browser ids (the common case). Prints
+events/s and microseconds per event for each mix, and the body bytes per event.
+``google_ads_bench.py`` does the same for Google Ads, with its answers' classification.
 """
 
 from __future__ import annotations
@@ -20,11 +23,17 @@ from pathlib import Path
 from typing import Any
 
 from tagrelay.forwarders._base import ForwarderContext
+from tagrelay.forwarders._conversions import ConversionsForwarder
 from tagrelay.forwarders.meta_capi import MetaConfig, MetaForwarder
+from tagrelay.forwarders.tiktok_events import TikTokConfig, TikTokForwarder
 from tagrelay.metrics import Metrics
 
 GRANTED = {"ads": "granted", "ad_user_data": "granted", "ad_personalization": "granted"}
 UA = "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) Chrome/124.0"
+
+
+def browser_ids(i: int) -> dict[str, str]:
+    return {"fbp": f"fb.1.1596403881668.{i}", "_ttp": f"2F7h37YkS1j57AYSKTI7IH{i}"}
 
 
 def purchase(i: int, when: str) -> dict[str, Any]:
@@ -39,7 +48,7 @@ def purchase(i: int, when: str) -> dict[str, Any]:
             "revenue": 10 + i % 90,
             "currency": "USD",
             "products": [
-                {"product_id": f"p-{i % 50}", "price": 5, "quantity": 1 + i % 3},
+                {"product_id": f"p-{i % 50}", "price": 5, "quantity": 1 + i % 3, "name": "Mug"},
                 {"product_id": f"p-{i % 70}", "price": 7.5, "quantity": 1},
             ],
         },
@@ -47,8 +56,9 @@ def purchase(i: int, when: str) -> dict[str, Any]:
             "consent": GRANTED,
             "ip": f"203.0.113.{i % 250}",
             "userAgent": UA,
-            "page": {"url": f"https://www.shop.test/thanks?fbclid=Iw{i}"},
-            "clientIds": {"fbp": f"fb.1.1596403881668.{i}"},
+            "locale": "en-US",
+            "page": {"url": f"https://www.shop.test/thanks?fbclid=Iw{i}&ttclid=E.C.P.{i}"},
+            "clientIds": browser_ids(i),
             "traits": {
                 "email": f"buyer.{i}@example.com",
                 "phone": f"(650) 555-{1000 + i % 9000}",
@@ -71,12 +81,17 @@ def page_view(i: int, when: str) -> dict[str, Any]:
             "ip": f"203.0.113.{i % 250}",
             "userAgent": UA,
             "page": {"url": "https://www.shop.test/"},
-            "clientIds": {"fbp": f"fb.1.1596403881668.{i}"},
+            "clientIds": browser_ids(i),
         },
     }
 
 
-def run(name: str, events: list[dict[str, Any]], batch: int, fwd: MetaForwarder) -> None:
+def run(
+    name: str,
+    events: list[dict[str, Any]],
+    batch: int,
+    fwd: ConversionsForwarder,  # type: ignore[type-arg]
+) -> None:
     now = datetime.now(UTC)
     started = time.perf_counter()
     size = 0
@@ -91,23 +106,25 @@ def run(name: str, events: list[dict[str, Any]], batch: int, fwd: MetaForwarder)
     )
 
 
+def forwarder(name: str) -> ConversionsForwarder:  # type: ignore[type-arg]
+    context = ForwarderContext(Path("."), None, Metrics())  # type: ignore[arg-type]
+    common = {"id": name, "type": name, "access_token": "token", "default_phone_country": "US"}
+    if name == "tiktok":
+        tiktok = TikTokConfig.model_validate({**common, "pixel_code": "CQ1A2B3C4D5E6F7G8H9J"})
+        return TikTokForwarder(tiktok, context)
+    meta = MetaConfig.model_validate({**common, "pixel_id": "123456789012345"})
+    return MetaForwarder(meta, context)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forwarder", choices=["meta", "tiktok"], default="meta")
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=100)
     args = parser.parse_args()
-    config = MetaConfig.model_validate(
-        {
-            "id": "meta",
-            "type": "meta",
-            "pixel_id": "123456789012345",
-            "access_token": "token",
-            "default_phone_country": "US",
-        }
-    )
-    http: Any = None
-    fwd = MetaForwarder(config, ForwarderContext(Path("."), http, Metrics()))
+    fwd = forwarder(args.forwarder)
     when = datetime.now(UTC).isoformat()
+    print(f"{args.forwarder}: {args.events:,} events per mix, batches of {args.batch}")
     run("purchases", [purchase(i, when) for i in range(args.events)], args.batch, fwd)
     run("pageviews", [page_view(i, when) for i in range(args.events)], args.batch, fwd)
 
