@@ -183,6 +183,24 @@ def test_event_id_is_the_message_id_and_time_is_never_in_the_future() -> None:
     assert epoch_millis(NOW) == epoch_seconds(NOW) * 1000
 
 
+def test_a_future_time_is_cut_to_the_arrival_so_a_retry_is_the_same_request() -> None:
+    """A fast client clock is cut to when the relay received the event, not to the time of
+    the attempt: a retried batch is then the same bytes, and a request the destination took
+    is not sent again."""
+    received = NOW - timedelta(minutes=1)
+    future = track(
+        "Order Completed",
+        "m-future",
+        timestamp=(NOW + timedelta(hours=2)).isoformat(),
+        receivedAt=received.isoformat(),
+    )
+    fwd = toy()
+    first = fwd.plan([future], NOW).requests[0].request.body
+    again = fwd.plan([future], NOW + timedelta(minutes=3)).requests[0].request.body
+    assert first == again
+    assert orjson.loads(first)["events"][0]["t"] == epoch_seconds(received)
+
+
 def test_events_older_than_the_window_are_dropped_and_counted() -> None:
     old = track("Order Completed", "m-old", timestamp=(NOW - timedelta(days=7)).isoformat())
     fresh = track("Order Completed", "m-new")

@@ -22,8 +22,9 @@ The path of an event through an ad forwarder (after the runtime's filter and
      ``skip`` drops it (``unmapped_event``). The default is the platform's: ``custom`` where
      it takes custom events.
 
-3. **Too old?** The event time is ``timestamp`` (else ``receivedAt``, else now), never in
-   the future (a fast client clock is cut to now). Older than the platform's window
+3. **Too old?** The event time is ``timestamp`` (else ``receivedAt``, else now), never
+   later than the relay received it (a fast client clock is cut to ``receivedAt``, which a
+   retry reads again unchanged). Older than the platform's window
    (``max_event_age_secs``, less :data:`AGE_MARGIN_SECS` for the time in flight): dropped,
    ``too_old`` (Meta refuses a whole request for one such event).
 4. **Consent for user data.** What counts as *user data* (Google's ``ad_user_data``: the
@@ -346,17 +347,24 @@ def epoch_millis(moment: datetime) -> int:
 
 def event_time(event: Event, now: datetime) -> datetime:
     """When the event happened: ``timestamp``, else ``receivedAt``, else ``now``; never
-    later than ``now``."""
-    for key in ("timestamp", "receivedAt"):
-        value = event.get(key)
-        if isinstance(value, str):
-            try:
-                parsed = datetime.fromisoformat(value)
-            except ValueError:
-                continue
-            parsed = parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-            return min(parsed, now)
-    return now
+    later than when the relay received it (``receivedAt``, else ``now``). The ceiling is the
+    stored ``receivedAt`` rather than ``now`` so that a retried batch is the same bytes: a
+    request the destination took is then recognized and not sent again (``_batched``)."""
+    timestamp, received = _moment(event.get("timestamp")), _moment(event.get("receivedAt"))
+    ceiling = min(received, now) if received is not None else now
+    if timestamp is not None:
+        return min(timestamp, ceiling)
+    return ceiling
+
+
+def _moment(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _dict(value: Any) -> dict[str, Any]:
