@@ -68,13 +68,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ClassVar, Protocol, TypeVar, cast
-from urllib.parse import quote, quote_plus
 
 import orjson
 
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder, ForwarderContext
-from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status, send
+from tagrelay.forwarders._http import (
+    HttpRequest,
+    HttpResponse,
+    classify_status,
+    scrub_secrets,
+    send,
+)
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
 
 __all__ = ["BatchedHttpForwarder", "Plan", "PlannedRequest"]
@@ -82,8 +87,6 @@ __all__ = ["BatchedHttpForwarder", "Plan", "PlannedRequest"]
 log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=ForwarderConfigBase)
-
-SCRUBBED = "***"
 
 
 @dataclass(frozen=True)
@@ -184,15 +187,7 @@ class BatchedHttpForwarder(Forwarder[C]):
 
     def scrub(self, text: str) -> str:
         """``text`` without any of ``secrets()``, raw or percent-encoded."""
-        forms = {
-            form
-            for secret in self.secrets()
-            if secret
-            for form in (secret, quote(secret, safe=""), quote_plus(secret))
-        }
-        for form in sorted(forms, key=len, reverse=True):
-            text = text.replace(form, SCRUBBED)
-        return text
+        return scrub_secrets(text, self.secrets())
 
     async def deliver(self, events: list[Event]) -> Outcome:
         plan = self.plan(events, datetime.now(UTC))

@@ -55,7 +55,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Protocol
-from urllib.parse import quote, quote_plus, urlencode
+from urllib.parse import urlencode
 
 import aiohttp
 from cryptography.hazmat.primitives import hashes, serialization
@@ -63,7 +63,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from tagrelay.config.common import ConfigModel
-from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status, send
+from tagrelay.forwarders._http import (
+    HttpRequest,
+    HttpResponse,
+    classify_status,
+    scrub_secrets,
+    send,
+)
 from tagrelay.model import Dead, Retry
 
 __all__ = [
@@ -547,15 +553,7 @@ class TokenProvider:
 
     def _scrub(self, text: str) -> str:
         # Also the forms a secret takes in the form body (an endpoint may echo it).
-        forms = {
-            form
-            for secret in self.secrets()
-            if secret
-            for form in (secret, quote(secret, safe=""), quote_plus(secret))
-        }
-        for form in sorted(forms, key=len, reverse=True):
-            text = text.replace(form, "***")
-        return text
+        return scrub_secrets(text, self.secrets())
 
 
 def _json_object(body: bytes) -> dict[str, Any]:

@@ -19,7 +19,9 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 from yarl import URL
@@ -28,6 +30,24 @@ from tagrelay.model import Dead, Delivered, Outcome, Retry
 
 MAX_DETAIL_CHARS = 2000
 """Response bodies kept in dead letters and logs are cut to this length."""
+
+SCRUBBED = "***"
+"""What a secret becomes in a detail, a log line or a dead letter."""
+
+
+def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with each of ``secrets`` replaced by ``SCRUBBED``, raw and in the forms it
+    takes in a URL or a form body (percent-encoded, ``+`` for spaces), which a destination's
+    error may echo. Longer forms first, so a secret inside another is not half-replaced."""
+    forms = {
+        form
+        for secret in secrets
+        if secret
+        for form in (secret, quote(secret, safe=""), quote_plus(secret))
+    }
+    for form in sorted(forms, key=len, reverse=True):
+        text = text.replace(form, SCRUBBED)
+    return text
 
 
 @dataclass(frozen=True)
