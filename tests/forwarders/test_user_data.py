@@ -390,6 +390,7 @@ def test_the_public_names() -> None:
         "PLATFORMS",
         "PLATFORM_BROWSER_IDS",
         "PLATFORM_CLICK_IDS",
+        "PhoneCountry",
         "Platform",
         "Prepared",
         "RULES",

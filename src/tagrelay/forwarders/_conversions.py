@@ -92,11 +92,11 @@ from tagrelay.forwarders._http import HttpRequest
 from tagrelay.forwarders._user_data import DROP_REASONS as USER_DATA_DROP_REASONS
 from tagrelay.forwarders._user_data import (
     MATCH_KEYS,
+    PhoneCountry,
     Platform,
     Prepared,
     UserData,
     extract_user_data,
-    is_phone_country,
     match_keys,
     prepare,
 )
@@ -205,7 +205,7 @@ class ConversionsConfig(ForwarderConfigBase):
         ),
         examples=["skip"],
     )
-    default_phone_country: str | None = Field(
+    default_phone_country: PhoneCountry = Field(
         None,
         pattern=r"^[A-Z]{2}$",
         description=(
@@ -269,13 +269,6 @@ class ConversionsConfig(ForwarderConfigBase):
             raise ValueError(
                 f"{value!r} must be an http(s) URL without query, fragment or trailing slash"
             )
-        return value
-
-    @field_validator("default_phone_country")
-    @classmethod
-    def _known_phone_country(cls, value: str | None) -> str | None:
-        if value is not None and not is_phone_country(value):
-            raise ValueError(f"{value!r} is not an ISO 3166-1 alpha-2 country code")
         return value
 
 

@@ -108,10 +108,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import date
 from functools import lru_cache
-from typing import Any, Final, Literal, get_args
+from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
 
 import phonenumbers
+from pydantic import AfterValidator
 
 __all__ = [
     "CLICK_ID_PARAMS",
@@ -123,6 +124,7 @@ __all__ = [
     "PLATFORM_CLICK_IDS",
     "RULES",
     "Field",
+    "PhoneCountry",
     "Platform",
     "Prepared",
     "Rule",
@@ -772,6 +774,18 @@ def looks_like_email(text: str) -> bool:
 def is_phone_country(code: str) -> bool:
     """An ISO 3166-1 alpha-2 code (upper case) that phone numbers can be read for."""
     return code in phonenumbers.SUPPORTED_REGIONS
+
+
+def _known_phone_country(value: str | None) -> str | None:
+    if value is not None and not is_phone_country(value):
+        raise ValueError(f"{value!r} is not an ISO 3166-1 alpha-2 country code")
+    return value
+
+
+PhoneCountry = Annotated[str | None, AfterValidator(_known_phone_country)]
+"""The type of a forwarder's optional ``default_phone_country``: a country phone numbers
+can be read for, checked when the configuration loads (the field's ``pattern`` documents
+the shape)."""
 
 
 def prepare(

@@ -123,9 +123,9 @@ from tagrelay.forwarders._http import MAX_DETAIL_CHARS, HttpRequest, HttpRespons
 from tagrelay.forwarders._user_data import DROP_REASONS as USER_DATA_DROP_REASONS
 from tagrelay.forwarders._user_data import Field as UserDataField
 from tagrelay.forwarders._user_data import (
+    PhoneCountry,
     UserData,
     extract_user_data,
-    is_phone_country,
     looks_like_email,
     prepare,
 )
@@ -299,7 +299,7 @@ class GA4Config(ForwarderConfigBase):
         ),
         examples=[True],
     )
-    default_phone_country: str | None = Field(
+    default_phone_country: PhoneCountry = Field(
         None,
         pattern=r"^[A-Z]{2}$",
         description=(
@@ -356,13 +356,6 @@ class GA4Config(ForwarderConfigBase):
                 "GA4 event names must be letters, digits and underscores, start with a letter, "
                 "have at most 40 characters and not be reserved: " + ", ".join(bad)
             )
-        return value
-
-    @field_validator("default_phone_country")
-    @classmethod
-    def _known_phone_country(cls, value: str | None) -> str | None:
-        if value is not None and not is_phone_country(value):
-            raise ValueError(f"{value!r} is not an ISO 3166-1 alpha-2 country code")
         return value
 
 
