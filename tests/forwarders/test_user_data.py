@@ -523,7 +523,7 @@ def test_odd_shapes_are_absent_not_errors() -> None:
 def test_click_id_names_are_the_identity_steps() -> None:
     from tagrelay.pipeline.identity import CLICK_ID_PARAMS as CAPTURED
 
-    assert CLICK_ID_PARAMS == CAPTURED
+    assert CLICK_ID_PARAMS is CAPTURED  # one list, the event model's
 
 
 def test_match_keys() -> None:

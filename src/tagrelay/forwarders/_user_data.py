@@ -114,6 +114,8 @@ from urllib.parse import parse_qsl, urlsplit
 import phonenumbers
 from pydantic import AfterValidator
 
+from tagrelay.model import CLICK_ID_PARAMS
+
 __all__ = [
     "CLICK_ID_PARAMS",
     "DROP_REASONS",
@@ -163,21 +165,6 @@ DROP_REASONS: Final = frozenset(f"invalid_{name}" for name in FIELDS)
 """``invalid_<field>``: a value given for the field that did not normalize (so it was left
 out). Bounded: one code per field."""
 
-CLICK_ID_PARAMS: Final = (
-    "gclid",
-    "gbraid",
-    "wbraid",
-    "fbclid",
-    "ttclid",
-    "ScCid",
-    "epik",
-    "rdt_cid",
-    "twclid",
-    "li_fat_id",
-    "msclkid",
-)
-"""The click ids the relay keeps (the same list as ``pipeline.identity``, which captures
-them from landing URLs; a test keeps the two equal)."""
 
 PLATFORM_CLICK_IDS: Final[Mapping[Platform, tuple[str, ...]]] = {
     "meta": ("fbclid",),  # reaches Meta as fbc (UserData.fbc), built from it by the relay

@@ -1,6 +1,15 @@
 """The event model (Segment spec) and the outcomes of delivering events."""
 
-from tagrelay.model.event import EVENT_TYPES, Event, iso
+from tagrelay.model.event import CLICK_ID_PARAMS, EVENT_TYPES, Event, iso
 from tagrelay.model.outcome import Dead, Delivered, Outcome, Retry
 
-__all__ = ["EVENT_TYPES", "Dead", "Delivered", "Event", "Outcome", "Retry", "iso"]
+__all__ = [
+    "CLICK_ID_PARAMS",
+    "EVENT_TYPES",
+    "Dead",
+    "Delivered",
+    "Event",
+    "Outcome",
+    "Retry",
+    "iso",
+]

@@ -38,6 +38,22 @@ Event = dict[str, Any]
 
 EVENT_TYPES: Final = frozenset({"page", "track", "identify", "group", "alias", "screen"})
 
+CLICK_ID_PARAMS: Final = (
+    "gclid",
+    "gbraid",
+    "wbraid",
+    "fbclid",
+    "ttclid",
+    "ScCid",
+    "epik",
+    "rdt_cid",
+    "twclid",
+    "li_fat_id",
+    "msclkid",
+)
+"""The ad click ids an event's ``context.clickIds`` may hold, by these names: the identity
+step captures them from landing URLs, the ad forwarders send them."""
+
 
 # ``datetime.isoformat`` costs about 1.5 us on the ingest machine and every event needs two
 # or three timestamps formatted; most of them fall in the same few seconds (the request's

@@ -46,22 +46,9 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from tagrelay.config.models import IdentityConfig
-from tagrelay.model import Event
+from tagrelay.model import CLICK_ID_PARAMS, Event
 from tagrelay.pipeline.host import parse_host
 
-CLICK_ID_PARAMS = (
-    "gclid",
-    "gbraid",
-    "wbraid",
-    "fbclid",
-    "ttclid",
-    "ScCid",
-    "epik",
-    "rdt_cid",
-    "twclid",
-    "li_fat_id",
-    "msclkid",
-)
 _CLICK_ID_BY_LOWER = {name.lower(): name for name in CLICK_ID_PARAMS}
 
 CLICK_COOKIE = "tr_clk"
