@@ -7,7 +7,7 @@ import asyncio
 import base64
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,16 +101,19 @@ class Recorder:
         return web.Response(status=200, body=b'{"ok":true}', content_type="application/json")
 
 
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 @contextlib.asynccontextmanager
-async def recording_server(
-    name: str, paths: Sequence[str], url_path: str = "/"
-) -> AsyncIterator[Recorder]:
-    """A local fake ``name`` that records POSTs to ``paths``; any other request fails the
-    test. ``Recorder.url`` is the server's URL for ``url_path``."""
-    rec = Recorder()
+async def fake_server(
+    name: str, routes: Mapping[str, Handler], method: str = "POST"
+) -> AsyncIterator[TestServer]:
+    """A local fake ``name``: an aiohttp app on 127.0.0.1 that answers ``method`` on each
+    path of ``routes`` with its handler; any other request fails the test. Yields the
+    running server (``server.make_url(path)``)."""
     app = web.Application()
-    for path in paths:
-        app.router.add_post(path, rec.handle)
+    for path, handler in routes.items():
+        app.router.add_route(method, path, handler)
 
     async def unexpected(request: web.Request) -> web.Response:
         raise AssertionError(f"unexpected request to the fake {name}: {request.path}")
@@ -118,11 +121,22 @@ async def recording_server(
     app.router.add_route("*", "/{tail:.*}", unexpected)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    rec.url = str(server.make_url(url_path))
     try:
-        yield rec
+        yield server
     finally:
         await server.close()
+
+
+@contextlib.asynccontextmanager
+async def recording_server(
+    name: str, paths: Sequence[str], url_path: str = "/"
+) -> AsyncIterator[Recorder]:
+    """A local fake ``name`` that records POSTs to ``paths``; any other request fails the
+    test. ``Recorder.url`` is the server's URL for ``url_path``."""
+    rec = Recorder()
+    async with fake_server(name, dict.fromkeys(paths, rec.handle)) as server:
+        rec.url = str(server.make_url(url_path))
+        yield rec
 
 
 @pytest.fixture

@@ -16,13 +16,12 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from tagrelay.app import create_app
 from tagrelay.appkeys import warehouse_of
 from tagrelay.datadir import private_dir, private_file
 from tagrelay.spool.sqlite import SqliteSpool
-from tests.support import SERVER_KEY, basic, make_config, wait_idle
+from tests.support import SERVER_KEY, basic, fake_server, make_config, wait_idle
 
 
 @pytest.fixture
@@ -57,14 +56,8 @@ async def fake_google() -> AsyncIterator[str]:
     async def script(request: web.Request) -> web.Response:
         return web.Response(text="/* gtag */", content_type="application/javascript")
 
-    app = web.Application()
-    app.router.add_get("/gtag/js", script)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
+    async with fake_server("Google", {"/gtag/js": script}, method="GET") as server:
         yield str(server.make_url("")).rstrip("/")
-    finally:
-        await server.close()
 
 
 async def test_a_relay_on_a_new_data_dir_keeps_every_file_to_its_user(

@@ -18,7 +18,6 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from pydantic import SecretStr
 
 import tagrelay.forwarders._batched as batched
@@ -28,6 +27,7 @@ from tagrelay.forwarders._batched import BatchedHttpForwarder, Plan, PlannedRequ
 from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
+from tests.support import fake_server
 
 TOKEN = "tok/en+with=odd&chars"
 """A secret whose percent-encoded forms differ from it."""
@@ -101,15 +101,9 @@ class FakeDestination:
 @pytest.fixture
 async def destination() -> AsyncIterator[FakeDestination]:
     fake = FakeDestination()
-    app = web.Application()
-    app.router.add_post("/collect", fake.handle)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    fake.url = str(server.make_url("/collect"))
-    try:
+    async with fake_server("destination", {"/collect": fake.handle}) as server:
+        fake.url = str(server.make_url("/collect"))
         yield fake
-    finally:
-        await server.close()
 
 
 @pytest.fixture

@@ -17,7 +17,6 @@ import orjson
 import pytest
 import yaml
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from pydantic import ValidationError
 
 from tagrelay.forwarders._base import ForwarderContext
@@ -34,7 +33,7 @@ from tagrelay.forwarders.ga4 import (
 )
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Retry
-from tests.support import Recorder, recording_server
+from tests.support import Recorder, fake_server, recording_server
 
 NOW = datetime(2026, 11, 29, 12, 0, 0, tzinfo=UTC)
 MID = "G-TEST1234"
@@ -988,16 +987,10 @@ async def test_a_batch_of_many_visitors_keeps_32_requests_in_flight_by_default(
         in_flight -= 1
         return web.Response(status=204)
 
-    app = web.Application()
-    app.router.add_post("/mp/collect", collect)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
+    async with fake_server("Google", {"/mp/collect": collect}) as server:
         cfg = config(mp_url=str(server.make_url("/mp/collect")))
         events = [recent(track("Clicked", f"m-{i}", f"anon-{i}")) for i in range(40)]
         assert await GA4Forwarder(cfg, context).deliver(events) == Delivered()
-    finally:
-        await server.close()
     assert (arrived, most) == (40, 32)
 
 

@@ -24,7 +24,6 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 from cryptography.hazmat.primitives.asymmetric import rsa
 from pydantic import ValidationError
 
@@ -51,6 +50,7 @@ from tests.support import (
     SERVER_KEY,
     Recorder,
     basic,
+    fake_server,
     metric_value,
     recording_server,
     wait_idle,
@@ -102,20 +102,9 @@ class FakeTokenEndpoint:
 @pytest.fixture
 async def token_endpoint() -> AsyncIterator[FakeTokenEndpoint]:
     fake = FakeTokenEndpoint()
-    app = web.Application()
-    app.router.add_post("/token", fake.handle)
-
-    async def unexpected(request: web.Request) -> web.Response:
-        raise AssertionError(f"unexpected request to the fake token endpoint: {request.path}")
-
-    app.router.add_route("*", "/{tail:.*}", unexpected)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    fake.url = str(server.make_url("/token"))
-    try:
+    async with fake_server("token endpoint", {"/token": fake.handle}) as server:
+        fake.url = str(server.make_url("/token"))
         yield fake
-    finally:
-        await server.close()
 
 
 @pytest.fixture

@@ -39,6 +39,7 @@ from tagrelay.forwarders._google_auth import (
 from tagrelay.forwarders._http import HttpRequest, HttpResponse
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Retry
+from tests.support import fake_server
 
 CLIENT_ID = "1234-abc.apps.googleusercontent.com"
 CLIENT_SECRET = "GOCSPX-client/secret+with=odd&chars"
@@ -100,20 +101,9 @@ class FakeTokenEndpoint:
 @pytest.fixture
 async def endpoint() -> AsyncIterator[FakeTokenEndpoint]:
     fake = FakeTokenEndpoint()
-    app = web.Application()
-    app.router.add_post("/token", fake.handle)
-
-    async def unexpected(request: web.Request) -> web.Response:
-        raise AssertionError(f"unexpected request to the fake token endpoint: {request.path}")
-
-    app.router.add_route("*", "/{tail:.*}", unexpected)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    fake.url = str(server.make_url("/token"))
-    try:
+    async with fake_server("token endpoint", {"/token": fake.handle}) as server:
+        fake.url = str(server.make_url("/token"))
         yield fake
-    finally:
-        await server.close()
 
 
 @pytest.fixture
@@ -616,11 +606,7 @@ async def test_a_401_from_the_api_refreshes_the_token_once(
         seen.append(request.headers["Authorization"])
         return web.Response(status=401 if len(seen) == 1 else 200)
 
-    app = web.Application()
-    app.router.add_post("/upload", api)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
+    async with fake_server("Ads API", {"/upload": api}) as server:
         config = AdsLikeConfig.model_validate(
             {
                 "id": "ads",
@@ -635,8 +621,6 @@ async def test_a_401_from_the_api_refreshes_the_token_once(
         forwarder = AdsLike(config, ForwarderContext(tmp_path, http, Metrics()))
         forwarder.api_url = str(server.make_url("/upload"))
         outcome = await forwarder.deliver([{"type": "track", "messageId": "m1"}])
-    finally:
-        await server.close()
     assert outcome == Delivered()
     assert seen == ["Bearer ya29.token-1", "Bearer ya29.token-2"]
     assert len(endpoint.requests) == 2
