@@ -1,5 +1,5 @@
 """Fixtures shared by every test package (helpers live in ``tests.support``)."""
 
-from tests.support import recorder, relay
+from tests.support import context, recorder, relay
 
-__all__ = ["recorder", "relay"]
+__all__ = ["context", "recorder", "relay"]

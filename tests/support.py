@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -19,6 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from tagrelay.app import create_app
 from tagrelay.appkeys import METRICS, SPOOL, WORKERS
 from tagrelay.config.models import Config
+from tagrelay.forwarders import ForwarderContext
+from tagrelay.metrics import Metrics
 
 BROWSER_KEY = "test-browser-key"
 SERVER_KEY = "test-server-key"
@@ -137,6 +140,13 @@ async def recording_server(
     async with fake_server(name, dict.fromkeys(paths, rec.handle)) as server:
         rec.url = str(server.make_url(url_path))
         yield rec
+
+
+@pytest.fixture
+async def context(tmp_path: Path) -> AsyncIterator[ForwarderContext]:
+    """What a forwarder runs with outside an app: an HTTP session and metrics of its own."""
+    async with aiohttp.ClientSession() as http:
+        yield ForwarderContext(data_dir=tmp_path, http=http, metrics=Metrics())
 
 
 @pytest.fixture

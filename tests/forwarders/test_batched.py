@@ -10,11 +10,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote_plus
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -25,7 +23,6 @@ from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import ForwarderContext
 from tagrelay.forwarders._batched import BatchedHttpForwarder, Plan, PlannedRequest
 from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status
-from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
 from tests.support import fake_server
 
@@ -104,12 +101,6 @@ async def destination() -> AsyncIterator[FakeDestination]:
     async with fake_server("destination", {"/collect": fake.handle}) as server:
         fake.url = str(server.make_url("/collect"))
         yield fake
-
-
-@pytest.fixture
-async def context(tmp_path: Path) -> AsyncIterator[ForwarderContext]:
-    async with aiohttp.ClientSession() as http:
-        yield ForwarderContext(data_dir=tmp_path, http=http, metrics=Metrics())
 
 
 def toy(destination: FakeDestination, context: ForwarderContext, **overrides: Any) -> Toy:

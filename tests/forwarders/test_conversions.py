@@ -10,7 +10,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import aiohttp
 import orjson
 import pytest
 from pydantic import Field, ValidationError
@@ -298,12 +297,6 @@ def test_every_layer_option_documents_itself() -> None:
 async def fake() -> AsyncIterator[Recorder]:
     async with recording_server("toy platform", ["/v1/events"]) as rec:
         yield rec
-
-
-@pytest.fixture
-async def context(tmp_path: Path) -> AsyncIterator[ForwarderContext]:
-    async with aiohttp.ClientSession() as http:
-        yield ForwarderContext(data_dir=tmp_path, http=http, metrics=Metrics())
 
 
 def match_count(context: ForwarderContext, key: str) -> float:

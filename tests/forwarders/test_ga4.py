@@ -9,10 +9,8 @@ import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 import yaml
@@ -31,7 +29,6 @@ from tagrelay.forwarders.ga4 import (
     derived_client_id,
     snake_name,
 )
-from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Retry
 from tests.support import Recorder, fake_server, recording_server
 
@@ -890,12 +887,6 @@ async def google() -> AsyncIterator[Recorder]:
         "Google", ["/g/collect", "/mp/collect", "/debug/mp/collect"]
     ) as rec:
         yield rec
-
-
-@pytest.fixture
-async def context(tmp_path: Path) -> AsyncIterator[ForwarderContext]:
-    async with aiohttp.ClientSession() as http:
-        yield ForwarderContext(data_dir=tmp_path, http=http, metrics=Metrics())
 
 
 def forwarder(google: Recorder, context: ForwarderContext, **overrides: Any) -> GA4Forwarder:

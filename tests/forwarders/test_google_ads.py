@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
 
-import aiohttp
 import orjson
 import pytest
 from aiohttp import web
@@ -111,12 +110,6 @@ async def token_endpoint() -> AsyncIterator[FakeTokenEndpoint]:
 async def ads() -> AsyncIterator[Recorder]:
     async with recording_server("Google Ads", [PATH]) as rec:
         yield rec
-
-
-@pytest.fixture
-async def context(tmp_path: Path) -> AsyncIterator[ForwarderContext]:
-    async with aiohttp.ClientSession() as http:
-        yield ForwarderContext(data_dir=tmp_path, http=http, metrics=Metrics())
 
 
 OAUTH = {"client_id": CLIENT_ID, "client_secret": CLIENT_SECRET, "refresh_token": REFRESH_TOKEN}

@@ -14,7 +14,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 import pytest
 
@@ -149,12 +148,6 @@ CASES: dict[str, tuple[dict[str, Any], list[Event]]] = {
 async def meta() -> AsyncIterator[Recorder]:
     async with recording_server("Meta", [PATH]) as rec:
         yield rec
-
-
-@pytest.fixture
-async def context(tmp_path: Path) -> AsyncIterator[ForwarderContext]:
-    async with aiohttp.ClientSession() as http:
-        yield ForwarderContext(data_dir=tmp_path, http=http, metrics=Metrics())
 
 
 def received(request: dict[str, Any]) -> dict[str, Any]:
