@@ -171,6 +171,8 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
         "pathname": record.pathname,
         "lineno": record.lineno,
         "funcName": record.funcName,
+        "process": record.process,
+        "processName": "delivery",
     }
     if record.exc_info:
         fields["exc_text"] = logging.Formatter().formatException(record.exc_info)
@@ -179,7 +181,6 @@ def record_fields(record: logging.LogRecord) -> dict[str, Any]:
     for key, value in vars(record).items():
         if key not in _RECORD_FIELDS:
             fields[key] = value if isinstance(value, str | int | float | bool) else str(value)
-    fields["process_role"] = "delivery"
     return fields
 
 
