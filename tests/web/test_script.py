@@ -391,7 +391,7 @@ const settle = async () => {
 
 // open(opts) -> a fake browser tab. opts: url, title, referrer, gpc, localStorage,
 // sessionStorage (plain objects, so that a later tab can share them), global, cookie
-// (document.cookie).
+// (document.cookie), insecure (no secure context: no crypto.randomUUID).
 function open(opts = {}) {
   const b = { fetches: [], beacons: [], errors: [], logs: [], responses: [], timers: [], clock: 0 };
   b.pending = []; // rejecters of fetches answered "hang"
@@ -428,7 +428,10 @@ function open(opts = {}) {
     devicePixelRatio: 2,
     localStorage: opts.localStorage || {},
     sessionStorage: opts.sessionStorage || {},
-    crypto: require("crypto").webcrypto,
+    // A page on plain http is no secure context: crypto.randomUUID is missing there.
+    crypto: opts.insecure
+      ? { getRandomValues: (a) => require("crypto").webcrypto.getRandomValues(a) }
+      : require("crypto").webcrypto,
     console: { log: (...x) => b.logs.push(x) },
     URL,
     URLSearchParams,
@@ -579,6 +582,35 @@ def test_queue_is_replayed_init_first_then_page_view_then_ready(browser: Browser
     assert "userId" not in events[0]
     assert all(e["userId"] == "u-1" for e in events[2:])
     assert len({e["anonymousId"] for e in events}) == 1
+
+
+UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+
+
+@pytest.mark.parametrize("insecure", [False, True], ids=["https", "plain-http"])
+def test_the_stubs_track_returns_a_uuid4_that_becomes_the_messageid(
+    browser: Browser, insecure: bool
+) -> None:
+    out = browser(
+        f"const insecure = {str(insecure).lower()};"
+        + """
+        const b = open({ insecure });
+        b.stub();
+        const t = b.api();
+        const ids = Array.from({ length: 200 }, (_, i) => t.track("Before " + i));
+        const own = t.track("Own", {}, { messageId: "m-own" });
+        b.load();
+        await b.advance(0);
+        return { ids, own, events: b.events().filter(e => e.type == "track") };
+        """
+    )
+    ids = out["ids"]
+    assert all(re.fullmatch(UUID4, i) for i in ids), ids[:3]
+    assert len(set(ids)) == len(ids)
+    # every digit that is not the version or the variant is random
+    assert all(len({i[n] for i in ids}) > 8 for n in range(36) if n not in (8, 13, 14, 18, 19, 23))
+    assert out["own"] == "m-own"
+    assert [e["messageId"] for e in out["events"]] == [*ids, "m-own"]
 
 
 def test_events_carry_the_segment_fields_and_context(browser: Browser) -> None:
