@@ -803,6 +803,79 @@ def test_another_user_starts_without_the_previous_traits(browser: Browser) -> No
     assert out == [["u-1", {"plan": "pro"}], ["u-2", {"seats": 2}], ["u-2", {"seats": 2}]]
 
 
+def test_identify_traits_go_with_later_track_and_page_events_as_context_traits(
+    browser: Browser,
+) -> None:
+    out = browser("""
+        const local = {};
+        const one = open({ localStorage: local });
+        one.load({ writeKey: "wk", autoPage: "false" });
+        one.api().track("Anonymous");
+        const traits = { email: "ada@shop.test", address: { city: "London" } };
+        one.api().identify("u-1", traits);
+        traits.email = "changed@shop.test";  // after the call: not taken
+        one.api().identify({ phone: "+44 20 7946 0000" });
+        one.api().track("Known");
+        one.api().page("Pricing");
+        one.api().group("g-1", { name: "Acme" });
+        one.api().alias("u-9", "u-1");
+        await one.advance(0);
+        // A later page load: the traits were kept with the other ids.
+        const two = open({ localStorage: local });
+        two.load({ writeKey: "wk", autoPage: "false" });
+        two.api().track("Next page");
+        two.api().identify("u-2", { plan: "pro" });  // another user: the traits start over
+        two.api().track("Other user");
+        two.api().reset();
+        two.api().page();
+        await two.advance(0);
+        const row = e => [e.type, e.event || e.name || null, e.context.traits || null];
+        return { one: one.events().map(row), two: two.events().map(row), local };
+    """)
+    known = {
+        "email": "ada@shop.test",
+        "address": {"city": "London"},
+        "phone": "+44 20 7946 0000",
+    }
+    assert out["one"] == [
+        ["track", "Anonymous", None],
+        ["identify", None, None],  # its traits are the event's own
+        ["identify", None, None],
+        ["track", "Known", known],
+        ["page", "Pricing", known],
+        ["group", None, None],
+        ["alias", None, None],
+    ]
+    assert out["two"] == [
+        ["track", "Next page", known],
+        ["identify", None, None],
+        ["track", "Other user", {"plan": "pro"}],
+        ["page", None, None],  # after reset()
+    ]
+    assert json.loads(out["local"]["tagrelay_traits"]) == {}
+
+
+def test_cookieless_traits_go_with_events_of_the_page_but_are_not_stored(
+    browser: Browser,
+) -> None:
+    out = browser("""
+        const local = {}, tracks = [];
+        for (const n of [1, 2]) {
+          const b = open({ localStorage: local });
+          b.load({ writeKey: "wk", autoPage: "false", cookieless: "true" });
+          if (n == 1) b.api().identify("u-1", { email: "ada@shop.test" });
+          b.api().track("T" + n);
+          await b.advance(0);
+          tracks.push(...b.events().filter(e => e.type == "track"));
+        }
+        return { tracks, local };
+    """)
+    first, second = out["tracks"]
+    assert first["context"]["traits"] == {"email": "ada@shop.test"}
+    assert "traits" not in second["context"]  # a new page load knows nothing
+    assert out["local"] == {}
+
+
 def test_the_relay_anonymous_id_is_adopted(browser: Browser) -> None:
     out = browser("""
         const b = open();
