@@ -48,7 +48,9 @@ The path of an event through an ad forwarder (after the runtime's filter and
 Each kept event becomes a :class:`Conversion`; the platform turns chunks of at most
 ``max_events_per_request`` of them into requests (:meth:`ConversionsForwarder.request`) and
 classifies the answers (``BatchedHttpForwarder.classify``). Sending, retries that never
-resend an accepted request, secret scrubbing and drop counts are ``_batched``'s.
+resend an accepted request, secret scrubbing and drop counts are ``_batched``'s. A request
+the platform refuses for some of its events (``_batched.Refused``) is sent again without
+them: :meth:`ConversionsForwarder.without` rebuilds it through ``request``.
 
 **Match quality.** Once a batch is done (never on an attempt that will be retried), each
 event the platform took counts one ``tagrelay_forwarder_match_keys_total{forwarder, key}``
@@ -326,6 +328,8 @@ class ConversionPlan(Plan):
     keys), counted once the batch is done."""
 
     match_keys: dict[int, frozenset[str]] = field(default_factory=dict)
+    conversions: dict[int, Conversion] = field(default_factory=dict)
+    """The planned conversions by batch index (a refused request is rebuilt from them)."""
 
 
 def epoch_seconds(moment: datetime) -> int:
@@ -534,7 +538,23 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             plan.drops.update(c.field_drops)
         plan.requests.extend(self.requests(conversions))
         plan.match_keys = {c.index: c.match_keys for c in conversions}
+        plan.conversions = {c.index: c for c in conversions}
         return plan
+
+    def without(
+        self, plan: Plan, planned: PlannedRequest, positions: frozenset[int]
+    ) -> PlannedRequest | None:
+        """``planned`` without the conversions at ``positions``, through ``request``."""
+        if not isinstance(plan, ConversionPlan):
+            return None
+        kept = [
+            plan.conversions[index]
+            for at, index in enumerate(planned.indices)
+            if at not in positions and index in plan.conversions
+        ]
+        if not kept:
+            return None
+        return PlannedRequest(self.request(kept), tuple(c.index for c in kept))
 
     def settled(self, plan: Plan, outcome: Delivered | Dead) -> None:
         """Count the match keys of the events the platform took (once per batch)."""
