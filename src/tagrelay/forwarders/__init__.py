@@ -14,6 +14,7 @@ from __future__ import annotations
 from tagrelay.forwarders._base import Forwarder, ForwarderContext
 from tagrelay.forwarders.ga4 import GA4Forwarder
 from tagrelay.forwarders.google_ads import GoogleAdsForwarder
+from tagrelay.forwarders.linkedin_conversions import LinkedInForwarder
 from tagrelay.forwarders.meta_capi import MetaForwarder
 from tagrelay.forwarders.tiktok_events import TikTokForwarder
 from tagrelay.forwarders.warehouse import WarehouseForwarder
@@ -22,6 +23,7 @@ from tagrelay.forwarders.webhook import WebhookForwarder
 FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "ga4": GA4Forwarder,
     "google_ads": GoogleAdsForwarder,
+    "linkedin": LinkedInForwarder,
     "meta": MetaForwarder,
     "tiktok": TikTokForwarder,
     "warehouse": WarehouseForwarder,
