@@ -19,6 +19,7 @@ from tagrelay.forwarders.meta_capi import MetaForwarder
 from tagrelay.forwarders.tiktok_events import TikTokForwarder
 from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.forwarders.webhook import WebhookForwarder
+from tagrelay.forwarders.x_conversions import XForwarder
 
 FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "ga4": GA4Forwarder,
@@ -28,6 +29,7 @@ FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "tiktok": TikTokForwarder,
     "warehouse": WarehouseForwarder,
     "webhook": WebhookForwarder,
+    "x": XForwarder,
 }
 
 __all__ = ["FORWARDERS", "Forwarder", "ForwarderContext"]
