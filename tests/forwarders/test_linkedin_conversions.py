@@ -716,6 +716,9 @@ def test_bad_credentials_rules_and_versions_are_configuration_errors() -> None:
     assert problems(api_version="2026-07")[0].startswith("api_version: String should match")
     assert problems(unmapped="custom")[0].startswith("unmapped: Input should be 'skip'")
     assert problems(conversions=[])[0].startswith("conversions: List should have at least 1 item")
+    # No test mode: another platform's option is refused, not taken for one.
+    assert problems(validate_only=True) == ["validate_only: Extra inputs are not permitted"]
+    assert problems(test_event_code="T1") == ["test_event_code: Extra inputs are not permitted"]
 
 
 def test_a_yaml_config_with_linkedin_validates() -> None:

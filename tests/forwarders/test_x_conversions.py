@@ -669,6 +669,9 @@ def test_bad_ids_and_repeated_events_are_configuration_errors() -> None:
     assert problems(consumer_secret="")[0].startswith("consumer_secret: Value should have")
     assert problems(api_version="v12")[0].startswith("api_version: String should match")
     assert problems(unmapped="custom")[0].startswith("unmapped: Input should be 'skip'")
+    # No test mode: another platform's option is refused, not taken for one.
+    assert problems(validate_only=True) == ["validate_only: Extra inputs are not permitted"]
+    assert problems(test_event_code="T1") == ["test_event_code: Extra inputs are not permitted"]
 
 
 def test_a_yaml_config_with_x_validates() -> None:
