@@ -631,7 +631,7 @@ def test_x_is_registered_and_configured_from_yaml_keys() -> None:
     text = repr(cfg)
     assert CONSUMER_SECRET not in text and ACCESS_TOKEN_SECRET not in text
     assert ACCESS_TOKEN not in text and CONSUMER_KEY not in text
-    assert offline().events.target("purchase", "purchase") == PURCHASE_EVENT
+    assert offline().event_ids.target("purchase", "purchase") == PURCHASE_EVENT
 
 
 def problems(**overrides: Any) -> list[str]:

@@ -71,7 +71,10 @@ other 4xx                                      ``Dead(linkedin_error)``
 =============================================  =============================================
 
 A detail carries LinkedIn's status, code and message; the access token, client secret and
-refresh token are scrubbed (``secrets``).
+refresh token are scrubbed (``secrets``), and so is anything shaped like an email address.
+A 2xx answer cut at the shared 64 KiB limit (a BATCH_CREATE answer lists every element's
+status: about 4,000 fit) is not JSON any more and counts as delivered; LinkedIn reports
+refused elements with a 422, which is short.
 
 There is no test mode: to try a setup, map the events to a conversion rule made for the
 purpose, and remove it from ``conversions`` afterwards.

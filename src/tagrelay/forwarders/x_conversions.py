@@ -472,7 +472,7 @@ class XForwarder(ConversionsForwarder[XConfig]):
                 config.access_token_secret.get_secret_value(),
             )
         )
-        self.events = ConfiguredEvents((e.event, e.event_id) for e in config.conversions)
+        self.event_ids = ConfiguredEvents((e.event, e.event_id) for e in config.conversions)
         self._url = (
             f"{config.base_url}/{config.api_version}/measurement/conversions/{config.pixel_id}"
         )
@@ -485,7 +485,7 @@ class XForwarder(ConversionsForwarder[XConfig]):
         if isinstance(named, str):
             return named
         name, canonical = named
-        event_id = self.events.target(name, canonical)
+        event_id = self.event_ids.target(name, canonical)
         if event_id is None:
             return "no_conversion_event"
         return event_id, True, canonical
