@@ -39,8 +39,9 @@ facade does it: the first word is the first name, the rest the last name ("Mary 
 -> ``Mary`` / ``Ann Smith``); one word is a first name alone. Plus ``context.ip``,
 ``context.userAgent``, click ids (``context.clickIds``, then the query of
 ``context.page.search`` or ``context.page.url``, which wins as the latest landing), and
-browser ids (``context.clientIds.fbc`` / ``fbp`` / ``_ttp`` or ``ttp``). These are passed
-through as they are: no platform hashes them.
+browser ids (``context.clientIds.fbc`` / ``fbp`` / ``_ttp`` or ``ttp``, and every cookie of
+``BROWSER_ID_COOKIES`` in ``browser_ids``). These are passed through as they are: no platform
+hashes them.
 
 The table (``H`` = SHA-256 hex of the normalized UTF-8 string, ``plain`` = sent as
 normalized; an empty cell = the platform takes no such field; ``?`` = not confirmed by the
@@ -114,9 +115,10 @@ from urllib.parse import parse_qsl, urlsplit
 import phonenumbers
 from pydantic import AfterValidator
 
-from tagrelay.model import CLICK_ID_PARAMS
+from tagrelay.model import BROWSER_ID_COOKIES, CLICK_ID_PARAMS
 
 __all__ = [
+    "BROWSER_ID_COOKIES",
     "CLICK_ID_PARAMS",
     "DROP_REASONS",
     "FIELDS",
@@ -124,6 +126,7 @@ __all__ = [
     "PLATFORMS",
     "PLATFORM_BROWSER_IDS",
     "PLATFORM_CLICK_IDS",
+    "PLATFORM_COOKIES",
     "RULES",
     "Field",
     "PhoneCountry",
@@ -184,6 +187,15 @@ PLATFORM_BROWSER_IDS: Final[Mapping[Platform, tuple[str, ...]]] = {
     "tiktok": ("ttp",),
 }
 """Which first-party browser ids (``UserData`` attributes) each platform matches on."""
+
+PLATFORM_COOKIES: Final[Mapping[Platform, Mapping[str, str]]] = {
+    "snapchat": {"_scid": "browser_id"},
+    # Pinterest's tag keeps the landing URL's epik click id in _epik (P1: user_data.click_id
+    # is "stored in _epik cookie on your domain or &epik= query parameter in the URL").
+    "pinterest": {"_epik": "click_id"},
+}
+"""Which ``BROWSER_ID_COOKIES`` (``UserData.browser_ids``) each platform matches on, and the
+match key each one counts as."""
 
 MATCH_KEYS: Final = (
     "email",
@@ -292,6 +304,8 @@ class UserData:
     fbc: str | None = None
     fbp: str | None = None
     ttp: str | None = None
+    browser_ids: Mapping[str, str] = field(default_factory=dict)
+    """Cookie name (``BROWSER_ID_COOKIES``) -> value, from ``context.clientIds``."""
 
     def present(self) -> tuple[str, ...]:
         """Names of the attributes that hold a value."""
@@ -405,6 +419,11 @@ def extract_user_data(event: Mapping[str, Any]) -> UserData:
         fbc=_text(client_ids.get("fbc")),
         fbp=_text(client_ids.get("fbp")),
         ttp=_text(client_ids.get("_ttp")) or _text(client_ids.get("ttp")),
+        browser_ids={
+            name: value
+            for name in BROWSER_ID_COOKIES
+            if (value := _text(client_ids.get(name))) is not None
+        },
     )
 
 
@@ -830,4 +849,7 @@ def match_keys(prepared: Prepared, data: UserData) -> frozenset[str]:
         keys.add("click_id")
     if any(getattr(data, k) for k in PLATFORM_BROWSER_IDS.get(prepared.platform, ())):
         keys.add("browser_id")
+    for cookie, key in PLATFORM_COOKIES.get(prepared.platform, {}).items():
+        if data.browser_ids.get(cookie):
+            keys.add(key)
     return frozenset(keys)
