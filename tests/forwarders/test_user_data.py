@@ -123,6 +123,17 @@ def test_snap_examples() -> None:
     assert one("snapchat", "last_name", "O'Brien-Smith") == sha("obriensmith")
 
 
+def test_pinterest_gender_takes_non_binary() -> None:
+    # Pinterest's ConversionEventsUserData (pinterest/pinterest-python-generated-api-client,
+    # docs/ConversionEventsUserData.md, from the API spec): ge is "Either "f" or "m" or "n"
+    # for non-binary gender", in lowercase. Meta's and Snap's ge take only f and m.
+    for raw in ("n", "Non-Binary", " nonbinary "):
+        assert one("pinterest", "gender", raw) == sha("n")
+        assert one("meta", "gender", raw) is None
+        assert one("snapchat", "gender", raw) is None
+    assert one("pinterest", "gender", "Female") == sha("f")
+
+
 def test_google_examples() -> None:
     # Google Data Manager, "Format user data" (developers.google.com/data-manager/api/
     # devguides/concepts/formatting): normalized forms only; hashes computed.

@@ -59,7 +59,7 @@ city         H c    plain n           H c       H c
 state        H st   plain n           H st      H st
 zip          H z    plain p   H zt?   H z       H zd
 country      H cc   plain CC          H cc      H cc       plain?
-gender       H fm                     H fm      H fm
+gender       H fm                     H fm      H fmn
 birthday     H dob                    H dob     H dob
 external_id  H lo             H t     H t       H t        plain?    H t          H t?
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
@@ -83,7 +83,8 @@ no spaces (``menlopark``); ``st`` state: like city, and a US state's name become
 5 digits; ``zt`` no spaces or dashes, lowercase; ``zd`` digits only; ``p`` Google postal
 code: trimmed, ``.`` and ``~`` removed; ``cc``/``CC`` ISO 3166-1 alpha-2 in lower/upper case
 (``uk`` is taken as ``gb``; anything else that is not a two-letter region code is dropped).
-``fm`` gender: ``f`` or ``m`` (from f/female/woman, m/male/man). ``dob`` ``YYYYMMDD`` from
+``fm`` gender: ``f`` or ``m`` (from f/female/woman, m/male/man); ``fmn`` the same, or ``n``
+for non-binary (from n/non-binary/nonbinary). ``dob`` ``YYYYMMDD`` from
 ``YYYY-MM-DD`` (a time after it is ignored), ``YYYYMMDD``, ``YYYY/MM/DD`` or ``M/D/YYYY``
 when the day is over 12 (otherwise month and day are ambiguous and it is dropped). ``t``
 external id: trimmed. ``lo`` (Meta's external id): trimmed and lowercased, as Meta's pixel
@@ -222,6 +223,7 @@ _CLICK_VALUE = re.compile(r"[A-Za-z0-9._~:\-]{1,200}")
 _CLICK_ID_BY_LOWER: Final = {name.lower(): name for name in CLICK_ID_PARAMS}
 _COUNTRY_ALIASES: Final = {"uk": "gb"}
 _GENDERS: Final = {"f": "f", "female": "f", "woman": "f", "m": "m", "male": "m", "man": "m"}
+_GENDERS_NONBINARY: Final = {**_GENDERS, "n": "n", "non-binary": "n", "nonbinary": "n"}
 _US_STATES: Final = {
     "alabama": "al",
     "alaska": "ak",
@@ -617,6 +619,12 @@ def _gender(value: str, _: _Context) -> str | None:
     return _GENDERS.get(value.strip().lower())
 
 
+def _gender_nonbinary(value: str, _: _Context) -> str | None:
+    # Pinterest P1 (ConversionEventsUserData.ge): "Either "f" or "m" or "n" for non-binary
+    # gender", in lowercase.
+    return _GENDERS_NONBINARY.get(value.strip().lower())
+
+
 _ISO_DATE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ].*)?")
 _SLASH_YMD = re.compile(r"(\d{4})/(\d{1,2})/(\d{1,2})")
 _COMPACT_DATE = re.compile(r"(\d{4})(\d{2})(\d{2})")
@@ -722,7 +730,7 @@ RULES: Final[Mapping[Platform, Mapping[Field, Rule]]] = {
         "state": Rule(_state_compact),
         "zip": Rule(_zip_digits),
         "country": Rule(_country_lower),
-        "gender": Rule(_gender),
+        "gender": Rule(_gender_nonbinary),
         "birthday": Rule(_birthday),
         "external_id": Rule(_trim),
     },
