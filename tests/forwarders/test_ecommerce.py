@@ -64,6 +64,17 @@ def test_the_standard_event_table_is_keyed_by_canonical_names() -> None:
     )
 
 
+def test_pinterest_has_checkout_subscription_and_trial_events() -> None:
+    # Pinterest's event list (developers.pinterest.com/docs/api-features/conversion-overview):
+    # initiate_checkout, subscribe and start_trial are standard events (once sent as custom
+    # events here); checkout is the completed transaction.
+    pinterest = {canonical: names.get("pinterest") for canonical, names in STANDARD_EVENTS.items()}
+    assert pinterest["begin_checkout"] == "initiate_checkout"
+    assert pinterest["subscribe"] == "subscribe"
+    assert pinterest["start_trial"] == "start_trial"
+    assert pinterest["purchase"] == "checkout"
+
+
 def test_numbers_and_currencies() -> None:
     assert [number(v) for v in (3, 2.5, "12", "12.0", " 7 ", "x", True, None, [1])] == [
         3,

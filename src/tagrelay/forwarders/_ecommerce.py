@@ -128,6 +128,10 @@ STANDARD_EVENTS: Final[Mapping[str, Mapping[str, str]]] = {
         "meta": "InitiateCheckout",
         "tiktok": "InitiateCheckout",
         "snap": "START_CHECKOUT",
+        # Pinterest's current event list (developers.pinterest.com/docs/api-features/
+        # conversion-overview, and the v5 spec's event_name enum): initiate_checkout, "people
+        # who start the checkout process"; also its subscribe and start_trial below.
+        "pinterest": "initiate_checkout",
     },
     "add_payment_info": {
         "meta": "AddPaymentInfo",
@@ -150,8 +154,18 @@ STANDARD_EVENTS: Final[Mapping[str, Mapping[str, str]]] = {
         "pinterest": "signup",
         "reddit": "SIGN_UP",
     },
-    "subscribe": {"meta": "Subscribe", "tiktok": "Subscribe", "snap": "SUBSCRIBE"},
-    "start_trial": {"meta": "StartTrial", "tiktok": "StartTrial", "snap": "START_TRIAL"},
+    "subscribe": {
+        "meta": "Subscribe",
+        "tiktok": "Subscribe",
+        "snap": "SUBSCRIBE",
+        "pinterest": "subscribe",
+    },
+    "start_trial": {
+        "meta": "StartTrial",
+        "tiktok": "StartTrial",
+        "snap": "START_TRIAL",
+        "pinterest": "start_trial",
+    },
     "contact": {"meta": "Contact", "tiktok": "Contact", "pinterest": "contact"},
     "login": {"snap": "LOGIN"},
 }
