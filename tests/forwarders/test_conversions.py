@@ -244,6 +244,15 @@ def test_without_ad_user_data_only_the_ad_interaction_goes() -> None:
     assert (plan.requests, dict(plan.drops)) == ([], {"ad_user_data_denied": 2})
 
 
+def test_without_ad_user_data_the_pixels_browser_id_cookies_stay() -> None:
+    """Like click ids, the cookies an ad pixel set (Snap's ``_scid`` here) describe the ad
+    interaction, not the person: they go without ``ad_user_data`` too."""
+    event = person({**GRANTED, "ad_user_data": "denied"})
+    event["context"]["clientIds"] = {"_scid": "scid-1"}
+    [sent_event] = sent(toy(), [event])
+    assert sent_event["keys"] == ["browser_id", "click_id", "user_agent"]
+
+
 def test_only_the_keys_a_payload_carries_are_match_keys() -> None:
     class NoBrowserFacts(Toy):
         payload_match_keys = frozenset({"email", "phone", "click_id"})

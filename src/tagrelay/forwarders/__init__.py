@@ -16,6 +16,8 @@ from tagrelay.forwarders.ga4 import GA4Forwarder
 from tagrelay.forwarders.google_ads import GoogleAdsForwarder
 from tagrelay.forwarders.linkedin_conversions import LinkedInForwarder
 from tagrelay.forwarders.meta_capi import MetaForwarder
+from tagrelay.forwarders.pinterest_capi import PinterestForwarder
+from tagrelay.forwarders.snap_capi import SnapForwarder
 from tagrelay.forwarders.tiktok_events import TikTokForwarder
 from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.forwarders.webhook import WebhookForwarder
@@ -26,6 +28,8 @@ FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "google_ads": GoogleAdsForwarder,
     "linkedin": LinkedInForwarder,
     "meta": MetaForwarder,
+    "pinterest": PinterestForwarder,
+    "snapchat": SnapForwarder,
     "tiktok": TikTokForwarder,
     "warehouse": WarehouseForwarder,
     "webhook": WebhookForwarder,

@@ -565,6 +565,7 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
                 fbc=user.fbc,
                 fbp=user.fbp,
                 ttp=user.ttp,
+                browser_ids=user.browser_ids,
             )
         prepared = prepare(
             user, self.platform, default_phone_country=self.config.default_phone_country
