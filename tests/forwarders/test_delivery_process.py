@@ -260,3 +260,33 @@ async def test_off_the_forwarders_run_in_the_relay(relay: Any, fakes: Fakes) -> 
     assert [
         e["messageId"] for r in fakes.hook.requests for e in orjson.loads(r["body"])["batch"]
     ] == ["m-2"]
+
+
+async def test_the_span_cache_reads_each_event_once_and_shares_it() -> None:
+    from tagrelay.forwarders._process import SpanCache
+
+    reads: list[tuple[int, int]] = []
+
+    async def read(path: str, after: int, last: int) -> tuple[list[bytes], list[tuple[int, int]]]:
+        reads.append((after, last))
+        lines = [orjson.dumps({"messageId": f"m{seq}"}) for seq in range(after + 1, last + 1)]
+        return lines, [(len(lines), 1_000 + after)]
+
+    cache = SpanCache(read, capacity=8)
+    first = await cache.span("spool", 0, 4)
+    second = await cache.span("spool", 2, 6)  # events 3 and 4 are known: only 5-6 are read
+    assert reads == [(0, 4), (4, 6)]
+    assert [e.event()["messageId"] for e in second] == ["m3", "m4", "m5", "m6"]
+    assert second[0] is first[2] and second[0].event() is first[2].event()
+    assert [e.received_ms for e in second] == [1_000, 1_000, 1_004, 1_004]
+    assert (cache.hits, cache.misses) == (2, 6)
+
+    await cache.span("spool", 6, 12)  # past the capacity: the oldest go
+    await cache.span("spool", 0, 2)
+    assert reads[-1] == (0, 2)
+    await cache.span("other", 10, 11)  # another spool file: nothing of the first is used
+    assert reads[-1] == (10, 11)
+    big = await cache.span("other", 0, 20)  # longer than the cache: read, not kept
+    assert len(big) == 20 and reads[-1] == (0, 20)
+    await cache.span("other", 11, 12)
+    assert reads[-1] == (11, 12)

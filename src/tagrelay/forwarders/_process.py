@@ -48,7 +48,8 @@ import struct
 import subprocess
 import sys
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -457,6 +458,7 @@ class _Child:
         self.tasks: set[asyncio.Task[None]] = set()
         self._spools: dict[str, Any] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-reader")
+        self.cache = SpanCache(self._read_span)
 
     def send(self, data: bytes) -> None:
         if not self.writer.is_closing():
@@ -552,6 +554,11 @@ class _Child:
             self._close_spools()  # the next request opens the file again
             raise
 
+    async def _read_span(
+        self, path: str, after: int, last: int
+    ) -> tuple[list[bytes], list[tuple[int, int]]]:
+        return await self.loop.run_in_executor(self._executor, self._read, path, after, last)
+
     def _close_spools(self) -> None:
         spools, self._spools = self._spools, {}
         for conn in spools.values():
@@ -567,9 +574,7 @@ class _Child:
                 Retry(reason="internal_error", detail=f"no forwarder {forwarder_id} here")
             )
         try:
-            lines, arrivals = await self.loop.run_in_executor(
-                self._executor, self._read, path, after, last
-            )
+            entries = await self.cache.span(path, after, last)
         except Exception as exc:
             return SpanResult(
                 Retry(
@@ -582,14 +587,13 @@ class _Child:
         filters = bool(f.include_types or f.exclude_types or f.include_events or f.exclude_events)
         required = tuple(config.requires_consent)
         if not filters and not required:
-            whole = await _delivered(forwarder.deliver_payloads(lines))
-            return SpanResult(whole, None, 0, 0, arrivals)
-        received = [ms for count, ms in arrivals for _ in range(count)]
+            outcome = await _delivered(forwarder.deliver([e.event() for e in entries]))
+            return SpanResult(outcome, None, 0, 0, _runs([e.received_ms for e in entries]))
         kept: list[int] = []
         events: list[Event] = []
         filtered = denied = 0
-        for index, line in enumerate(lines):
-            event = orjson.loads(line)
+        for index, entry in enumerate(entries):
+            event = entry.event()
             if not accepts(config, event):
                 filtered += 1
                 continue
@@ -598,10 +602,90 @@ class _Child:
                 continue
             kept.append(index)
             events.append(event)
-        outcome: Outcome = Delivered()
+        given: Outcome = Delivered()
         if events:
-            outcome = await _delivered(forwarder.deliver(events))
-        return SpanResult(outcome, kept, filtered, denied, _runs([received[i] for i in kept]))
+            given = await _delivered(forwarder.deliver(events))
+        arrivals = _runs([entries[i].received_ms for i in kept])
+        return SpanResult(given, kept, filtered, denied, arrivals)
+
+
+CACHE_EVENTS = 4096
+"""How many recently read events the delivery process keeps decoded (``SpanCache``)."""
+
+
+class CachedEvent:
+    """One event of the spool as the delivery process read it: its stored JSON, when it
+    arrived, and the event decoded on first use."""
+
+    __slots__ = ("_event", "line", "received_ms")
+
+    def __init__(self, line: bytes, received_ms: int) -> None:
+        self.line = line
+        self.received_ms = received_ms
+        self._event: Event | None = None
+
+    def event(self) -> Event:
+        if self._event is None:
+            self._event = orjson.loads(self.line)
+        return self._event
+
+
+class SpanCache:
+    """The events the delivery process read last, by sequence number, shared by its
+    forwarders: they all read the same events, a little apart (each has its cursor and its
+    batch size), and near the head of the spool. A span found here is neither read from
+    SQLite nor decoded again, and every forwarder is given the same event objects, so what a
+    forwarder works out once per event (the user data) can be kept for the next one. The
+    events are shared: a forwarder must never change one (tests/forwarders/
+    test_forwarder_contract.py checks it of every forwarder type).
+
+    Holds at most ``capacity`` events (the oldest read go first); a span longer than that
+    is read and not kept."""
+
+    def __init__(
+        self,
+        read: Callable[[str, int, int], Awaitable[tuple[list[bytes], list[tuple[int, int]]]]],
+        capacity: int = CACHE_EVENTS,
+    ) -> None:
+        self._read = read
+        self.capacity = capacity
+        self._entries: OrderedDict[int, CachedEvent] = OrderedDict()
+        self._path: str | None = None
+        self.hits = 0
+        self.misses = 0
+
+    async def span(self, path: str, after: int, last: int) -> list[CachedEvent]:
+        """The events ``after < seq <= last`` of the spool file ``path``."""
+        if path != self._path:
+            self._entries.clear()
+            self._path = path
+        entries = self._entries
+        found: list[CachedEvent] = []
+        seq = after + 1
+        while seq <= last:
+            entry = entries.get(seq)
+            if entry is None:
+                break
+            found.append(entry)
+            seq += 1
+        self.hits += len(found)
+        if seq > last:
+            return found
+        lines, arrivals = await self._read(path, seq - 1, last)
+        self.misses += len(lines)
+        read = [
+            CachedEvent(line, received_ms)
+            for line, received_ms in zip(
+                lines, (ms for count, ms in arrivals for _ in range(count)), strict=True
+            )
+        ]
+        if len(read) <= self.capacity:
+            for offset, entry in enumerate(read):
+                entries[seq + offset] = entry
+                entries.move_to_end(seq + offset)
+            while len(entries) > self.capacity:
+                entries.popitem(last=False)
+        return found + read
 
 
 async def _delivered(delivery: Any) -> Outcome:
