@@ -228,6 +228,12 @@ class Metrics:
             self.http_rejected.labels(reason)
         for reason in CONNECTION_CLOSE_REASONS:
             self.connections_closed.labels(reason)
+        self.delivery_process_starts = Counter(
+            "tagrelay_delivery_process_starts",
+            "Times the delivery process (the HTTP forwarders, delivery.process) was started: "
+            "once at start-up, then once after each time it died.",
+            registry=r,
+        )
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
         self._http_children: dict[tuple[str, str, str], Histogram] = {}
         self._sources: dict[str, SourceMetrics] = {}

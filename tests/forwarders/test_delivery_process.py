@@ -214,6 +214,7 @@ async def test_a_killed_delivery_process_is_started_again_and_nothing_is_lost(
     await wait_idle(app, timeout=30)
 
     assert process.starts == 2 and process.pid not in (None, first)
+    assert metric_value(app, "tagrelay_delivery_process_starts_total") == 2
     hooked = [e["messageId"] for r in fakes.hook.requests for e in orjson.loads(r["body"])["batch"]]
     assert sorted(set(hooked)) == ["after-0", "after-1", "after-2"]
     sent = {
