@@ -417,3 +417,36 @@ async def test_settled_is_called_once_per_batch_when_it_is_done(
     dead = await fwd.deliver(events("c"))
     assert isinstance(dead, Dead)
     assert calls == [Delivered(), dead]
+
+
+async def test_send_reads_an_answer_that_comes_in_pieces_up_to_its_limit() -> None:
+    """An answer written in pieces is read whole up to the limit (one read returned only
+    what had arrived), and one past the limit is cut and says so."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from tagrelay.forwarders._http import HttpRequest, HttpResponse, send
+    from tests.support import fake_server
+
+    piece = b"x" * 30_000
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(10):
+            await response.write(piece)
+            await asyncio.sleep(0.005)
+        await response.write_eof()
+        return response
+
+    async with fake_server("a slow destination", {"/slow": slow}) as server:
+        request = HttpRequest("POST", str(server.make_url("/slow")), {}, b"{}")
+        async with aiohttp.ClientSession() as http:
+            whole = await send(http, request, 10.0, 1024 * 1024)
+            cut = await send(http, request, 10.0, 64 * 1024)
+    assert isinstance(whole, HttpResponse) and isinstance(cut, HttpResponse)
+    assert (len(whole.body), whole.truncated) == (300_000, False)
+    assert (len(cut.body), cut.truncated) == (64 * 1024, True)

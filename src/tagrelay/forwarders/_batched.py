@@ -90,6 +90,7 @@ from tagrelay.forwarders._http import (
     scrub_secrets,
     send,
 )
+from tagrelay.logthrottle import LogThrottle
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
 
 __all__ = ["BatchedHttpForwarder", "Plan", "PlannedRequest", "Refused"]
@@ -143,9 +144,14 @@ class BatchedHttpForwarder(Forwarder[C]):
     """Reasons in ``Plan.drops`` for which a whole event is not sent."""
     field_drop_reasons: ClassVar[frozenset[str]] = frozenset()
     """Reasons in ``Plan.drops`` for which part of a sent event was cut or left out."""
+    max_response_bytes: ClassVar[int] = 1024 * 1024
+    """How much of an answer is read: enough for the per-event errors and statuses of a
+    full request (a platform whose answer can list more sets a larger value). An answer cut
+    at it is classified on its beginning, and logged."""
 
     def __init__(self, config: C, context: ForwarderContext) -> None:
         super().__init__(config, context)
+        self._cut_answers = LogThrottle(log)
         missing = [
             name
             for name in ("timeout_secs", "max_concurrent_requests")
@@ -291,7 +297,8 @@ class BatchedHttpForwarder(Forwarder[C]):
         # Taken once the credentials are in hand (no await between): a refusal of them
         # after a refresh by another request refreshes again.
         generation = self._auth_generation
-        response = await send(self.context.http, authorized, timeout)
+        limit = self.max_response_bytes
+        response = await send(self.context.http, authorized, timeout, limit)
         if isinstance(response, HttpResponse) and self.unauthorized(response):
             async with self._auth_lock:
                 refresh = generation == self._auth_generation
@@ -300,9 +307,17 @@ class BatchedHttpForwarder(Forwarder[C]):
                 authorized = await self.authorize(planned.request, refresh=refresh)
             if not isinstance(authorized, HttpRequest):
                 return authorized
-            response = await send(self.context.http, authorized, timeout)
+            response = await send(self.context.http, authorized, timeout, limit)
         if isinstance(response, Retry):
             return response
+        if response.truncated:
+            self._cut_answers.log(
+                logging.WARNING,
+                (self.id, "answer_cut"),
+                "the destination's answer is longer than the forwarder reads; per-event "
+                "errors past the cut are not seen",
+                {"forwarder": self.id, "status": response.status, "read_bytes": limit},
+            )
         return self.classify(planned, response)
 
     def _combine(self, plan: Plan, outcomes: Sequence[Outcome]) -> Outcome:

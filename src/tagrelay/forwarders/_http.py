@@ -66,6 +66,8 @@ class HttpResponse:
     status: int
     headers: dict[str, str]
     body: bytes
+    truncated: bool = False
+    """The body went on past the ``max_body_bytes`` read (``body`` is its beginning)."""
 
     @property
     def text(self) -> str:
@@ -108,11 +110,21 @@ def classify_status(response: HttpResponse) -> Outcome:
     )
 
 
+MAX_RESPONSE_BYTES = 64 * 1024
+"""How much of a response body ``send`` reads by default: enough for any status or error
+answer. A destination that lists per-event errors in its answer reads more (its
+forwarder's ``max_response_bytes``)."""
+
+
 async def send(
-    session: aiohttp.ClientSession, request: HttpRequest, timeout_secs: float
+    session: aiohttp.ClientSession,
+    request: HttpRequest,
+    timeout_secs: float,
+    max_body_bytes: int = MAX_RESPONSE_BYTES,
 ) -> HttpResponse | Retry:
     """Send one request. Network failures come back as ``Retry``; responses, whatever their
-    status, as ``HttpResponse`` for the caller to classify."""
+    status, as ``HttpResponse`` for the caller to classify, with at most ``max_body_bytes``
+    of the body (``truncated`` says when there was more)."""
     try:
         async with session.request(
             request.method,
@@ -122,8 +134,14 @@ async def send(
             timeout=aiohttp.ClientTimeout(total=timeout_secs),
             allow_redirects=False,
         ) as resp:
-            body = await resp.content.read(64 * 1024)
-            return HttpResponse(resp.status, dict(resp.headers), body)
+            body = await resp.content.read(max_body_bytes + 1)
+            while len(body) <= max_body_bytes and not resp.content.at_eof():
+                more = await resp.content.read(max_body_bytes + 1 - len(body))
+                if not more:
+                    break
+                body += more
+            truncated = len(body) > max_body_bytes
+            return HttpResponse(resp.status, dict(resp.headers), body[:max_body_bytes], truncated)
     except TimeoutError:
         return Retry(reason="timeout", detail=f"no response within {timeout_secs:g}s")
     except aiohttp.ClientError as exc:

@@ -583,6 +583,9 @@ _SENT_FIELD_DROPS: Final = frozenset(
 
 
 class GoogleAdsForwarder(ConversionsForwarder[GoogleAdsConfig]):
+    # A partial failure lists an error (message, code, field path) per refused row, up to
+    # 2,000 rows.
+    max_response_bytes = 8 * 1024 * 1024
     config_model = GoogleAdsConfig
     platform = "google"
     standard_events = None

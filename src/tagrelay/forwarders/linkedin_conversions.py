@@ -453,6 +453,8 @@ def _per_element(body: Mapping[str, Any], elements: int, status: int) -> Outcome
 
 
 class LinkedInForwarder(ConversionsForwarder[LinkedInConfig]):
+    # A 422 lists an error per refused element, up to 5,000 elements.
+    max_response_bytes = 8 * 1024 * 1024
     config_model = LinkedInConfig
     platform = "linkedin"
     standard_events = None
