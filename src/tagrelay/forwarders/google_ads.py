@@ -82,13 +82,12 @@ A dead letter's detail is Google's words: HTTP status, gRPC status, each error's
 ``kind.CODE: message`` and the request id; the developer token, OAuth secrets and access
 tokens are scrubbed (``secrets``), and so is anything shaped like an email address.
 
-**Large answers.** The shared HTTP layer keeps the first 64 KiB of a response. Google lists
-``partialFailureError`` before ``results``, so an answer cut there (a 2,000-row upload's
-results are larger) is read by a tolerant scan of its row errors (``scan_row_errors``):
-rows named in the part received are rejected; rows after the cut, if any failed, cannot
-be told apart and count as delivered, and a warning says so (``cut_in_row_errors``; about
-110 row errors fit, ``bench/google_ads_bench.py``). The layer could let a forwarder read
-more.
+**Large answers.** The forwarder reads up to 8 MiB of an answer (``max_response_bytes``):
+the row errors of a full 2,000-row upload, with every result. Google lists
+``partialFailureError`` before ``results``, so an answer cut all the same is read by a
+tolerant scan of its row errors (``scan_row_errors``): rows named in the part received are
+rejected; rows after the cut, if any failed, cannot be told apart and count as delivered,
+and a warning says so (``cut_in_row_errors``).
 """
 
 from __future__ import annotations

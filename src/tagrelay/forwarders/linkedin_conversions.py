@@ -72,9 +72,10 @@ other 4xx                                      ``Dead(linkedin_error)``
 
 A detail carries LinkedIn's status, code and message; the access token, client secret and
 refresh token are scrubbed (``secrets``), and so is anything shaped like an email address.
-A 2xx answer cut at the shared 64 KiB limit (a BATCH_CREATE answer lists every element's
-status: about 4,000 fit) is not JSON any more and counts as delivered; LinkedIn reports
-refused elements with a 422, which is short.
+The forwarder reads up to 8 MiB of an answer (``max_response_bytes``): a BATCH_CREATE
+answer lists every element's status, a 422 an error per refused element, for up to 5,000
+elements. An answer cut all the same is not JSON any more; a 2xx one counts as delivered
+(logged as cut).
 
 There is no test mode: to try a setup, map the events to a conversion rule made for the
 purpose, and remove it from ``conversions`` afterwards.
