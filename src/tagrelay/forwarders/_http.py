@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,16 +36,21 @@ SCRUBBED = "***"
 """What a secret becomes in a detail, a log line or a dead letter."""
 
 
+@functools.lru_cache(maxsize=64)
+def _url_forms(secret: str) -> tuple[str, ...]:
+    encoded = (quote(secret, safe=""), quote_plus(secret))
+    # The HTTP client re-quotes a URL as it sends it: what a query may hold unencoded
+    # ("/", ":", "@", ...) goes out decoded, and that is what an echoed URL shows.
+    requoted = tuple(URL("http://h/?k=" + form).raw_query_string[2:] for form in encoded)
+    return (secret, *encoded, *requoted)
+
+
 def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
     """``text`` with each of ``secrets`` replaced by ``SCRUBBED``, raw and in the forms it
-    takes in a URL or a form body (percent-encoded, ``+`` for spaces), which a destination's
-    error may echo. Longer forms first, so a secret inside another is not half-replaced."""
-    forms = {
-        form
-        for secret in secrets
-        if secret
-        for form in (secret, quote(secret, safe=""), quote_plus(secret))
-    }
+    takes in a URL or a form body (percent-encoded, ``+`` for spaces, as the HTTP client
+    re-quotes a query), which a destination's error may echo. Longer forms first, so a
+    secret inside another is not half-replaced."""
+    forms = {form for secret in secrets if secret for form in _url_forms(secret)}
     for form in sorted(forms, key=len, reverse=True):
         text = text.replace(form, SCRUBBED)
     return text
