@@ -57,8 +57,8 @@ the answer                             outcome
 other 4xx                              ``Dead(x_error)``
 =====================================  ==================================================
 
-A detail carries X's status, codes and messages; the consumer secret, the access token and
-its secret are scrubbed (``secrets``).
+A detail carries X's status, codes and messages; the consumer key and secret, the access
+token and its secret are scrubbed (``secrets``).
 
 There is no test mode: to try a setup, map the events to an event made for the purpose in
 Events Manager, and remove it from ``conversions`` afterwards.
@@ -521,6 +521,7 @@ class XForwarder(ConversionsForwarder[XConfig]):
     def secrets(self) -> Iterable[str]:
         config = self.config
         return (
+            config.consumer_key.get_secret_value(),
             config.consumer_secret.get_secret_value(),
             config.access_token.get_secret_value(),
             config.access_token_secret.get_secret_value(),
