@@ -39,8 +39,9 @@ facade does it: the first word is the first name, the rest the last name ("Mary 
 -> ``Mary`` / ``Ann Smith``); one word is a first name alone. Plus ``context.ip``,
 ``context.userAgent``, click ids (``context.clickIds``, then the query of
 ``context.page.search`` or ``context.page.url``, which wins as the latest landing), and
-browser ids (``context.clientIds.fbc`` / ``fbp`` / ``_ttp`` or ``ttp``). These are passed
-through as they are: no platform hashes them.
+browser ids (``context.clientIds.fbc`` / ``fbp``, ``_ttp`` or ``ttp``, ``_rdt_uuid`` or
+``rdt_uuid``, ``_uetvid`` or ``uetvid``). These are passed through as they are: no platform
+hashes them.
 
 The table (``H`` = SHA-256 hex of the normalized UTF-8 string, ``plain`` = sent as
 normalized; an empty cell = the platform takes no such field; ``?`` = not confirmed by the
@@ -49,8 +50,8 @@ platform's own documentation, see the comments at :data:`RULES`):
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
 field        meta   google    tiktok  snapchat  pinterest  linkedin  reddit  x    microsoft
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
-email        H      H g       H       H         H          H         H r     H    H m?
-phone        H d    H +       H +?    H d       H d                  H +?    H +  H +?
+email        H      H g       H       H         H          H         H m     H    H m
+phone        H d    H +       H +?    H d       H d                  H +     H +  H +
 first_name   H n    H n       H lo    H n       H lo       plain?
 last_name    H n    H n       H lo    H n       H lo       plain?
 street              H s
@@ -60,14 +61,13 @@ zip          H z    plain p   H zt?   H z       H zd
 country      H cc   plain CC          H cc      H cc       plain?
 gender       H fm                     H fm      H fm
 birthday     H dob                    H dob     H dob
-external_id  H lo             H t     H t       H t        plain?    H t          H t?
+external_id  H lo             H t     H t       H t        plain?    H t          H t
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
 
 Rules: email: trim and lowercase, must look like ``local@domain.tld``; ``g`` Google: no
 whitespace anywhere, and for gmail.com / googlemail.com no dots and no ``+suffix`` in the
 local part (``cloudy.sanfrancisco+shopping@gmail.com`` -> ``cloudysanfrancisco@gmail.com``);
-``r`` Reddit: for every domain, local part without ``+alias`` and without anything but
-letters and digits; ``m`` Microsoft: for every domain, local part without dots and
+``m`` Reddit and Microsoft: for every domain, local part without dots and without the
 ``+suffix``. Phone: parsed by ``phonenumbers`` (a leading ``00`` read as ``+``; a number
 without a country code takes the forwarder's ``default_phone_country``, without one it is
 read as if it started with ``+``); one that does not parse or is not a valid number for
@@ -182,6 +182,8 @@ PLATFORM_CLICK_IDS: Final[Mapping[Platform, tuple[str, ...]]] = {
 PLATFORM_BROWSER_IDS: Final[Mapping[Platform, tuple[str, ...]]] = {
     "meta": ("fbp",),
     "tiktok": ("ttp",),
+    "reddit": ("rdt_uuid",),
+    "microsoft": ("uetvid",),
 }
 """Which first-party browser ids (``UserData`` attributes) each platform matches on."""
 
@@ -292,6 +294,10 @@ class UserData:
     fbc: str | None = None
     fbp: str | None = None
     ttp: str | None = None
+    rdt_uuid: str | None = None
+    """Reddit's pixel cookie ``_rdt_uuid``."""
+    uetvid: str | None = None
+    """Microsoft's UET tag cookie ``_uetvid`` (the visitor id)."""
 
     def present(self) -> tuple[str, ...]:
         """Names of the attributes that hold a value."""
@@ -405,6 +411,8 @@ def extract_user_data(event: Mapping[str, Any]) -> UserData:
         fbc=_text(client_ids.get("fbc")),
         fbp=_text(client_ids.get("fbp")),
         ttp=_text(client_ids.get("_ttp")) or _text(client_ids.get("ttp")),
+        rdt_uuid=_text(client_ids.get("_rdt_uuid")) or _text(client_ids.get("rdt_uuid")),
+        uetvid=_text(client_ids.get("_uetvid")) or _text(client_ids.get("uetvid")),
     )
 
 
@@ -439,19 +447,15 @@ def _email_google(value: str, _: _Context) -> str | None:
     return _valid_email(email)
 
 
-def _email_reddit(value: str, _: _Context) -> str | None:
-    # Reddit's advanced-matching help (R3, read from a mirror): every domain, local part
-    # without the "+alias" and without anything but letters and digits.
-    local, at, domain = value.strip().lower().rpartition("@")
-    if not at:
-        return None
-    local = "".join(ch for ch in local.split("+", 1)[0] if ch.isalnum())
-    return _valid_email(local + "@" + domain)
-
-
-def _email_microsoft(value: str, _: _Context) -> str | None:
-    # Stape's Microsoft CAPI tag (U3), unverified by Microsoft's docs: every domain, local
-    # part without dots and "+suffix".
+def _email_no_dots_or_alias(value: str, _: _Context) -> str | None:
+    # Every domain: trimmed, lowercase, the local part without dots and without the
+    # "+alias". Reddit: its Conversions API docs ("Hashing rules": "remove dots in local
+    # part; remove anything after +", example Al.ice+Apple@Example.Com -> alice@example.com)
+    # and the destination Reddit maintains in segmentio/action-destinations
+    # (reddit-conversions-api/utils.ts, canonicalizeEmail); a mirror of its help center (R3)
+    # said every non-alphanumeric character goes, which would also drop "_" and "-".
+    # Microsoft: its CAPI guide (learn.microsoft.com/advertising/guides/
+    # uet-conversion-api-integration, "To hash an email address").
     local, at, domain = value.strip().lower().rpartition("@")
     if not at:
         return None
@@ -493,7 +497,8 @@ def _phone_digits(value: str, context: _Context) -> str | None:
 
 
 def _phone_plus(value: str, context: _Context) -> str | None:
-    # Google (A11: E.164 with "+"), GA4 MP (G3), X (X6).
+    # Google (A11: E.164 with "+"), GA4 MP (G3), X (X6), Reddit and Microsoft (their docs,
+    # see RULES).
     return _e164(value, context)
 
 
@@ -716,10 +721,11 @@ RULES: Final[Mapping[Platform, Mapping[Field, Rule]]] = {
         "country": Rule(_country_upper, hashed=False),
         "external_id": _RAW,
     },
-    # Reddit CAPI v3: match keys may go raw or hashed (R3); hashed here. The email rule is
-    # Reddit's (R3, from a mirror); the phone format is unverified.
+    # Reddit CAPI v3: match keys may go raw or hashed (R3); hashed here, by the hashing rules
+    # of Reddit's Conversions API docs (see _email_no_dots_or_alias; phone: E.164 with "+",
+    # "+15554441234"; external id: trimmed, as Reddit's own Segment destination does).
     "reddit": {
-        "email": Rule(_email_reddit),
+        "email": Rule(_email_no_dots_or_alias),
         "phone": Rule(_phone_plus),
         "external_id": Rule(_trim),
     },
@@ -728,9 +734,12 @@ RULES: Final[Mapping[Platform, Mapping[Field, Rule]]] = {
         "email": Rule(_email_basic),
         "phone": Rule(_phone_plus),
     },
-    # Microsoft UET CAPI (pilot): only Stape's template (U3); all unverified.
+    # Microsoft UET CAPI, its guide (learn.microsoft.com/advertising/guides/
+    # uet-conversion-api-integration): em and ph hashed (phone "in E.164 format with country
+    # code", +14255551234); externalId "anonymized", "never send real user IDs ... apply a
+    # hash": hashed, trimmed.
     "microsoft": {
-        "email": Rule(_email_microsoft),
+        "email": Rule(_email_no_dots_or_alias),
         "phone": Rule(_phone_plus),
         "external_id": Rule(_trim),
     },
