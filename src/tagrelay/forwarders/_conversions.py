@@ -492,7 +492,8 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
         user = extract_user_data(event)
         if not granted:
             # What is left: the user agent, click ids and browser ids, whichever they are.
-            user = replace(user, **dict.fromkeys(_PERSONAL_FIELDS))
+            cleared: dict[str, Any] = dict.fromkeys(_PERSONAL_FIELDS)
+            user = replace(user, **cleared)
         prepared = prepare(
             user, self.platform, default_phone_country=self.config.default_phone_country
         )
