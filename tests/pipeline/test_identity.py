@@ -375,3 +375,23 @@ def test_tiktoks_ttp_cookie_is_attached_with_ads_consent_and_never_made_up() -> 
     assert sent["context"]["clientIds"]["_ttp"] == "from-the-sender"
     assert ids.read({"_ttp": "x" * 201}).ttp is None
     assert ids.read({"_ttp": 'a"b'}).ttp is None
+
+
+def test_reddits_and_microsofts_browser_ids_are_attached_with_ads_consent() -> None:
+    ids = service()
+    cookies = {
+        "_rdt_uuid": "1677712978045.b8f7eb7d-b357-437b-8bd3-e1c8166c7132",
+        "_uetvid": "b171a9b06ce011ecafcd1b209be8601b",
+    }
+    e, visit = event(), Visit()
+    ids.apply(e, ids.read(cookies), visit, own_script=True, ads=True, now_ms=NOW_MS)
+    assert {k: e["context"]["clientIds"][k] for k in cookies} == cookies
+    assert not set(cookies) & set(visit.cookies)  # their tags own them
+    denied = event()
+    ids.apply(denied, ids.read(cookies), Visit(), own_script=True, ads=False, now_ms=NOW_MS)
+    assert not set(cookies) & set(denied["context"].get("clientIds", {}))
+    sent = event(context={"clientIds": {"_uetvid": "from-the-sender"}})
+    ids.apply(sent, ids.read(cookies), Visit(), own_script=True, ads=True, now_ms=NOW_MS)
+    assert sent["context"]["clientIds"]["_uetvid"] == "from-the-sender"
+    assert ids.read({"_uetvid": "x" * 201}).browser_ids == {}
+    assert ids.read({"_rdt_uuid": "a;b"}).browser_ids == {}

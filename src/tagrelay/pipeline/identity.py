@@ -1,4 +1,4 @@
-"""Server-set identity: the visitor cookie, click ids, Meta's and TikTok's browser ids, GA's
+"""Server-set identity: the visitor cookie, click ids, the ad platforms' browser ids, GA's
 client id.
 
 Browsers cap cookies that scripts set (Safari: 7 days). A cookie set by the relay's own
@@ -22,6 +22,9 @@ it (400 days, renewed on every visit). What this module does for each browser re
 - **TikTok**: ``_ttp``, the browser id TikTok's pixel sets on the site's domain, is attached
   as ``context.clientIds._ttp`` when the request carries it (the relay never makes one up:
   only TikTok's pixel can tie it to its own records).
+- **Reddit, Microsoft**: ``_rdt_uuid`` (Reddit's pixel) and ``_uetvid`` (Microsoft's UET
+  tag, its visitor id), likewise attached as ``context.clientIds._rdt_uuid`` /
+  ``._uetvid`` when the request carries them (``AD_BROWSER_COOKIES``).
 - **Google Analytics**: ``_ga`` and ``_ga_<container>`` are parsed into
   ``context.clientIds.ga4 = {"clientId": "123.456", "sessionIds": {"G-XXXX": "1700000000"},
   "sessionNumbers": {"G-XXXX": 5}}``.
@@ -29,7 +32,7 @@ it (400 days, renewed on every visit). What this module does for each browser re
   with the visitor cookie's lifetime.
 
 Consent decides what may be stored: the visitor cookie, GA ids and the cookie keeper need
-analytics storage; click ids and the Meta and TikTok ids need ads storage (see
+analytics storage; click ids and the ad platforms' browser ids need ads storage (see
 ``pipeline.consent``).
 """
 
@@ -55,6 +58,10 @@ CLICK_COOKIE = "tr_clk"
 FBC_COOKIE = "_fbc"
 FBP_COOKIE = "_fbp"
 TTP_COOKIE = "_ttp"
+AD_BROWSER_COOKIES = ("_rdt_uuid", "_uetvid")
+"""Browser ids that ad platforms' own tags keep on the site's domain, passed on as they are
+(``context.clientIds.<cookie name>``) when ads storage is granted: Reddit's pixel, Microsoft's
+UET tag."""
 GA_COOKIE = "_ga"
 GA_SESSION_PREFIX = "_ga_"
 
@@ -64,6 +71,7 @@ _CLICK_VALUE_RE = re.compile(r"[A-Za-z0-9._~:\-]{1,200}")
 _COOKIE_VALUE_RE = re.compile(r"[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]{1,1024}")
 """RFC 6265 cookie-octet: printable ASCII without space, quote, comma, semicolon, backslash."""
 _MAX_TTP = 200
+"""The longest vendor browser id kept (``_ttp``, ``AD_BROWSER_COOKIES``)."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,8 @@ class VisitorState:
     fbc: str | None = None
     fbp: str | None = None
     ttp: str | None = None
+    browser_ids: dict[str, str] = field(default_factory=dict)
+    """``AD_BROWSER_COOKIES`` the request carried, by cookie name."""
     ga4: dict[str, Any] | None = None
     kept: dict[str, str] = field(default_factory=dict)
     ga_client_id: str | None = None
@@ -230,6 +240,10 @@ class IdentityService:
         ttp = cookies.get(TTP_COOKIE)
         if ttp and len(ttp) <= _MAX_TTP and _COOKIE_VALUE_RE.fullmatch(ttp):
             state.ttp = ttp
+        for name in AD_BROWSER_COOKIES:
+            value = cookies.get(name)
+            if value and len(value) <= _MAX_TTP and _COOKIE_VALUE_RE.fullmatch(value):
+                state.browser_ids[name] = value
         ga = cookies.get(GA_COOKIE)
         client_id = parse_ga_client_id(ga) if ga else None
         if client_id is not None:
@@ -307,6 +321,9 @@ class IdentityService:
             client_ids["fbp"] = visitor.fbp
         if ads and visitor.ttp and "_ttp" not in client_ids:
             client_ids["_ttp"] = visitor.ttp
+        if ads:
+            for name, value in visitor.browser_ids.items():
+                client_ids.setdefault(name, value)
         if client_ids:
             context["clientIds"] = client_ids
 
