@@ -15,6 +15,7 @@ from tagrelay.forwarders._base import Forwarder, ForwarderContext
 from tagrelay.forwarders.ga4 import GA4Forwarder
 from tagrelay.forwarders.google_ads import GoogleAdsForwarder
 from tagrelay.forwarders.meta_capi import MetaForwarder
+from tagrelay.forwarders.microsoft_uet import MicrosoftForwarder
 from tagrelay.forwarders.reddit_capi import RedditForwarder
 from tagrelay.forwarders.tiktok_events import TikTokForwarder
 from tagrelay.forwarders.warehouse import WarehouseForwarder
@@ -24,6 +25,7 @@ FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "ga4": GA4Forwarder,
     "google_ads": GoogleAdsForwarder,
     "meta": MetaForwarder,
+    "microsoft": MicrosoftForwarder,
     "reddit": RedditForwarder,
     "tiktok": TikTokForwarder,
     "warehouse": WarehouseForwarder,
