@@ -24,8 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
 from tagrelay.appkeys import CONFIG, INGEST, METRICS, READY, SPOOL, WORKERS
 from tagrelay.config.models import Config
-from tagrelay.forwarders import FORWARDERS, ForwarderContext
+from tagrelay.forwarders import FORWARDERS, Forwarder, ForwarderContext
 from tagrelay.forwarders._loop import DeliveryLoop
+from tagrelay.forwarders._process import DeliveryProcess, remote_class
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
@@ -206,6 +207,7 @@ def create_app(
         delivery = DeliveryLoop()
         delivery.start()
         sessions: list[aiohttp.ClientSession] = []
+        processes: list[DeliveryProcess] = []
 
         async def start_workers() -> None:
             # Runs on the delivery loop: the session and the workers belong to it.
@@ -215,8 +217,22 @@ def create_app(
             )
             sessions.append(session)
             context = ForwarderContext(data_dir=data_dir, http=session, metrics=metrics)
+            remote = [
+                f
+                for f in enabled
+                if config.delivery.process and FORWARDERS[f.type].in_delivery_process
+            ]
+            if remote:
+                processes.append(
+                    DeliveryProcess(remote, data_dir, metrics, niceness=config.delivery.niceness)
+                )
             for fwd_config in enabled:
-                forwarder = FORWARDERS[fwd_config.type](fwd_config, context)
+                cls = FORWARDERS[fwd_config.type]
+                forwarder: Forwarder  # type: ignore[type-arg]
+                if fwd_config in remote:
+                    forwarder = remote_class(cls)(fwd_config, context, processes[0])
+                else:
+                    forwarder = cls(fwd_config, context)
                 worker = ForwarderWorker(forwarder, spool, metrics)
                 await worker.start()
                 workers[fwd_config.id] = worker
@@ -226,6 +242,8 @@ def create_app(
             await asyncio.gather(
                 *(w.stop(timeout) for w in workers.values()), return_exceptions=True
             )
+            for process in processes:
+                await process.close()
             for session in sessions:
                 await session.close()
 

@@ -271,6 +271,35 @@ class LoggingConfig(ConfigModel):
     )
 
 
+class DeliveryConfig(ConfigModel):
+    """Where the forwarders that call HTTP APIs run."""
+
+    process: bool = Field(
+        True,
+        description=(
+            "Run the forwarders that call HTTP APIs (every type but the warehouse, which has "
+            "a process of its own) in one child process, the delivery process: it reads "
+            "their batches from the spool file itself, so turning events into each "
+            "platform's requests never holds the interpreter that answers clients. false: "
+            "they run on a thread of the relay's process (fewer processes; ingest then "
+            "slows down by the time delivery takes, see bench/README.md)."
+        ),
+        examples=[True],
+    )
+    niceness: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description=(
+            "How much lower the delivery process's CPU priority is than the relay's "
+            "(nice(2)): when the machine's cores are all busy, answering clients comes "
+            "first and delivery, whose backlog waits on disk in the spool, takes what is "
+            "left; on an idle core it runs at full speed either way. 0: the same priority."
+        ),
+        examples=[5],
+    )
+
+
 PUBLIC_PATH = r"^(/[A-Za-z0-9._~-]+)+$"
 RESERVED_PATHS = (
     "/v1",
@@ -711,6 +740,11 @@ class Config(ConfigModel):
     )
     demo: DemoConfig = Field(
         default_factory=DemoConfig, description="The demo page.", examples=[{"enabled": True}]
+    )
+    delivery: DeliveryConfig = Field(
+        default_factory=DeliveryConfig,
+        description="Where the HTTP forwarders run.",
+        examples=[{"process": True}],
     )
     forwarders: list[ForwarderConfig] = Field(
         default_factory=list,
