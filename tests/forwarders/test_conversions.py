@@ -244,6 +244,15 @@ def test_without_ad_user_data_only_the_ad_interaction_goes() -> None:
     assert (plan.requests, dict(plan.drops)) == ([], {"ad_user_data_denied": 2})
 
 
+def test_without_ad_user_data_the_pixels_browser_id_cookies_stay() -> None:
+    """Like click ids, the cookies an ad pixel set (Snap's ``_scid`` here) describe the ad
+    interaction, not the person: they go without ``ad_user_data`` too."""
+    event = person({**GRANTED, "ad_user_data": "denied"})
+    event["context"]["clientIds"] = {"_scid": "scid-1"}
+    [sent_event] = sent(toy(), [event])
+    assert sent_event["keys"] == ["browser_id", "click_id", "user_agent"]
+
+
 def test_without_ad_user_data_every_browser_id_stays_and_no_personal_data() -> None:
     event = person({**GRANTED, "ad_user_data": "denied"})
     event["context"]["traits"].update(
@@ -259,8 +268,13 @@ def test_without_ad_user_data_every_browser_id_stays_and_no_personal_data() -> N
     conversion = toy().convert(0, event, NOW, Counter())
     assert conversion is not None
     assert conversion.user.present() == (
-        "user_agent", "click_ids", "fbc", "fbp", "ttp", "rdt_uuid", "uetvid"
+        "user_agent", "click_ids", "fbc", "fbp", "ttp", "browser_ids"
     )  # fmt: skip
+    assert conversion.user.browser_ids == {
+        "_ttp": "t",
+        "_rdt_uuid": "1677712978045.b8f7eb7d",
+        "_uetvid": "b171a9b06ce011ecafcd1b209be8601b",
+    }
     assert conversion.prepared.values == {}
 
 

@@ -17,6 +17,7 @@ import pytest
 
 import tagrelay.forwarders._user_data as user_data_module
 from tagrelay.forwarders._user_data import (
+    BROWSER_ID_COOKIES,
     CLICK_ID_PARAMS,
     DROP_REASONS,
     FIELDS,
@@ -120,6 +121,17 @@ def test_snap_examples() -> None:
     # no hash printed: computed).
     assert one("snapchat", "first_name", "Raphaël") == sha("raphaël")
     assert one("snapchat", "last_name", "O'Brien-Smith") == sha("obriensmith")
+
+
+def test_pinterest_gender_takes_non_binary() -> None:
+    # Pinterest's ConversionEventsUserData (pinterest/pinterest-python-generated-api-client,
+    # docs/ConversionEventsUserData.md, from the API spec): ge is "Either "f" or "m" or "n"
+    # for non-binary gender", in lowercase. Meta's and Snap's ge take only f and m.
+    for raw in ("n", "Non-Binary", " nonbinary "):
+        assert one("pinterest", "gender", raw) == sha("n")
+        assert one("meta", "gender", raw) is None
+        assert one("snapchat", "gender", raw) is None
+    assert one("pinterest", "gender", "Female") == sha("f")
 
 
 def test_google_examples() -> None:
@@ -416,6 +428,7 @@ def test_looks_like_email() -> None:
 
 def test_the_public_names() -> None:
     assert sorted(user_data_module.__all__) == [
+        "BROWSER_ID_COOKIES",
         "CLICK_ID_PARAMS",
         "DROP_REASONS",
         "FIELDS",
@@ -424,6 +437,7 @@ def test_the_public_names() -> None:
         "PLATFORMS",
         "PLATFORM_BROWSER_IDS",
         "PLATFORM_CLICK_IDS",
+        "PLATFORM_COOKIES",
         "PhoneCountry",
         "Platform",
         "Prepared",
@@ -536,17 +550,26 @@ def test_what_the_relay_knows_ip_user_agent_click_and_browser_ids() -> None:
         "fb.1.1596403881668.11",
         "t",
     )
-    assert (data.rdt_uuid, data.uetvid) == (
-        "1677712978045.b8f7eb7d-b357-437b-8bd3-e1c8166c7132",
-        "b171a9b06ce011ecafcd1b209be8601b",
-    )
-    bare = extract_user_data({"context": {"clientIds": {"rdt_uuid": "r", "uetvid": "u"}}})
-    assert (bare.rdt_uuid, bare.uetvid) == ("r", "u")
+    assert data.browser_ids == {
+        "_ttp": "t",
+        "_rdt_uuid": "1677712978045.b8f7eb7d-b357-437b-8bd3-e1c8166c7132",
+        "_uetvid": "b171a9b06ce011ecafcd1b209be8601b",
+    }
     search = extract_user_data(
         {"context": {"page": {"search": "?msclkid=m-1", "url": "https://x.test/?msclkid=m-2"}}}
     )
     assert search.click_ids == {"msclkid": "m-1"}
     assert extract_user_data({"context": {"clientIds": {"ttp": "t-2"}}}).ttp == "t-2"
+
+
+def test_the_ad_platforms_browser_id_cookies_are_read_from_client_ids() -> None:
+    client_ids = {name: f"{name}-value" for name in BROWSER_ID_COOKIES}
+    data = extract_user_data({"context": {"clientIds": {**client_ids, "_other": "x"}}})
+    assert data.browser_ids == client_ids
+    assert "browser_ids" in repr(data) and "_scid-value" not in repr(data)
+    blank = extract_user_data({"context": {"clientIds": {"_scid": " ", "_epik": 5}}})
+    assert blank.browser_ids == {"_epik": "5"}  # a blank value is absent
+    assert extract_user_data({}).browser_ids == {}
 
 
 def test_odd_shapes_are_absent_not_errors() -> None:
@@ -603,9 +626,16 @@ def test_match_keys() -> None:
         "ip",
         "user_agent",
     }
-    browsers = UserData(rdt_uuid="r", uetvid="u", ttp="t")
+    browsers = UserData(browser_ids={"_rdt_uuid": "r", "_uetvid": "u"}, ttp="t")
     assert match_keys(prepare(browsers, "reddit"), browsers) == {"browser_id"}
     assert match_keys(prepare(browsers, "microsoft"), browsers) == {"browser_id"}
     assert match_keys(prepare(browsers, "x"), browsers) == frozenset()
+    reddits = UserData(browser_ids={"_rdt_uuid": "r"})
+    assert match_keys(prepare(reddits, "microsoft"), reddits) == frozenset()
     assert match_keys(prepare(UserData(), "x"), UserData()) == frozenset()
+    cookies = UserData(browser_ids={"_scid": "s-1", "_epik": "e-1", "_ttp": "t-1"})
+    # Snap's _scid is its browser id; Pinterest's _epik holds the click id its tag kept.
+    assert match_keys(prepare(cookies, "snapchat"), cookies) == {"browser_id"}
+    assert match_keys(prepare(cookies, "pinterest"), cookies) == {"click_id"}
+    assert match_keys(prepare(cookies, "meta"), cookies) == frozenset()
     assert set(MATCH_KEYS) >= match_keys(prepare(data, "meta"), data)

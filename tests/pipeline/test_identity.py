@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tagrelay.config.models import IdentityConfig
+from tagrelay.model import BROWSER_ID_COOKIES
 from tagrelay.pipeline.identity import (
     CLICK_COOKIE,
     IdentityService,
@@ -377,21 +378,21 @@ def test_tiktoks_ttp_cookie_is_attached_with_ads_consent_and_never_made_up() -> 
     assert ids.read({"_ttp": 'a"b'}).ttp is None
 
 
-def test_reddits_and_microsofts_browser_ids_are_attached_with_ads_consent() -> None:
+@pytest.mark.parametrize("name", BROWSER_ID_COOKIES)
+def test_every_ad_platforms_browser_id_cookie_is_attached_with_ads_consent(name: str) -> None:
+    """Snap's ``_scid``, Pinterest's ``_epik``, ... go the way of TikTok's ``_ttp``: attached
+    as ``context.clientIds.<name>`` under ads consent, never set or made up by the relay."""
     ids = service()
-    cookies = {
-        "_rdt_uuid": "1677712978045.b8f7eb7d-b357-437b-8bd3-e1c8166c7132",
-        "_uetvid": "b171a9b06ce011ecafcd1b209be8601b",
-    }
+    value = "8b6f0f1c-2c58-4a8d-9d5e-0b1f7a3c2d41"
     e, visit = event(), Visit()
-    ids.apply(e, ids.read(cookies), visit, own_script=True, ads=True, now_ms=NOW_MS)
-    assert {k: e["context"]["clientIds"][k] for k in cookies} == cookies
-    assert not set(cookies) & set(visit.cookies)  # their tags own them
+    ids.apply(e, ids.read({name: value}), visit, own_script=True, ads=True, now_ms=NOW_MS)
+    assert e["context"]["clientIds"][name] == value
+    assert name not in visit.cookies  # the vendor's pixel owns it
     denied = event()
-    ids.apply(denied, ids.read(cookies), Visit(), own_script=True, ads=False, now_ms=NOW_MS)
-    assert not set(cookies) & set(denied["context"].get("clientIds", {}))
-    sent = event(context={"clientIds": {"_uetvid": "from-the-sender"}})
-    ids.apply(sent, ids.read(cookies), Visit(), own_script=True, ads=True, now_ms=NOW_MS)
-    assert sent["context"]["clientIds"]["_uetvid"] == "from-the-sender"
-    assert ids.read({"_uetvid": "x" * 201}).browser_ids == {}
-    assert ids.read({"_rdt_uuid": "a;b"}).browser_ids == {}
+    ids.apply(denied, ids.read({name: value}), Visit(), own_script=True, ads=False, now_ms=NOW_MS)
+    assert name not in denied["context"].get("clientIds", {})
+    sent = event(context={"clientIds": {name: "from-the-sender"}})
+    ids.apply(sent, ids.read({name: value}), Visit(), own_script=True, ads=True, now_ms=NOW_MS)
+    assert sent["context"]["clientIds"][name] == "from-the-sender"
+    assert ids.read({name: "x" * 201}).browser_ids == {}
+    assert ids.read({name: 'a"b'}).browser_ids == {}

@@ -48,7 +48,9 @@ The path of an event through an ad forwarder (after the runtime's filter and
 Each kept event becomes a :class:`Conversion`; the platform turns chunks of at most
 ``max_events_per_request`` of them into requests (:meth:`ConversionsForwarder.request`) and
 classifies the answers (``BatchedHttpForwarder.classify``). Sending, retries that never
-resend an accepted request, secret scrubbing and drop counts are ``_batched``'s.
+resend an accepted request, secret scrubbing and drop counts are ``_batched``'s. A request
+the platform refuses for some of its events (``_batched.Refused``) is sent again without
+them: :meth:`ConversionsForwarder.without` rebuilds it through ``request``.
 
 **Match quality.** Once a batch is done (never on an attempt that will be retried), each
 event the platform took counts one ``tagrelay_forwarder_match_keys_total{forwarder, key}``
@@ -63,7 +65,10 @@ Writing a platform: subclass :class:`ConversionsConfig` (a ``type`` literal, ``b
 and :class:`ConversionsForwarder` (class attributes ``platform``, ``standard_events``,
 ``max_events_per_request``, ``max_event_age_secs``, and where they apply
 ``extra_standard_events``, ``payload_match_keys``, ``platform_event_drop_reasons``; methods
-``request``, ``classify``, ``secrets``), then one line in ``forwarders.FORWARDERS``.
+``request``, ``classify``, ``secrets``), then one line in ``forwarders.FORWARDERS``. A
+platform whose payload names no events (each conversion names a conversion action, rule or
+event tag configured for it: Google Ads, LinkedIn, X) overrides ``event_name`` with a
+:class:`ConfiguredEvents` table.
 """
 
 from __future__ import annotations
@@ -74,7 +79,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Final, Literal, TypeVar
+from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
 
 from pydantic import Field, field_validator
 
@@ -110,7 +115,9 @@ __all__ = [
     "EVENT_DROP_REASONS",
     "FIELD_DROP_REASONS",
     "NO_MATCH_KEY",
+    "PAGE_VIEW",
     "USER_DATA_KEYS",
+    "ConfiguredEvents",
     "Conversion",
     "ConversionPlan",
     "ConversionsConfig",
@@ -118,6 +125,7 @@ __all__ = [
     "epoch_millis",
     "epoch_seconds",
     "event_time",
+    "named_event",
 ]
 
 AD_EVENT_NAMES: Final[Mapping[str, str]] = {
@@ -330,6 +338,8 @@ class ConversionPlan(Plan):
     keys), counted once the batch is done."""
 
     match_keys: dict[int, frozenset[str]] = field(default_factory=dict)
+    conversions: dict[int, Conversion] = field(default_factory=dict)
+    """The planned conversions by batch index (a refused request is rebuilt from them)."""
 
 
 def epoch_seconds(moment: datetime) -> int:
@@ -370,6 +380,71 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _text(value: Any) -> str | None:
     return (value.strip() or None) if isinstance(value, str) else None
+
+
+def named_event(event: Event) -> tuple[str, str | None] | str:
+    """``(name, canonical name)`` of an event that may be a conversion: a track call's
+    name, ``page_view`` for page and screen calls; or the drop reason (``no_event_name``,
+    ``not_a_conversion``)."""
+    etype = event.get("type")
+    if etype in ("page", "screen"):
+        return PAGE_VIEW, PAGE_VIEW
+    if etype != "track":
+        return "not_a_conversion"
+    name = event.get("event")
+    if not isinstance(name, str) or not name.strip():
+        return "no_event_name"
+    return name, CANONICAL_EVENT_NAMES.get(event_name_key(name))
+
+
+T = TypeVar("T")
+
+
+class ConfiguredEvents(Generic[T]):
+    """Event names -> what a platform whose payload names no events reports them as (a
+    conversion action, rule or event tag), from the forwarder's configuration. A name
+    (``page_view`` for page and screen calls) matches an entry exactly, then ignoring case
+    and spaces, then by meaning: an entry for ``purchase`` also takes Segment's ``Order
+    Completed`` and gtag's ``purchase`` (:data:`CANONICAL_EVENT_NAMES`). The first entry
+    for a name wins (configurations refuse repeated names: :meth:`repeated`)."""
+
+    def __init__(self, entries: Iterable[tuple[str, T]]) -> None:
+        self._exact: dict[str, T] = {}
+        self._loose: dict[str, T] = {}
+        self._by_meaning: dict[str, T] = {}
+        for name, target in entries:
+            key = event_name_key(name)
+            self._exact.setdefault(name, target)
+            self._loose.setdefault(key, target)
+            canonical = CANONICAL_EVENT_NAMES.get(key)
+            if canonical is not None:
+                self._by_meaning.setdefault(canonical, target)
+        if PAGE_VIEW in self._loose:
+            self._by_meaning.setdefault(PAGE_VIEW, self._loose[PAGE_VIEW])
+
+    def target(self, name: str, canonical: str | None) -> T | None:
+        """The target configured for an event named ``name`` whose canonical name is
+        ``canonical``, or None."""
+        found = self._exact.get(name)
+        if found is None:
+            found = self._loose.get(event_name_key(name))
+        if found is None and canonical is not None:
+            found = self._by_meaning.get(canonical)
+        return found
+
+    @staticmethod
+    def repeated(names: Iterable[str]) -> list[str]:
+        """The names that repeat an earlier one (ignoring case and spaces), each as
+        ``'order completed' (also 'Order Completed')``, for a configuration error."""
+        seen: dict[str, str] = {}
+        repeated = []
+        for name in names:
+            key = event_name_key(name)
+            if key in seen:
+                repeated.append(f"{name!r} (also {seen[key]!r})")
+            else:
+                seen[key] = name
+        return repeated
 
 
 # -- the forwarder base --------------------------------------------------------------------
@@ -537,7 +612,23 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             plan.drops.update(c.field_drops)
         plan.requests.extend(self.requests(conversions))
         plan.match_keys = {c.index: c.match_keys for c in conversions}
+        plan.conversions = {c.index: c for c in conversions}
         return plan
+
+    def without(
+        self, plan: Plan, planned: PlannedRequest, positions: frozenset[int]
+    ) -> PlannedRequest | None:
+        """``planned`` without the conversions at ``positions``, through ``request``."""
+        if not isinstance(plan, ConversionPlan):
+            return None
+        kept = [
+            plan.conversions[index]
+            for at, index in enumerate(planned.indices)
+            if at not in positions and index in plan.conversions
+        ]
+        if not kept:
+            return None
+        return PlannedRequest(self.request(kept), tuple(c.index for c in kept))
 
     def settled(self, plan: Plan, outcome: Delivered | Dead) -> None:
         """Count the match keys of the events the platform took (once per batch)."""

@@ -39,8 +39,8 @@ facade does it: the first word is the first name, the rest the last name ("Mary 
 -> ``Mary`` / ``Ann Smith``); one word is a first name alone. Plus ``context.ip``,
 ``context.userAgent``, click ids (``context.clickIds``, then the query of
 ``context.page.search`` or ``context.page.url``, which wins as the latest landing), and
-browser ids (``context.clientIds.fbc`` / ``fbp``, ``_ttp`` or ``ttp``, ``_rdt_uuid`` or
-``rdt_uuid``, ``_uetvid`` or ``uetvid``). These are passed through as they are: no platform
+browser ids (``context.clientIds.fbc`` / ``fbp`` / ``_ttp`` or ``ttp``, and every cookie of
+``BROWSER_ID_COOKIES`` in ``browser_ids``). These are passed through as they are: no platform
 hashes them.
 
 The table (``H`` = SHA-256 hex of the normalized UTF-8 string, ``plain`` = sent as
@@ -59,7 +59,7 @@ city         H c    plain n           H c       H c
 state        H st   plain n           H st      H st
 zip          H z    plain p   H zt?   H z       H zd
 country      H cc   plain CC          H cc      H cc       plain?
-gender       H fm                     H fm      H fm
+gender       H fm                     H fm      H fmn
 birthday     H dob                    H dob     H dob
 external_id  H lo             H t     H t       H t        plain?    H t          H t
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
@@ -82,7 +82,8 @@ no spaces (``menlopark``); ``st`` state: like city, and a US state's name become
 5 digits; ``zt`` no spaces or dashes, lowercase; ``zd`` digits only; ``p`` Google postal
 code: trimmed, ``.`` and ``~`` removed; ``cc``/``CC`` ISO 3166-1 alpha-2 in lower/upper case
 (``uk`` is taken as ``gb``; anything else that is not a two-letter region code is dropped).
-``fm`` gender: ``f`` or ``m`` (from f/female/woman, m/male/man). ``dob`` ``YYYYMMDD`` from
+``fm`` gender: ``f`` or ``m`` (from f/female/woman, m/male/man); ``fmn`` the same, or ``n``
+for non-binary (from n/non-binary/nonbinary). ``dob`` ``YYYYMMDD`` from
 ``YYYY-MM-DD`` (a time after it is ignored), ``YYYYMMDD``, ``YYYY/MM/DD`` or ``M/D/YYYY``
 when the day is over 12 (otherwise month and day are ambiguous and it is dropped). ``t``
 external id: trimmed. ``lo`` (Meta's external id): trimmed and lowercased, as Meta's pixel
@@ -114,9 +115,10 @@ from urllib.parse import parse_qsl, urlsplit
 import phonenumbers
 from pydantic import AfterValidator
 
-from tagrelay.model import CLICK_ID_PARAMS
+from tagrelay.model import BROWSER_ID_COOKIES, CLICK_ID_PARAMS
 
 __all__ = [
+    "BROWSER_ID_COOKIES",
     "CLICK_ID_PARAMS",
     "DROP_REASONS",
     "FIELDS",
@@ -124,6 +126,7 @@ __all__ = [
     "PLATFORMS",
     "PLATFORM_BROWSER_IDS",
     "PLATFORM_CLICK_IDS",
+    "PLATFORM_COOKIES",
     "RULES",
     "Field",
     "PhoneCountry",
@@ -182,10 +185,21 @@ PLATFORM_CLICK_IDS: Final[Mapping[Platform, tuple[str, ...]]] = {
 PLATFORM_BROWSER_IDS: Final[Mapping[Platform, tuple[str, ...]]] = {
     "meta": ("fbp",),
     "tiktok": ("ttp",),
-    "reddit": ("rdt_uuid",),
-    "microsoft": ("uetvid",),
 }
 """Which first-party browser ids (``UserData`` attributes) each platform matches on."""
+
+PLATFORM_COOKIES: Final[Mapping[Platform, Mapping[str, str]]] = {
+    "snapchat": {"_scid": "browser_id"},
+    # Pinterest's tag keeps the landing URL's epik click id in _epik (P1: user_data.click_id
+    # is "stored in _epik cookie on your domain or &epik= query parameter in the URL").
+    "pinterest": {"_epik": "click_id"},
+    # Reddit's pixel cookie _rdt_uuid goes as user.uuid (R2); Microsoft's UET tag keeps its
+    # visitor id in _uetvid, sent as userData.anonymousId (U3).
+    "reddit": {"_rdt_uuid": "browser_id"},
+    "microsoft": {"_uetvid": "browser_id"},
+}
+"""Which ``BROWSER_ID_COOKIES`` (``UserData.browser_ids``) each platform matches on, and the
+match key each one counts as."""
 
 MATCH_KEYS: Final = (
     "email",
@@ -212,6 +226,7 @@ _CLICK_VALUE = re.compile(r"[A-Za-z0-9._~:\-]{1,200}")
 _CLICK_ID_BY_LOWER: Final = {name.lower(): name for name in CLICK_ID_PARAMS}
 _COUNTRY_ALIASES: Final = {"uk": "gb"}
 _GENDERS: Final = {"f": "f", "female": "f", "woman": "f", "m": "m", "male": "m", "man": "m"}
+_GENDERS_NONBINARY: Final = {**_GENDERS, "n": "n", "non-binary": "n", "nonbinary": "n"}
 _US_STATES: Final = {
     "alabama": "al",
     "alaska": "ak",
@@ -294,10 +309,8 @@ class UserData:
     fbc: str | None = None
     fbp: str | None = None
     ttp: str | None = None
-    rdt_uuid: str | None = None
-    """Reddit's pixel cookie ``_rdt_uuid``."""
-    uetvid: str | None = None
-    """Microsoft's UET tag cookie ``_uetvid`` (the visitor id)."""
+    browser_ids: Mapping[str, str] = field(default_factory=dict)
+    """Cookie name (``BROWSER_ID_COOKIES``) -> value, from ``context.clientIds``."""
 
     def present(self) -> tuple[str, ...]:
         """Names of the attributes that hold a value."""
@@ -411,8 +424,11 @@ def extract_user_data(event: Mapping[str, Any]) -> UserData:
         fbc=_text(client_ids.get("fbc")),
         fbp=_text(client_ids.get("fbp")),
         ttp=_text(client_ids.get("_ttp")) or _text(client_ids.get("ttp")),
-        rdt_uuid=_text(client_ids.get("_rdt_uuid")) or _text(client_ids.get("rdt_uuid")),
-        uetvid=_text(client_ids.get("_uetvid")) or _text(client_ids.get("uetvid")),
+        browser_ids={
+            name: value
+            for name in BROWSER_ID_COOKIES
+            if (value := _text(client_ids.get(name))) is not None
+        },
     )
 
 
@@ -603,6 +619,12 @@ def _gender(value: str, _: _Context) -> str | None:
     return _GENDERS.get(value.strip().lower())
 
 
+def _gender_nonbinary(value: str, _: _Context) -> str | None:
+    # Pinterest P1 (ConversionEventsUserData.ge): "Either "f" or "m" or "n" for non-binary
+    # gender", in lowercase.
+    return _GENDERS_NONBINARY.get(value.strip().lower())
+
+
 _ISO_DATE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ].*)?")
 _SLASH_YMD = re.compile(r"(\d{4})/(\d{1,2})/(\d{1,2})")
 _COMPACT_DATE = re.compile(r"(\d{4})(\d{2})(\d{2})")
@@ -708,7 +730,7 @@ RULES: Final[Mapping[Platform, Mapping[Field, Rule]]] = {
         "state": Rule(_state_compact),
         "zip": Rule(_zip_digits),
         "country": Rule(_country_lower),
-        "gender": Rule(_gender),
+        "gender": Rule(_gender_nonbinary),
         "birthday": Rule(_birthday),
         "external_id": Rule(_trim),
     },
@@ -839,4 +861,7 @@ def match_keys(prepared: Prepared, data: UserData) -> frozenset[str]:
         keys.add("click_id")
     if any(getattr(data, k) for k in PLATFORM_BROWSER_IDS.get(prepared.platform, ())):
         keys.add("browser_id")
+    for cookie, key in PLATFORM_COOKIES.get(prepared.platform, {}).items():
+        if data.browser_ids.get(cookie):
+            keys.add(key)
     return frozenset(keys)

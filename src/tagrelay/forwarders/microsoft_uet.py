@@ -494,8 +494,9 @@ def _msclkid(c: Conversion) -> str | None:
 
 def _anonymous_id(c: Conversion) -> str | None:
     """The UET tag's visitor id, else the event's anonymousId."""
-    if c.user.uetvid:
-        return c.user.uetvid
+    uetvid = c.user.browser_ids.get("_uetvid")
+    if uetvid:
+        return uetvid
     anonymous = c.event.get("anonymousId")
     if isinstance(anonymous, str) and 0 < len(anonymous.strip()) <= _MAX_ANONYMOUS_ID:
         return anonymous.strip()

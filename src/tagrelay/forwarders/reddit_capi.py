@@ -453,8 +453,9 @@ class RedditForwarder(ConversionsForwarder[RedditConfig]):
             user["ip_address"] = data.ip
         if data.user_agent:
             user["user_agent"] = data.user_agent
-        if data.rdt_uuid:
-            user["uuid"] = data.rdt_uuid
+        uuid = data.browser_ids.get("_rdt_uuid")
+        if uuid:
+            user["uuid"] = uuid
         screen = _screen(c.event)
         if screen is not None:
             user["screen_dimensions"] = screen
