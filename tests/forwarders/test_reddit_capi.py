@@ -524,11 +524,8 @@ async def test_an_invalid_event_is_dead_lettered_and_the_others_are_sent_again(
     fwd = RedditForwarder(config(base_url=reddit.url.rstrip("/")), context)
     batch = now_events(page_view("m-1"), page_view("m-2"), page_view("m-3"))
     reddit.script = [(400, {}, INVALID), (200, {}, OK)]
-    first = await fwd.deliver(batch)
-    # Reddit took none of them: the others go again at once
-    assert first == Retry("reddit_invalid_events", first.detail, 0.0)  # type: ignore[union-attr]
-    second = await fwd.deliver(batch)
-    assert second == Delivered(
+    # Reddit took none of them: the others go again at once, in the same delivery
+    assert await fwd.deliver(batch) == Delivered(
         rejected={1: "Reddit: event_at timestamp must be less than 168h0m0s old"}
     )
     sent = [[e["metadata"]["conversion_id"] for e in b["data"]["events"]] for b in bodies(reddit)]
@@ -551,6 +548,41 @@ async def test_an_invalid_event_reddit_does_not_point_at_is_found_one_by_one(
     reddit.script = [(200, {}, OK)]
     assert await fwd.deliver(now_events(page_view("m-4"), page_view("m-5"))) == Delivered()
     assert len(bodies(reddit)[-1]["data"]["events"]) == 2
+
+
+async def test_named_and_unnamed_invalid_events_in_one_answer(
+    context: ForwarderContext,
+) -> None:
+    """The event Reddit names by its conversion id is dead-lettered and the others go again
+    at once; the one it names without pointing at it is then found by sending them one
+    per request."""
+    seen: list[list[str]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        ids = [e["metadata"]["conversion_id"] for e in (await request.json())["data"]["events"]]
+        seen.append(ids)
+        invalid: list[dict[str, Any]] = []
+        if "m-2" in ids:
+            invalid.append(
+                {"error_message": "too old", "event": {"metadata": {"conversion_id": "m-2"}}}
+            )
+        if "m-3" in ids:
+            invalid.append({"error_message": "bad user"})  # no event echoed
+        if invalid:
+            return web.json_response({"invalid_events": invalid}, status=400)
+        return web.json_response({"data": {"message": "ok"}})
+
+    async with fake_server("Reddit", {PATH: handle}) as server:
+        base_url = str(server.make_url("")).rstrip("/")
+        fwd = RedditForwarder(config(base_url=base_url), context)
+        batch = now_events(*(page_view(f"m-{i}") for i in range(1, 5)))
+        first = await fwd.deliver(batch)
+        assert isinstance(first, Retry) and first.after_secs == 0.0
+        assert seen == [["m-1", "m-2", "m-3", "m-4"], ["m-1", "m-3", "m-4"]]
+        assert await fwd.deliver(batch) == Delivered(
+            rejected={1: "Reddit: too old", 2: "Reddit: bad user"}
+        )
+    assert sorted(seen[2:]) == [["m-1"], ["m-2"], ["m-3"], ["m-4"]]
 
 
 async def test_a_request_of_invalid_events_only_dead_letters_them_without_resending(
@@ -762,8 +794,9 @@ async def test_an_order_reaches_reddit_and_an_invalid_one_is_dead_lettered_alone
     assert metric_value(app, "tagrelay_forwarder_dropped_total", consent) == 1
     delivered = {"forwarder": "reddit", "outcome": "delivered"}
     assert metric_value(app, "tagrelay_forwarder_events_total", delivered) == 2
+    # the others went again at once, not as a retry of the batch
     retried = {"forwarder": "reddit", "reason": "reddit_invalid_events"}
-    assert metric_value(app, "tagrelay_forwarder_retries_total", retried) == 1
+    assert metric_value(app, "tagrelay_forwarder_retries_total", retried) == 0
 
 
 async def test_an_unauthorized_answer_is_dead_lettered_through_the_relay(

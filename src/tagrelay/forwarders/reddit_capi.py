@@ -51,12 +51,12 @@ answer                                   outcome
 400 naming invalid events                Reddit took *none* of the request: the events
 (``invalid_events``: [{error_message,    it names (found by their conversion_id) become
 event}])                                 dead letters with Reddit's words, and the others
-                                         are sent again at once (``Retry(
-                                         reddit_invalid_events)``, ``after_secs`` 0; the
-                                         next attempt's plan leaves the named events out
-                                         and the batch's outcome rejects them). If an
-                                         invalid event cannot be told apart, the events of
-                                         that request are sent again one per request
+                                         are sent again at once (``_batched.Refused``).
+                                         When Reddit names an invalid event that cannot be
+                                         told apart (no conversion id of the request), the
+                                         request's events are sent again one per request
+                                         (``Retry(reddit_invalid_events)``, ``after_secs``
+                                         0), each invalid one then refused alone
 401                                      ``Dead(reddit_unauthorized)``: the conversion
                                          access token does not exist or was revoked
 403                                      ``Dead(reddit_forbidden)``: the token may not post
@@ -81,7 +81,7 @@ import orjson
 from pydantic import Field, SecretStr, field_validator
 
 from tagrelay.forwarders._base import ForwarderContext
-from tagrelay.forwarders._batched import PlannedRequest
+from tagrelay.forwarders._batched import PlannedRequest, Refused
 from tagrelay.forwarders._conversions import (
     Conversion,
     ConversionsConfig,
@@ -325,9 +325,6 @@ class RedditForwarder(ConversionsForwarder[RedditConfig]):
         else:
             self._url = f"{config.base_url}/api/v2.0/conversions/events/{config.pixel_id}"
         self._batch = b""
-        self._refused: dict[int, str] = {}
-        """Events of the batch in flight that Reddit named as invalid (batch index ->
-        Reddit's words): left out of its next attempts, rejected in its outcome."""
         self._alone: set[int] = set()
         """Events of the batch in flight to send one per request (Reddit refused a request
         of them without saying which event was the bad one)."""
@@ -335,12 +332,11 @@ class RedditForwarder(ConversionsForwarder[RedditConfig]):
     # -- requests ------------------------------------------------------------------------
 
     def requests(self, conversions: Sequence[Conversion]) -> Iterable[PlannedRequest]:
-        """Chunks of 1,000 in batch order (one event each with ``test_id``), without the
-        events Reddit refused in an earlier attempt of this batch; the events to send alone
-        one per request."""
+        """Chunks of 1,000 in batch order (one event each with ``test_id``); the events to
+        send alone one per request."""
         size = 1 if self.config.test_id else self.max_events_per_request
         for start in range(0, len(conversions), size):
-            chunk = [c for c in conversions[start : start + size] if c.index not in self._refused]
+            chunk = conversions[start : start + size]
             together = [c for c in chunk if c.index not in self._alone]
             if together:
                 yield PlannedRequest(self.request(together), tuple(c.index for c in together))
@@ -376,40 +372,36 @@ class RedditForwarder(ConversionsForwarder[RedditConfig]):
     async def deliver(self, events: list[Event]) -> Outcome:
         batch = hashlib.sha256(orjson.dumps([e.get("messageId") for e in events])).digest()
         if batch != self._batch:
-            self._batch, self._refused, self._alone = batch, {}, set()
+            self._batch, self._alone = batch, set()
         outcome = await super().deliver(events)
-        if isinstance(outcome, Retry):
-            return outcome  # the same batch comes back: what Reddit refused stays out
-        refused, self._batch, self._refused, self._alone = self._refused, b"", {}, set()
-        if isinstance(outcome, Delivered) and refused:
-            rejected = {index: self.scrub(text) for index, text in refused.items()}
-            return Delivered(rejected={**rejected, **outcome.rejected}, dropped=outcome.dropped)
+        if not isinstance(outcome, Retry):  # a retry brings the same batch back
+            self._batch, self._alone = b"", set()
         return outcome
 
-    def classify(self, planned: PlannedRequest, response: HttpResponse) -> Outcome:
+    def classify(self, planned: PlannedRequest, response: HttpResponse) -> Outcome | Refused:
+        """Reddit's answer (``classify_reddit_response``); a 400 naming invalid events is
+        ``Refused`` for those of the request it names (the base sends the others again at
+        once), or, when it names none that can be told apart, a ``Retry`` at once with the
+        request's events to be sent one per request."""
         outcome = classify_reddit_response(response)
         if not (isinstance(outcome, Dead) and outcome.reason == "reddit_invalid_events"):
             return outcome
         named = invalid_events(_json(response.body))
         if len(planned.indices) == 1:
-            return Delivered(rejected={0: f"Reddit: {named[0][1]}"})
+            return Refused(outcome.reason, outcome.detail, {0: f"Reddit: {named[0][1]}"})
         positions: dict[str, list[int]] = {}
         for at, conversion_id in enumerate(_conversion_ids(planned.request.body)):
             if conversion_id is not None:
                 positions.setdefault(conversion_id, []).append(at)
         rejected: dict[int, str] = {}
-        unplaced = False
         for conversion_id, text in named:
-            places = positions.get(conversion_id, []) if conversion_id is not None else []
-            unplaced = unplaced or not places
-            for at in places:
+            for at in positions.get(conversion_id, []) if conversion_id is not None else []:
                 rejected.setdefault(at, f"Reddit: {text}")
-        if len(rejected) == len(planned.indices):
-            return Delivered(rejected=rejected)
-        for at, text in rejected.items():
-            self._refused[planned.indices[at]] = text
-        if unplaced:
-            self._alone.update(planned.indices)
+        if rejected:
+            # An invalid event named without a conversion id of this request is still
+            # there: the request without these is refused again, naming only that one.
+            return Refused(outcome.reason, outcome.detail, rejected)
+        self._alone.update(planned.indices)
         return Retry("reddit_invalid_events", outcome.detail, 0.0)
 
     # -- one event -----------------------------------------------------------------------
