@@ -51,9 +51,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "conversions": [{"event": "Order Completed", "conversion_rule_id": "104"}],
     },
     "meta": {"pixel_id": "1234567890", "access_token": "meta-secret-token", "base_url": "{url}"},
+    "microsoft": {
+        "uet_tag_id": "187012345",
+        "access_token": "microsoft-secret-token",
+        "base_url": "{url}",
+    },
     "pinterest": {
         "ad_account_id": "549755885175",
         "access_token": "pinterest-secret-token",
+        "base_url": "{url}",
+    },
+    "reddit": {
+        "pixel_id": "a2_gu5a8gq2hzbq",
+        "access_token": "reddit-secret-token",
         "base_url": "{url}",
     },
     "snapchat": {
