@@ -97,9 +97,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "access_token": "meta-secret+token/1",
         "base_url": "{url}",
     },
+    "microsoft": {
+        "uet_tag_id": "187012345",
+        "access_token": "microsoft-secret-token",
+        "base_url": "{url}",
+    },
     "pinterest": {
         "ad_account_id": "549755885175",
         "access_token": "pinterest-secret-token",
+        "base_url": "{url}",
+    },
+    "reddit": {
+        "pixel_id": "a2_gu5a8gq2hzbq",
+        "access_token": "reddit-secret-token",
         "base_url": "{url}",
     },
     "snapchat": {
@@ -429,6 +439,9 @@ PHONE_DIGITS_HASH = sha256("16505551212")
 """Digits with the country code, no "+": Meta, Snap, Pinterest."""
 PHONE_E164_HASH = sha256("+16505551212")
 """E.164 with "+": Google (Ads, GA4), X."""
+EMAIL_LOCAL_PART_HASH = sha256("buyercontract@example.com")
+"""Reddit's rule (§8: the local part without "+alias" and anything but letters and digits,
+every domain) and Microsoft's (§10: without dots and "+suffix")."""
 
 
 def fail(where: str, expected: str, value: Any) -> NoReturn:
@@ -784,6 +797,54 @@ def meta(request: Recorded) -> list[Sent]:
     return sent
 
 
+MICROSOFT_IDENTIFIERS = ("em", "ph", "externalId", "msclkid", "anonymousId")
+
+
+def microsoft(request: Recorded) -> list[Sent]:
+    """UET Conversions API (§10): Bearer token; eventType pageLoad or custom (with
+    eventName), eventId, eventTime in seconds, userData with em, ph, externalId hashed
+    (email without dots and +suffix) and at least one identifier."""
+    config = CONFIGS["microsoft"]
+    path(request, rf"/v[0-9]+/{config['uet_tag_id']}/events", "microsoft")
+    expect(request.headers.get("Authorization"), f"Bearer {config['access_token']}", "auth")
+    body = json_body(request, "microsoft")
+    sent = []
+    for i, event in enumerate(array(body.get("data"), "microsoft data", 1000)):
+        where = f"microsoft data[{i}]"
+        event = obj(event, where)
+        kind = event.get("eventType")
+        if kind not in ("pageLoad", "custom"):
+            fail(where + ".eventType", "pageLoad or custom", kind)
+        if kind == "custom":
+            text(event.get("eventName"), where + ".eventName")
+        event_id = text(event.get("eventId"), where + ".eventId")
+        moment = seconds(event.get("eventTime"), where + ".eventTime")
+        if "adStorageConsent" in event and event["adStorageConsent"] not in ("G", "D"):
+            fail(where + ".adStorageConsent", "G or D", event["adStorageConsent"])
+        user = obj(event.get("userData"), where + ".userData")
+        for key in ("em", "ph", "externalId"):
+            if key in user:
+                expected = EMAIL_LOCAL_PART_HASH if key == "em" else None
+                hashed(user[key], f"{where}.userData.{key}", expected)
+        for key in ("msclkid", "anonymousId", "clientIpAddress", "clientUserAgent"):
+            if key in user:
+                text(user[key], f"{where}.userData.{key}")
+        if not any(key in user for key in MICROSOFT_IDENTIFIERS):
+            fail(where + ".userData", f"one of {MICROSOFT_IDENTIFIERS}", user)
+        custom = obj(event.get("customData", {}), where + ".customData")
+        value = number(custom["value"], where + ".value") if "value" in custom else None
+        code = currency(custom["currency"], where + ".currency") if "currency" in custom else None
+        for j, item in enumerate(custom.get("items", [])):
+            at = f"{where}.items[{j}]"
+            text(obj(item, at).get("id"), at + ".id")
+            if "price" in item:
+                number(item["price"], at + ".price")
+            if "quantity" in item:
+                integer(item["quantity"], at + ".quantity")
+        sent.append(Sent(moment, event_id, value, code))
+    return sent
+
+
 PINTEREST_ACTION_SOURCES = frozenset({"app_android", "app_ios", "web", "offline"})
 PINTEREST_HASHED = ("em", "ph", "fn", "ln", "ge", "db", "ct", "st", "zp", "country", "external_id")
 
@@ -831,6 +892,70 @@ def pinterest(request: Recorded) -> list[Sent]:
             integer(content.get("quantity", 1), at + ".quantity")
         if "num_items" in custom:
             integer(custom["num_items"], where + ".num_items")
+        sent.append(Sent(moment, event_id, value, code))
+    return sent
+
+
+REDDIT_TRACKING_TYPES = frozenset(
+    {
+        "PAGE_VISIT",
+        "VIEW_CONTENT",
+        "SEARCH",
+        "ADD_TO_CART",
+        "ADD_TO_WISHLIST",
+        "PURCHASE",
+        "LEAD",
+        "SIGN_UP",
+        "CUSTOM",
+    }
+)
+
+
+def reddit(request: Recorded) -> list[Sent]:
+    """Conversions API v3 (§8): Bearer token, ``{"data": {"events": [...]}}`` of at most
+    1,000; event_at in milliseconds, type.tracking_type (CUSTOM with custom_event_name),
+    metadata.conversion_id, user email hashed by Reddit's rule, value and currency."""
+    config = CONFIGS["reddit"]
+    path(request, rf"/api/v3/pixels/{config['pixel_id']}/conversion_events", "reddit")
+    expect(request.headers.get("Authorization"), f"Bearer {config['access_token']}", "auth")
+    data = obj(json_body(request, "reddit").get("data"), "reddit data")
+    sent = []
+    for i, event in enumerate(array(data.get("events"), "reddit events", 1000)):
+        where = f"reddit events[{i}]"
+        event = obj(event, where)
+        moment = millis(event.get("event_at"), where + ".event_at")
+        if event.get("action_source") not in ("WEBSITE", "APP", "OFFLINE", "OTHER"):
+            fail(where + ".action_source", "WEBSITE, APP, ...", event.get("action_source"))
+        kind = obj(event.get("type"), where + ".type")
+        if kind.get("tracking_type") not in REDDIT_TRACKING_TYPES:
+            fail(where + ".tracking_type", f"one of {sorted(REDDIT_TRACKING_TYPES)}", kind)
+        if kind["tracking_type"] == "CUSTOM":
+            text(kind.get("custom_event_name"), where + ".custom_event_name")
+        if "click_id" in event:
+            text(event["click_id"], where + ".click_id")
+        user = obj(event.get("user", {}), where + ".user")
+        for key in ("email", "phone_number", "external_id"):
+            if key in user:
+                expected = EMAIL_LOCAL_PART_HASH if key == "email" else None
+                hashed(user[key], f"{where}.user.{key}", expected)
+        for key in ("ip_address", "user_agent", "uuid"):
+            if key in user:
+                text(user[key], f"{where}.user.{key}")
+        metadata = obj(event.get("metadata"), where + ".metadata")
+        event_id = text(metadata.get("conversion_id"), where + ".conversion_id")
+        value = number(metadata["value"], where + ".value") if "value" in metadata else None
+        code = (
+            currency(metadata["currency"], where + ".currency") if "currency" in metadata else None
+        )
+        if "item_count" in metadata:
+            integer(metadata["item_count"], where + ".item_count")
+        for j, product in enumerate(metadata.get("products", [])):
+            at = f"{where}.products[{j}]"
+            text(obj(product, at).get("id"), at + ".id")
+            if "item_price" in product:
+                number(product["item_price"], at + ".item_price")
+            if "quantity" in product:
+                integer(product["quantity"], at + ".quantity")
         sent.append(Sent(moment, event_id, value, code))
     return sent
 
@@ -1046,7 +1171,9 @@ VALIDATORS: dict[str, Validator] = {
     "google_ads": google_ads,
     "linkedin": linkedin,
     "meta": meta,
+    "microsoft": microsoft,
     "pinterest": pinterest,
+    "reddit": reddit,
     "snapchat": snapchat,
     "tiktok": tiktok,
     "webhook": webhook,
@@ -1112,9 +1239,20 @@ REFUSALS: dict[str, list[Answer]] = {
             {"error": {"message": ECHO, "type": "OAuthException", "code": 200, "fbtrace_id": "A2"}},
         ),
     ],
+    # Microsoft's error shape ({"error": {"code", "message", "details"}}); its codes are not
+    # in our sources (§10).
+    "microsoft": [
+        Answer(401, {"error": {"code": "Unauthorized", "message": ECHO}}),
+        Answer(403, {"error": {"code": "Forbidden", "message": ECHO}}),
+    ],
     "pinterest": [
         Answer(401, {"code": 2, "message": ECHO}),
         Answer(403, {"code": 29, "message": ECHO}),
+    ],
+    # 401 {"error": {"reason": "UNAUTHORIZED", "explanation"}}: replace the token; 403 (§8).
+    "reddit": [
+        Answer(401, {"error": {"reason": "UNAUTHORIZED", "explanation": ECHO}}),
+        Answer(403, {"error": {"code": 403, "message": ECHO}}),
     ],
     # Snap documents no error codes (§6): its answer shape.
     "snapchat": [
@@ -1147,7 +1285,11 @@ THROTTLES: dict[str, list[Answer]] = {
         Answer(400, {"error": {"message": ECHO, "code": 17, "fbtrace_id": "A3"}}, RETRY_AFTER),
         Answer(400, {"error": {"message": ECHO, "code": 80003, "fbtrace_id": "A4"}}),
     ],
+    "microsoft": [
+        Answer(429, {"error": {"code": "TooManyRequests", "message": ECHO}}, RETRY_AFTER)
+    ],
     "pinterest": [Answer(429, {"code": 8, "message": ECHO}, RETRY_AFTER)],
+    "reddit": [Answer(429, {"error": {"code": 429, "message": ECHO}}, RETRY_AFTER)],
     "snapchat": [Answer(429, {"status": "INVALID", "reason": ECHO}, RETRY_AFTER)],
     # TikTok: HTTP 200 with code 40100, "Too many requests" (§4).
     "tiktok": [Answer(200, {"code": 40100, "message": ECHO, "request_id": "r-2"}, RETRY_AFTER)],

@@ -16,7 +16,9 @@ from tagrelay.forwarders.ga4 import GA4Forwarder
 from tagrelay.forwarders.google_ads import GoogleAdsForwarder
 from tagrelay.forwarders.linkedin_conversions import LinkedInForwarder
 from tagrelay.forwarders.meta_capi import MetaForwarder
+from tagrelay.forwarders.microsoft_uet import MicrosoftForwarder
 from tagrelay.forwarders.pinterest_capi import PinterestForwarder
+from tagrelay.forwarders.reddit_capi import RedditForwarder
 from tagrelay.forwarders.snap_capi import SnapForwarder
 from tagrelay.forwarders.tiktok_events import TikTokForwarder
 from tagrelay.forwarders.warehouse import WarehouseForwarder
@@ -28,7 +30,9 @@ FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "google_ads": GoogleAdsForwarder,
     "linkedin": LinkedInForwarder,
     "meta": MetaForwarder,
+    "microsoft": MicrosoftForwarder,
     "pinterest": PinterestForwarder,
+    "reddit": RedditForwarder,
     "snapchat": SnapForwarder,
     "tiktok": TikTokForwarder,
     "warehouse": WarehouseForwarder,

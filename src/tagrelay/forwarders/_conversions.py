@@ -77,7 +77,7 @@ import re
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
 
@@ -96,6 +96,7 @@ from tagrelay.forwarders._ecommerce import (
 from tagrelay.forwarders._http import HttpRequest
 from tagrelay.forwarders._user_data import DROP_REASONS as USER_DATA_DROP_REASONS
 from tagrelay.forwarders._user_data import (
+    FIELDS,
     MATCH_KEYS,
     PhoneCountry,
     Platform,
@@ -171,6 +172,9 @@ USER_DATA_KEYS: Final = frozenset(
     {"email", "phone", "name", "address", "external_id", "ip", "gender", "birthday"}
 )
 """What ``context.consent.ad_user_data`` governs (see the module docstring, step 4)."""
+
+_PERSONAL_FIELDS: Final = (*FIELDS, "ip")
+"""The ``UserData`` attributes of ``USER_DATA_KEYS``: the person's data."""
 
 NO_MATCH_KEY: Final = "none"
 """The ``key`` label of events sent with none of ``MATCH_KEYS``."""
@@ -468,11 +472,14 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
     (Google Ads click conversions carry no IP or user agent)."""
     platform_event_drop_reasons: ClassVar[frozenset[str]] = frozenset()
     """The platform's own reasons for not sending a whole event (added to the layer's)."""
+    platform_field_drop_reasons: ClassVar[frozenset[str]] = frozenset()
+    """The platform's own reasons for leaving part of a sent event out (added to the
+    layer's; a platform's ``convert`` adds them to ``Conversion.field_drops``)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.event_drop_reasons = EVENT_DROP_REASONS | cls.platform_event_drop_reasons
-        cls.field_drop_reasons = FIELD_DROP_REASONS
+        cls.field_drop_reasons = FIELD_DROP_REASONS | cls.platform_field_drop_reasons
 
     def __init__(self, config: CC, context: ForwarderContext) -> None:
         super().__init__(config, context)
@@ -559,14 +566,9 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             return None
         user = extract_user_data(event)
         if not granted:
-            user = UserData(
-                user_agent=user.user_agent,
-                click_ids=user.click_ids,
-                fbc=user.fbc,
-                fbp=user.fbp,
-                ttp=user.ttp,
-                browser_ids=user.browser_ids,
-            )
+            # What is left: the user agent, click ids and browser ids, whichever they are.
+            cleared: dict[str, Any] = dict.fromkeys(_PERSONAL_FIELDS)
+            user = replace(user, **cleared)
         prepared = prepare(
             user, self.platform, default_phone_country=self.config.default_phone_country
         )

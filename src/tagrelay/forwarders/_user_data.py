@@ -50,8 +50,8 @@ platform's own documentation, see the comments at :data:`RULES`):
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
 field        meta   google    tiktok  snapchat  pinterest  linkedin  reddit  x    microsoft
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
-email        H      H g       H       H         H          H         H r     H    H m?
-phone        H d    H +       H +?    H d       H d                  H +?    H +  H +?
+email        H      H g       H       H         H          H         H m     H    H m
+phone        H d    H +       H +?    H d       H d                  H +     H +  H +
 first_name   H n    H n       H lo    H n       H lo       plain?
 last_name    H n    H n       H lo    H n       H lo       plain?
 street              H s
@@ -61,14 +61,13 @@ zip          H z    plain p   H zt?   H z       H zd
 country      H cc   plain CC          H cc      H cc       plain?
 gender       H fm                     H fm      H fmn
 birthday     H dob                    H dob     H dob
-external_id  H lo             H t     H t       H t        plain?    H t          H t?
+external_id  H lo             H t     H t       H t        plain?    H t          H t
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
 
 Rules: email: trim and lowercase, must look like ``local@domain.tld``; ``g`` Google: no
 whitespace anywhere, and for gmail.com / googlemail.com no dots and no ``+suffix`` in the
 local part (``cloudy.sanfrancisco+shopping@gmail.com`` -> ``cloudysanfrancisco@gmail.com``);
-``r`` Reddit: for every domain, local part without ``+alias`` and without anything but
-letters and digits; ``m`` Microsoft: for every domain, local part without dots and
+``m`` Reddit and Microsoft: for every domain, local part without dots and without the
 ``+suffix``. Phone: parsed by ``phonenumbers`` (a leading ``00`` read as ``+``; a number
 without a country code takes the forwarder's ``default_phone_country``, without one it is
 read as if it started with ``+``); one that does not parse or is not a valid number for
@@ -194,6 +193,10 @@ PLATFORM_COOKIES: Final[Mapping[Platform, Mapping[str, str]]] = {
     # Pinterest's tag keeps the landing URL's epik click id in _epik (P1: user_data.click_id
     # is "stored in _epik cookie on your domain or &epik= query parameter in the URL").
     "pinterest": {"_epik": "click_id"},
+    # Reddit's pixel cookie _rdt_uuid goes as user.uuid (R2); Microsoft's UET tag keeps its
+    # visitor id in _uetvid, sent as userData.anonymousId (U3).
+    "reddit": {"_rdt_uuid": "browser_id"},
+    "microsoft": {"_uetvid": "browser_id"},
 }
 """Which ``BROWSER_ID_COOKIES`` (``UserData.browser_ids``) each platform matches on, and the
 match key each one counts as."""
@@ -460,19 +463,15 @@ def _email_google(value: str, _: _Context) -> str | None:
     return _valid_email(email)
 
 
-def _email_reddit(value: str, _: _Context) -> str | None:
-    # Reddit's advanced-matching help (R3, read from a mirror): every domain, local part
-    # without the "+alias" and without anything but letters and digits.
-    local, at, domain = value.strip().lower().rpartition("@")
-    if not at:
-        return None
-    local = "".join(ch for ch in local.split("+", 1)[0] if ch.isalnum())
-    return _valid_email(local + "@" + domain)
-
-
-def _email_microsoft(value: str, _: _Context) -> str | None:
-    # Stape's Microsoft CAPI tag (U3), unverified by Microsoft's docs: every domain, local
-    # part without dots and "+suffix".
+def _email_no_dots_or_alias(value: str, _: _Context) -> str | None:
+    # Every domain: trimmed, lowercase, the local part without dots and without the
+    # "+alias". Reddit: its Conversions API docs ("Hashing rules": "remove dots in local
+    # part; remove anything after +", example Al.ice+Apple@Example.Com -> alice@example.com)
+    # and the destination Reddit maintains in segmentio/action-destinations
+    # (reddit-conversions-api/utils.ts, canonicalizeEmail); a mirror of its help center (R3)
+    # said every non-alphanumeric character goes, which would also drop "_" and "-".
+    # Microsoft: its CAPI guide (learn.microsoft.com/advertising/guides/
+    # uet-conversion-api-integration, "To hash an email address").
     local, at, domain = value.strip().lower().rpartition("@")
     if not at:
         return None
@@ -514,7 +513,8 @@ def _phone_digits(value: str, context: _Context) -> str | None:
 
 
 def _phone_plus(value: str, context: _Context) -> str | None:
-    # Google (A11: E.164 with "+"), GA4 MP (G3), X (X6).
+    # Google (A11: E.164 with "+"), GA4 MP (G3), X (X6), Reddit and Microsoft (their docs,
+    # see RULES).
     return _e164(value, context)
 
 
@@ -743,10 +743,11 @@ RULES: Final[Mapping[Platform, Mapping[Field, Rule]]] = {
         "country": Rule(_country_upper, hashed=False),
         "external_id": _RAW,
     },
-    # Reddit CAPI v3: match keys may go raw or hashed (R3); hashed here. The email rule is
-    # Reddit's (R3, from a mirror); the phone format is unverified.
+    # Reddit CAPI v3: match keys may go raw or hashed (R3); hashed here, by the hashing rules
+    # of Reddit's Conversions API docs (see _email_no_dots_or_alias; phone: E.164 with "+",
+    # "+15554441234"; external id: trimmed, as Reddit's own Segment destination does).
     "reddit": {
-        "email": Rule(_email_reddit),
+        "email": Rule(_email_no_dots_or_alias),
         "phone": Rule(_phone_plus),
         "external_id": Rule(_trim),
     },
@@ -755,9 +756,12 @@ RULES: Final[Mapping[Platform, Mapping[Field, Rule]]] = {
         "email": Rule(_email_basic),
         "phone": Rule(_phone_plus),
     },
-    # Microsoft UET CAPI (pilot): only Stape's template (U3); all unverified.
+    # Microsoft UET CAPI, its guide (learn.microsoft.com/advertising/guides/
+    # uet-conversion-api-integration): em and ph hashed (phone "in E.164 format with country
+    # code", +14255551234); externalId "anonymized", "never send real user IDs ... apply a
+    # hash": hashed, trimmed.
     "microsoft": {
-        "email": Rule(_email_microsoft),
+        "email": Rule(_email_no_dots_or_alias),
         "phone": Rule(_phone_plus),
         "external_id": Rule(_trim),
     },
