@@ -22,7 +22,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
-from tagrelay.appkeys import CONFIG, INGEST, METRICS, READY, SPOOL, WORKERS
+from tagrelay.appkeys import CONFIG, DELIVERY_LOOP, INGEST, METRICS, READY, SPOOL, WORKERS
 from tagrelay.config.models import Config
 from tagrelay.forwarders import FORWARDERS, Forwarder, ForwarderContext
 from tagrelay.forwarders._loop import DeliveryLoop
@@ -179,6 +179,7 @@ def create_app(
     app[METRICS] = metrics
     app[SPOOL] = spool
     app[WORKERS] = {}
+    app[DELIVERY_LOOP] = DeliveryLoop()
     app[READY] = {"spool": False, "forwarders": False}
     app[INGEST] = IngestService(config, spool, metrics)
     metrics.watch_spool(
@@ -204,7 +205,7 @@ def create_app(
                 "forgot the cursor of a forwarder no longer configured", extra={"forwarder": name}
             )
         workers = app[WORKERS]
-        delivery = DeliveryLoop()
+        delivery = app[DELIVERY_LOOP]
         delivery.start()
         sessions: list[aiohttp.ClientSession] = []
         processes: list[DeliveryProcess] = []

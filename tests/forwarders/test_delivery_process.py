@@ -17,8 +17,10 @@ import orjson
 import pytest
 
 from tagrelay.app import SPOOL, WORKERS
+from tagrelay.appkeys import DELIVERY_LOOP
 from tagrelay.forwarders._process import DeliveryProcess, RemoteForwarder
 from tagrelay.forwarders.webhook import WebhookForwarder
+from tagrelay.model import Delivered
 from tests.support import SERVER_KEY, Recorder, basic, metric_value, recording_server, wait_idle
 
 ADS_PATH = "/v26/customers/1234567890:uploadClickConversions"
@@ -291,3 +293,24 @@ async def test_the_span_cache_reads_each_event_once_and_shares_it() -> None:
     assert len(big) == 20 and reads[-1] == (0, 20)
     await cache.span("other", 11, 12)
     assert reads[-1] == (11, 12)
+
+
+async def test_events_from_elsewhere_are_delivered_by_the_child_as_they_are(
+    relay: Any, fakes: Fakes
+) -> None:
+    """A stand-in's ``deliver`` (dead letters replayed, say) has the child's forwarder
+    deliver the events given, without the filter or consent rule of spans."""
+    client = await relay(forwarders=fakes.forwarders())
+    workers = client.app[WORKERS]
+    hook = workers["hook"].forwarder
+    assert isinstance(hook, RemoteForwarder)
+    on_loop = client.app[DELIVERY_LOOP].call  # where the forwarders run
+    outcome = await on_loop(hook.deliver([order("given-1"), order("given-2")]))
+    assert outcome == Delivered()
+    sent = [e["messageId"] for r in fakes.hook.requests for e in orjson.loads(r["body"])["batch"]]
+    assert sent == ["given-1", "given-2"]
+    denied = order("given-3", {"ads": "denied"})
+    fakes.ads.script = [(200, {}, b'{"results": [{}]}')]
+    assert await on_loop(workers["gads"].forwarder.deliver([denied])) == Delivered()
+    [request] = fakes.ads.requests
+    assert [c["orderId"] for c in orjson.loads(request["body"])["conversions"]] == ["o-given-3"]

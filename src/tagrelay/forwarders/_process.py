@@ -24,7 +24,8 @@ Frames, both ways: a 4-byte big-endian length, then a pickle (two processes of t
 program; nothing from outside is ever unpickled):
 
 relay -> child: ``("start", StartSpec)`` once, then ``("deliver", id, forwarder_id, path,
-after, last)``, answered in any order;
+after, last)`` and ``("deliver_events", id, forwarder_id, [stored JSON, ...])`` (events
+from elsewhere than the spool, e.g. dead letters replayed), answered in any order;
 child -> relay: ``("started", {forwarder_id: error text or None})``, ``("result", id,
 SpanResult)``, ``("log", record fields)``.
 
@@ -49,7 +50,7 @@ import subprocess
 import sys
 import threading
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -311,6 +312,14 @@ class DeliveryProcess:
     async def deliver(self, forwarder_id: str, span: SpoolSpan) -> SpanResult:
         """Have the forwarder ``forwarder_id`` deliver ``span`` in the child (started again
         first if it is not running). Raises ``DeliveryProcessError`` when it cannot."""
+        return await self._ask(("deliver", forwarder_id, str(span.path), span.after, span.last))
+
+    async def deliver_events(self, forwarder_id: str, payloads: Sequence[bytes]) -> SpanResult:
+        """Have the forwarder ``forwarder_id`` deliver the events given as their stored JSON
+        (dead letters replayed, say), as they are: no filter or consent rule is applied."""
+        return await self._ask(("deliver_events", forwarder_id, list(payloads)))
+
+    async def _ask(self, request: tuple[Any, ...]) -> SpanResult:
         if not self.running:
             log.warning("starting the delivery process again")
             await self.start()
@@ -320,9 +329,7 @@ class DeliveryProcess:
         future: asyncio.Future[SpanResult] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
-            writer.write(
-                frame(("deliver", request_id, forwarder_id, str(span.path), span.after, span.last))
-            )
+            writer.write(frame((request[0], request_id, *request[1:])))
             await writer.drain()
         except (OSError, RuntimeError) as exc:
             self._pending.pop(request_id, None)
@@ -380,7 +387,17 @@ class RemoteForwarder(Forwarder[ForwarderConfigBase]):
             raise RuntimeError(f"forwarder {self.id} did not start: {error}")
 
     async def deliver(self, events: list[Event]) -> Outcome:
-        raise RuntimeError("a forwarder of the delivery process is given spans, not events")
+        """Deliver ``events`` as they are (the runtime gives this forwarder spans; this is
+        for events from elsewhere, such as dead letters replayed). On the delivery loop only
+        (``appkeys.DELIVERY_LOOP``), like everything of the delivery process."""
+        return await self.deliver_payloads([orjson.dumps(event) for event in events])
+
+    async def deliver_payloads(self, payloads: list[bytes]) -> Outcome:
+        try:
+            result = await self.process.deliver_events(self.id, payloads)
+        except DeliveryProcessError as exc:
+            return Retry(reason=PROCESS_RETRY_REASON, detail=str(exc))
+        return result.outcome
 
     async def deliver_span(self, span: SpoolSpan) -> SpanDelivery:
         try:
@@ -505,9 +522,16 @@ class _Child:
                 except (asyncio.IncompleteReadError, OSError):
                     return  # the relay closed the socket, or is gone
                 if request[0] == "deliver":
-                    task = asyncio.create_task(self._answer(*request[1:]))
-                    self.tasks.add(task)
-                    task.add_done_callback(self.tasks.discard)
+                    task = asyncio.create_task(
+                        self._answer(request[1], self._deliver(*request[2:]))
+                    )
+                elif request[0] == "deliver_events":
+                    task = asyncio.create_task(self._answer(request[1], self._given(*request[2:])))
+                else:
+                    log.error("unknown request from the relay: %r", request[0])
+                    continue
+                self.tasks.add(task)
+                task.add_done_callback(self.tasks.discard)
         finally:
             for task in list(self.tasks):
                 task.cancel()
@@ -519,20 +543,15 @@ class _Child:
             self._close_spools()
             self._executor.shutdown(wait=False)
 
-    async def _answer(
-        self, request_id: int, forwarder_id: str, path: str, after: int, last: int
-    ) -> None:
+    async def _answer(self, request_id: int, work: Coroutine[Any, Any, SpanResult]) -> None:
         try:
-            result = await self._deliver(forwarder_id, path, after, last)
+            result = await work
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception(
-                "delivery failed in the delivery process", extra={"forwarder": forwarder_id}
-            )
-            result = SpanResult(
-                Retry(reason="internal_error", detail=f"{type(exc).__name__}: {exc}")
-            )
+            log.exception("delivery failed in the delivery process")
+            failed = Retry(reason="internal_error", detail=f"{type(exc).__name__}: {exc}")
+            result = SpanResult(failed)
         result = SpanResult(
             result.outcome,
             result.kept,
@@ -542,6 +561,14 @@ class _Child:
             self.deltas.take(),
         )
         self.send(frame(("result", request_id, result)))
+
+    async def _given(self, forwarder_id: str, payloads: list[bytes]) -> SpanResult:
+        forwarder = self.forwarders.get(forwarder_id)
+        if forwarder is None:
+            return SpanResult(
+                Retry(reason="internal_error", detail=f"no forwarder {forwarder_id} here")
+            )
+        return SpanResult(await _delivered(forwarder.deliver_payloads(payloads)))
 
     def _read(self, path: str, after: int, last: int) -> tuple[list[bytes], list[tuple[int, int]]]:
         from tagrelay.spool.segments import open_read_only, read_span
