@@ -3,9 +3,11 @@
 Start-up order (``cleanup_ctx``, torn down in reverse): the spool opens (and starts pruning
 and checkpointing every ``spool.prune_interval_secs``); the delivery loop starts in its own
 thread, with the shared HTTP client session and one worker per enabled forwarder on it; the
-admin socket (for ``tagrelay sql``) listens. On shutdown aiohttp first stops accepting
-connections and lets in-flight requests finish (their commits included), then the workers
-finish their batches, then the spool closes.
+admin socket (for ``tagrelay sql``) listens, then the admin listener (``admin.listen``:
+/metrics and the admin API, ``tagrelay.web.admin_listener``). On shutdown aiohttp first
+stops accepting connections and lets in-flight requests finish (their commits included),
+then the admin listener and socket close, the workers finish their batches, and the spool
+closes.
 """
 
 from __future__ import annotations

@@ -4,11 +4,14 @@ Labels are bounded: ``source`` (an inbound protocol; ``rudderstack`` for RudderS
 on Segment's routes, see ``sources.SOURCE_LABELS``), ``forwarder`` (a configured id),
 ``reason`` (a code from a fixed vocabulary), ``outcome``, ``route`` (the route template,
 never the raw path), ``status_class``, ``key`` (a configured write key's id, or ``none``; on
-``tagrelay_forwarder_match_keys``, a match key of ``_user_data.MATCH_KEYS`` or ``none``).
+``tagrelay_forwarder_match_keys``, a match key of ``_user_data.MATCH_KEYS`` or ``none``),
+``version`` (``tagrelay_build_info``: the running version).
 Never a URL, an origin, an id from a request, a key's value or raw error text.
 
 Each application owns a ``Metrics`` on its own registry, so that tests (and several apps
-in one process) count independently.
+in one process) count independently. ``Metrics.scrape`` renders it for ``/metrics``
+(``tagrelay.web.health``), measuring first what a collector cannot read without waiting
+(the forwarders' lag, from the spool).
 """
 
 from __future__ import annotations
