@@ -31,7 +31,12 @@ DAY_MS = 86_400_000
 
 
 def write_config(
-    tmp_path: Path, hook: str, other: str, extra: str = "", hook_enabled: bool = True
+    tmp_path: Path,
+    hook: str,
+    other: str,
+    extra: str = "",
+    hook_enabled: bool = True,
+    hook_filter: str = "{}",
 ) -> Path:
     cfg = tmp_path / "tagrelay.yaml"
     cfg.write_text(
@@ -47,6 +52,7 @@ forwarders:
     endpoint: {hook}
     headers: {{Authorization: "Bearer {TOKEN}"}}
     batch: {{max_events: 10, max_wait_secs: 0}}
+    filter: {hook_filter}
   - id: other
     type: webhook
     endpoint: {other}
@@ -72,8 +78,12 @@ class Rig:
         self._client_factory = client_factory
         self.client: TestClient | None = None
 
-    def configure(self, extra: str = "", *, hook_enabled: bool = True) -> None:
-        self.cfg = write_config(self.tmp_path, self.hook.url, self.other.url, extra, hook_enabled)
+    def configure(
+        self, extra: str = "", *, hook_enabled: bool = True, hook_filter: str = "{}"
+    ) -> None:
+        self.cfg = write_config(
+            self.tmp_path, self.hook.url, self.other.url, extra, hook_enabled, hook_filter
+        )
 
     async def start(self) -> TestClient:
         self.client = await self._client_factory(create_app(load_config(self.cfg)))
@@ -393,6 +403,23 @@ async def test_dead_letters_of_a_forwarder_no_longer_running_are_skipped_and_kep
     assert code == 1
     assert "skipped: not_running (1)" in out
     assert [d["message_id"] for d in await rig.listed(capsys)] == ["m1"]
+
+
+async def test_dead_letters_the_forwarder_would_not_send_now_are_skipped_and_kept(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await rig.start()
+    await rig.dead_hook("m1", "m2")
+    await rig.stop()
+    rig.configure(hook_filter="{exclude_events: [Order Completed]}")
+    await rig.start()
+    rig.hook.requests.clear()
+    code, out, _ = await rig.dlq(capsys, "replay", "--forwarder", "hook")
+    assert code == 1
+    assert "skipped: filtered (2)" in out
+    assert rig.hook.requests == []
+    assert [d["message_id"] for d in await rig.listed(capsys)] == ["m1", "m2"]
+    assert replayed(rig.app, "hook", "skipped") == 2
 
 
 def test_durations_and_times() -> None:
