@@ -67,7 +67,7 @@ class _DeadLetterCollector(Collector):
 
     def collect(self) -> Iterable[Metric]:
         stored = GaugeMetricFamily(
-            "tagrelay_dead_letters",
+            "tagrelay_dead_letters_stored",
             "Dead letters stored now (tagrelay dlq list), by forwarder: written by "
             "tagrelay_dead_letters_total, removed by replays, purges and retention.",
             labels=["forwarder"],
@@ -290,7 +290,7 @@ class Metrics:
         self.registry.register(_SpoolCollector(depths, commits))
 
     def watch_dead_letters(self, counts: Callable[[], dict[str, int]]) -> None:
-        """``tagrelay_dead_letters{forwarder}`` from ``counts()`` at each scrape."""
+        """``tagrelay_dead_letters_stored{forwarder}`` from ``counts()`` at each scrape."""
         self.registry.register(_DeadLetterCollector(counts))
 
 

@@ -147,7 +147,7 @@ def sent(rec: Recorder) -> list[str]:
 
 
 def stored(app: Any, forwarder: str) -> float:
-    return metric_value(app, "tagrelay_dead_letters", {"forwarder": forwarder})
+    return metric_value(app, "tagrelay_dead_letters_stored", {"forwarder": forwarder})
 
 
 def replayed(app: Any, forwarder: str, outcome: str) -> float:
