@@ -32,6 +32,7 @@ from tagrelay.forwarders._process import DeliveryProcess, remote_class
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
+from tagrelay.spool.dead_letters import Selection
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.admin import admin_socket_ctx
 from tagrelay.web.admin_listener import ADMIN_LISTENER, AdminListener, admin_listener_ctx
@@ -144,12 +145,12 @@ def create_app(
     *,
     data_dir: Path | None = None,
     admin_socket: bool = True,
-    admin_listener: bool | None = None,
+    admin_listener: bool = False,
 ) -> web.Application:
     """Build the relay. ``data_dir`` overrides ``config.data_dir`` (the CLI's ``--data-dir``).
     ``admin_socket``: listen on the admin socket; ``admin_listener``: run the admin listener
-    (``admin.enabled``; by default as ``admin_socket``, so that a test app that asks for
-    neither binds nothing but its own port)."""
+    when ``admin.enabled`` (``tagrelay serve`` does; off by default, so that an app made in
+    a test binds no fixed port: a test that wants it sets ``admin.listen`` to port 0)."""
     data_dir = data_dir or config.data_dir
     metrics = Metrics()
     app = web.Application(
@@ -179,17 +180,25 @@ def create_app(
         size_bytes=lambda: spool_size_bytes(spool.path),
     )
 
+    spool.on_commit = metrics.spool_commit_duration.observe
+    workers: dict[str, ForwarderWorker] = app[WORKERS]
+    metrics.watch_dead_letters(lambda: {**dict.fromkeys(workers, 0), **spool.dead_letter_counts()})
+
     async def lags() -> dict[str, float]:
-        workers = app[WORKERS]
         return await forwarder_lags(spool, list(workers))
 
     metrics.watch_lag(lags)
-    spool.on_commit = metrics.spool_commit_duration.observe
 
     async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
         await spool.open()
         app[READY]["spool"] = True
-        pruner = asyncio.create_task(_prune_loop(spool, config.spool.prune_interval_secs))
+        pruner = asyncio.create_task(
+            _prune_loop(
+                spool,
+                config.spool.prune_interval_secs,
+                config.dead_letters.retention_days * 86_400,
+            )
+        )
         yield
         pruner.cancel()
         app[READY]["spool"] = False
@@ -261,7 +270,7 @@ def create_app(
     app.cleanup_ctx.append(forwarders_ctx)
     if admin_socket:
         app.cleanup_ctx.append(admin_socket_ctx(admin_socket_path(data_dir)))
-    if config.admin.enabled and (admin_socket if admin_listener is None else admin_listener):
+    if config.admin.enabled and admin_listener:
         listener = app[ADMIN_LISTENER] = AdminListener(config.admin.host)
         app.cleanup_ctx.append(admin_listener_ctx(listener))
 
@@ -338,15 +347,17 @@ async def forwarder_lags(
     return lags
 
 
-async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
-    """Delete delivered events and expired message ids, and checkpoint the WAL, every
-    ``interval`` seconds. A failure that lasts (a full disk) is logged once a minute."""
+async def _prune_loop(spool: SqliteSpool, interval: float, dead_letter_secs: float) -> None:
+    """Delete delivered events, expired message ids and dead letters older than
+    ``dead_letter_secs``, and checkpoint the WAL, every ``interval`` seconds. A failure that
+    lasts (a full disk) is logged once a minute."""
     failures = LogThrottle(log)
     while True:
         await asyncio.sleep(interval)
         try:
             await spool.prune()
             await spool.prune_message_ids()
+            await _expire_dead_letters(spool, dead_letter_secs)
             await spool.checkpoint()
         except Exception:
             failures.log(
@@ -355,3 +366,15 @@ async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
                 "spool maintenance failed; will try again",
                 exc_info=True,
             )
+
+
+async def _expire_dead_letters(spool: SqliteSpool, retention_secs: float) -> None:
+    """Delete the dead letters older than ``retention_secs`` (``dead_letters.retention_days``;
+    an indexed lookup that finds nothing most of the time)."""
+    cutoff_ms = int((time.time() - retention_secs) * 1000)
+    deleted = await spool.purge_dead_letters(Selection(before_ms=cutoff_ms))
+    if deleted:
+        log.info(
+            "deleted dead letters past their retention",
+            extra={"dead_letters": deleted, "retention_days": round(retention_secs / 86_400, 3)},
+        )

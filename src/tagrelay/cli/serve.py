@@ -130,7 +130,7 @@ def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path 
     except DataDirError as exc:
         log.error("tagrelay could not start: %s", exc)
         return 1
-    app = create_app(config, data_dir=data_dir)
+    app = create_app(config, data_dir=data_dir, admin_listener=True)
     freeze_after_startup(app)
     host = host or config.server.host
     port = config.server.port if port is None else port
