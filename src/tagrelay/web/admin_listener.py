@@ -278,6 +278,7 @@ def build_admin_listener_app(main_app: web.Application, config: AdminConfig) -> 
                 if route.method == "GET"
                 and route.resource is not None
                 and route.resource.canonical not in ("/", "/login")
+                and "{" not in route.resource.canonical  # a pattern is not a page
             }
         )
         return aiohttp_jinja2.render_template(
