@@ -4,7 +4,9 @@ Start-up order (``cleanup_ctx``, torn down in reverse): the spool opens (and sta
 and checkpointing every ``spool.prune_interval_secs``); the delivery loop starts in its own
 thread, with the shared HTTP client session and one worker per enabled forwarder on it; the
 admin socket (for ``tagrelay sql``) listens, then the admin listener (``admin.listen``:
-/metrics and the admin API, ``tagrelay.web.admin_listener``). On shutdown aiohttp first
+/metrics, the admin API and the debug view, ``tagrelay.web.admin_listener``). The debug
+view's capture (``tagrelay.capture.DebugHub``, ``app[CAPTURE]``) is handed to ingest, to the
+forwarders and their workers, and to the delivery process. On shutdown aiohttp first
 stops accepting connections and lets in-flight requests finish (their commits included),
 then the admin listener and socket close, the workers finish their batches, and the spool
 closes.
@@ -13,6 +15,7 @@ closes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import time
@@ -24,9 +27,20 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import Histogram
 
-from tagrelay.appkeys import CONFIG, DELIVERY_LOOP, INGEST, METRICS, READY, SPOOL, WORKERS
+from tagrelay.appkeys import (
+    CAPTURE,
+    CONFIG,
+    DELIVERY_LOOP,
+    INGEST,
+    METRICS,
+    READY,
+    SPOOL,
+    WORKERS,
+)
+from tagrelay.capture import DebugHub
 from tagrelay.config.models import Config
 from tagrelay.forwarders import FORWARDERS, Forwarder, ForwarderContext
+from tagrelay.forwarders._http import scrub_secrets
 from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._process import DeliveryProcess, remote_class
 from tagrelay.forwarders._worker import ForwarderWorker
@@ -173,7 +187,12 @@ def create_app(
     app[WORKERS] = {}
     app[DELIVERY_LOOP] = DeliveryLoop()
     app[READY] = {"spool": False, "forwarders": False}
-    app[INGEST] = IngestService(config, spool, metrics)
+    capture = app[CAPTURE] = DebugHub(
+        sample_rate=config.debug.sample_rate,
+        buffer_events=config.debug.buffer_events,
+        scrub=functools.partial(scrub_secrets, secrets=config.secrets()),
+    )
+    app[INGEST] = IngestService(config, spool, metrics, capture)
     metrics.watch_spool(
         depths=lambda: {fid: spool.depth(fid) for fid in app[WORKERS]},
         commits=lambda: spool.commits,
@@ -213,6 +232,7 @@ def create_app(
             )
         workers = app[WORKERS]
         delivery = app[DELIVERY_LOOP]
+        capture.bind(asyncio.get_running_loop())
         delivery.start()
         sessions: list[aiohttp.ClientSession] = []
         processes: list[DeliveryProcess] = []
@@ -224,16 +244,21 @@ def create_app(
                 headers={"User-Agent": "tagrelay"},
             )
             sessions.append(session)
-            context = ForwarderContext(data_dir=data_dir, http=session, metrics=metrics)
+            context = ForwarderContext(
+                data_dir=data_dir, http=session, metrics=metrics, capture=capture.delivery
+            )
             remote = [
                 f
                 for f in enabled
                 if config.delivery.process and FORWARDERS[f.type].in_delivery_process
             ]
             if remote:
-                processes.append(
-                    DeliveryProcess(remote, data_dir, metrics, niceness=config.delivery.niceness)
+                process = DeliveryProcess(
+                    remote, data_dir, metrics, niceness=config.delivery.niceness
                 )
+                process.capture_rate = capture.rate
+                process.on_capture = capture.post
+                processes.append(process)
             for fwd_config in enabled:
                 cls = FORWARDERS[fwd_config.type]
                 forwarder: Forwarder  # type: ignore[type-arg]
@@ -255,14 +280,23 @@ def create_app(
             for session in sessions:
                 await session.close()
 
+        async def tell_processes(rate: float) -> None:
+            # A view connected or the last one left: the delivery process captures or not.
+            for process in processes:
+                await delivery.call(process.set_capture_rate(rate))
+
         try:
             await delivery.call(start_workers())
+            capture.rate_listeners.append(tell_processes)
             app[READY]["forwarders"] = True
             metrics.up.set(1)
             yield
         finally:
             metrics.up.set(0)
             app[READY]["forwarders"] = False
+            capture.close()
+            if tell_processes in capture.rate_listeners:
+                capture.rate_listeners.remove(tell_processes)
             await delivery.call(stop_workers())
             await delivery.close()
 

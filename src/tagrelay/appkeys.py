@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from tagrelay.capture import DebugHub
 from tagrelay.config.models import Config
 from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
@@ -21,6 +22,7 @@ from tagrelay.warehouse.process import WarehouseProcess
 from tagrelay.web.ingest import IngestService
 
 __all__ = [
+    "CAPTURE",
     "CONFIG",
     "DELIVERY_LOOP",
     "INGEST",
@@ -39,6 +41,9 @@ DELIVERY_LOOP = web.AppKey("delivery_loop", DeliveryLoop)
 """The loop the workers and their forwarders run on, while they run: call a forwarder (or
 anything of the delivery process) only there, with ``DeliveryLoop.call``."""
 """The running forwarders' workers by forwarder id; filled as the delivery loop starts."""
+CAPTURE = web.AppKey("capture", DebugHub)
+"""The debug view's capture (``tagrelay.capture``): ingest, the forwarders and the
+delivery process report to it while a view is open or ``debug.sample_rate`` asks."""
 INGEST = web.AppKey("ingest", IngestService)
 READY = web.AppKey("ready", dict[str, bool])
 """What ``/readyz`` checks: each part's name and whether it is up."""

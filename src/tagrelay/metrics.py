@@ -366,13 +366,19 @@ class Metrics:
     async def scrape(self) -> bytes:
         """The exposition of every metric, the forwarders' lag measured just before. A lag
         that cannot be measured (the spool closing) keeps its last value."""
+        await self.measure_lags()
+        return generate_latest(self.registry)
+
+    async def measure_lags(self) -> dict[str, float]:
+        """Measure the forwarders' lag now (``watch_lag``) and return it; the last values
+        when it cannot be measured (the spool closing)."""
         if self._measure_lags is not None:
             try:
                 self._lags = dict(await self._measure_lags())
             except Exception:
-                # A scrape answers with what it has (the spool may be closing).
+                # Answer with what there is (the spool may be closing).
                 log.debug("could not measure the forwarders' lag", exc_info=True)
-        return generate_latest(self.registry)
+        return dict(self._lags)
 
     def watch_dead_letters(self, counts: Callable[[], dict[str, int]]) -> None:
         """``tagrelay_dead_letters_stored{forwarder}`` from ``counts()`` at each scrape."""

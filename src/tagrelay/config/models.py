@@ -436,6 +436,34 @@ class MetricsConfig(ConfigModel):
     )
 
 
+class DebugConfig(ConfigModel):
+    """The live debug view (/debug on the admin listener): what it captures when nobody
+    watches, and how much it keeps."""
+
+    sample_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Fraction of events captured while no debug view is open (by messageId, so an "
+            "event is captured with its deliveries or not at all), so that the view opens "
+            "on recent examples. 0: nothing is captured until a view connects, and capture "
+            "costs nothing; while one is open every event is captured."
+        ),
+        examples=[0.0],
+    )
+    buffer_events: int = Field(
+        500,
+        ge=10,
+        le=100_000,
+        description=(
+            "How many events the capture keeps in memory (a ring: the oldest go first), "
+            "with as many delivery records (outcomes, outbound requests and answers)."
+        ),
+        examples=[500],
+    )
+
+
 PUBLIC_PATH = r"^(/[A-Za-z0-9._~-]+)+$"
 RESERVED_PATHS = (
     "/v1",
@@ -892,6 +920,11 @@ class Config(ConfigModel):
         description="Where /metrics is served.",
         examples=[{"public": False}],
     )
+    debug: DebugConfig = Field(
+        default_factory=DebugConfig,
+        description="The live debug view on the admin listener.",
+        examples=[{"sample_rate": 0, "buffer_events": 500}],
+    )
     delivery: DeliveryConfig = Field(
         default_factory=DeliveryConfig,
         description="Where the HTTP forwarders run.",
@@ -954,6 +987,15 @@ class Config(ConfigModel):
             taken.add(path)
         return self
 
+    def secrets(self) -> list[str]:
+        """Every secret of the configuration: the values of its ``SecretStr`` fields (write
+        keys, the admin token, API secrets, forwarders' tokens) and of the headers a
+        forwarder is told to send (a webhook's). For what must never show them: the debug
+        view scrubs them out of all it shows, as a last guard."""
+        found: list[str] = []
+        _collect_secrets(self, found)
+        return sorted({s for s in found if s})
+
     def demo_key(self) -> WriteKeyConfig | None:
         """The browser key the demo page uses."""
         for key in self.keys:
@@ -970,3 +1012,20 @@ class Config(ConfigModel):
                 raise ValueError(f"forwarder id {fwd.id!r} is used twice")
             seen.add(fwd.id)
         return forwarders
+
+
+def _collect_secrets(value: Any, found: list[str], name: str = "") -> None:
+    if isinstance(value, SecretStr):
+        found.append(value.get_secret_value())
+    elif isinstance(value, ConfigModel):
+        for field_name in type(value).model_fields:
+            _collect_secrets(getattr(value, field_name), found, field_name)
+    elif isinstance(value, dict):
+        for item in value.values():
+            if name == "headers" and isinstance(item, str):
+                found.append(item)
+            else:
+                _collect_secrets(item, found)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            _collect_secrets(item, found)

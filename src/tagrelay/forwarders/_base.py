@@ -16,8 +16,8 @@ subclass with a ``type`` literal) and a ``Forwarder`` subclass, one line in
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 
+from tagrelay.capture import NO_CAPTURE, DeliveryCapture
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.metrics import Metrics
 from tagrelay.model import Event, Outcome
@@ -41,6 +42,9 @@ class ForwarderContext:
     """The shared HTTP client session (connection pooling across forwarders)."""
     metrics: Metrics
     """For counts only the forwarder knows (the runtime counts deliveries and retries)."""
+    capture: DeliveryCapture = field(default=NO_CAPTURE)
+    """Where the requests sent and the batches' outcomes go while the debug view captures
+    (``tagrelay.capture``); its ``rate`` is 0 otherwise, and nothing is to be built."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,6 +132,11 @@ class Forwarder(ABC, Generic[C]):
                 if port is not None:
                     hosts[-1] += f":{port}"
         return ", ".join(dict.fromkeys(hosts)) or None
+
+    def secrets(self) -> Iterable[str]:
+        """Values never to show in a detail, a log line or the debug view (API secrets,
+        tokens); asked each time, so a token fetched later is covered."""
+        return ()
 
     async def start(self) -> None:
         """Open resources (connections, files). Called once before the first ``deliver``."""

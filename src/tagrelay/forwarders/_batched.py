@@ -40,6 +40,9 @@ The base owns the rest, the same for every destination:
 - **Secrets** (``secrets``): every value it returns is replaced by ``***`` in every
   ``Retry``/``Dead`` detail and rejection reason, also in its percent-encoded forms (a
   secret sent as a query value shows up encoded in a connection error's URL).
+- **The debug view**: while it captures (``ForwarderContext.capture``), each request sent
+  and its answer are reported, redacted with ``secrets`` (``_http.captured_exchange``),
+  with the ``messageId`` of the events the request carries.
 - **One outcome per batch**, from the requests' outcomes:
 
   ===========================================  ===========================================
@@ -72,20 +75,24 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from abc import abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ClassVar, Protocol, TypeVar, cast
 
 import orjson
 
+from tagrelay.capture import DeliveryCapture, sampled
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder, ForwarderContext
 from tagrelay.forwarders._http import (
     HttpRequest,
     HttpResponse,
+    captured_exchange,
     classify_status,
     scrub_secrets,
     send,
@@ -98,6 +105,10 @@ __all__ = ["BatchedHttpForwarder", "Plan", "PlannedRequest", "Refused"]
 log = logging.getLogger(__name__)
 
 C = TypeVar("C", bound=ForwarderConfigBase)
+
+_CAPTURED_BATCH: ContextVar[Sequence[Event] | None] = ContextVar("captured_batch", default=None)
+"""The events of the batch being delivered, while the debug view captures: a request's
+exchange names them by ``messageId``."""
 
 
 @dataclass(frozen=True)
@@ -190,11 +201,6 @@ class BatchedHttpForwarder(Forwarder[C]):
         cannot be, and the refused request is ``Dead``."""
         return None
 
-    def secrets(self) -> Iterable[str]:
-        """Values never to show in a detail (API secrets, tokens); asked on every scrub, so
-        a token fetched later is covered."""
-        return ()
-
     async def authorize(
         self, request: HttpRequest, *, refresh: bool = False
     ) -> HttpRequest | Retry | Dead:
@@ -234,7 +240,14 @@ class BatchedHttpForwarder(Forwarder[C]):
         if batch_key != self._batch_key:
             self._batch_key, self._sent = batch_key, {}
         limit = asyncio.Semaphore(cast(_HttpLimits, self.config).max_concurrent_requests)
-        outcomes = await asyncio.gather(*(self._deliver_one(plan, p, limit) for p in plan.requests))
+        captured = _CAPTURED_BATCH.set(events) if self.context.capture.rate else None
+        try:
+            outcomes = await asyncio.gather(
+                *(self._deliver_one(plan, p, limit) for p in plan.requests)
+            )
+        finally:
+            if captured is not None:
+                _CAPTURED_BATCH.reset(captured)
         return self._combine(plan, outcomes)
 
     async def _deliver_one(
@@ -298,7 +311,11 @@ class BatchedHttpForwarder(Forwarder[C]):
         # after a refresh by another request refreshes again.
         generation = self._auth_generation
         limit = self.max_response_bytes
+        capture = self.context.capture
+        started = time.time() if capture.rate else 0.0
         response = await send(self.context.http, authorized, timeout, limit)
+        if capture.rate:
+            self._capture(capture, planned, authorized, response, started)
         if isinstance(response, HttpResponse) and self.unauthorized(response):
             async with self._auth_lock:
                 refresh = generation == self._auth_generation
@@ -307,7 +324,10 @@ class BatchedHttpForwarder(Forwarder[C]):
                 authorized = await self.authorize(planned.request, refresh=refresh)
             if not isinstance(authorized, HttpRequest):
                 return authorized
+            started = time.time()
             response = await send(self.context.http, authorized, timeout, limit)
+            if capture.rate:
+                self._capture(capture, planned, authorized, response, started)
         if isinstance(response, Retry):
             return response
         if response.truncated:
@@ -319,6 +339,33 @@ class BatchedHttpForwarder(Forwarder[C]):
                 {"forwarder": self.id, "status": response.status, "read_bytes": limit},
             )
         return self.classify(planned, response)
+
+    def _capture(
+        self,
+        capture: DeliveryCapture,
+        planned: PlannedRequest,
+        sent: HttpRequest,
+        response: HttpResponse | Retry,
+        started: float,
+    ) -> None:
+        """Report one exchange to the debug view when it carries an event it samples."""
+        events = _CAPTURED_BATCH.get()
+        if events is None:
+            return  # capture started during the batch: from the next one
+        ids = [events[i].get("messageId") for i in planned.indices if 0 <= i < len(events)]
+        rate = capture.rate
+        if not any(sampled(mid, rate) for mid in ids):
+            return
+        capture.exchange(
+            captured_exchange(
+                sent,
+                response,
+                self.secrets(),
+                forwarder=self.id,
+                message_ids=ids,
+                started=started or time.time(),
+            )
+        )
 
     def _combine(self, plan: Plan, outcomes: Sequence[Outcome]) -> Outcome:
         pairs = list(zip(plan.requests, outcomes, strict=True))

@@ -12,6 +12,11 @@ any other status                            ``Dead`` with the response body as d
 A forwarder builds ``HttpRequest`` values (a pure function of the batch, golden-tested) and
 calls ``send``; it overrides classification only for its platform's quirks, such as a 200
 that carries an error body.
+
+Secrets: ``scrub_secrets`` takes the forwarder's secrets out of a detail (dead letters, log
+lines); ``captured_exchange`` records a request and its answer for the debug view
+(``tagrelay.capture``) with them taken out, the credential headers and the secret-looking
+query parameters (``SECRET_NAME``) replaced by ``***`` whatever their value.
 """
 
 from __future__ import annotations
@@ -19,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
+import re
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import quote, quote_plus
+from typing import Any
+from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
 
 import aiohttp
 from yarl import URL
@@ -54,6 +61,96 @@ def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
     for form in sorted(forms, key=len, reverse=True):
         text = text.replace(form, SCRUBBED)
     return text
+
+
+SECRET_NAME = re.compile(
+    r"auth|token|secret|passw|api[-_]?key|apikey|signature|credential|cookie|session|"
+    r"^key$|write[-_]?key|private",
+    re.IGNORECASE,
+)
+"""Header and query parameter names whose values are credentials, whatever the value."""
+
+MAX_CAPTURED_BODY = 64 * 1024
+"""How much of a request's or an answer's body the debug view keeps."""
+
+
+def redact_headers(headers: Mapping[str, str], secrets: Iterable[str]) -> dict[str, str]:
+    """``headers`` with credential headers (``Authorization``, ``*-Token``, ``*-Key``...)
+    replaced by ``SCRUBBED`` and the ``secrets`` taken out of the others."""
+    secrets = tuple(secrets)
+    return {
+        str(name): SCRUBBED if SECRET_NAME.search(name) else scrub_secrets(value, secrets)
+        for name, value in headers.items()
+    }
+
+
+def redact_url(url: str, secrets: Iterable[str]) -> str:
+    """``url`` with the values of secret-looking query parameters (``access_token``,
+    ``api_secret``, ``key``...) replaced by ``SCRUBBED``, its user info dropped, and the
+    ``secrets`` taken out of the rest."""
+    secrets = tuple(secrets)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return scrub_secrets(url, secrets)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(SECRET_NAME.search(name) for name, _ in pairs):
+            query = urlencode(
+                [(n, SCRUBBED if SECRET_NAME.search(n) else v) for n, v in pairs], safe="*"
+            )
+    return scrub_secrets(urlunsplit(parts._replace(netloc=netloc, query=query)), secrets)
+
+
+def _body_text(body: bytes, secrets: Sequence[str]) -> tuple[str, bool]:
+    cut = len(body) > MAX_CAPTURED_BODY
+    text = body[:MAX_CAPTURED_BODY].decode("utf-8", "replace")
+    return scrub_secrets(text, secrets), cut
+
+
+def captured_exchange(
+    request: HttpRequest,
+    response: HttpResponse | Retry,
+    secrets: Iterable[str],
+    *,
+    forwarder: str,
+    message_ids: Sequence[object],
+    started: float,
+) -> dict[str, Any]:
+    """One request sent and what came back, as the debug view shows it, redacted:
+    ``secrets`` (the forwarder's) out of the URL, headers and bodies, credential headers
+    and query parameters replaced whatever their value. ``message_ids``: the events the
+    request carries; ``started``: ``time.time()`` when it was sent."""
+    secret_list = tuple(s for s in secrets if s)
+    body, body_cut = _body_text(request.body, secret_list)
+    record: dict[str, Any] = {
+        "at_ms": int(started * 1000),
+        "forwarder": forwarder,
+        "message_ids": list(message_ids),
+        "duration_ms": round((time.time() - started) * 1000, 1),
+        "request": {
+            "method": request.method,
+            "url": redact_url(request.url, secret_list),
+            "headers": redact_headers(request.headers, secret_list),
+            "body": body,
+            "body_truncated": body_cut,
+        },
+        "response": None,
+        "error": None,
+    }
+    if isinstance(response, Retry):
+        record["error"] = scrub_secrets(f"{response.reason}: {response.detail}", secret_list)
+    else:
+        answer, answer_cut = _body_text(response.body, secret_list)
+        record["response"] = {
+            "status": response.status,
+            "headers": redact_headers(response.headers, secret_list),
+            "body": answer,
+            "body_truncated": answer_cut or response.truncated,
+        }
+    return record
 
 
 @dataclass(frozen=True)

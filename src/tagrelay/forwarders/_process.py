@@ -26,8 +26,12 @@ program; nothing from outside is ever unpickled):
 relay -> child: ``("start", StartSpec)`` once, then ``("deliver", id, forwarder_id, path,
 after, last)`` and ``("deliver_events", id, forwarder_id, [stored JSON, ...])`` (events
 from elsewhere than the spool, e.g. dead letters replayed), answered in any order;
+``("capture_rate", rate)`` whenever the debug view's capture rate changes (a view connects
+or the last one leaves; ``tagrelay.capture``), and after a start when it is not 0;
 child -> relay: ``("started", {forwarder_id: error text or None})``, ``("result", id,
-SpanResult)``, ``("log", record fields)``.
+SpanResult)``, ``("log", record fields)``, and, only while the rate is not 0, ``("capture",
+kind, record)``: a request a forwarder sent and its answer, already redacted with the
+forwarder's secrets.
 
 The child ends when its socket closes (the relay stops it, exits or dies): it closes the
 forwarders and exits. A child that dies fails the deliveries in flight, which the workers
@@ -59,6 +63,7 @@ from typing import Any, ClassVar
 import orjson
 from prometheus_client import Counter
 
+from tagrelay.capture import DeliveryCapture
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder, ForwarderContext, SpanDelivery, SpoolSpan
 from tagrelay.metrics import Metrics
@@ -225,6 +230,10 @@ class DeliveryProcess:
         self._lock: asyncio.Lock | None = None
         self.starts = 0
         """How many times a child was started (a restart after a crash counts)."""
+        self.capture_rate = 0.0
+        """The debug view's capture rate, as last told to the child (``set_capture_rate``)."""
+        self.on_capture: Callable[[str, dict[str, Any]], None] | None = None
+        """Given each record the child captured (``tagrelay.capture``)."""
 
     @property
     def pid(self) -> int | None:
@@ -275,6 +284,8 @@ class DeliveryProcess:
             raise DeliveryProcessError(f"the delivery process {what} while starting") from exc
         self.start_errors = errors
         self._reader_task = asyncio.create_task(self._read(reader), name="delivery-process")
+        if self.capture_rate:
+            writer.write(frame(("capture_rate", self.capture_rate)))
 
     async def _started(self, reader: asyncio.StreamReader) -> dict[str, str | None]:
         while True:
@@ -297,6 +308,8 @@ class DeliveryProcess:
                         future.set_result(result)
                 elif kind == "log":
                     log_record(message[1])
+                elif kind == "capture" and self.on_capture is not None:
+                    self.on_capture(message[1], message[2])
         except (asyncio.IncompleteReadError, OSError, EOFError):
             pass
         except Exception:
@@ -308,6 +321,17 @@ class DeliveryProcess:
                     future.set_exception(
                         DeliveryProcessError("the delivery process exited during the delivery")
                     )
+
+    async def set_capture_rate(self, rate: float) -> None:
+        """Tell the child the debug view's capture rate (0: capture nothing); a child
+        started later is told at its start."""
+        self.capture_rate = rate
+        writer = self._writer
+        if writer is None or not self.running:
+            return
+        with contextlib.suppress(OSError, RuntimeError):  # gone: told when started again
+            writer.write(frame(("capture_rate", rate)))
+            await writer.drain()
 
     async def deliver(self, forwarder_id: str, span: SpoolSpan) -> SpanResult:
         """Have the forwarder ``forwarder_id`` deliver ``span`` in the child (started again
@@ -453,6 +477,23 @@ class _SocketLogHandler(logging.Handler):
         self.child.send_threadsafe(data)
 
 
+class _ChildCapture(DeliveryCapture):
+    """The debug view's capture as the child's forwarders see it: the rate the relay last
+    sent, and records shipped to the relay as ``capture`` frames."""
+
+    def __init__(self, child: _Child) -> None:
+        self.child = child
+
+    def set_rate(self, rate: float) -> None:
+        self._rate = rate
+
+    def exchange(self, record: dict[str, Any]) -> None:
+        self.child.send_threadsafe(frame(("capture", "exchange", record)))
+
+    def outcome(self, record: dict[str, Any]) -> None:
+        self.child.send_threadsafe(frame(("capture", "outcome", record)))
+
+
 def _runs(received: Sequence[int]) -> list[tuple[int, int]]:
     """``(count, received_ms)`` runs of consecutive equal arrival times."""
     runs: list[tuple[int, int]] = []
@@ -477,6 +518,7 @@ class _Child:
         self._spools: dict[str, Any] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-reader")
         self.cache = SpanCache(self._read_span)
+        self.capture = _ChildCapture(self)
 
     def send(self, data: bytes) -> None:
         if not self.writer.is_closing():
@@ -502,7 +544,9 @@ class _Child:
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
             headers={"User-Agent": "tagrelay"},
         )
-        context = ForwarderContext(data_dir=spec.data_dir, http=session, metrics=self.metrics)
+        context = ForwarderContext(
+            data_dir=spec.data_dir, http=session, metrics=self.metrics, capture=self.capture
+        )
         errors: dict[str, str | None] = {}
         for config in spec.forwarders:
             kind: str = config.type  # type: ignore[attr-defined]  # every member has one
@@ -527,6 +571,9 @@ class _Child:
                     )
                 elif request[0] == "deliver_events":
                     task = asyncio.create_task(self._answer(request[1], self._given(*request[2:])))
+                elif request[0] == "capture_rate":
+                    self.capture.set_rate(float(request[1]))
+                    continue
                 else:
                     log.error("unknown request from the relay: %r", request[0])
                     continue

@@ -29,6 +29,12 @@ one (dead letters).
 
 Ordering is kept per forwarder: a failing batch holds back the ones after it (they wait on
 disk, not in memory), and never holds back ingestion or another forwarder.
+
+While the debug view captures (``ForwarderContext.capture``, ``tagrelay.capture``), the
+worker reports what became of each sampled event: sent, left out by the filter or for want
+of consent, retrying (with the attempt and the time of the next try), dead-lettered. Only
+then does it read a span's events (by ``messageId``); otherwise the check is one number.
+The last failure (``last_error``) is kept for the debug view's forwarder panel.
 """
 
 from __future__ import annotations
@@ -40,9 +46,12 @@ import random
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
+from tagrelay.capture import NO_CAPTURE, DeliveryCapture, sampled
 from tagrelay.config.common import ForwarderConfigBase, RetryConfig
 from tagrelay.forwarders._base import Forwarder, SpanDelivery, SpoolSpan
 from tagrelay.logthrottle import LogThrottle
@@ -146,6 +155,24 @@ def _first(arrivals: Iterable[tuple[int, int]], count: int) -> Iterator[tuple[in
         left -= n
 
 
+@dataclass(frozen=True, slots=True)
+class LastError:
+    """A forwarder's last failure, for the debug view: when (``time.time()``), the reason
+    code and the detail (the destination's answer, secrets scrubbed by the forwarder)."""
+
+    at: float
+    reason: str
+    detail: str
+
+
+def _message_id(payload: bytes) -> object:
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return event.get("messageId") if isinstance(event, dict) else None
+
+
 class ForwarderWorker:
     def __init__(
         self,
@@ -189,10 +216,26 @@ class ForwarderWorker:
         has caught up, batches go out without waiting to fill."""
         self._throttle = LogThrottle(log, RETRY_LOG_INTERVAL_SECS)
         self._endpoint: str | None = getattr(forwarder, "endpoint_host", None)
+        context = getattr(forwarder, "context", None)  # a stand-in in tests may have none
+        self._capture: DeliveryCapture = getattr(context, "capture", NO_CAPTURE)
+        self.last_error: LastError | None = None
+        """The last failure (a retry or dead letters), for the debug view's panel."""
 
     @property
     def id(self) -> str:
         return self.config.id
+
+    def status(self) -> dict[str, Any]:
+        """Where the worker is, for the debug view's forwarder panel (read from any
+        thread): running, its cursor, and the attempts spent on a failing batch."""
+        state = self._state
+        task = self._task
+        return {
+            "running": task is not None and not task.done() and not self._stopping.is_set(),
+            "position": state.position,
+            "attempts": state.attempts,
+            "failing_since_ms": state.first_failure_ms if state.attempts else None,
+        }
 
     async def start(self) -> None:
         self._state = await self.spool.register(self.id)
@@ -339,6 +382,8 @@ class ForwarderWorker:
                 events.append(event)
             filtered = len(batch) - len(kept) - denied
             first_try = not self._state.attempts  # a retry does not count them again
+            if self._capture.rate and first_try and len(kept) < len(batch):
+                self._report_left_out(batch, kept)
             if filtered and first_try:
                 self.metrics.forwarder_events.labels(self.id, "filtered").inc(filtered)
             if denied and first_try:
@@ -377,6 +422,8 @@ class ForwarderWorker:
         except Exception as exc:
             delivery = SpanDelivery(self._raised(exc))
         outcome = delivery.outcome
+        if self._capture.rate:
+            await self._capture_span(after, count, delivery)
         if not self._state.attempts:  # a retry does not count them again
             if delivery.filtered:
                 self.metrics.forwarder_events.labels(self.id, "filtered").inc(delivery.filtered)
@@ -404,6 +451,61 @@ class ForwarderWorker:
             return
         await self._settle(items, outcome, last)
 
+    # -- the debug view ------------------------------------------------------------------
+
+    def _report(self, items: Sequence[SpooledEvent], result: dict[str, Any]) -> None:
+        """Tell the debug view what became of ``items`` (those it samples)."""
+        rate = self._capture.rate
+        if not rate or not items:
+            return
+        ids = [mid for mid in map(_message_id, (i.payload for i in items)) if sampled(mid, rate)]
+        if ids:
+            self._capture.outcome(
+                {
+                    "at_ms": int(self._clock() * 1000),
+                    "forwarder": self.id,
+                    "message_ids": ids,
+                    **result,
+                }
+            )
+
+    def _report_left_out(self, batch: Sequence[SpooledEvent], kept: Sequence[SpooledEvent]) -> None:
+        """The events of ``batch`` not in ``kept``: left out by the filter, or for want of
+        the consent the forwarder requires."""
+        given = {item.seq for item in kept}
+        filtered: list[SpooledEvent] = []
+        denied: list[SpooledEvent] = []
+        for item in batch:
+            if item.seq in given:
+                continue
+            try:
+                event = orjson.loads(item.payload)
+            except orjson.JSONDecodeError:
+                continue
+            (denied if accepts(self.config, event) else filtered).append(item)
+        self._report(filtered, {"status": "left_out", "reason": "filtered"})
+        self._report(denied, {"status": "left_out", "reason": "consent_denied"})
+
+    async def _capture_span(self, after: int, count: int, delivery: SpanDelivery) -> None:
+        """A span's events for the debug view, read from the spool only while it captures:
+        those left out (on the first try), and those sent when the span went through as a
+        whole (any other outcome is reported as it is settled)."""
+        outcome = delivery.outcome
+        clean = isinstance(outcome, Delivered) and not outcome.rejected
+        left_out = delivery.kept is not None and not self._state.attempts
+        if not (clean or left_out):
+            return
+        items = await self.spool.read(after, count)
+        kept = (
+            items
+            if delivery.kept is None
+            else [items[i] for i in delivery.kept if 0 <= i < len(items)]
+        )
+        if left_out:
+            self._report_left_out(items, kept)
+        if clean and isinstance(outcome, Delivered):
+            self._report(kept, {"status": "sent", "dropped": dict(outcome.dropped)})
+
     def _raised(self, exc: Exception) -> Retry:
         log.exception("forwarder raised", extra={"forwarder": self.id})
         return Retry(reason="internal_error", detail=f"{type(exc).__name__}: {exc}")
@@ -425,12 +527,24 @@ class ForwarderWorker:
             await self.spool.dead_letter(
                 self.id, [kept[index]], "rejected_by_destination", text, self._state.attempts + 1
             )
+            self.last_error = LastError(self._clock(), "rejected_by_destination", text)
+            self._report(
+                [kept[index]],
+                {
+                    "status": "dead_letter",
+                    "reason": "rejected_by_destination",
+                    "detail": text,
+                    "attempt": self._state.attempts + 1,
+                },
+            )
         await self.spool.advance(self.id, last)
         self._moved(last, resumed=True)
         if refused:
             self.metrics.dead_letters.labels(self.id, "rejected_by_destination").inc(len(refused))
             self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(refused))
         delivered = [item for i, item in enumerate(kept) if i not in refused]
+        if self._capture.rate:
+            self._report(delivered, {"status": "sent", "dropped": dict(outcome.dropped)})
         dropped = self._count_dropped(outcome)
         if len(delivered) > dropped:
             self._count_delivered(
@@ -493,6 +607,12 @@ class ForwarderWorker:
             self._state = advance_to
         else:
             self._moved(advance_to)
+        self.last_error = LastError(self._clock(), reason, detail)
+        if self._capture.rate:
+            self._report(
+                items,
+                {"status": "dead_letter", "reason": reason, "detail": detail, "attempt": attempts},
+            )
         self.metrics.dead_letters.labels(self.id, reason).inc(len(items))
         self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(items))
         self._throttle.log(
@@ -544,6 +664,9 @@ class ForwarderWorker:
         done = sum(1 for i in range(len(items)) if i in outcome.delivered)
         if done:
             self.metrics.forwarder_events.labels(self.id, "delivered").inc(done)
+            if self._capture.rate:
+                taken = [item for i, item in enumerate(items) if i in outcome.delivered]
+                self._report(taken, {"status": "sent", "dropped": {}})
         rest = [item for i, item in enumerate(items) if i not in outcome.delivered]
         if rest:
             detail = (
@@ -587,6 +710,18 @@ class ForwarderWorker:
             # The next failure dead-letters the head of the batch if it is too old by then:
             # not later than that (never past the destination's window).
             delay = min(delay, max(0.0, kept[0].received_ms / 1000 + self.max_age_secs - now))
+        self.last_error = LastError(now, outcome.reason, outcome.detail)
+        if self._capture.rate:
+            self._report(
+                kept,
+                {
+                    "status": "retrying",
+                    "reason": outcome.reason,
+                    "detail": outcome.detail,
+                    "attempt": attempts,
+                    "next_try_ms": int((now + delay) * 1000),
+                },
+            )
         self._throttle.log(
             logging.WARNING,
             (self.id, outcome.reason),

@@ -2,12 +2,15 @@
 
 Body: ``{"batch": [event, ...], "sentAt": "<iso>"}`` (Segment's batch shape), with the
 configured headers. Classification is the shared table of ``_http``; the values of the
-configured headers (tokens, say) are scrubbed from a retry's or dead letter's detail, where
-an error that echoes the request would show them.
+configured headers (tokens, say) are the forwarder's secrets: scrubbed from a retry's or
+dead letter's detail, where an error that echoes the request would show them, and from what
+the debug view captures of the request and its answer.
 """
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
 from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Literal
@@ -15,9 +18,16 @@ from typing import Literal
 import orjson
 from pydantic import Field
 
+from tagrelay.capture import sampled
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder
-from tagrelay.forwarders._http import HttpRequest, classify_status, scrub_secrets, send
+from tagrelay.forwarders._http import (
+    HttpRequest,
+    captured_exchange,
+    classify_status,
+    scrub_secrets,
+    send,
+)
 from tagrelay.model import Dead, Event, Outcome, Retry, iso
 
 
@@ -51,12 +61,29 @@ def build_request(config: WebhookConfig, events: list[Event], now: datetime) -> 
 class WebhookForwarder(Forwarder[WebhookConfig]):
     config_model = WebhookConfig
 
+    def secrets(self) -> Iterable[str]:
+        return self.config.headers.values()
+
     async def deliver(self, events: list[Event]) -> Outcome:
         request = build_request(self.config, events, datetime.now(UTC))
+        capture = self.context.capture
+        started = time.time() if capture.rate else 0.0
         response = await send(self.context.http, request, self.config.timeout_secs)
+        if capture.rate:
+            ids = [event.get("messageId") for event in events]
+            rate = capture.rate
+            if any(sampled(mid, rate) for mid in ids):
+                capture.exchange(
+                    captured_exchange(
+                        request,
+                        response,
+                        self.secrets(),
+                        forwarder=self.id,
+                        message_ids=ids,
+                        started=started or time.time(),
+                    )
+                )
         outcome = response if isinstance(response, Retry) else classify_status(response)
         if isinstance(outcome, Retry | Dead):
-            return replace(
-                outcome, detail=scrub_secrets(outcome.detail, self.config.headers.values())
-            )
+            return replace(outcome, detail=scrub_secrets(outcome.detail, self.secrets()))
         return outcome

@@ -80,13 +80,19 @@ class Selection:
 
 
 def select(
-    conn: sqlite3.Connection, selection: Selection, *, after_id: int = 0, limit: int = 1000
+    conn: sqlite3.Connection,
+    selection: Selection,
+    *,
+    after_id: int = 0,
+    limit: int = 1000,
+    newest_first: bool = False,
 ) -> list[DeadLetterRow]:
     """Up to ``limit`` dead letters of ``selection`` with ``id > after_id``, by id (the
-    order they died in)."""
+    order they died in; ``newest_first``: the last ones, the newest first)."""
     where, params = selection.where()
+    order = "DESC" if newest_first else ""
     rows = conn.execute(
-        f"SELECT {COLUMNS} FROM dead_letters WHERE id > ? AND {where} ORDER BY id LIMIT ?",
+        f"SELECT {COLUMNS} FROM dead_letters WHERE id > ? AND {where} ORDER BY id {order} LIMIT ?",
         (after_id, *params, limit),
     ).fetchall()
     return [DeadLetterRow(*row) for row in rows]

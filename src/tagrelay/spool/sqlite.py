@@ -686,11 +686,15 @@ class SqliteSpool:
         *,
         selection: Selection | None = None,
         after_id: int = 0,
+        newest_first: bool = False,
     ) -> list[DeadLetterRow]:
-        """Up to ``limit`` dead letters, by id: of ``forwarder``, or of ``selection``."""
+        """Up to ``limit`` dead letters, by id (``newest_first``: the last ones, newest
+        first): of ``forwarder``, or of ``selection``."""
         chosen = selection if selection is not None else Selection(forwarder=forwarder)
         return await self._on_reader(
-            lambda conn: dead_letters.select(conn, chosen, after_id=after_id, limit=limit)
+            lambda conn: dead_letters.select(
+                conn, chosen, after_id=after_id, limit=limit, newest_first=newest_first
+            )
         )
 
     async def dead_letter_by_id(self, dead_letter_id: int) -> DeadLetterRow | None:

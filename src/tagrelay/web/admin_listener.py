@@ -3,8 +3,9 @@
 
 It serves the admin socket's routes (``tagrelay.web.admin.build_admin_app``: ``POST /sql``,
 and whatever the admin API grows), ``/metrics`` (on the public listener only with
-``metrics.public``), ``/healthz`` and ``/readyz`` (on both listeners), a login form at
-``/login``, and ``/`` listing what is there.
+``metrics.public``), ``/healthz`` and ``/readyz`` (on both listeners), the live debug view
+at ``/debug`` (``tagrelay.web.debug``), a login form at ``/login``, and ``/`` listing what
+is there.
 
 Access. With ``admin.token`` set, every route but ``/healthz``, ``/readyz`` and ``/login``
 needs either the header ``Authorization: Bearer <token>`` (Prometheus, scripts) or the
@@ -44,6 +45,7 @@ from tagrelay.config.models import AdminConfig, is_loopback
 from tagrelay.errors import ListenError
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.web.admin import build_admin_app
+from tagrelay.web.debug import add_debug_routes
 from tagrelay.web.health import add_health_routes, add_metrics_route
 from tagrelay.web.ingest import json_response
 from tagrelay.web.templates import templates_dir
@@ -268,6 +270,7 @@ def build_admin_listener_app(main_app: web.Application, config: AdminConfig) -> 
     )
     add_health_routes(app.router, main_app, "")
     add_metrics_route(app.router, main_app, "")
+    add_debug_routes(app, main_app)
     failed_logins = LogThrottle(log)
 
     async def index(request: web.Request) -> web.Response:
@@ -279,6 +282,7 @@ def build_admin_listener_app(main_app: web.Application, config: AdminConfig) -> 
                 and route.resource is not None
                 and route.resource.canonical not in ("/", "/login")
                 and "{" not in route.resource.canonical  # a pattern is not a page
+                and route.resource.canonical.count("/") == 1  # nor a page's stream or script
             }
         )
         return aiohttp_jinja2.render_template(

@@ -112,7 +112,9 @@ class GoogleEndpoints:
                 body = await read_body(request, self.max_request_bytes)
             decoded = SOURCES[COLLECT_SOURCE](body, query)
         except IngestError as exc:
-            return self.service.refuse(COLLECT_SOURCE, exc, cors)
+            return self.service.refuse(
+                COLLECT_SOURCE, exc, cors, request=request, sender=COLLECT_CREDENTIAL.id
+            )
         return await self.service.accept(
             request, COLLECT_SOURCE, COLLECT_CREDENTIAL, decoded, cors, _collect_answer
         )
@@ -163,7 +165,7 @@ class GoogleEndpoints:
             body = await read_body(request, self.max_request_bytes)
             decoded = SOURCES[MP_SOURCE](body, measurement_id)
         except IngestError as exc:
-            return self.service.refuse(MP_SOURCE, exc, {})
+            return self.service.refuse(MP_SOURCE, exc, {}, request=request)
         return await self.service.accept(request, MP_SOURCE, MP_CREDENTIAL, decoded, {}, _mp_answer)
 
     async def debug_measurement_protocol(self, request: web.Request) -> web.Response:

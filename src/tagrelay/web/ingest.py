@@ -13,18 +13,24 @@ Bad input gets a 4xx JSON body ``{"error": code, "message": text}`` and is count
 In a batch the valid events are stored and the invalid ones reported by index. The 2xx
 goes out only after the spool commit; if the spool cannot commit, the answer is 503 with
 ``Retry-After`` and nothing of the request counts as accepted.
+
+While the debug view captures (``tagrelay.capture``), each request (accepted or refused)
+and its sampled events, normalized as stored, are recorded; otherwise that costs one check.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlencode
 
 import orjson
 from aiohttp import web
 
+from tagrelay.capture import DebugHub
 from tagrelay.config.models import Config, WriteKeyConfig
 from tagrelay.errors import AuthError, IngestError, SpoolUnavailable
 from tagrelay.metrics import Metrics
@@ -75,8 +81,45 @@ class Route:
     (``keys[].hosts``), as Jitsu does for its browser ingest."""
 
 
+SECRET_QUERY_NAMES = frozenset({"api_secret", "writekey", "write_key", "key", "token"})
+"""Query parameters an ingest request may carry a credential in (the Measurement Protocol's
+``api_secret``, RudderStack's beacon ``writeKey``): the debug view shows ``***``."""
+
+
+def _shown_query(request: web.Request) -> str:
+    if not request.query_string:
+        return ""
+    pairs = parse_qsl(request.query_string, keep_blank_values=True)
+    return urlencode(
+        [(n, "***" if n.lower() in SECRET_QUERY_NAMES else v) for n, v in pairs], safe="*"
+    )
+
+
+def _captured_event(payload: bytes) -> dict[str, Any]:
+    """An accepted event as the debug view lists it: its ids, type, name and consent, and
+    its normalized form (as stored)."""
+    event = orjson.loads(payload)
+    context = event.get("context")
+    consent = context.get("consent") if isinstance(context, dict) else None
+    return {
+        "messageId": event.get("messageId"),
+        "type": event.get("type"),
+        "event": event.get("event") or event.get("name"),
+        "anonymousId": event.get("anonymousId"),
+        "userId": event.get("userId"),
+        "consent": consent,
+        "normalized": event,
+    }
+
+
 class IngestService:
-    def __init__(self, config: Config, spool: SqliteSpool, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        config: Config,
+        spool: SqliteSpool,
+        metrics: Metrics,
+        capture: DebugHub | None = None,
+    ) -> None:
         self.limits = config.limits
         self.keys = KeyRing.from_config(config.keys)
         self.cors = CorsPolicy(config.keys)
@@ -88,6 +131,8 @@ class IngestService:
         self.identity = self.pipeline.identity
         self.spool = spool
         self.metrics = metrics
+        self.capture = capture if capture is not None else DebugHub()
+        """The debug view's capture (off unless a view is open or sampling is set)."""
 
     # -- CORS --------------------------------------------------------------------------
 
@@ -175,15 +220,87 @@ class IngestService:
         except IngestError as exc:
             # ``key`` is the key presented, when it is known: a refused request answers with
             # its CORS headers (none for a server key, or an origin the key does not allow).
-            return self.refuse(source, exc, self.cors_headers(request, key))
+            return self.refuse(
+                source,
+                exc,
+                self.cors_headers(request, key),
+                request=request,
+                sender=key.id if key is not None else None,
+            )
 
-    def refuse(self, source: str, exc: IngestError, headers: dict[str, str]) -> web.Response:
-        """Answer a request refused as a whole, and count it once."""
+    def refuse(
+        self,
+        source: str,
+        exc: IngestError,
+        headers: dict[str, str],
+        *,
+        request: web.Request | None = None,
+        sender: str | None = None,
+    ) -> web.Response:
+        """Answer a request refused as a whole, and count it once. ``request`` and
+        ``sender`` (the key's id, when known) are for the debug view."""
         counters = self.metrics.source(source)
         counters.received.inc()
         counters.rejected(exc.code)
         log.debug("request rejected", extra={"source": source, "reason": exc.code})
+        if self.capture.rate and request is not None and self.capture.sample_request(()):
+            self.capture.record(
+                "request",
+                {
+                    **self._captured_request(request, source, sender, exc.status),
+                    "outcome": "refused",
+                    "error": exc.code,
+                    "message": exc.message,
+                },
+            )
         return error_response(exc, headers)
+
+    @staticmethod
+    def _captured_request(
+        request: web.Request, source: str, sender: str | None, status: int
+    ) -> dict[str, Any]:
+        return {
+            "at_ms": int(time.time() * 1000),
+            "source": source,
+            "key": sender,
+            "method": request.method,
+            "path": request.path,
+            "query": _shown_query(request),
+            "origin": request.headers.get("Origin"),
+            "status": status,
+        }
+
+    def _capture_accepted(
+        self,
+        request: web.Request,
+        source: str,
+        sender: Sender,
+        processed: Processed,
+        stored: int,
+        status: int,
+    ) -> None:
+        """Record an accepted request with its sampled events for the debug view."""
+        rows, rejected = processed.rows, processed.rejected
+        # A request whose every event was rejected has no messageId to sample by.
+        positions = self.capture.sample_request(processed.message_ids)
+        if not (positions if rows else self.capture.sample_request(())):
+            return
+        events = [_captured_event(rows[i][1]) for i in positions if i < len(rows)]
+        outcome = "accepted" if not rejected else ("partial" if rows else "refused")
+        first = rejected[0] if rejected and not rows else None
+        self.capture.record(
+            "request",
+            {
+                **self._captured_request(request, source, sender.id, status),
+                "outcome": outcome,
+                "error": first["error"] if first else None,
+                "message": first["message"] if first else None,
+                "events": events,
+                "rejected": rejected,
+                "duplicates": len(rows) - stored,
+            },
+            weight=len(events) + len(rejected),
+        )
 
     def find_key(self, key_text: str | None, route: Route, request: web.Request) -> WriteKeyConfig:
         """The key presented; with none, on a route that takes host keys, the browser key
@@ -267,12 +384,23 @@ class IngestService:
         for rejection in rejected:
             counters.rejected(rejection["error"])
 
+        stored = 0
         if rows:
             try:
                 stored = await self.spool.append(rows, processed.message_ids)
             except SpoolUnavailable:
                 self.metrics.spool_errors.inc()
                 counters.rejected("spool_unavailable", len(rows))
+                if self.capture.rate:
+                    self.capture.record(
+                        "request",
+                        {
+                            **self._captured_request(request, source, sender.id, 503),
+                            "outcome": "refused",
+                            "error": "spool_unavailable",
+                            "message": "the spool could not store the events",
+                        },
+                    )
                 return json_response(
                     503,
                     {
@@ -292,6 +420,8 @@ class IngestService:
         visit = processed.visit
         if visit is not None and rows:
             self._set_cookies(response, visit, request)
+        if self.capture.rate:
+            self._capture_accepted(request, source, sender, processed, stored, response.status)
         return response
 
     def _answer(
