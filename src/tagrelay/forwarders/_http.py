@@ -105,9 +105,10 @@ def redact_url(url: str, secrets: Iterable[str]) -> str:
 
 
 def _body_text(body: bytes, secrets: Sequence[str]) -> tuple[str, bool]:
-    cut = len(body) > MAX_CAPTURED_BODY
-    text = body[:MAX_CAPTURED_BODY].decode("utf-8", "replace")
-    return scrub_secrets(text, secrets), cut
+    """A body as text, scrubbed, then cut to ``MAX_CAPTURED_BODY`` characters (scrubbed
+    first: a cut through a secret would leave its beginning)."""
+    text = scrub_secrets(body.decode("utf-8", "replace"), secrets)
+    return text[:MAX_CAPTURED_BODY], len(text) > MAX_CAPTURED_BODY
 
 
 def captured_exchange(
