@@ -20,6 +20,7 @@ from tagrelay.forwarders._http import (
     HttpRequest,
     HttpResponse,
     captured_exchange,
+    header_secrets,
     redact_headers,
     redact_url,
 )
@@ -239,3 +240,32 @@ async def test_a_webhook_reports_its_request_without_its_configured_headers(
     assert orjson.loads(exchange["request"]["body"])["batch"][0]["messageId"] == "m-1"
     assert exchange["response"]["status"] == 503
     assert exchange["response"]["body"] == "down, token ***"
+
+
+def test_a_configured_header_is_a_secret_with_and_without_its_scheme() -> None:
+    assert header_secrets("Bearer abc.def") == ("Bearer abc.def", "abc.def")
+    assert header_secrets("Token  t-1 ") == ("Token  t-1 ", "t-1")
+    assert header_secrets("just-a-value") == ("just-a-value",)
+    assert header_secrets("two words here") == ("two words here",)
+
+
+async def test_a_webhook_scrubs_its_bearer_token_when_the_answer_echoes_it_alone(
+    context: ForwarderContext,
+) -> None:
+    async with recording_server("a webhook", ["/hook"], "/hook") as hook:
+        hook.script = [(401, {}, f"unknown token {HOOK_TOKEN}".encode())]
+        capture = Recording()
+        config = WebhookConfig.model_validate(
+            {
+                "id": "hook",
+                "type": "webhook",
+                "endpoint": hook.url,
+                "headers": {"Authorization": f"Bearer {HOOK_TOKEN}"},
+            }
+        )
+        fwd = WebhookForwarder(config, with_capture(context, capture))
+        outcome = await fwd.deliver([page("m-1")])
+    assert isinstance(outcome, Dead)
+    assert outcome.detail == "HTTP 401: unknown token ***"
+    [exchange] = capture.exchanges
+    assert exchange["response"]["body"] == "unknown token ***"

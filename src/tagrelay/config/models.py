@@ -17,6 +17,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from tagrelay.config.common import ConfigModel, ForwarderConfigBase
 from tagrelay.config.google_scripts import GoogleScriptsConfig
 from tagrelay.forwarders import FORWARDERS
+from tagrelay.forwarders._http import header_secrets
 from tagrelay.pipeline.host import valid_host_name
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -1023,7 +1024,7 @@ def _collect_secrets(value: Any, found: list[str], name: str = "") -> None:
     elif isinstance(value, dict):
         for item in value.values():
             if name == "headers" and isinstance(item, str):
-                found.append(item)
+                found.extend(header_secrets(item))
             else:
                 _collect_secrets(item, found)
     elif isinstance(value, list | tuple):

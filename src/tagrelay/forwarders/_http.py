@@ -74,6 +74,17 @@ MAX_CAPTURED_BODY = 64 * 1024
 """How much of a request's or an answer's body the debug view keeps."""
 
 
+_AUTH_SCHEME = re.compile(r"^\s*[A-Za-z][A-Za-z0-9_-]*\s+(\S+)\s*$")
+
+
+def header_secrets(value: str) -> tuple[str, ...]:
+    """A configured header's value as secrets: the value, and when it reads
+    ``<scheme> <credentials>`` (``Bearer abc``) the credentials alone too, which an answer
+    or an error may echo without the scheme."""
+    found = _AUTH_SCHEME.match(value)
+    return (value, found.group(1)) if found else (value,)
+
+
 def redact_headers(headers: Mapping[str, str], secrets: Iterable[str]) -> dict[str, str]:
     """``headers`` with credential headers (``Authorization``, ``*-Token``, ``*-Key``...)
     replaced by ``SCRUBBED`` and the ``secrets`` taken out of the others."""

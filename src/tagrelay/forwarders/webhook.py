@@ -25,6 +25,7 @@ from tagrelay.forwarders._http import (
     HttpRequest,
     captured_exchange,
     classify_status,
+    header_secrets,
     scrub_secrets,
     send,
 )
@@ -62,7 +63,7 @@ class WebhookForwarder(Forwarder[WebhookConfig]):
     config_model = WebhookConfig
 
     def secrets(self) -> Iterable[str]:
-        return self.config.headers.values()
+        return [s for value in self.config.headers.values() for s in header_secrets(value)]
 
     async def deliver(self, events: list[Event]) -> Outcome:
         request = build_request(self.config, events, datetime.now(UTC))

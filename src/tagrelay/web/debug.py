@@ -287,6 +287,11 @@ def add_debug_routes(admin: web.Application, main_app: web.Application) -> None:
             await response.write_eof()
         return response
 
+    async def end_views(_: web.Application) -> None:
+        # The listener is closing: the streams end now rather than at its timeout.
+        main_app[CAPTURE].close()
+
+    admin.on_shutdown.append(end_views)
     admin.router.add_get("/debug", page)
     admin.router.add_get("/debug/stream", stream)
     admin.router.add_get("/debug/forwarders", forwarders)
