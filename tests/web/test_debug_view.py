@@ -161,12 +161,14 @@ async def test_the_page_and_its_stream_need_the_admin_token(
     assert "/debug/stream" not in index and "/debug/debug.js" not in index
 
 
+@pytest.mark.parametrize("process", [True, False], ids=["delivery process", "in the relay"])
 async def test_requests_events_and_deliveries_arrive_live(
-    start: Any, http: aiohttp.ClientSession, hook: Recorder
+    start: Any, http: aiohttp.ClientSession, hook: Recorder, process: bool
 ) -> None:
     hook.script = [(400, {"Content-Type": "application/json"}, b'{"error":"unknown field x"}')]
     async with recording_server("an ads webhook", ["/ads"], "/ads") as ads:
         client, admin = await start(
+            delivery={"process": process},
             forwarders=[
                 hook_forwarder(hook.url),
                 {

@@ -73,6 +73,11 @@ class SpanDelivery:
     """Events of the span left out by the forwarder's filter (``filters_spans``)."""
     denied: int = 0
     """Events of the span left out for want of consent (``filters_spans``)."""
+    captured: Sequence[tuple[int, object, str | None]] | None = None
+    """While the debug view captures, from a forwarder that decodes the span anyway (the
+    delivery process's stand-in): the events of the span it samples, as ``(index in the
+    span, messageId, why it was left out or None)``, so that the runtime need not read
+    the span to report them. None: not given."""
 
 
 class Forwarder(ABC, Generic[C]):

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -63,7 +64,7 @@ from typing import Any, ClassVar
 import orjson
 from prometheus_client import Counter
 
-from tagrelay.capture import DeliveryCapture
+from tagrelay.capture import DeliveryCapture, sampled
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder, ForwarderContext, SpanDelivery, SpoolSpan
 from tagrelay.metrics import Metrics
@@ -114,6 +115,8 @@ class SpanResult:
     counts: Sequence[tuple[str, Mapping[str, str], float]] = field(default_factory=tuple)
     """``(Metrics attribute, labels, increment)`` for the counters the forwarders
     increased in the child since its previous answer."""
+    captured: Sequence[tuple[int, object, str | None]] | None = None
+    """While the debug view captures: ``SpanDelivery.captured``."""
 
 
 def frame(message: Any) -> bytes:
@@ -434,6 +437,7 @@ class RemoteForwarder(Forwarder[ForwarderConfigBase]):
             kept=result.kept,
             filtered=result.filtered,
             denied=result.denied,
+            captured=result.captured,
         )
 
 
@@ -599,14 +603,7 @@ class _Child:
             log.exception("delivery failed in the delivery process")
             failed = Retry(reason="internal_error", detail=f"{type(exc).__name__}: {exc}")
             result = SpanResult(failed)
-        result = SpanResult(
-            result.outcome,
-            result.kept,
-            result.filtered,
-            result.denied,
-            result.arrivals,
-            self.deltas.take(),
-        )
+        result = dataclasses.replace(result, counts=self.deltas.take())
         self.send(frame(("result", request_id, result)))
 
     async def _given(self, forwarder_id: str, payloads: list[bytes]) -> SpanResult:
@@ -663,7 +660,9 @@ class _Child:
         required = tuple(config.requires_consent)
         if not filters and not required:
             outcome = await _delivered(forwarder.deliver([e.event() for e in entries]))
-            return SpanResult(outcome, None, 0, 0, _runs([e.received_ms for e in entries]))
+            arrivals = _runs([e.received_ms for e in entries])
+            captured = self._captured(config, entries, None) if self.capture.rate else None
+            return SpanResult(outcome, None, 0, 0, arrivals, captured=captured)
         kept: list[int] = []
         events: list[Event] = []
         filtered = denied = 0
@@ -681,7 +680,28 @@ class _Child:
         if events:
             given = await _delivered(forwarder.deliver(events))
         arrivals = _runs([entries[i].received_ms for i in kept])
-        return SpanResult(given, kept, filtered, denied, arrivals)
+        captured = self._captured(config, entries, kept) if self.capture.rate else None
+        return SpanResult(given, kept, filtered, denied, arrivals, captured=captured)
+
+    def _captured(
+        self, config: ForwarderConfigBase, entries: Sequence[CachedEvent], kept: list[int] | None
+    ) -> list[tuple[int, object, str | None]]:
+        """The debug view's sample of a span: ``SpanDelivery.captured``."""
+        from tagrelay.forwarders._worker import accepts
+
+        rate = self.capture.rate
+        given = None if kept is None else set(kept)
+        captured: list[tuple[int, object, str | None]] = []
+        for index, entry in enumerate(entries):
+            event = entry.event()
+            message_id = event.get("messageId")
+            if not sampled(message_id, rate):
+                continue
+            reason = None
+            if given is not None and index not in given:
+                reason = "filtered" if not accepts(config, event) else "consent_denied"
+            captured.append((index, message_id, reason))
+        return captured
 
 
 CACHE_EVENTS = 4096

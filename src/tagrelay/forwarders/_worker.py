@@ -459,12 +459,15 @@ class ForwarderWorker:
         if not rate or not items:
             return
         ids = [mid for mid in map(_message_id, (i.payload for i in items)) if sampled(mid, rate)]
+        self._report_ids(ids, result)
+
+    def _report_ids(self, ids: Sequence[object], result: dict[str, Any]) -> None:
         if ids:
             self._capture.outcome(
                 {
                     "at_ms": int(self._clock() * 1000),
                     "forwarder": self.id,
-                    "message_ids": ids,
+                    "message_ids": list(ids),
                     **result,
                 }
             )
@@ -487,13 +490,23 @@ class ForwarderWorker:
         self._report(denied, {"status": "left_out", "reason": "consent_denied"})
 
     async def _capture_span(self, after: int, count: int, delivery: SpanDelivery) -> None:
-        """A span's events for the debug view, read from the spool only while it captures:
-        those left out (on the first try), and those sent when the span went through as a
-        whole (any other outcome is reported as it is settled)."""
+        """A span's events for the debug view, only while it captures: those left out (on
+        the first try), and those sent when the span went through as a whole (any other
+        outcome is reported as it is settled). From the forwarder's sample when it gives
+        one (``SpanDelivery.captured``), else read from the spool."""
         outcome = delivery.outcome
         clean = isinstance(outcome, Delivered) and not outcome.rejected
         left_out = delivery.kept is not None and not self._state.attempts
         if not (clean or left_out):
+            return
+        if delivery.captured is not None:
+            for reason in ("filtered", "consent_denied"):
+                if left_out:
+                    ids = [mid for _, mid, why in delivery.captured if why == reason]
+                    self._report_ids(ids, {"status": "left_out", "reason": reason})
+            if clean and isinstance(outcome, Delivered):
+                ids = [mid for _, mid, why in delivery.captured if why is None]
+                self._report_ids(ids, {"status": "sent", "dropped": dict(outcome.dropped)})
             return
         items = await self.spool.read(after, count)
         kept = (
