@@ -50,6 +50,10 @@ HTTP_REJECT_REASONS = (
 """Reasons of ``tagrelay_http_rejected``: why a request was not valid HTTP."""
 CONNECTION_CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "over_capacity")
 """Reasons of ``tagrelay_connections_closed``."""
+CONFIG_RELOAD_OUTCOMES = ("applied", "unchanged", "invalid", "failed")
+"""Outcomes of ``tagrelay_config_reload``: applied (what changed runs now), unchanged (nothing
+that a reload applies had changed), invalid (the file was refused: the relay runs on as it
+was), failed (valid, but part of it could not be applied, e.g. a forwarder did not start)."""
 
 
 class _SpoolCollector(Collector):
@@ -314,6 +318,16 @@ class Metrics:
             "once at start-up, then once after each time it died.",
             registry=r,
         )
+        self.config_reloads = Counter(
+            "tagrelay_config_reload",
+            "Reloads of the configuration (SIGHUP, tagrelay reload), by outcome: "
+            + ", ".join(CONFIG_RELOAD_OUTCOMES)
+            + ".",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in CONFIG_RELOAD_OUTCOMES:
+            self.config_reloads.labels(outcome)
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
         self.forwarder_last_success = Gauge(
             "tagrelay_forwarder_last_success_timestamp_seconds",

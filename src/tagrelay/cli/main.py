@@ -1,4 +1,4 @@
-"""The ``tagrelay`` command: ``serve``, ``check``, ``sql`` and ``dlq``.
+"""The ``tagrelay`` command: ``serve``, ``check``, ``sql``, ``dlq`` and ``reload``.
 
 Exit codes: 0 success, 1 invalid configuration or failed query, 2 usage error.
 """
@@ -58,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sql.add_argument("query", help='the SQL query, e.g. "select count(*) from events"')
 
+    reload = sub.add_parser(
+        "reload", help="have the running relay read its configuration file again (as SIGHUP)"
+    )
+    _add_config(reload)
+    reload.add_argument("--data-dir", type=Path, help="data directory (overrides data_dir)")
+    reload.add_argument("--format", choices=["text", "json"], default="text")
+
     from tagrelay.cli.dlq_args import add_dlq_parser
 
     add_dlq_parser(sub, _add_config)
@@ -73,6 +80,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
     except ConfigError as exc:
         print(format_config_error(exc), file=sys.stderr)
+        if args.command == "reload" and args.data_dir is not None:
+            # The relay reads the file itself: it refuses it, logs and counts that.
+            from tagrelay.cli.reload import run_reload
+
+            return run_reload(args.data_dir, args.format)
+        if args.command == "reload":
+            print(
+                "the relay was not asked to reload (its data directory is in this file; "
+                "--data-dir names it)",
+                file=sys.stderr,
+            )
         return 1
 
     if args.command == "check":
@@ -82,7 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from tagrelay.cli.serve import serve
 
-        return serve(config, host=args.host, port=args.port, data_dir=args.data_dir)
+        return serve(
+            config,
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            config_file=args.config.absolute(),
+        )
+    if args.command == "reload":
+        from tagrelay.cli.reload import run_reload
+
+        return run_reload(args.data_dir or config.data_dir, args.format)
     if args.command == "dlq":
         from tagrelay.cli.dlq import run_dlq
 

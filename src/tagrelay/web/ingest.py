@@ -77,17 +77,23 @@ class Route:
 
 class IngestService:
     def __init__(self, config: Config, spool: SqliteSpool, metrics: Metrics) -> None:
+        self.cors_refusals = CorsRefusals(metrics)
+        self.spool = spool
+        self.metrics = metrics
+        self.reconfigure(config, Pipeline(config))
+
+    def reconfigure(self, config: Config, pipeline: Pipeline) -> None:
+        """Take ``config``'s keys, origins and limits, and ``pipeline`` (made from it), for
+        the requests from now on (a reload, ``tagrelay.reload``; a request already in a
+        handler may finish with either)."""
         self.limits = config.limits
         self.keys = KeyRing.from_config(config.keys)
         self.cors = CorsPolicy(config.keys)
-        self.cors_refusals = CorsRefusals(metrics)
-        self.pipeline = Pipeline(config)
+        self.pipeline = pipeline
         # The shell needs two of the pipeline's parts itself: HTTPS detection behind
         # trusted proxies (the cookies' Secure flag), and identity for ``GET /id``.
-        self.resolver = self.pipeline.resolver
-        self.identity = self.pipeline.identity
-        self.spool = spool
-        self.metrics = metrics
+        self.resolver = pipeline.resolver
+        self.identity = pipeline.identity
 
     # -- CORS --------------------------------------------------------------------------
 
