@@ -105,16 +105,12 @@ class Relay:
             {"type": "track", "event": "Signed Up", "userId": "u-1", "messageId": m}
             for m in message_ids
         ]
-        response = await self.client.post(
-            "/v1/batch", json={"batch": batch}, headers=basic(key)
-        )
+        response = await self.client.post("/v1/batch", json={"batch": batch}, headers=basic(key))
         return response.status
 
 
 @pytest.fixture
-async def start_relay(
-    tmp_path: Path, aiohttp_client: Callable[..., Any]
-) -> Callable[..., Any]:
+async def start_relay(tmp_path: Path, aiohttp_client: Callable[..., Any]) -> Callable[..., Any]:
     async def start(raw: dict[str, Any]) -> Relay:
         file = tmp_path / "tagrelay.yaml"
         file.write_text(yaml.safe_dump(raw))

@@ -79,18 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(format_config_error(exc), file=sys.stderr)
-        if args.command == "reload" and args.data_dir is not None:
-            # The relay reads the file itself: it refuses it, logs and counts that.
-            from tagrelay.cli.reload import run_reload
-
-            return run_reload(args.data_dir, args.format)
         if args.command == "reload":
-            print(
-                "the relay was not asked to reload (its data directory is in this file; "
-                "--data-dir names it)",
-                file=sys.stderr,
-            )
+            # The relay reads the file itself, and refuses it: it logs and counts that, and
+            # answers with the problems.
+            from tagrelay.cli.reload import reload_invalid
+
+            return reload_invalid(args.config, args.data_dir, args.format, exc)
+        print(format_config_error(exc), file=sys.stderr)
         return 1
 
     if args.command == "check":

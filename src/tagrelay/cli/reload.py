@@ -17,8 +17,12 @@ from typing import Any
 
 import aiohttp
 import orjson
+import yaml
 
 from tagrelay.app import admin_socket_path
+from tagrelay.config.loader import format_config_error
+from tagrelay.config.models import Config
+from tagrelay.errors import ConfigError
 
 RELOAD_TIMEOUT_SECS = 300.0
 """A reload waits for the batches in flight of the forwarders it stops: this long at most
@@ -71,6 +75,37 @@ def render(answer: dict[str, Any]) -> str:
             "  changed, but take effect only after a restart: " + ", ".join(answer["needs_restart"])
         )
     return "\n".join(lines)
+
+
+def data_dir_of(config_file: Path) -> Path | None:
+    """The data directory a configuration file names, read leniently (the file may be
+    invalid otherwise); None when it cannot be told (a ``${VAR}`` in it, say)."""
+    try:
+        raw = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    value = raw.get("data_dir", str(Config.model_fields["data_dir"].default))
+    if not isinstance(value, str) or "${" in value:
+        return None
+    return Path(value)
+
+
+def reload_invalid(config_file: Path, data_dir: Path | None, fmt: str, error: ConfigError) -> int:
+    """``tagrelay reload`` with a file that does not load here: the relay is asked all the
+    same (it logs and counts the refusal, and answers with the problems), if its data
+    directory can be told; else the problems are printed."""
+    data_dir = data_dir or data_dir_of(config_file)
+    if data_dir is not None:
+        return run_reload(data_dir, fmt)
+    print(format_config_error(error), file=sys.stderr)
+    print(
+        "the relay was not asked to reload: its data directory could not be read from the "
+        "file (--data-dir names it)",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def run_reload(data_dir: Path, fmt: str = "text") -> int:

@@ -120,9 +120,16 @@ class Fleet:
         )
         going = change.removed + change.changed
         coming = [wanted[fid] for fid in change.added + change.changed]
-        await asyncio.gather(
-            *(self.workers[fid].stop(self.stop_timeout_secs, flush=False) for fid in going)
+        stopped = await asyncio.gather(
+            *(self.workers[fid].stop(self.stop_timeout_secs, flush=False) for fid in going),
+            return_exceptions=True,
         )
+        for fid, outcome in zip(going, stopped, strict=True):
+            if isinstance(outcome, Exception):
+                log.error(
+                    "forwarder did not close cleanly",
+                    extra={"forwarder": fid, "error": f"{type(outcome).__name__}: {outcome}"},
+                )
         for fid in going:
             del self.workers[fid]
         for fid in change.removed:
@@ -143,8 +150,7 @@ class Fleet:
                 "it is not running",
                 extra={"forwarder": fid, "error": error},
             )
-        failed_new = [fid for fid in change.added if fid in change.failed]
-        if failed_new:
+        if change.failed:  # what did not start holds no events
             await self.spool.retire_cursors_except(set(self.workers))
         change.workers = dict(self.workers)
         change.configs = [worker.config for worker in self.workers.values()]
