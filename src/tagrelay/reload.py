@@ -274,6 +274,9 @@ class Reloader:
         def differs(*names: str) -> bool:
             return any(_get(old, name) != _get(new, name) for name in names)
 
+        if differs("logging.level"):
+            logging.getLogger().setLevel(new.logging.level.upper())
+            await app[DELIVERY_LOOP].call(app[FLEET].refresh_process())  # its level too
         if _by_id(_enabled(old)) != _by_id(_enabled(new)):
             change = await app[DELIVERY_LOOP].call(app[FLEET].apply(_enabled(new)))
             # Here, on the relay's loop, where everything that reads the workers runs.
@@ -308,8 +311,6 @@ class Reloader:
             self.google.reconfigure(new)
         if differs("sdks", "limits"):
             self.sdks.reconfigure(new)
-        if differs("logging.level"):
-            logging.getLogger().setLevel(new.logging.level.upper())
         return new
 
     def _log(self, report: ReloadReport, trigger: str) -> None:

@@ -192,6 +192,14 @@ class Fleet:
             )
         return failed
 
+    async def refresh_process(self) -> None:
+        """Tell the delivery process again what it runs, which also passes it the relay's
+        log level now (a reload changed it)."""
+        if self.process is not None:
+            await self.process.configure(
+                [w.config for w in self.workers.values() if self.remote(w.config)]
+            )
+
     async def close(self) -> None:
         """Stop every worker (each flushes what was committed, within the stop timeout),
         then the delivery process and the HTTP session."""
