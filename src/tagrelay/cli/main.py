@@ -1,11 +1,18 @@
-"""The ``tagrelay`` command: ``serve``, ``check`` and ``sql``.
+"""The ``tagrelay`` command: ``serve``, ``check``, ``sql`` and ``health``.
 
-Exit codes: 0 success, 1 invalid configuration or failed query, 2 usage error.
+Exit codes: 0 success, 1 invalid configuration, failed query or unhealthy relay, 2 usage
+error.
+
+Every command finds its configuration file in ``--config``, else in ``$TAGRELAY_CONFIG``,
+else in ``config/tagrelay.yaml``; every command that uses the data directory takes it from
+``--data-dir``, else ``$TAGRELAY_DATA_DIR``, else the file's ``data_dir``. The Docker image
+sets both variables, so ``docker exec <container> tagrelay sql "..."`` needs no flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,14 +20,26 @@ from pathlib import Path
 from tagrelay import __version__
 
 DEFAULT_CONFIG = Path("config/tagrelay.yaml")
+CONFIG_ENV = "TAGRELAY_CONFIG"
+DATA_DIR_ENV = "TAGRELAY_DATA_DIR"
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         type=Path,
-        default=DEFAULT_CONFIG,
-        help=f"configuration file (default: {DEFAULT_CONFIG})",
+        default=Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG),
+        help=f"configuration file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})",
+    )
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get(DATA_DIR_ENV)
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(env) if env else None,
+        help=f"data directory (overrides data_dir; default: ${DATA_DIR_ENV}, else data_dir)",
     )
 
 
@@ -40,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(serve)
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    serve.add_argument("--data-dir", type=Path, help="data directory (overrides data_dir)")
+    _add_data_dir(serve)
 
     check = sub.add_parser("check", help="validate the configuration and exit")
     _add_config(check)
 
     sql = sub.add_parser("sql", help="run a read-only SQL query on the warehouse")
     _add_config(sql)
-    sql.add_argument("--data-dir", type=Path, help="data directory (overrides data_dir)")
+    _add_data_dir(sql)
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--max-rows", type=int, default=10_000, help="cap on rows returned")
     sql.add_argument(
@@ -57,6 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the query after this many seconds (default 60)",
     )
     sql.add_argument("query", help='the SQL query, e.g. "select count(*) from events"')
+
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if the relay answers its health check (a container's HEALTHCHECK)",
+        description="GET /healthz (or /readyz) of the relay that runs with this configuration: "
+        "its server.port and server.base_path, on loopback when server.host is a wildcard.",
+    )
+    _add_config(health)
+    health.add_argument("--host", help="address to ask (default: from server.host)")
+    health.add_argument("--port", type=int, help="port to ask (default: server.port)")
+    health.add_argument(
+        "--ready",
+        action="store_true",
+        help="ask /readyz (spool writable, forwarders started) instead of /healthz",
+    )
+    health.add_argument(
+        "--timeout-secs",
+        type=_positive_secs,
+        default=3.0,
+        help="give up after this many seconds (default 3)",
+    )
     return parser
 
 
@@ -79,6 +119,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tagrelay.cli.serve import serve
 
         return serve(config, host=args.host, port=args.port, data_dir=args.data_dir)
+    if args.command == "health":
+        from tagrelay.cli.health import run_health
+
+        return run_health(
+            config,
+            host=args.host,
+            port=args.port,
+            ready=args.ready,
+            timeout_secs=args.timeout_secs,
+        )
     from tagrelay.cli.sql import run_sql
 
     return run_sql(

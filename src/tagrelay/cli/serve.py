@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from aiohttp import web
 
 from tagrelay.app import create_app, freeze_after_startup
 from tagrelay.appkeys import METRICS
+from tagrelay.cli.devkeys import refusal
 from tagrelay.cli.logs import setup_logging
 from tagrelay.config.models import Config
 from tagrelay.errors import TagrelayError
@@ -116,6 +118,15 @@ async def start_relay(
 
 def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path | None) -> int:
     setup_logging(config.logging.level, config.logging.format)
+    refused, dev_keys = refusal(config, os.environ)
+    if refused:
+        log.error("tagrelay will not start: %s", refused)
+        return 1
+    if dev_keys:
+        log.warning(
+            "write keys hold development keys: fine on your own machine, never in production",
+            extra={"keys": dev_keys},
+        )
     app = create_app(config, data_dir=data_dir)
     freeze_after_startup(app)
     host = host or config.server.host
