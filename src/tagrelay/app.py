@@ -186,6 +186,7 @@ def create_app(
         depths=lambda: {fid: spool.depth(fid) for fid in app[WORKERS]},
         commits=lambda: spool.commits,
     )
+    metrics.watch_disk(data_dir, config.spool.max_size_mb * 1024 * 1024)
     spool.on_commit = metrics.spool_commit_duration.observe
 
     async def spool_ctx(app: web.Application) -> AsyncIterator[None]:

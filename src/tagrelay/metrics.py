@@ -13,7 +13,9 @@ in one process) count independently.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -56,6 +58,36 @@ class _SpoolCollector(Collector):
             "tagrelay_spool_commits",
             "Spool transactions that stored events (group commit: fewer than requests).",
             value=self._commits(),
+        )
+
+
+class _DiskCollector(Collector):
+    """The data directory's filesystem, read at scrape time (one ``statvfs``): the spool,
+    the dead letters and the warehouse all grow there."""
+
+    def __init__(self, data_dir: Path, spool_max_bytes: int) -> None:
+        self._data_dir = data_dir
+        self._spool_max_bytes = spool_max_bytes
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "tagrelay_spool_max_size_bytes",
+            "The spool's cap (spool.max_size_mb) in bytes; 0 when it has none.",
+            value=self._spool_max_bytes,
+        )
+        try:
+            fs = os.statvfs(self._data_dir)
+        except OSError:
+            return  # not created yet, or gone: no figure rather than a wrong one
+        yield GaugeMetricFamily(
+            "tagrelay_data_dir_free_bytes",
+            "Bytes the relay may still write on the data directory's filesystem.",
+            value=fs.f_bavail * fs.f_frsize,
+        )
+        yield GaugeMetricFamily(
+            "tagrelay_data_dir_size_bytes",
+            "Size of the data directory's filesystem in bytes.",
+            value=fs.f_blocks * fs.f_frsize,
         )
 
 
@@ -256,6 +288,9 @@ class Metrics:
 
     def watch_spool(self, depths: Callable[[], dict[str, int]], commits: Callable[[], int]) -> None:
         self.registry.register(_SpoolCollector(depths, commits))
+
+    def watch_disk(self, data_dir: Path, spool_max_bytes: int) -> None:
+        self.registry.register(_DiskCollector(data_dir, spool_max_bytes))
 
 
 class SourceMetrics:
