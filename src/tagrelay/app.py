@@ -30,6 +30,7 @@ from tagrelay.forwarders._process import DeliveryProcess, remote_class
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
+from tagrelay.spool.dead_letters import Selection
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.admin import admin_socket_ctx
 from tagrelay.web.bodies import SERVER_HANDLER_ARGS
@@ -188,11 +189,19 @@ def create_app(
     )
     metrics.watch_disk(data_dir, config.spool.max_size_mb * 1024 * 1024)
     spool.on_commit = metrics.spool_commit_duration.observe
+    workers: dict[str, ForwarderWorker] = app[WORKERS]
+    metrics.watch_dead_letters(lambda: {**dict.fromkeys(workers, 0), **spool.dead_letter_counts()})
 
     async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
         await spool.open()
         app[READY]["spool"] = True
-        pruner = asyncio.create_task(_prune_loop(spool, config.spool.prune_interval_secs))
+        pruner = asyncio.create_task(
+            _prune_loop(
+                spool,
+                config.spool.prune_interval_secs,
+                config.dead_letters.retention_days * 86_400,
+            )
+        )
         yield
         pruner.cancel()
         app[READY]["spool"] = False
@@ -304,15 +313,17 @@ def freeze_after_startup(app: web.Application) -> None:
     app.on_startup.append(freeze)
 
 
-async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
-    """Delete delivered events and expired message ids, and checkpoint the WAL, every
-    ``interval`` seconds. A failure that lasts (a full disk) is logged once a minute."""
+async def _prune_loop(spool: SqliteSpool, interval: float, dead_letter_secs: float) -> None:
+    """Delete delivered events, expired message ids and dead letters older than
+    ``dead_letter_secs``, and checkpoint the WAL, every ``interval`` seconds. A failure that
+    lasts (a full disk) is logged once a minute."""
     failures = LogThrottle(log)
     while True:
         await asyncio.sleep(interval)
         try:
             await spool.prune()
             await spool.prune_message_ids()
+            await _expire_dead_letters(spool, dead_letter_secs)
             await spool.checkpoint()
         except Exception:
             failures.log(
@@ -321,3 +332,15 @@ async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
                 "spool maintenance failed; will try again",
                 exc_info=True,
             )
+
+
+async def _expire_dead_letters(spool: SqliteSpool, retention_secs: float) -> None:
+    """Delete the dead letters older than ``retention_secs`` (``dead_letters.retention_days``;
+    an indexed lookup that finds nothing most of the time)."""
+    cutoff_ms = int((time.time() - retention_secs) * 1000)
+    deleted = await spool.purge_dead_letters(Selection(before_ms=cutoff_ms))
+    if deleted:
+        log.info(
+            "deleted dead letters past their retention",
+            extra={"dead_letters": deleted, "retention_days": round(retention_secs / 86_400, 3)},
+        )

@@ -91,6 +91,28 @@ class _DiskCollector(Collector):
         )
 
 
+class _DeadLetterCollector(Collector):
+    """Dead letters stored now, by forwarder, read at scrape time from the spool's counts."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        stored = GaugeMetricFamily(
+            "tagrelay_dead_letters_stored",
+            "Dead letters stored now (tagrelay dlq list), by forwarder: written by "
+            "tagrelay_dead_letters_total, removed by replays, purges and retention.",
+            labels=["forwarder"],
+        )
+        for forwarder, value in sorted(self._counts().items()):
+            stored.add_metric([forwarder], value)
+        yield stored
+
+
+DEAD_LETTER_REPLAY_OUTCOMES = ("delivered", "dropped", "failed", "skipped")
+"""Outcomes of ``tagrelay_dead_letters_replayed``."""
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -178,6 +200,16 @@ class Metrics:
             "tagrelay_dead_letters",
             "Events stored as dead letters, by reason.",
             ["forwarder", "reason"],
+            registry=r,
+        )
+        self.dead_letters_replayed = Counter(
+            "tagrelay_dead_letters_replayed",
+            "Dead letters replayed (tagrelay dlq replay), by outcome: delivered (deleted from "
+            "the dead letters), dropped (the forwarder chose not to send them, as it would "
+            "have at first: deleted too), failed (dead letters again, with the new reason), "
+            "skipped (not sent: the forwarder is not running, or its filter or consent rule "
+            "leaves them out now).",
+            ["forwarder", "outcome"],
             registry=r,
         )
         self.delivery_latency = Histogram(
@@ -291,6 +323,10 @@ class Metrics:
 
     def watch_disk(self, data_dir: Path, spool_max_bytes: int) -> None:
         self.registry.register(_DiskCollector(data_dir, spool_max_bytes))
+
+    def watch_dead_letters(self, counts: Callable[[], dict[str, int]]) -> None:
+        """``tagrelay_dead_letters_stored{forwarder}`` from ``counts()`` at each scrape."""
+        self.registry.register(_DeadLetterCollector(counts))
 
 
 class SourceMetrics:

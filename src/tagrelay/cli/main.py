@@ -1,4 +1,4 @@
-"""The ``tagrelay`` command: ``serve``, ``check``, ``sql`` and ``health``.
+"""The ``tagrelay`` command: ``serve``, ``check``, ``sql``, ``dlq`` and ``health``.
 
 Exit codes: 0 success, 1 invalid configuration, failed query or unhealthy relay, 2 usage
 error.
@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="give up after this many seconds (default 3)",
     )
+    from tagrelay.cli.dlq_args import add_dlq_parser
+
+    add_dlq_parser(sub, _add_config, _add_data_dir)
     return parser
 
 
@@ -129,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             ready=args.ready,
             timeout_secs=args.timeout_secs,
         )
+    if args.command == "dlq":
+        from tagrelay.cli.dlq import run_dlq
+
+        return run_dlq(config, args)
     from tagrelay.cli.sql import run_sql
 
     return run_sql(

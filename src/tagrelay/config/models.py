@@ -260,6 +260,21 @@ class SpoolConfig(ConfigModel):
     )
 
 
+class DeadLettersConfig(ConfigModel):
+    """The events forwarders gave up on, kept in the spool for ``tagrelay dlq``."""
+
+    retention_days: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Dead letters older than this (since they last died: a replay that fails again "
+            "starts it over) are deleted by the relay's maintenance, so that the table does "
+            "not grow forever. tagrelay dlq purge deletes sooner."
+        ),
+        examples=[30],
+    )
+
+
 class LoggingConfig(ConfigModel):
     """Log output (stderr)."""
 
@@ -699,6 +714,11 @@ class Config(ConfigModel):
         default_factory=SpoolConfig,
         description="The durable queue.",
         examples=[{"synchronous": "full"}],
+    )
+    dead_letters: DeadLettersConfig = Field(
+        default_factory=DeadLettersConfig,
+        description="How long dead letters are kept.",
+        examples=[{"retention_days": 30}],
     )
     logging: LoggingConfig = Field(
         default_factory=LoggingConfig, description="Logging.", examples=[{"level": "info"}]
