@@ -135,6 +135,9 @@ def test_flags_win_over_the_environment(
     assert (args.config, args.data_dir) == (Path("/from/env.yaml"), Path("/from/env"))
     args = build_parser().parse_args(["sql", "--config", "a.yaml", "--data-dir", "d", "select 1"])
     assert (args.config, args.data_dir) == (Path("a.yaml"), Path("d"))
+    for command in (["dlq", "list"], ["dlq", "show", "1"], ["dlq", "purge", "--older-than", "1d"]):
+        args = build_parser().parse_args(command)
+        assert (args.config, args.data_dir) == (Path("/from/env.yaml"), Path("/from/env"))
 
     monkeypatch.delenv("TAGRELAY_CONFIG")
     monkeypatch.delenv("TAGRELAY_DATA_DIR")
