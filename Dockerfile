@@ -36,7 +36,8 @@ COPY deploy/tagrelay.yaml /etc/tagrelay/tagrelay.yaml
 USER tagrelay
 WORKDIR /data
 VOLUME ["/data"]
-EXPOSE 8080
+# 8080: ingest (server.port); 9100: the admin listener, when TAGRELAY_ADMIN_LISTEN opens it
+EXPOSE 8080 9100
 # Asks the port and base path of the configuration in use (TAGRELAY_CONFIG, PORT, ...).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15s --retries=3 \
     CMD ["tagrelay", "health"]

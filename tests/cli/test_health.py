@@ -37,6 +37,7 @@ data_dir: {data_dir}
 server: {{host: 127.0.0.1, port: {port}, base_path: "{base_path}"}}
 keys:
   - {{id: backend, kind: server, key: {SERVER_KEY}}}
+admin: {{listen: "127.0.0.1:0"}}
 logging: {{level: info, format: json}}
 forwarders:
   - {{id: warehouse, type: warehouse, batch: {{max_events: 10, max_wait_secs: 0.1}}}}

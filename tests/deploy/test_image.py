@@ -228,6 +228,19 @@ def test_the_image_config_is_a_production_one() -> None:
         ["https://www.example.com"]
     ]
     assert refusal(config, image_env()) == (None, [])
+    # the admin listener (/metrics) stays on the container's own loopback unless opened
+    assert (config.admin.listen, config.admin.has_token) == ("127.0.0.1:9100", False)
+
+
+def test_the_image_config_opens_the_admin_listener_only_with_a_token() -> None:
+    text = IMAGE_CONFIG.read_text()
+    opened = {**PRODUCTION_ENV, "TAGRELAY_ADMIN_LISTEN": "0.0.0.0:9100"}
+    with pytest.raises(ConfigError, match=r"no admin\.token"):
+        parse_config(text, str(IMAGE_CONFIG), opened)
+    token = "t" * 32
+    config = parse_config(text, str(IMAGE_CONFIG), {**opened, "TAGRELAY_ADMIN_TOKEN": token})
+    assert config.admin.listen == "0.0.0.0:9100"
+    assert config.admin.token.get_secret_value() == token
 
 
 def test_the_image_config_has_no_default_for_a_key_or_an_origin() -> None:
@@ -277,7 +290,12 @@ def test_the_container_starts_answers_its_healthcheck_and_sql_needs_no_flag(
 ) -> None:
     port = free_port()
     env = container_env(
-        tmp_path, IMAGE_CONFIG, **PRODUCTION_ENV, PORT=str(port), TAGRELAY_BASE_PATH="/t"
+        tmp_path,
+        IMAGE_CONFIG,
+        **PRODUCTION_ENV,
+        PORT=str(port),
+        TAGRELAY_BASE_PATH="/t",
+        TAGRELAY_ADMIN_LISTEN=f"127.0.0.1:{free_port()}",
     )
     log = tmp_path / "container.log"
     with log.open("wb") as out:
@@ -378,24 +396,66 @@ def test_compose_gives_the_relay_every_variable_its_config_requires() -> None:
     assert "TAGRELAY_DEV" not in environment
 
 
-def test_prometheus_in_compose_scrapes_the_relay_and_loads_the_rules() -> None:
-    services = compose()["services"]
-    prometheus = services["prometheus"]
-    mounts = bind_mounts(prometheus)
+def compose_relay_env() -> dict[str, str]:
+    """The relay's environment in compose, a required ``${VAR:?...}`` given a value."""
+    environment = compose()["services"]["relay"]["environment"]
+    return {
+        name: (PRODUCTION_ENV.get(name, "x" * 32) if value.startswith("${") else str(value))
+        for name, value in environment.items()
+    }
+
+
+def compose_prometheus_config() -> tuple[Path, dict[str, Any]]:
+    """The local path and the content of the configuration Prometheus runs with."""
+    prometheus = compose()["services"]["prometheus"]
     (config_flag,) = [f for f in prometheus["command"] if f.startswith("--config.file=")]
     config_path = Path(config_flag.split("=", 1)[1])
-    local_config = mounts[str(config_path.parent)] / config_path.name
-    config = yaml.safe_load(local_config.read_text())
+    local = bind_mounts(prometheus)[str(config_path.parent)] / config_path.name
+    return local, yaml.safe_load(local.read_text())
+
+
+def test_prometheus_in_compose_scrapes_the_admin_listener_with_the_token() -> None:
+    stack = compose()
+    local, config = compose_prometheus_config()
     for rules in config["rule_files"]:
-        assert (local_config.parent / rules).is_file()
+        assert (local.parent / rules).is_file()
     (job,) = config["scrape_configs"]
     assert job["job_name"] == "tagrelay"  # what alerts.yml selects on
     (target,) = job["static_configs"][0]["targets"]
     host, port = target.split(":")
     assert host == "relay"
-    relay_config = parse_config(IMAGE_CONFIG.read_text(), str(IMAGE_CONFIG), PRODUCTION_ENV)
-    assert int(port) == relay_config.server.port
-    assert job.get("metrics_path", "/metrics") == relay_config.server.base_path + "/metrics"
+    relay = parse_config(IMAGE_CONFIG.read_text(), str(IMAGE_CONFIG), compose_relay_env())
+    listen_host, listen_port = relay.admin.listen.rsplit(":", 1)
+    assert (listen_host, int(port)) == ("0.0.0.0", int(listen_port))
+    assert relay.admin.has_token
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    # the token: a compose secret made from the variable the relay reads it from
+    credentials = Path(job["authorization"]["credentials_file"])
+    assert credentials.parent == Path("/run/secrets")
+    assert credentials.name in stack["services"]["prometheus"]["secrets"]
+    assert stack["secrets"][credentials.name] == {"environment": "TAGRELAY_ADMIN_TOKEN"}
+    assert "${TAGRELAY_ADMIN_TOKEN" in IMAGE_CONFIG.read_text()
+    # the admin port is for the stack's network only
+    assert all(not p.endswith(":9100") for p in stack["services"]["relay"]["ports"])
+
+
+def test_promtool_accepts_the_compose_prometheus_config(tmp_path: Path) -> None:
+    # in full (rule files, token file): a copy whose token file exists here
+    from tests.deploy.test_prometheus import binary_or_skip
+
+    promtool = binary_or_skip("promtool")
+    local, config = compose_prometheus_config()
+    token = tmp_path / "token"
+    token.write_text("x" * 32)
+    config["scrape_configs"][0]["authorization"]["credentials_file"] = str(token)
+    config["rule_files"] = [str(local.parent / rules) for rules in config["rule_files"]]
+    copy = tmp_path / "prometheus.yml"
+    copy.write_text(yaml.safe_dump(config))
+    done = subprocess.run(
+        [promtool, "check", "config", str(copy)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "SUCCESS: 1 rule files found" in done.stdout
 
 
 def test_grafana_in_compose_loads_the_dashboard_from_prometheus() -> None:
