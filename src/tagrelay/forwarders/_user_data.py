@@ -329,54 +329,86 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _text(value: Any) -> str | None:
     """A scalar as trimmed text (numbers too: a phone or ZIP sent as a number)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        value = str(value)
     if isinstance(value, str):
         value = value.strip()
         return value or None
-    return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return str(value).strip() or None
 
 
 def _first(sources: list[dict[str, Any]], *keys: str) -> str | None:
     for source in sources:
         for key in keys:
-            text = _text(source.get(key))
-            if text is not None:
+            value = source.get(key)
+            if value is not None and (text := _text(value)) is not None:
                 return text
     return None
 
 
 def _click_ids(context: dict[str, Any]) -> dict[str, str]:
     found: dict[str, str] = {}
-    for name, value in _dict(context.get("clickIds")).items():
-        canonical = _CLICK_ID_BY_LOWER.get(str(name).lower())
-        if canonical is not None and isinstance(value, str) and _CLICK_VALUE.fullmatch(value):
-            found[canonical] = value
-    page = _dict(context.get("page"))
+    click_ids = context.get("clickIds")
+    if isinstance(click_ids, dict):
+        for name, value in click_ids.items():
+            canonical = _CLICK_ID_BY_LOWER.get(str(name).lower())
+            if canonical is not None and isinstance(value, str) and _CLICK_VALUE.fullmatch(value):
+                found[canonical] = value
+    page = context.get("page")
+    if not isinstance(page, dict):
+        return found
     search, url = page.get("search"), page.get("url")
-    query = search if isinstance(search, str) and search else None
-    if query is None and isinstance(url, str) and "?" in url:
+    if isinstance(search, str) and search:
+        found.update(_query_click_ids(search, False))
+    elif isinstance(url, str) and "?" in url:
+        found.update(_query_click_ids(url, True))
+    return found
+
+
+def _query_click_ids(text: str, is_url: bool) -> tuple[tuple[str, str], ...]:
+    """The click ids in ``text``'s query (``is_url``: a URL, else the query itself): the
+    same landing URL comes with each of a visitor's events to each ad forwarder, so short
+    ones are read once and cached (click ids and page addresses, in memory only)."""
+    if len(text) > _MAX_CACHED_QUERY:
+        return _read_query_click_ids(text, is_url)
+    return _cached_query_click_ids(text, is_url)
+
+
+_MAX_CACHED_QUERY: Final = 1024
+"""Longer URLs are read each time (the cache holds at most 2,048 x 1 KB)."""
+
+
+def _read_query_click_ids(text: str, is_url: bool) -> tuple[tuple[str, str], ...]:
+    query: str | None = text
+    if is_url:
         try:
-            query = urlsplit(url).query
+            query = urlsplit(text).query
         except ValueError:
             query = None
-    if query:
-        for name, value in parse_qsl(query.lstrip("?")):
-            canonical = _CLICK_ID_BY_LOWER.get(name.lower())
-            if canonical is not None and _CLICK_VALUE.fullmatch(value):
-                found[canonical] = value
-    return found
+    if not query:
+        return ()
+    found = []
+    for name, value in parse_qsl(query.lstrip("?")):
+        canonical = _CLICK_ID_BY_LOWER.get(name.lower())
+        if canonical is not None and _CLICK_VALUE.fullmatch(value):
+            found.append((canonical, value))
+    return tuple(found)
+
+
+_cached_query_click_ids = lru_cache(maxsize=2048)(_read_query_click_ids)
 
 
 def extract_user_data(event: Mapping[str, Any]) -> UserData:
     """What ``event`` says about its person (see the module docstring for the keys). Pure;
     never raises on odd shapes (a field of the wrong type is absent)."""
     context = _dict(event.get("context"))
-    traits = [_dict(event.get("traits")), _dict(context.get("traits"))]
-    with_properties = [*traits, _dict(event.get("properties"))]
-    addresses = [_dict(t.get("address")) for t in traits]
+    # Only the sources the event has (most have no identify traits, page views none at all).
+    traits = [t for t in (event.get("traits"), context.get("traits")) if isinstance(t, dict) and t]
+    properties = event.get("properties")
+    with_properties = (
+        [*traits, properties] if isinstance(properties, dict) and properties else traits
+    )
+    addresses = [a for t in traits if isinstance(a := t.get("address"), dict) and a]
     first_name = _first(traits, "firstName", "first_name")
     last_name = _first(traits, "lastName", "last_name")
     if first_name is None and last_name is None:
