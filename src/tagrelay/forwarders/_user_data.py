@@ -332,7 +332,7 @@ def _text(value: Any) -> str | None:
     if isinstance(value, str):
         value = value.strip()
         return value or None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return str(value).strip() or None
 
@@ -870,21 +870,25 @@ def match_keys(prepared: Prepared, data: UserData) -> frozenset[str]:
     """Which of :data:`MATCH_KEYS` an event sent with ``prepared`` (and the pass-through ids
     of ``data`` that its platform takes) carries."""
     values = prepared.values
-    keys: set[str] = set()
-    for key in ("email", "phone", "external_id"):
-        if key in values:
-            keys.add(key)
+    platform = prepared.platform
+    keys: list[str] = [key for key in ("email", "phone", "external_id") if key in values]
     if "first_name" in values or "last_name" in values:
-        keys.add("name")
-    if {"street", "city", "state", "zip", "country"} & values.keys():
-        keys.add("address")
+        keys.append("name")
+    if not _ADDRESS_FIELDS.isdisjoint(values):
+        keys.append("address")
     if data.ip:
-        keys.add("ip")
+        keys.append("ip")
     if data.user_agent:
-        keys.add("user_agent")
-    clicked = any(k in data.click_ids for k in PLATFORM_CLICK_IDS[prepared.platform])
-    if clicked or (prepared.platform == "meta" and data.fbc):
-        keys.add("click_id")
-    if any(getattr(data, k) for k in PLATFORM_BROWSER_IDS.get(prepared.platform, ())):
-        keys.add("browser_id")
+        keys.append("user_agent")
+    click_ids = data.click_ids
+    if (click_ids and not click_ids.keys().isdisjoint(PLATFORM_CLICK_IDS[platform])) or (
+        platform == "meta" and data.fbc
+    ):
+        keys.append("click_id")
+    browser_ids = PLATFORM_BROWSER_IDS.get(platform)
+    if browser_ids and any(getattr(data, k) for k in browser_ids):
+        keys.append("browser_id")
     return frozenset(keys)
+
+
+_ADDRESS_FIELDS: Final = frozenset({"street", "city", "state", "zip", "country"})
