@@ -98,6 +98,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Final, Literal
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -506,8 +507,12 @@ def _timestamp(event: Event) -> datetime | None:
     return None
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
 def _micros(moment: datetime) -> int:
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -562,6 +567,40 @@ _GA4_ITEM_FIELDS: Final = frozenset(
     }
 )
 _PAGE_PROPERTY_KEYS: Final = frozenset({"url", "title", "referrer", "path", "search", "name"})
+# A product's fields that have a place in a GA4 item (the rest are counted as unmapped).
+_KNOWN_PRODUCT_FIELDS: Final = ITEM_SOURCE_KEYS | _GA4_ITEM_FIELDS
+_KNOWN_SINGLE_PRODUCT_FIELDS: Final = SINGLE_PRODUCT_KEYS | _GA4_ITEM_FIELDS
+
+_MAX_CACHED_KEY: Final = 100
+"""Longer property names are made into param names each time (the cache holds at most
+2,048 x 100 characters)."""
+
+
+def _param_name(key: str) -> tuple[str | None, tuple[str, ...]]:
+    """What a property named ``key`` is called as a GA4 param (None: it is left out) and
+    the drop reasons counted on the way (see ``RequestBuilder._param``)."""
+    if len(key) > _MAX_CACHED_KEY:
+        return _make_param_name(key)
+    return _cached_param_name(key)
+
+
+def _make_param_name(key: str) -> tuple[str | None, tuple[str, ...]]:
+    if key.startswith(RESERVED_PARAM_PREFIXES):
+        return None, ("reserved_param",)
+    name = key if _GA4_NAME.fullmatch(key) else snake_name(key)
+    if not name:
+        return None, ("invalid_param_name",)
+    if name.lower() in _PII_PARAMS:
+        return None, ("pii_removed",)
+    if name.startswith(RESERVED_PARAM_PREFIXES):
+        return None, ("reserved_param",)
+    if len(name) > MAX_NAME:
+        return name[:MAX_NAME].rstrip("_"), ("name_truncated",)
+    return name, ()
+
+
+# Cached: every event of a site names its properties alike.
+_cached_param_name = lru_cache(maxsize=2048)(_make_param_name)
 
 
 class RequestBuilder:
@@ -877,7 +916,7 @@ class RequestBuilder:
             drops["nested_value"] += 1
         if isinstance(products, list):
             items = [
-                self._item(p, ITEM_SOURCE_KEYS, drops) for p in products if isinstance(p, dict)
+                self._item(p, _KNOWN_PRODUCT_FIELDS, drops) for p in products if isinstance(p, dict)
             ]
             if len(items) > MAX_ITEMS:
                 drops["too_many_items"] += len(items) - MAX_ITEMS
@@ -888,7 +927,7 @@ class RequestBuilder:
         elif name in SINGLE_PRODUCT_EVENTS:
             product = {k: properties.pop(k) for k in SINGLE_PRODUCT_KEYS & properties.keys()}
             if product:
-                item = self._item(product, SINGLE_PRODUCT_KEYS, drops)
+                item = self._item(product, _KNOWN_SINGLE_PRODUCT_FIELDS, drops)
                 params["items"] = [item]
                 price, quantity = item.get("price"), item.get("quantity", 1)
                 if "value" not in params and isinstance(price, int | float):
@@ -897,14 +936,17 @@ class RequestBuilder:
     def _item(
         self, product: dict[str, Any], known: frozenset[str], drops: Counter[str]
     ) -> dict[str, Any]:
+        """``product`` as a GA4 item; ``known``: its fields that have a place in one."""
         item: dict[str, Any] = {}
         for key, value in product.items():
             if key in _GA4_ITEM_FIELDS:  # already GA4's names (gtag.js, MP senders): kept
                 self._param(item, key, value, drops)
-        known = known | _GA4_ITEM_FIELDS
         for field_name, value in item_fields(product).items():
             self._param(item, GA4_ITEM_NAMES[field_name], value, drops)
-        unmapped = sum(1 for k, v in product.items() if k not in known and v is not None)
+        unmapped = 0
+        for key, value in product.items():
+            if value is not None and key not in known:
+                unmapped += 1
         if unmapped:
             drops["unmapped_item_field"] += unmapped
         return item
@@ -920,19 +962,12 @@ class RequestBuilder:
         """One property as a param: scalar values only, names fit for GA4, personal data out."""
         if value is None:
             return
-        name = self._name(key, RESERVED_PARAM_PREFIXES, drops)
+        name, reasons = _param_name(key)
+        for reason in reasons:
+            drops[reason] += 1
         if name is None:
             return
-        if name.lower() in _PII_PARAMS:
-            drops["pii_removed"] += 1
-            return
-        if name.startswith(RESERVED_PARAM_PREFIXES):
-            drops["reserved_param"] += 1
-            return
-        if len(name) > MAX_NAME:
-            drops["name_truncated"] += 1
-            name = name[:MAX_NAME].rstrip("_")
-        if isinstance(value, dict | list):
+        if isinstance(value, (dict, list)):
             drops["nested_value"] += 1
             return
         if name in _NUMERIC_PARAMS:
@@ -1026,9 +1061,10 @@ class RequestBuilder:
         body: dict[str, Any] = {"client_id": envelope["client_id"]}
         if "user_id" in envelope:
             body["user_id"] = envelope["user_id"]
-        first_micros = next((m for _, (_, m) in pairs if m is not None), None)
-        if first_micros is not None:
-            body["timestamp_micros"] = first_micros
+        for _, (_, micros) in pairs:
+            if micros is not None:
+                body["timestamp_micros"] = micros
+                break
         for key in ("consent", "ip_override", "user_properties", "user_data"):
             if key in envelope:
                 body[key] = envelope[key]
@@ -1044,7 +1080,8 @@ class RequestBuilder:
             return
         headers = {"Content-Type": "application/json", "User-Agent": "tagrelay"}
         request = HttpRequest("POST", self._mp_url, headers, encoded)
-        yield GA4Request(request, tuple(i for i, _ in pairs), validation=self.config.validate_only)
+        indices = tuple([i for i, _ in pairs])
+        yield GA4Request(request, indices, validation=self.config.validate_only)
 
 
 def build_plan(config: GA4Config, events: list[Event], now: datetime) -> Plan:
