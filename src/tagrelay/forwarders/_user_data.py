@@ -408,29 +408,43 @@ def extract_user_data(event: Mapping[str, Any]) -> UserData:
     with_properties = (
         [*traits, properties] if isinstance(properties, dict) and properties else traits
     )
-    addresses = [a for t in traits if isinstance(a := t.get("address"), dict) and a]
-    first_name = _first(traits, "firstName", "first_name")
-    last_name = _first(traits, "lastName", "last_name")
-    if first_name is None and last_name is None:
-        name = _first(traits, "name")
-        if name is not None:
-            first, _, rest = name.partition(" ")
-            first_name, last_name = first, (rest.strip() or None)
+    email = phone = first_name = last_name = street = city = state = None
+    zip_code = country = gender = birthday = None
+    if with_properties:
+        email = _first(with_properties, "email")
+        phone = _first(with_properties, "phone")
+    if traits:  # else none of these can be found
+        addresses = [a for t in traits if isinstance(a := t.get("address"), dict) and a]
+        first_name = _first(traits, "firstName", "first_name")
+        last_name = _first(traits, "lastName", "last_name")
+        if first_name is None and last_name is None:
+            name = _first(traits, "name")
+            if name is not None:
+                first, _, rest = name.partition(" ")
+                first_name, last_name = first, (rest.strip() or None)
+        street = _first(addresses, "street")
+        city = _first(addresses, "city") or _first(traits, "city")
+        state = _first(addresses, "state", "region") or _first(traits, "state", "region")
+        zip_code = _first(addresses, "postalCode", "postal_code", "zip") or _first(
+            traits, "postalCode", "postal_code", "zip"
+        )
+        country = _first(addresses, "country") or _first(traits, "country")
+        gender = _first(traits, "gender")
+        birthday = _first(traits, "birthday")
     user_id = event.get("userId")
     client_ids = _dict(context.get("clientIds"))
     return UserData(
-        email=_first(with_properties, "email"),
-        phone=_first(with_properties, "phone"),
+        email=email,
+        phone=phone,
         first_name=first_name,
         last_name=last_name,
-        street=_first(addresses, "street"),
-        city=_first(addresses, "city") or _first(traits, "city"),
-        state=_first(addresses, "state", "region") or _first(traits, "state", "region"),
-        zip=_first(addresses, "postalCode", "postal_code", "zip")
-        or _first(traits, "postalCode", "postal_code", "zip"),
-        country=_first(addresses, "country") or _first(traits, "country"),
-        gender=_first(traits, "gender"),
-        birthday=_first(traits, "birthday"),
+        street=street,
+        city=city,
+        state=state,
+        zip=zip_code,
+        country=country,
+        gender=gender,
+        birthday=birthday,
         external_id=_text(user_id) if isinstance(user_id, str | int) else None,
         ip=_text(context.get("ip")),
         user_agent=_text(context.get("userAgent")),
