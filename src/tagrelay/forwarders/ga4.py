@@ -441,8 +441,10 @@ def client_hints(user_agent_data: Any) -> dict[str, str]:
 # -- identity ------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)
 def derived_client_id(seed: str) -> str:
-    """A GA-shaped client id (``<uint32>.<uint32>``) that is a function of ``seed``."""
+    """A GA-shaped client id (``<uint32>.<uint32>``) that is a function of ``seed``.
+    Cached: a visitor's events give the same seed (anonymousId, userId)."""
     digest = hashlib.sha256(("tagrelay.ga4:" + seed).encode()).digest()
     return f"{int.from_bytes(digest[:4], 'big')}.{int.from_bytes(digest[4:8], 'big')}"
 
@@ -571,9 +573,22 @@ _PAGE_PROPERTY_KEYS: Final = frozenset({"url", "title", "referrer", "path", "sea
 _KNOWN_PRODUCT_FIELDS: Final = ITEM_SOURCE_KEYS | _GA4_ITEM_FIELDS
 _KNOWN_SINGLE_PRODUCT_FIELDS: Final = SINGLE_PRODUCT_KEYS | _GA4_ITEM_FIELDS
 
+# What property and trait names become as GA4 param and user property names, and the drop
+# reasons counted on the way, are pure functions of the name: cached, since every event of
+# a site names its properties and traits alike (LRUs of 2,048 names; longer names than
+# _MAX_CACHED_KEY are made each time, so that a cache holds at most 2,048 x 100 characters).
 _MAX_CACHED_KEY: Final = 100
-"""Longer property names are made into param names each time (the cache holds at most
-2,048 x 100 characters)."""
+
+
+def _ga4_name(key: str, reserved_prefixes: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """``key`` as a GA4 name (snake_cased unless it already fits), or None and the reason
+    when it is reserved or nothing of it is left."""
+    if key.startswith(reserved_prefixes):
+        return None, "reserved_param"
+    name = key if _GA4_NAME.fullmatch(key) else snake_name(key)
+    if not name:
+        return None, "invalid_param_name"
+    return name, None
 
 
 def _param_name(key: str) -> tuple[str | None, tuple[str, ...]]:
@@ -585,11 +600,9 @@ def _param_name(key: str) -> tuple[str | None, tuple[str, ...]]:
 
 
 def _make_param_name(key: str) -> tuple[str | None, tuple[str, ...]]:
-    if key.startswith(RESERVED_PARAM_PREFIXES):
-        return None, ("reserved_param",)
-    name = key if _GA4_NAME.fullmatch(key) else snake_name(key)
-    if not name:
-        return None, ("invalid_param_name",)
+    name, reason = _ga4_name(key, RESERVED_PARAM_PREFIXES)
+    if name is None:
+        return None, (reason,) if reason else ()
     if name.lower() in _PII_PARAMS:
         return None, ("pii_removed",)
     if name.startswith(RESERVED_PARAM_PREFIXES):
@@ -599,8 +612,33 @@ def _make_param_name(key: str) -> tuple[str | None, tuple[str, ...]]:
     return name, ()
 
 
-# Cached: every event of a site names its properties alike.
 _cached_param_name = lru_cache(maxsize=2048)(_make_param_name)
+
+
+def _user_property_name(key: str) -> tuple[str | None, tuple[str, ...], bool]:
+    """What a trait named ``key`` is called as a GA4 user property (None: it is left out),
+    the drop reasons counted before its value is looked at, and whether the name was cut
+    (counted only for a value that is kept; see ``RequestBuilder._user_properties``)."""
+    if len(key) > _MAX_CACHED_KEY:
+        return _make_user_property_name(key)
+    return _cached_user_property_name(key)
+
+
+def _make_user_property_name(key: str) -> tuple[str | None, tuple[str, ...], bool]:
+    name, reason = _ga4_name(key, RESERVED_USER_PROPERTY_PREFIXES)
+    if name is None:
+        return None, (reason,) if reason else (), False
+    lowered = name.lower()
+    if lowered in _PII_TRAITS:
+        return None, ("pii_removed",), False
+    if lowered in RESERVED_USER_PROPERTIES or lowered.startswith(RESERVED_USER_PROPERTY_PREFIXES):
+        return None, ("reserved_param",), False
+    if len(name) > MAX_USER_PROPERTY_NAME:
+        return name[:MAX_USER_PROPERTY_NAME].rstrip("_"), (), True
+    return name, (), False
+
+
+_cached_user_property_name = lru_cache(maxsize=2048)(_make_user_property_name)
 
 
 class RequestBuilder:
@@ -977,19 +1015,6 @@ class RequestBuilder:
         if value is not None:
             params[name] = value
 
-    @staticmethod
-    def _name(key: str, reserved_prefixes: tuple[str, ...], drops: Counter[str]) -> str | None:
-        """``key`` as a GA4 name (snake_cased unless it already fits), or None when it is
-        reserved or nothing of it is left."""
-        if key.startswith(reserved_prefixes):
-            drops["reserved_param"] += 1
-            return None
-        name = key if _GA4_NAME.fullmatch(key) else snake_name(key)
-        if not name:
-            drops["invalid_param_name"] += 1
-            return None
-        return name
-
     @classmethod
     def _scalar(cls, value: Any, limit: int, drops: Counter[str]) -> Any:
         """A scalar value as GA4 takes it: booleans as text, text cut to ``limit``; None for
@@ -1018,24 +1043,16 @@ class RequestBuilder:
         for key, value in traits.items():
             if value is None:
                 continue
-            name = self._name(key, RESERVED_USER_PROPERTY_PREFIXES, drops)
+            name, reasons, truncated = _user_property_name(key)
+            for reason in reasons:
+                drops[reason] += 1
             if name is None:
                 continue
-            lowered = name.lower()
-            if lowered in _PII_TRAITS:
-                drops["pii_removed"] += 1
-                continue
-            if lowered in RESERVED_USER_PROPERTIES or lowered.startswith(
-                RESERVED_USER_PROPERTY_PREFIXES
-            ):
-                drops["reserved_param"] += 1
-                continue
-            if isinstance(value, dict | list):
+            if isinstance(value, (dict, list)):
                 drops["nested_value"] += 1
                 continue
-            if len(name) > MAX_USER_PROPERTY_NAME:
+            if truncated:
                 drops["name_truncated"] += 1
-                name = name[:MAX_USER_PROPERTY_NAME].rstrip("_")
             value = self._scalar(value, MAX_USER_PROPERTY_VALUE, drops)
             if value is None:
                 continue
