@@ -348,9 +348,9 @@ def test_a_value_that_does_not_normalize_is_dropped_and_counted(field: Field, ra
 
 
 def test_a_value_prepared_again_in_another_context_is_normalized_for_it() -> None:
-    """Normalized values are cached: the same raw value under another default phone country
-    or another event country comes out as if prepared alone, and a cache emptied in
-    between changes nothing."""
+    """Prepared user data and normalized values are cached: the same raw value under
+    another default phone country or another event country comes out as if prepared alone,
+    and caches emptied in between change nothing."""
     london = "020 7946 0958"
 
     def results() -> list[str | None]:
@@ -366,7 +366,10 @@ def test_a_value_prepared_again_in_another_context_is_normalized_for_it() -> Non
     expected = [None, sha("442079460958"), None, sha("94025"), sha("940251234"), sha("94025")]
     assert results() == expected
     assert results() == expected  # now from the cache
+    user_data_module._prepared.cache_clear()
+    assert results() == expected  # prepared again from the cached values
     user_data_module._normalized.cache_clear()
+    user_data_module._prepared.cache_clear()
     assert results() == expected
 
 

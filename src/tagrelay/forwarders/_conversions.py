@@ -313,7 +313,8 @@ class Conversion:
     browser: bool = False
     """The event came from a browser: it carries a user agent and a page URL."""
     field_drops: Mapping[str, int] = field(default_factory=dict)
-    """What was left out of it (``FIELD_DROP_REASONS``), counted only if it is sent."""
+    """What was left out of it (``FIELD_DROP_REASONS``), counted only if it is sent. May be
+    the mapping of its ``prepared`` or ``commerce`` itself: read it, never change it."""
 
     @property
     def properties(self) -> Mapping[str, Any]:
