@@ -373,9 +373,11 @@ def commerce(properties: Mapping[str, Any], event_name: str | None = None) -> Co
             items.append(item)
             if value is None and item.price is not None:
                 value = item.price * (item.quantity if item.quantity is not None else 1)
-    num_items = (
-        sum(item.quantity if item.quantity is not None else 1 for item in items) if items else None
-    )
+    num_items = None
+    if items:
+        num_items = 0
+        for item in items:
+            num_items += item.quantity if item.quantity is not None else 1
     return Commerce(
         value=value,
         currency=currency,

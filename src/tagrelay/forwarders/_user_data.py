@@ -911,7 +911,13 @@ def match_keys(prepared: Prepared, data: UserData) -> frozenset[str]:
     of ``data`` that its platform takes) carries."""
     values = prepared.values
     platform = prepared.platform
-    keys: list[str] = [key for key in ("email", "phone", "external_id") if key in values]
+    keys: list[str] = []
+    if "email" in values:
+        keys.append("email")
+    if "phone" in values:
+        keys.append("phone")
+    if "external_id" in values:
+        keys.append("external_id")
     if "first_name" in values or "last_name" in values:
         keys.append("name")
     if not _ADDRESS_FIELDS.isdisjoint(values):
@@ -925,9 +931,10 @@ def match_keys(prepared: Prepared, data: UserData) -> frozenset[str]:
         platform == "meta" and data.fbc
     ):
         keys.append("click_id")
-    browser_ids = PLATFORM_BROWSER_IDS.get(platform)
-    if browser_ids and any(getattr(data, k) for k in browser_ids):
-        keys.append("browser_id")
+    for browser_id in PLATFORM_BROWSER_IDS.get(platform, ()):
+        if getattr(data, browser_id):
+            keys.append("browser_id")
+            break
     return frozenset(keys)
 
 
