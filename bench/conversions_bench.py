@@ -19,7 +19,8 @@ click and browser ids from one event to the next, as a returning buyer does; ord
 message ids and products are new in every event. ``--visitors 0`` gives every event a
 person of its own (every value new: the worst case for any cache). Each forwarder plans
 its own copy of each batch, decoded from JSON just before (untimed), as the relay's
-delivery workers each decode the stored events.
+delivery workers each decode the stored events; with ``--shared``, every forwarder plans
+the same decoded batch (a delivery that would decode each batch once for all).
 
 ``--forwarder all`` plans every batch with meta, tiktok, google_ads and ga4 in turn (the
 fan-out: one event, four platforms) and prints each one's time and the sum. Prints, for
@@ -210,9 +211,12 @@ def hit_rate() -> str:
     return f"{hits / looked_up:.0%} of {looked_up:,}" if looked_up else "-"
 
 
-def run(name: str, batches: list[bytes], forwarders: dict[str, Forwarder]) -> None:
+def run(
+    name: str, batches: list[bytes], forwarders: dict[str, Forwarder], shared: bool = False
+) -> None:
     """Plan every batch with each forwarder in turn, each on its own decoded copy (as the
-    relay's delivery workers each decode a batch); time only the plans."""
+    relay's delivery workers each decode a batch), or all on one (``shared``); time only
+    the plans."""
     clear_caches()
     now = datetime.now(UTC)
     secs = dict.fromkeys(forwarders, 0.0)
@@ -220,8 +224,10 @@ def run(name: str, batches: list[bytes], forwarders: dict[str, Forwarder]) -> No
     n = 0
     clock = time.process_time  # CPU time: other jobs share the machine
     for encoded in batches:
+        chunk = orjson.loads(encoded)
         for fid, fwd in forwarders.items():
-            chunk = orjson.loads(encoded)
+            if not shared:
+                chunk = orjson.loads(encoded)
             started = clock()
             plan = fwd.plan(chunk, now)
             secs[fid] += clock() - started
@@ -282,13 +288,21 @@ def main() -> None:
     parser.add_argument(
         "--visitors", type=int, default=1000, help="pool of visitors; 0: a new one per event"
     )
+    parser.add_argument(
+        "--shared", action="store_true", help="every forwarder plans the same decoded batch"
+    )
     args = parser.parse_args()
     names = FORWARDERS if args.forwarder == "all" else (args.forwarder,)
     forwarders = {name: forwarder(name) for name in names}
     pool = f"{args.visitors:,} visitors" if args.visitors else "a new visitor per event"
-    print(f"{args.forwarder}: {args.events:,} events per mix from {pool}, batches of {args.batch}")
+    copies = "one decoded copy for all" if args.shared else "a decoded copy each"
+    print(
+        f"{args.forwarder}: {args.events:,} events per mix from {pool}, batches of "
+        f"{args.batch}, {copies}"
+    )
     for name, make in (("purchases", purchase), ("pageviews", page_view)):
-        run(name, stored(mix(make, args.events, args.visitors), args.batch), forwarders)
+        batches = stored(mix(make, args.events, args.visitors), args.batch)
+        run(name, batches, forwarders, args.shared)
 
 
 if __name__ == "__main__":
