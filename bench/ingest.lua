@@ -80,7 +80,7 @@ local function conversion(ts, extra)
   local id = nonce .. "-" .. tid .. "-" .. n
   if n % 2 == 0 then
     return "/v1/track", string.format(PURCHASE, n % 5000, n % 5000, id, id, 10 + n % 90,
-      n % 50, n % 50, n % 70, n % 70, 5 + n % 20, n, n % 10000, n, ts, extra)
+      n % 50, n % 50, n % 70, n % 70, 5 + n % 20, n % 5000, n % 5000, n, ts, extra)
   end
   local p = n % 500
   return "/v1/page", string.format(PAGE, n % 5000, id, p, p, p, p, p, p, ts, extra)

@@ -169,7 +169,9 @@ class BodyMaker:
     def conversion(self) -> tuple[str, bytes]:
         """The "conversions" mix, alternately: an ``Order Completed`` with revenue, products,
         email and phone traits and a gclid (``/v1/track``), and a page view (``/v1/page``),
-        each granting every consent category."""
+        each granting every consent category. 5,000 visitors (``anon-N``), each with its
+        own email and phone number, which come back with each of the visitor's purchases,
+        as an identified visitor's traits do on all their events."""
         ts = self._now()
         extra = f',"sentAt":"{ts}"'
         self.counter += 1
@@ -179,7 +181,7 @@ class BodyMaker:
             return "/v1/track", (
                 _PURCHASE
                 % (n % 5000, n % 5000, mid, mid, 10 + n % 90, n % 50, n % 50, n % 70, n % 70,
-                   5 + n % 20, n, n % 10000, n, ts, extra)
+                   5 + n % 20, n % 5000, n % 5000, n, ts, extra)
             ).encode()  # fmt: skip
         p = n % 500
         return "/v1/page", (_PAGE % (n % 5000, mid, p, p, p, p, p, p, ts, extra)).encode()

@@ -40,8 +40,9 @@
       cookieless: (a.cookieless || "" + cfg.c) == "true"
     },
     // The visitor: CL cookieless (unset until the first init), A anonymous id, U user id,
-    // T traits, C consent ({category: "granted"|"denied"}), L the landing URL's
-    // {campaign, clickIds} if it had any.
+    // T the traits given to identify (merged; on later track and page events as
+    // context.traits), C consent ({category: "granted"|"denied"}), L the landing URL's
+    // {campaign, clickIds} if it had any. All kept in storage (st); reset() forgets U and T.
     CL, A, U, L,
     T = {},
     C = {},
@@ -95,12 +96,17 @@
       C = st("consent") || C;
       save();
     },
+    // o itself if it has a key, else undefined (so that an empty object is left out)
+    nz = o => Object.keys(o)[0] && o,
     // context.page, and the properties of a page event (like analytics.js)
     pg = (l = location) => ({ url: l.href, path: l.pathname, title: d.title, referrer: R, search: l.search }),
     // Build one event (Segment spec), queue it and return its messageId. A JSON copy is
     // queued: later changes to the caller's objects do not leak into it, and an object
     // that cannot be serialised throws here, in the caller, not in a whole batch later.
-    ev = (f, o) => {
+    // t (track and page): the event carries the user's traits as context.traits, where
+    // Segment's spec puts them on calls other than identify (and where the relay's ad
+    // forwarders find an email or phone given to identify() earlier).
+    ev = (f, o, t) => {
 {% if jitsu %}
       if (O.dontSend) return; // Jitsu's privacy.dontSend: nothing is sent
 {% endif %}
@@ -114,7 +120,8 @@
                   timezone: Intl.DateTimeFormat().resolvedOptions().timeZone,
                   screen: { width: screen.width, height: screen.height, density: devicePixelRatio },
                   library: { name: "tagrelay.js", version: cfg.v },
-                  consent: Object.keys(C)[0] && C,
+                  traits: t && nz(T),
+                  consent: nz(C),
                   cookieless: CL || V,
                   gpc: N.globalPrivacyControl || V
                 },
@@ -214,9 +221,9 @@
       page: (n, p) => {
         if (H && H != location.href) R = H;
         H = location.href;
-        return ev({ type: "page", name: n, properties: X(pg(), p) });
+        return ev({ type: "page", name: n, properties: X(pg(), p) }, V, 1);
       },
-      track: (e, p, o) => ev({ type: "track", event: e, properties: p || {} }, o),
+      track: (e, p, o) => ev({ type: "track", event: e, properties: p || {} }, o, 1),
       // identify(userId, traits), or identify(traits) for the current user (or none).
       // Traits accumulate; another user starts from none.
       identify: (u, t) => {

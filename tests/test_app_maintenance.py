@@ -30,7 +30,7 @@ async def test_a_lasting_maintenance_failure_is_logged_once(
 ) -> None:
     caplog.set_level(logging.INFO, "tagrelay.app")
     spool: Any = FailingSpool()
-    loop = asyncio.create_task(_prune_loop(spool, 0.001))
+    loop = asyncio.create_task(_prune_loop(spool, 0.001, 86_400.0))
     async with asyncio.timeout(30):
         while spool.rounds < 20:
             await asyncio.sleep(0.005)

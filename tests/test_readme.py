@@ -52,3 +52,9 @@ def test_readme_snippet_is_the_one_the_relay_renders() -> None:
     config = Config.model_validate({"keys": [{"id": "w", "kind": "browser", "key": "k"}]})
     rendered = render_snippet(config, "https://data.example.com/p.js", "YOUR_BROWSER_KEY")
     assert documented.strip() == rendered.strip()
+
+
+def test_readme_holds_no_merge_conflict_markers() -> None:
+    readme = (ROOT / "README.md").read_text()
+    markers = re.findall(r"^(?:<{7}|={7}|>{7})(?: .*)?$", readme, flags=re.M)
+    assert markers == []

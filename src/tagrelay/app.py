@@ -22,13 +22,15 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
 
-from tagrelay.appkeys import CONFIG, INGEST, METRICS, READY, SPOOL, WORKERS
+from tagrelay.appkeys import CONFIG, DELIVERY_LOOP, INGEST, METRICS, READY, SPOOL, WORKERS
 from tagrelay.config.models import Config
-from tagrelay.forwarders import FORWARDERS, ForwarderContext
+from tagrelay.forwarders import FORWARDERS, Forwarder, ForwarderContext
 from tagrelay.forwarders._loop import DeliveryLoop
+from tagrelay.forwarders._process import DeliveryProcess, remote_class
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
+from tagrelay.spool.dead_letters import Selection
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.admin import admin_socket_ctx
 from tagrelay.web.bodies import SERVER_HANDLER_ARGS
@@ -178,6 +180,7 @@ def create_app(
     app[METRICS] = metrics
     app[SPOOL] = spool
     app[WORKERS] = {}
+    app[DELIVERY_LOOP] = DeliveryLoop()
     app[READY] = {"spool": False, "forwarders": False}
     app[INGEST] = IngestService(config, spool, metrics)
     metrics.watch_spool(
@@ -185,11 +188,19 @@ def create_app(
         commits=lambda: spool.commits,
     )
     spool.on_commit = metrics.spool_commit_duration.observe
+    workers: dict[str, ForwarderWorker] = app[WORKERS]
+    metrics.watch_dead_letters(lambda: {**dict.fromkeys(workers, 0), **spool.dead_letter_counts()})
 
     async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
         await spool.open()
         app[READY]["spool"] = True
-        pruner = asyncio.create_task(_prune_loop(spool, config.spool.prune_interval_secs))
+        pruner = asyncio.create_task(
+            _prune_loop(
+                spool,
+                config.spool.prune_interval_secs,
+                config.dead_letters.retention_days * 86_400,
+            )
+        )
         yield
         pruner.cancel()
         app[READY]["spool"] = False
@@ -203,9 +214,10 @@ def create_app(
                 "forgot the cursor of a forwarder no longer configured", extra={"forwarder": name}
             )
         workers = app[WORKERS]
-        delivery = DeliveryLoop()
+        delivery = app[DELIVERY_LOOP]
         delivery.start()
         sessions: list[aiohttp.ClientSession] = []
+        processes: list[DeliveryProcess] = []
 
         async def start_workers() -> None:
             # Runs on the delivery loop: the session and the workers belong to it.
@@ -215,8 +227,22 @@ def create_app(
             )
             sessions.append(session)
             context = ForwarderContext(data_dir=data_dir, http=session, metrics=metrics)
+            remote = [
+                f
+                for f in enabled
+                if config.delivery.process and FORWARDERS[f.type].in_delivery_process
+            ]
+            if remote:
+                processes.append(
+                    DeliveryProcess(remote, data_dir, metrics, niceness=config.delivery.niceness)
+                )
             for fwd_config in enabled:
-                forwarder = FORWARDERS[fwd_config.type](fwd_config, context)
+                cls = FORWARDERS[fwd_config.type]
+                forwarder: Forwarder  # type: ignore[type-arg]
+                if fwd_config in remote:
+                    forwarder = remote_class(cls)(fwd_config, context, processes[0])
+                else:
+                    forwarder = cls(fwd_config, context)
                 worker = ForwarderWorker(forwarder, spool, metrics)
                 await worker.start()
                 workers[fwd_config.id] = worker
@@ -226,6 +252,8 @@ def create_app(
             await asyncio.gather(
                 *(w.stop(timeout) for w in workers.values()), return_exceptions=True
             )
+            for process in processes:
+                await process.close()
             for session in sessions:
                 await session.close()
 
@@ -284,15 +312,17 @@ def freeze_after_startup(app: web.Application) -> None:
     app.on_startup.append(freeze)
 
 
-async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
-    """Delete delivered events and expired message ids, and checkpoint the WAL, every
-    ``interval`` seconds. A failure that lasts (a full disk) is logged once a minute."""
+async def _prune_loop(spool: SqliteSpool, interval: float, dead_letter_secs: float) -> None:
+    """Delete delivered events, expired message ids and dead letters older than
+    ``dead_letter_secs``, and checkpoint the WAL, every ``interval`` seconds. A failure that
+    lasts (a full disk) is logged once a minute."""
     failures = LogThrottle(log)
     while True:
         await asyncio.sleep(interval)
         try:
             await spool.prune()
             await spool.prune_message_ids()
+            await _expire_dead_letters(spool, dead_letter_secs)
             await spool.checkpoint()
         except Exception:
             failures.log(
@@ -301,3 +331,15 @@ async def _prune_loop(spool: SqliteSpool, interval: float) -> None:
                 "spool maintenance failed; will try again",
                 exc_info=True,
             )
+
+
+async def _expire_dead_letters(spool: SqliteSpool, retention_secs: float) -> None:
+    """Delete the dead letters older than ``retention_secs`` (``dead_letters.retention_days``;
+    an indexed lookup that finds nothing most of the time)."""
+    cutoff_ms = int((time.time() - retention_secs) * 1000)
+    deleted = await spool.purge_dead_letters(Selection(before_ms=cutoff_ms))
+    if deleted:
+        log.info(
+            "deleted dead letters past their retention",
+            extra={"dead_letters": deleted, "retention_days": round(retention_secs / 86_400, 3)},
+        )

@@ -12,6 +12,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from tagrelay.config.models import Config
+from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.metrics import Metrics
@@ -19,12 +20,24 @@ from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.warehouse.process import WarehouseProcess
 from tagrelay.web.ingest import IngestService
 
-__all__ = ["CONFIG", "INGEST", "METRICS", "READY", "SPOOL", "WORKERS", "warehouse_of"]
+__all__ = [
+    "CONFIG",
+    "DELIVERY_LOOP",
+    "INGEST",
+    "METRICS",
+    "READY",
+    "SPOOL",
+    "WORKERS",
+    "warehouse_of",
+]
 
 CONFIG = web.AppKey("config", Config)
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", SqliteSpool)
 WORKERS = web.AppKey("workers", dict[str, ForwarderWorker])
+DELIVERY_LOOP = web.AppKey("delivery_loop", DeliveryLoop)
+"""The loop the workers and their forwarders run on, while they run: call a forwarder (or
+anything of the delivery process) only there, with ``DeliveryLoop.call``."""
 """The running forwarders' workers by forwarder id; filled as the delivery loop starts."""
 INGEST = web.AppKey("ingest", IngestService)
 READY = web.AppKey("ready", dict[str, bool])

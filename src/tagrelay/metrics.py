@@ -59,6 +59,28 @@ class _SpoolCollector(Collector):
         )
 
 
+class _DeadLetterCollector(Collector):
+    """Dead letters stored now, by forwarder, read at scrape time from the spool's counts."""
+
+    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+        self._counts = counts
+
+    def collect(self) -> Iterable[Metric]:
+        stored = GaugeMetricFamily(
+            "tagrelay_dead_letters_stored",
+            "Dead letters stored now (tagrelay dlq list), by forwarder: written by "
+            "tagrelay_dead_letters_total, removed by replays, purges and retention.",
+            labels=["forwarder"],
+        )
+        for forwarder, value in sorted(self._counts().items()):
+            stored.add_metric([forwarder], value)
+        yield stored
+
+
+DEAD_LETTER_REPLAY_OUTCOMES = ("delivered", "dropped", "failed", "skipped")
+"""Outcomes of ``tagrelay_dead_letters_replayed``."""
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -148,6 +170,16 @@ class Metrics:
             ["forwarder", "reason"],
             registry=r,
         )
+        self.dead_letters_replayed = Counter(
+            "tagrelay_dead_letters_replayed",
+            "Dead letters replayed (tagrelay dlq replay), by outcome: delivered (deleted from "
+            "the dead letters), dropped (the forwarder chose not to send them, as it would "
+            "have at first: deleted too), failed (dead letters again, with the new reason), "
+            "skipped (not sent: the forwarder is not running, or its filter or consent rule "
+            "leaves them out now).",
+            ["forwarder", "outcome"],
+            registry=r,
+        )
         self.delivery_latency = Histogram(
             "tagrelay_delivery_latency_seconds",
             "From the relay receiving an event to its forwarder delivering it.",
@@ -228,6 +260,12 @@ class Metrics:
             self.http_rejected.labels(reason)
         for reason in CONNECTION_CLOSE_REASONS:
             self.connections_closed.labels(reason)
+        self.delivery_process_starts = Counter(
+            "tagrelay_delivery_process_starts",
+            "Times the delivery process (the HTTP forwarders, delivery.process) was started: "
+            "once at start-up, then once after each time it died.",
+            registry=r,
+        )
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
         self._http_children: dict[tuple[str, str, str], Histogram] = {}
         self._sources: dict[str, SourceMetrics] = {}
@@ -250,6 +288,10 @@ class Metrics:
 
     def watch_spool(self, depths: Callable[[], dict[str, int]], commits: Callable[[], int]) -> None:
         self.registry.register(_SpoolCollector(depths, commits))
+
+    def watch_dead_letters(self, counts: Callable[[], dict[str, int]]) -> None:
+        """``tagrelay_dead_letters_stored{forwarder}`` from ``counts()`` at each scrape."""
+        self.registry.register(_DeadLetterCollector(counts))
 
 
 class SourceMetrics:

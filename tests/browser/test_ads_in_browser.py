@@ -8,11 +8,11 @@ and keeps the id it returns, the id a site passes to ``fbq(..., {eventID: id})``
 ``ttq.track(..., {event_id: id})``. Each platform must receive the purchase once, under that
 id, with its click id; with ``ad_user_data`` denied each receives it without hashed
 identifiers or IP; with ``ads`` denied none receives anything, while the relay stores the
-event all the same. The email given to ``identify`` does not reach the platforms with the
-later purchase yet (the script's ``track`` events carry no ``context.traits``): that test is
-a strict xfail, to be turned back into a plain test once it does. The rig (site server, relay
-subprocess, Chromium) is conftest.py's, with a relay of this module's own whose ad forwarders
-point at the fakes below.
+event all the same. The email given to ``identify`` on the landing page reaches each platform
+hashed with the later purchase: the script remembers the traits and sends them as
+``context.traits`` on later track and page events. The rig (site server, relay subprocess,
+Chromium) is conftest.py's, with a relay of this module's own whose ad forwarders point at
+the fakes below.
 """
 
 from __future__ import annotations
@@ -394,14 +394,6 @@ def test_without_ad_user_data_each_platform_gets_the_purchase_without_user_data(
     assert sha256("u-1") not in text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "the tracking script's track() events carry no context.traits, so the email given to "
-        "identify() never reaches an ad platform with a later purchase"
-    ),
-)
 def test_the_email_given_to_identify_reaches_each_platform_hashed_with_the_purchase(
     rig: Rig, context: Any
 ) -> None:
@@ -413,4 +405,5 @@ def test_the_email_given_to_identify_reaches_each_platform_hashed_with_the_purch
     [ads] = poll(lambda: purchases(platforms, "gads", "o-3"))
     assert meta["user_data"].get("em") == [hashed_email]
     assert tiktok["user"].get("email") == hashed_email
-    assert {"hashedEmail": hashed_email} in ads.get("userIdentifiers", [])
+    email_identifier = {"hashedEmail": hashed_email, "userIdentifierSource": "FIRST_PARTY"}
+    assert email_identifier in ads.get("userIdentifiers", [])

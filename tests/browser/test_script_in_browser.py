@@ -118,6 +118,31 @@ def test_track_returns_the_message_id_it_sends(rig: Any, context: Any) -> None:
     assert order["messageId"] == "order-o-1"
 
 
+UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+
+
+def test_track_before_the_script_loads_returns_a_uuid_on_a_plain_http_page(
+    rig: Any, context: Any
+) -> None:
+    # http://www.shop.test (a name mapped to 127.0.0.1) is no secure context for Chromium,
+    # so crypto.randomUUID is missing there: the snippet's stub must make the id without it.
+    site, _ = rig
+    early = """<script>
+      window.probe = {
+        secure: isSecureContext, randomUUID: typeof crypto.randomUUID,
+        stub: Array.isArray(tagrelay), id: tagrelay.track('Early Bird', {sku: 'SKU-2'})
+      };
+    </script>"""
+    page = context.new_page()
+    page.goto(add_page(site, "/early/bird", head=early))
+    probe = page.evaluate("window.probe")
+    assert (probe["secure"], probe["randomUUID"], probe["stub"]) == (False, "undefined", True)
+    assert re.fullmatch(UUID4, probe["id"] or ""), probe["id"]
+    [event] = settle(site, named("Early Bird"), 1)
+    assert event["messageId"] == probe["id"]
+    assert event["properties"] == {"sku": "SKU-2"}
+
+
 def test_an_event_fired_during_unload_arrives_once(rig: Any, context: Any) -> None:
     site, _ = rig
     first = add_page(site, "/unload/a")

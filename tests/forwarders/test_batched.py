@@ -2,8 +2,8 @@
 request per event (its body names the event), answered by a fake that looks the answer up
 by that name. What is asserted: the batch outcome combined from the requests' outcomes, a
 retry that does not resend what was accepted, secrets kept out of every detail, per-event
-rejections from ``classify``, and the credentials hook (per request, refreshed once on a
-refusal)."""
+rejections from ``classify``, a request refused for some of its events (sent again
+without them), and the credentials hook (per request, refreshed once on a refusal)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pydantic import SecretStr
 import tagrelay.forwarders._batched as batched
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import ForwarderContext
-from tagrelay.forwarders._batched import BatchedHttpForwarder, Plan, PlannedRequest
+from tagrelay.forwarders._batched import BatchedHttpForwarder, Plan, PlannedRequest, Refused
 from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
 from tests.support import fake_server
@@ -124,7 +124,7 @@ def field_drops(context: ForwarderContext, reason: str) -> float:
 
 
 def test_the_module_exports_its_public_names() -> None:
-    assert sorted(batched.__all__) == ["BatchedHttpForwarder", "Plan", "PlannedRequest"]
+    assert sorted(batched.__all__) == ["BatchedHttpForwarder", "Plan", "PlannedRequest", "Refused"]
     for name in batched.__all__:
         assert getattr(batched, name) is not None
 
@@ -233,6 +233,79 @@ async def test_per_event_rejections_from_classify_dead_letter_only_those_events(
     # for the request that was not sent again
     assert outcome == Delivered(rejected={2: "row_error: row 1 refused (***)"})
     assert destination.sent("r1") == 1
+
+
+class Refusing(Toy):
+    """A 422 body ``{"refused": [positions]}`` refuses the whole request for those events;
+    ``rebuild`` says whether ``without`` can send the others again."""
+
+    rebuild = True
+
+    def classify(self, planned: PlannedRequest, response: HttpResponse) -> Outcome | Refused:
+        if response.status == 422:
+            refused = orjson.loads(response.body)["refused"]
+            return Refused(
+                "toy_refused",
+                f"HTTP 422: refused {refused} ({TOKEN})",
+                {p: f"row {p} refused ({TOKEN})" for p in refused},
+            )
+        return super().classify(planned, response)
+
+    def without(
+        self, plan: Plan, planned: PlannedRequest, positions: frozenset[int]
+    ) -> PlannedRequest | None:
+        if not self.rebuild:
+            return None
+        ids = orjson.loads(planned.request.body)["ids"]
+        kept = [at for at in range(len(ids)) if at not in positions]
+        body = orjson.dumps({"ids": [ids[at] for at in kept]})
+        request = HttpRequest("POST", planned.request.url, {}, body)
+        return PlannedRequest(request, tuple(planned.indices[at] for at in kept))
+
+
+def refusing(destination: FakeDestination, context: ForwarderContext) -> Refusing:
+    return Refusing(ToyConfig.model_validate({"id": "toy", "endpoint": destination.url}), context)
+
+
+async def test_a_request_refused_for_some_events_is_sent_again_without_them(
+    destination: FakeDestination, context: ForwarderContext
+) -> None:
+    # one request for r1..r4 (batch 1..4); refused for its 2nd row (r2), then, without it,
+    # for the 3rd of [r1, r3, r4] (r4); [r1, r3] goes through
+    destination.answers = {
+        "r1": [(422, {}, b'{"refused": [1, 9]}'), (422, {}, b'{"refused": [2]}'), (204, {}, b"")],
+        "x": [(503, {}, b"busy"), (204, {}, b"")],
+    }
+    fwd = refusing(destination, context)
+    batch = events("x", "r1", "r2", "r3", "r4", r1="g", r2="g", r3="g", r4="g")
+    outcome = await fwd.deliver(batch)
+    assert isinstance(outcome, Retry)  # for x; of r1..r4 the destination took r1 and r3
+    assert outcome.delivered == frozenset({1, 3})
+    assert [ids for ids, _ in destination.seen if ids[0] == "r1"] == [
+        ["r1", "r2", "r3", "r4"],
+        ["r1", "r3", "r4"],
+        ["r1", "r3"],
+    ]
+    # the request it took is remembered like any other: the retry does not send it again
+    outcome = await fwd.deliver(batch)
+    assert outcome == Delivered(rejected={2: "row 1 refused (***)", 4: "row 2 refused (***)"})
+    assert destination.sent("r1") == 3
+
+
+async def test_a_request_refused_for_every_event_or_that_cannot_be_rebuilt(
+    destination: FakeDestination, context: ForwarderContext
+) -> None:
+    destination.answers = {"r1": [(422, {}, b'{"refused": [0, 1]}')]}
+    fwd = refusing(destination, context)
+    batch = events("r1", "r2", r1="g", r2="g")
+    outcome = await fwd.deliver(batch)
+    assert outcome == Delivered(rejected={0: "row 0 refused (***)", 1: "row 1 refused (***)"})
+    assert destination.sent("r1") == 1
+    destination.answers = {"s1": [(422, {}, b'{"refused": [0]}')]}
+    fwd.rebuild = False
+    outcome = await fwd.deliver(events("s1", "s2", s1="h", s2="h"))
+    assert outcome == Dead("toy_refused", "HTTP 422: refused [0] (***)")
+    assert destination.sent("s1") == 1
 
 
 class Authorized(Toy):
@@ -344,3 +417,36 @@ async def test_settled_is_called_once_per_batch_when_it_is_done(
     dead = await fwd.deliver(events("c"))
     assert isinstance(dead, Dead)
     assert calls == [Delivered(), dead]
+
+
+async def test_send_reads_an_answer_that_comes_in_pieces_up_to_its_limit() -> None:
+    """An answer written in pieces is read whole up to the limit (one read returned only
+    what had arrived), and one past the limit is cut and says so."""
+    import asyncio
+
+    import aiohttp
+    from aiohttp import web
+
+    from tagrelay.forwarders._http import HttpRequest, HttpResponse, send
+    from tests.support import fake_server
+
+    piece = b"x" * 30_000
+
+    async def slow(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for _ in range(10):
+            await response.write(piece)
+            await asyncio.sleep(0.005)
+        await response.write_eof()
+        return response
+
+    async with fake_server("a slow destination", {"/slow": slow}) as server:
+        request = HttpRequest("POST", str(server.make_url("/slow")), {}, b"{}")
+        async with aiohttp.ClientSession() as http:
+            whole = await send(http, request, 10.0, 1024 * 1024)
+            cut = await send(http, request, 10.0, 64 * 1024)
+    assert isinstance(whole, HttpResponse) and isinstance(cut, HttpResponse)
+    assert (len(whole.body), whole.truncated) == (300_000, False)
+    assert (len(cut.body), cut.truncated) == (64 * 1024, True)

@@ -244,6 +244,50 @@ def test_without_ad_user_data_only_the_ad_interaction_goes() -> None:
     assert (plan.requests, dict(plan.drops)) == ([], {"ad_user_data_denied": 2})
 
 
+def test_without_ad_user_data_the_pixels_browser_id_cookies_stay() -> None:
+    """Like click ids, the cookies an ad pixel set (Snap's ``_scid`` here) describe the ad
+    interaction, not the person: they go without ``ad_user_data`` too."""
+    event = person({**GRANTED, "ad_user_data": "denied"})
+    event["context"]["clientIds"] = {"_scid": "scid-1"}
+    [sent_event] = sent(toy(), [event])
+    assert sent_event["keys"] == ["browser_id", "click_id", "user_agent"]
+
+
+def test_without_ad_user_data_every_browser_id_stays_and_no_personal_data() -> None:
+    event = person({**GRANTED, "ad_user_data": "denied"})
+    event["context"]["traits"].update(
+        {"lastName": "Doe", "address": {"city": "Paris", "postalCode": "75001"}}
+    )
+    event["context"]["clientIds"] = {
+        "fbc": "fb.1.2.c",
+        "fbp": "fb.1.2.p",
+        "_ttp": "t",
+        "_rdt_uuid": "1677712978045.b8f7eb7d",
+        "_uetvid": "b171a9b06ce011ecafcd1b209be8601b",
+    }
+    conversion = toy().convert(0, event, NOW, Counter())
+    assert conversion is not None
+    assert conversion.user.present() == (
+        "user_agent", "click_ids", "fbc", "fbp", "ttp", "browser_ids"
+    )  # fmt: skip
+    assert conversion.user.browser_ids == {
+        "_ttp": "t",
+        "_rdt_uuid": "1677712978045.b8f7eb7d",
+        "_uetvid": "b171a9b06ce011ecafcd1b209be8601b",
+    }
+    assert conversion.prepared.values == {}
+
+
+def test_a_platform_adds_its_own_drop_reasons() -> None:
+    class Picky(Toy):
+        platform_event_drop_reasons = frozenset({"no_toy_id"})
+        platform_field_drop_reasons = frozenset({"invalid_toy_click_id"})
+
+    assert Picky.event_drop_reasons == EVENT_DROP_REASONS | {"no_toy_id"}
+    assert Picky.field_drop_reasons == FIELD_DROP_REASONS | {"invalid_toy_click_id"}
+    assert Toy.field_drop_reasons == FIELD_DROP_REASONS
+
+
 def test_only_the_keys_a_payload_carries_are_match_keys() -> None:
     class NoBrowserFacts(Toy):
         payload_match_keys = frozenset({"email", "phone", "click_id"})

@@ -4,6 +4,8 @@ vocabulary and in GA4's."""
 
 from __future__ import annotations
 
+import math
+
 import tagrelay.forwarders._ecommerce as ecommerce
 from tagrelay.forwarders._ecommerce import (
     SEGMENT_EVENT_NAMES,
@@ -12,6 +14,7 @@ from tagrelay.forwarders._ecommerce import (
     CommerceItem,
     commerce,
     currency_code,
+    decimal_text,
     event_name_key,
     item_fields,
     number,
@@ -32,6 +35,7 @@ def test_the_module_exports_its_public_names() -> None:
         "STANDARD_EVENTS",
         "commerce",
         "currency_code",
+        "decimal_text",
         "event_name_key",
         "item_fields",
         "number",
@@ -62,6 +66,24 @@ def test_the_standard_event_table_is_keyed_by_canonical_names() -> None:
         "Purchase",
         "Purchase",
     )
+
+
+def test_pinterest_has_checkout_subscription_and_trial_events() -> None:
+    # Pinterest's event list (developers.pinterest.com/docs/api-features/conversion-overview):
+    # initiate_checkout, subscribe and start_trial are standard events (once sent as custom
+    # events here); checkout is the completed transaction.
+    pinterest = {canonical: names.get("pinterest") for canonical, names in STANDARD_EVENTS.items()}
+    assert pinterest["begin_checkout"] == "initiate_checkout"
+    assert pinterest["subscribe"] == "subscribe"
+    assert pinterest["start_trial"] == "start_trial"
+    assert pinterest["purchase"] == "checkout"
+
+
+def test_amounts_as_decimal_text() -> None:
+    cases = [(20, "20"), (65.5, "65.5"), (0.1 + 0.2, "0.30000000000000004"), (1e-07, "0.0000001")]
+    cases += [(1e21, "1000000000000000000000"), (-3.25, "-3.25"), (2.0, "2.0")]
+    assert [decimal_text(v) for v, _ in cases] == [text for _, text in cases]
+    assert [decimal_text(v) for v in (math.inf, -math.inf, math.nan)] == [None, None, None]
 
 
 def test_numbers_and_currencies() -> None:

@@ -667,6 +667,23 @@ def test_a_cut_answer_is_scanned_for_its_row_errors() -> None:
     assert not cut_in_row_errors(HttpResponse(200, {}, body))
 
 
+async def test_every_row_error_of_a_full_batch_is_read(
+    ads: Recorder, token_endpoint: FakeTokenEndpoint, context: ForwarderContext
+) -> None:
+    """1,200 conversions, 900 refused: Google's answer runs to hundreds of kilobytes, and
+    every refused row must be named (an answer read up to 64 KiB named about 200)."""
+    fwd = forwarder(context, ads, token_endpoint)
+    now = datetime.now(UTC).isoformat()
+    events = [{**purchase(f"m-{i}"), "timestamp": now} for i in range(1200)]
+    refused = [i for i in range(1200) if i % 4 != 3]
+    body = big_partial_failure(refused, 1200)
+    assert len(body) > 256 * 1024
+    ads.script = [(200, {"Content-Type": "application/json"}, body)]
+    outcome = await fwd.deliver(events)
+    assert isinstance(outcome, Delivered)
+    assert sorted(outcome.rejected) == sorted(refused)
+
+
 async def test_a_partial_failure_in_a_large_answer_rejects_the_named_rows(
     ads: Recorder, token_endpoint: FakeTokenEndpoint, context: ForwarderContext
 ) -> None:
@@ -688,15 +705,18 @@ async def test_an_answer_cut_inside_its_row_errors_is_reported(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     fwd = forwarder(context, ads, token_endpoint)
+    fwd.max_response_bytes = 64 * 1024  # type: ignore[misc]  # an answer past what is read
     now = datetime.now(UTC).isoformat()
     events = [{**purchase(f"m-{i}"), "timestamp": now} for i in range(600)]
     ads.script = [(200, {}, big_partial_failure(list(range(300)), 600))]
-    with caplog.at_level("WARNING", logger="tagrelay.forwarders.google_ads"):
+    with caplog.at_level("WARNING"):
         outcome = await fwd.deliver(events)
     assert isinstance(outcome, Delivered)
     named = sorted(outcome.rejected)
     assert 0 < len(named) < 300 and named == list(range(len(named)))
-    [record] = caplog.records
+    [cut] = [r for r in caplog.records if r.name == "tagrelay.forwarders._batched"]
+    assert cut.read_bytes == 64 * 1024  # type: ignore[attr-defined]
+    [record] = [r for r in caplog.records if r.name == "tagrelay.forwarders.google_ads"]
     assert record.getMessage().startswith("Google Ads answer cut before the end of its row")
     assert (record.rows, record.rows_rejected) == (600, len(named))  # type: ignore[attr-defined]
 

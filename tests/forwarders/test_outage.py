@@ -546,6 +546,7 @@ async def test_a_span_forwarder_retries_the_same_span_and_drains_its_backlog_at_
     class Spans:
         max_event_age_secs = None
         reads_spool = True
+        filters_spans = False
         config = ForwarderConfigBase.model_validate(
             {"id": "spans", "batch": {"max_events": 10, "max_wait_secs": 30}}
         )

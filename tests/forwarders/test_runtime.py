@@ -235,6 +235,8 @@ async def test_events_refused_one_by_one_become_dead_letters(tmp_path: Any) -> N
         app = create_app(
             make_config(
                 tmp_path,
+                # Picky is this test's class: it runs in the relay, not the delivery process.
+                delivery={"process": False},
                 forwarders=[
                     {
                         "id": "picky",
@@ -417,6 +419,7 @@ async def test_events_a_destination_already_took_are_not_dead_lettered(
             return SpanDelivery(await self.deliver_payloads([]))
 
     HalfTaken.reads_spool = reads_spool  # type: ignore[attr-defined]
+    HalfTaken.filters_spans = False  # type: ignore[attr-defined]
     spool = SqliteSpool(tmp_path / "spool.sqlite3")
     await spool.open()
     metrics = Metrics()

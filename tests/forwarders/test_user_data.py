@@ -17,6 +17,7 @@ import pytest
 
 import tagrelay.forwarders._user_data as user_data_module
 from tagrelay.forwarders._user_data import (
+    BROWSER_ID_COOKIES,
     CLICK_ID_PARAMS,
     DROP_REASONS,
     FIELDS,
@@ -122,6 +123,17 @@ def test_snap_examples() -> None:
     assert one("snapchat", "last_name", "O'Brien-Smith") == sha("obriensmith")
 
 
+def test_pinterest_gender_takes_non_binary() -> None:
+    # Pinterest's ConversionEventsUserData (pinterest/pinterest-python-generated-api-client,
+    # docs/ConversionEventsUserData.md, from the API spec): ge is "Either "f" or "m" or "n"
+    # for non-binary gender", in lowercase. Meta's and Snap's ge take only f and m.
+    for raw in ("n", "Non-Binary", " nonbinary "):
+        assert one("pinterest", "gender", raw) == sha("n")
+        assert one("meta", "gender", raw) is None
+        assert one("snapchat", "gender", raw) is None
+    assert one("pinterest", "gender", "Female") == sha("f")
+
+
 def test_google_examples() -> None:
     # Google Data Manager, "Format user data" (developers.google.com/data-manager/api/
     # devguides/concepts/formatting): normalized forms only; hashes computed.
@@ -176,11 +188,45 @@ def test_ga4_user_data_examples() -> None:
     }
 
 
+# Reddit, Conversions API docs (ads-api.reddit.com/docs/v3, "Hashing rules", as captured in
+# the destination Reddit maintains in segmentio/action-destinations,
+# reddit-conversions-api/V3-API-REFERENCE.md): "alice@example.com and Al.ice+Apple@Example.Com
+# -> ff8d98..."; "+15554441234 -> e5b124...".
+REDDIT_EMAIL = "ff8d9819fc0e12bf0d24892e45987e249a28dce836a85cad60e28eaaa8c6d976"
+REDDIT_PHONE = "e5b124c58580eb16bd959b8d0cac12b12c952e2ceae0203d416cff94f10b994a"
+
+# Microsoft, "Conversions API (CAPI)" guide (learn.microsoft.com/advertising/guides/
+# uet-conversion-api-integration, "Hashed identifiers"): john@contoso.com and +14255551234.
+MICROSOFT_EMAIL = "ec81f3ac7b2b19675bab9d54cf416f9f18cff87c97da5cca82c0f0891bc40602"
+MICROSOFT_PHONE = "c59475d96e9f01d7d18d06cfad84dd02333207f02c0c2c5663ef2782cda0390e"
+
+
+def test_reddit_examples() -> None:
+    assert one("reddit", "email", "alice@example.com") == REDDIT_EMAIL
+    assert one("reddit", "email", "Al.ice+Apple@Example.Com") == REDDIT_EMAIL
+    # Only dots and the +alias go: "_" and "-" stay (Reddit's own canonicalizeEmail). A
+    # mirror of Reddit's help center said every non-alphanumeric goes; the API docs do not.
+    assert one("reddit", "email", "Jane_Doe-X+ads@Example.com") == sha("jane_doe-x@example.com")
+    # The docs' number has a 555 area code, which no real number has (phonenumbers refuses
+    # it): the hash pins the form (E.164 with "+"), a real number shows the rule.
+    assert sha("+15554441234") == REDDIT_PHONE
+    assert one("reddit", "phone", "+1 (650) 555-1212") == sha("+16505551212")
+    assert one("reddit", "phone", "(650) 555-1212", "US") == sha("+16505551212")
+
+
+def test_microsoft_examples() -> None:
+    assert one("microsoft", "email", "john@contoso.com") == MICROSOFT_EMAIL
+    # "Trim all whitespace ... remove all dots ... remove any alias ... lowercase"
+    assert one("microsoft", "email", "  Jo.hn+Ads@Contoso.COM ") == MICROSOFT_EMAIL
+    assert one("microsoft", "phone", "+14255551234") == MICROSOFT_PHONE
+    assert one("microsoft", "phone", "(425) 555-1234", "US") == MICROSOFT_PHONE
+    # externalId "anonymized": hashed, case kept.
+    assert one("microsoft", "external_id", " User-42 ") == sha("User-42")
+
+
 def test_reddit_and_microsoft_email_aliases() -> None:
-    # Reddit's manual advanced matching (R3): lowercase, drop "+alias", drop
-    # non-alphanumerics of the local part, for every domain.
+    # Reddit and Microsoft: dots and +suffix go, every domain.
     assert one("reddit", "email", "John.Doe+shop@Example.com") == sha("johndoe@example.com")
-    # Microsoft (Stape's template, U3, unverified): dots and +suffix go, every domain.
     assert one("microsoft", "email", "John.Doe+shop@Example.com") == sha("johndoe@example.com")
     # Meta and TikTok keep both.
     assert one("meta", "email", "John.Doe+shop@Example.com") == sha("john.doe+shop@example.com")
@@ -253,7 +299,7 @@ CASES: list[tuple[Platform, Field, str, str]] = [
     ("linkedin", "last_name", "Doe", "Doe"),
     ("linkedin", "country", "us", "US"),
     ("linkedin", "external_id", " u-1 ", "u-1"),
-    ("reddit", "email", "Jane_Doe+ads@Example.com", sha("janedoe@example.com")),
+    ("reddit", "email", "Jane_Doe+ads@Example.com", sha("jane_doe@example.com")),
     ("reddit", "phone", "+1 650 555 1212", sha("+16505551212")),
     ("reddit", "external_id", "u-1", sha("u-1")),
     ("x", "email", "Jane@Example.com", sha("jane@example.com")),
@@ -408,6 +454,7 @@ def test_looks_like_email() -> None:
 
 def test_the_public_names() -> None:
     assert sorted(user_data_module.__all__) == [
+        "BROWSER_ID_COOKIES",
         "CLICK_ID_PARAMS",
         "DROP_REASONS",
         "FIELDS",
@@ -416,6 +463,7 @@ def test_the_public_names() -> None:
         "PLATFORMS",
         "PLATFORM_BROWSER_IDS",
         "PLATFORM_CLICK_IDS",
+        "PLATFORM_COOKIES",
         "PhoneCountry",
         "Platform",
         "Prepared",
@@ -513,6 +561,8 @@ def test_what_the_relay_knows_ip_user_agent_click_and_browser_ids() -> None:
                 "fbc": "fb.1.1554763741205.AbC",
                 "fbp": "fb.1.1596403881668.11",
                 "_ttp": "t",
+                "_rdt_uuid": "1677712978045.b8f7eb7d-b357-437b-8bd3-e1c8166c7132",
+                "_uetvid": "b171a9b06ce011ecafcd1b209be8601b",
             },
             "page": {"url": "https://shop.test/?ScCid=s-1&gclid=g-2&utm_source=x"},
         },
@@ -526,11 +576,26 @@ def test_what_the_relay_knows_ip_user_agent_click_and_browser_ids() -> None:
         "fb.1.1596403881668.11",
         "t",
     )
+    assert data.browser_ids == {
+        "_ttp": "t",
+        "_rdt_uuid": "1677712978045.b8f7eb7d-b357-437b-8bd3-e1c8166c7132",
+        "_uetvid": "b171a9b06ce011ecafcd1b209be8601b",
+    }
     search = extract_user_data(
         {"context": {"page": {"search": "?msclkid=m-1", "url": "https://x.test/?msclkid=m-2"}}}
     )
     assert search.click_ids == {"msclkid": "m-1"}
     assert extract_user_data({"context": {"clientIds": {"ttp": "t-2"}}}).ttp == "t-2"
+
+
+def test_the_ad_platforms_browser_id_cookies_are_read_from_client_ids() -> None:
+    client_ids = {name: f"{name}-value" for name in BROWSER_ID_COOKIES}
+    data = extract_user_data({"context": {"clientIds": {**client_ids, "_other": "x"}}})
+    assert data.browser_ids == client_ids
+    assert "browser_ids" in repr(data) and "_scid-value" not in repr(data)
+    blank = extract_user_data({"context": {"clientIds": {"_scid": " ", "_epik": 5}}})
+    assert blank.browser_ids == {"_epik": "5"}  # a blank value is absent
+    assert extract_user_data({}).browser_ids == {}
 
 
 def test_odd_shapes_are_absent_not_errors() -> None:
@@ -587,5 +652,16 @@ def test_match_keys() -> None:
         "ip",
         "user_agent",
     }
+    browsers = UserData(browser_ids={"_rdt_uuid": "r", "_uetvid": "u"}, ttp="t")
+    assert match_keys(prepare(browsers, "reddit"), browsers) == {"browser_id"}
+    assert match_keys(prepare(browsers, "microsoft"), browsers) == {"browser_id"}
+    assert match_keys(prepare(browsers, "x"), browsers) == frozenset()
+    reddits = UserData(browser_ids={"_rdt_uuid": "r"})
+    assert match_keys(prepare(reddits, "microsoft"), reddits) == frozenset()
     assert match_keys(prepare(UserData(), "x"), UserData()) == frozenset()
+    cookies = UserData(browser_ids={"_scid": "s-1", "_epik": "e-1", "_ttp": "t-1"})
+    # Snap's _scid is its browser id; Pinterest's _epik holds the click id its tag kept.
+    assert match_keys(prepare(cookies, "snapchat"), cookies) == {"browser_id"}
+    assert match_keys(prepare(cookies, "pinterest"), cookies) == {"click_id"}
+    assert match_keys(prepare(cookies, "meta"), cookies) == frozenset()
     assert set(MATCH_KEYS) >= match_keys(prepare(data, "meta"), data)

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from tagrelay.config.models import IdentityConfig
+from tagrelay.model import BROWSER_ID_COOKIES
 from tagrelay.pipeline.identity import (
     CLICK_COOKIE,
     IdentityService,
@@ -375,3 +376,23 @@ def test_tiktoks_ttp_cookie_is_attached_with_ads_consent_and_never_made_up() -> 
     assert sent["context"]["clientIds"]["_ttp"] == "from-the-sender"
     assert ids.read({"_ttp": "x" * 201}).ttp is None
     assert ids.read({"_ttp": 'a"b'}).ttp is None
+
+
+@pytest.mark.parametrize("name", BROWSER_ID_COOKIES)
+def test_every_ad_platforms_browser_id_cookie_is_attached_with_ads_consent(name: str) -> None:
+    """Snap's ``_scid``, Pinterest's ``_epik``, ... go the way of TikTok's ``_ttp``: attached
+    as ``context.clientIds.<name>`` under ads consent, never set or made up by the relay."""
+    ids = service()
+    value = "8b6f0f1c-2c58-4a8d-9d5e-0b1f7a3c2d41"
+    e, visit = event(), Visit()
+    ids.apply(e, ids.read({name: value}), visit, own_script=True, ads=True, now_ms=NOW_MS)
+    assert e["context"]["clientIds"][name] == value
+    assert name not in visit.cookies  # the vendor's pixel owns it
+    denied = event()
+    ids.apply(denied, ids.read({name: value}), Visit(), own_script=True, ads=False, now_ms=NOW_MS)
+    assert name not in denied["context"].get("clientIds", {})
+    sent = event(context={"clientIds": {name: "from-the-sender"}})
+    ids.apply(sent, ids.read({name: value}), Visit(), own_script=True, ads=True, now_ms=NOW_MS)
+    assert sent["context"]["clientIds"][name] == "from-the-sender"
+    assert ids.read({name: "x" * 201}).browser_ids == {}
+    assert ids.read({name: 'a"b'}).browser_ids == {}

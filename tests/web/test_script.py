@@ -391,7 +391,7 @@ const settle = async () => {
 
 // open(opts) -> a fake browser tab. opts: url, title, referrer, gpc, localStorage,
 // sessionStorage (plain objects, so that a later tab can share them), global, cookie
-// (document.cookie).
+// (document.cookie), insecure (no secure context: no crypto.randomUUID).
 function open(opts = {}) {
   const b = { fetches: [], beacons: [], errors: [], logs: [], responses: [], timers: [], clock: 0 };
   b.pending = []; // rejecters of fetches answered "hang"
@@ -428,7 +428,10 @@ function open(opts = {}) {
     devicePixelRatio: 2,
     localStorage: opts.localStorage || {},
     sessionStorage: opts.sessionStorage || {},
-    crypto: require("crypto").webcrypto,
+    // A page on plain http is no secure context: crypto.randomUUID is missing there.
+    crypto: opts.insecure
+      ? { getRandomValues: (a) => require("crypto").webcrypto.getRandomValues(a) }
+      : require("crypto").webcrypto,
     console: { log: (...x) => b.logs.push(x) },
     URL,
     URLSearchParams,
@@ -579,6 +582,35 @@ def test_queue_is_replayed_init_first_then_page_view_then_ready(browser: Browser
     assert "userId" not in events[0]
     assert all(e["userId"] == "u-1" for e in events[2:])
     assert len({e["anonymousId"] for e in events}) == 1
+
+
+UUID4 = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
+
+
+@pytest.mark.parametrize("insecure", [False, True], ids=["https", "plain-http"])
+def test_the_stubs_track_returns_a_uuid4_that_becomes_the_messageid(
+    browser: Browser, insecure: bool
+) -> None:
+    out = browser(
+        f"const insecure = {str(insecure).lower()};"
+        + """
+        const b = open({ insecure });
+        b.stub();
+        const t = b.api();
+        const ids = Array.from({ length: 200 }, (_, i) => t.track("Before " + i));
+        const own = t.track("Own", {}, { messageId: "m-own" });
+        b.load();
+        await b.advance(0);
+        return { ids, own, events: b.events().filter(e => e.type == "track") };
+        """
+    )
+    ids = out["ids"]
+    assert all(re.fullmatch(UUID4, i) for i in ids), ids[:3]
+    assert len(set(ids)) == len(ids)
+    # every digit that is not the version or the variant is random
+    assert all(len({i[n] for i in ids}) > 8 for n in range(36) if n not in (8, 13, 14, 18, 19, 23))
+    assert out["own"] == "m-own"
+    assert [e["messageId"] for e in out["events"]] == [*ids, "m-own"]
 
 
 def test_events_carry_the_segment_fields_and_context(browser: Browser) -> None:
@@ -769,6 +801,79 @@ def test_another_user_starts_without_the_previous_traits(browser: Browser) -> No
         return b.events().map(e => [e.userId, e.traits]);
     """)
     assert out == [["u-1", {"plan": "pro"}], ["u-2", {"seats": 2}], ["u-2", {"seats": 2}]]
+
+
+def test_identify_traits_go_with_later_track_and_page_events_as_context_traits(
+    browser: Browser,
+) -> None:
+    out = browser("""
+        const local = {};
+        const one = open({ localStorage: local });
+        one.load({ writeKey: "wk", autoPage: "false" });
+        one.api().track("Anonymous");
+        const traits = { email: "ada@shop.test", address: { city: "London" } };
+        one.api().identify("u-1", traits);
+        traits.email = "changed@shop.test";  // after the call: not taken
+        one.api().identify({ phone: "+44 20 7946 0000" });
+        one.api().track("Known");
+        one.api().page("Pricing");
+        one.api().group("g-1", { name: "Acme" });
+        one.api().alias("u-9", "u-1");
+        await one.advance(0);
+        // A later page load: the traits were kept with the other ids.
+        const two = open({ localStorage: local });
+        two.load({ writeKey: "wk", autoPage: "false" });
+        two.api().track("Next page");
+        two.api().identify("u-2", { plan: "pro" });  // another user: the traits start over
+        two.api().track("Other user");
+        two.api().reset();
+        two.api().page();
+        await two.advance(0);
+        const row = e => [e.type, e.event || e.name || null, e.context.traits || null];
+        return { one: one.events().map(row), two: two.events().map(row), local };
+    """)
+    known = {
+        "email": "ada@shop.test",
+        "address": {"city": "London"},
+        "phone": "+44 20 7946 0000",
+    }
+    assert out["one"] == [
+        ["track", "Anonymous", None],
+        ["identify", None, None],  # its traits are the event's own
+        ["identify", None, None],
+        ["track", "Known", known],
+        ["page", "Pricing", known],
+        ["group", None, None],
+        ["alias", None, None],
+    ]
+    assert out["two"] == [
+        ["track", "Next page", known],
+        ["identify", None, None],
+        ["track", "Other user", {"plan": "pro"}],
+        ["page", None, None],  # after reset()
+    ]
+    assert json.loads(out["local"]["tagrelay_traits"]) == {}
+
+
+def test_cookieless_traits_go_with_events_of_the_page_but_are_not_stored(
+    browser: Browser,
+) -> None:
+    out = browser("""
+        const local = {}, tracks = [];
+        for (const n of [1, 2]) {
+          const b = open({ localStorage: local });
+          b.load({ writeKey: "wk", autoPage: "false", cookieless: "true" });
+          if (n == 1) b.api().identify("u-1", { email: "ada@shop.test" });
+          b.api().track("T" + n);
+          await b.advance(0);
+          tracks.push(...b.events().filter(e => e.type == "track"));
+        }
+        return { tracks, local };
+    """)
+    first, second = out["tracks"]
+    assert first["context"]["traits"] == {"email": "ada@shop.test"}
+    assert "traits" not in second["context"]  # a new page load knows nothing
+    assert out["local"] == {}
 
 
 def test_the_relay_anonymous_id_is_adopted(browser: Browser) -> None:

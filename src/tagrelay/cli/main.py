@@ -1,4 +1,4 @@
-"""The ``tagrelay`` command: ``serve``, ``check`` and ``sql``.
+"""The ``tagrelay`` command: ``serve``, ``check``, ``sql`` and ``dlq``.
 
 Exit codes: 0 success, 1 invalid configuration or failed query, 2 usage error.
 """
@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the query after this many seconds (default 60)",
     )
     sql.add_argument("query", help='the SQL query, e.g. "select count(*) from events"')
+
+    from tagrelay.cli.dlq_args import add_dlq_parser
+
+    add_dlq_parser(sub, _add_config)
     return parser
 
 
@@ -79,6 +83,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tagrelay.cli.serve import serve
 
         return serve(config, host=args.host, port=args.port, data_dir=args.data_dir)
+    if args.command == "dlq":
+        from tagrelay.cli.dlq import run_dlq
+
+        return run_dlq(config, args)
     from tagrelay.cli.sql import run_sql
 
     return run_sql(

@@ -260,6 +260,21 @@ class SpoolConfig(ConfigModel):
     )
 
 
+class DeadLettersConfig(ConfigModel):
+    """The events forwarders gave up on, kept in the spool for ``tagrelay dlq``."""
+
+    retention_days: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Dead letters older than this (since they last died: a replay that fails again "
+            "starts it over) are deleted by the relay's maintenance, so that the table does "
+            "not grow forever. tagrelay dlq purge deletes sooner."
+        ),
+        examples=[30],
+    )
+
+
 class LoggingConfig(ConfigModel):
     """Log output (stderr)."""
 
@@ -268,6 +283,35 @@ class LoggingConfig(ConfigModel):
     )
     format: Literal["auto", "json", "text"] = Field(
         "auto", description="auto: text on a terminal, JSON lines otherwise.", examples=["auto"]
+    )
+
+
+class DeliveryConfig(ConfigModel):
+    """Where the forwarders that call HTTP APIs run."""
+
+    process: bool = Field(
+        True,
+        description=(
+            "Run the forwarders that call HTTP APIs (every type but the warehouse, which has "
+            "a process of its own) in one child process, the delivery process: it reads "
+            "their batches from the spool file itself, so turning events into each "
+            "platform's requests never holds the interpreter that answers clients. false: "
+            "they run on a thread of the relay's process (fewer processes; ingest then "
+            "slows down by the time delivery takes, see bench/README.md)."
+        ),
+        examples=[True],
+    )
+    niceness: int = Field(
+        5,
+        ge=0,
+        le=19,
+        description=(
+            "How much lower the delivery process's CPU priority is than the relay's "
+            "(nice(2)): when the machine's cores are all busy, answering clients comes "
+            "first and delivery, whose backlog waits on disk in the spool, takes what is "
+            "left; on an idle core it runs at full speed either way. 0: the same priority."
+        ),
+        examples=[5],
     )
 
 
@@ -671,6 +715,11 @@ class Config(ConfigModel):
         description="The durable queue.",
         examples=[{"synchronous": "full"}],
     )
+    dead_letters: DeadLettersConfig = Field(
+        default_factory=DeadLettersConfig,
+        description="How long dead letters are kept.",
+        examples=[{"retention_days": 30}],
+    )
     logging: LoggingConfig = Field(
         default_factory=LoggingConfig, description="Logging.", examples=[{"level": "info"}]
     )
@@ -711,6 +760,11 @@ class Config(ConfigModel):
     )
     demo: DemoConfig = Field(
         default_factory=DemoConfig, description="The demo page.", examples=[{"enabled": True}]
+    )
+    delivery: DeliveryConfig = Field(
+        default_factory=DeliveryConfig,
+        description="Where the HTTP forwarders run.",
+        examples=[{"process": True}],
     )
     forwarders: list[ForwarderConfig] = Field(
         default_factory=list,

@@ -14,18 +14,30 @@ from __future__ import annotations
 from tagrelay.forwarders._base import Forwarder, ForwarderContext
 from tagrelay.forwarders.ga4 import GA4Forwarder
 from tagrelay.forwarders.google_ads import GoogleAdsForwarder
+from tagrelay.forwarders.linkedin_conversions import LinkedInForwarder
 from tagrelay.forwarders.meta_capi import MetaForwarder
+from tagrelay.forwarders.microsoft_uet import MicrosoftForwarder
+from tagrelay.forwarders.pinterest_capi import PinterestForwarder
+from tagrelay.forwarders.reddit_capi import RedditForwarder
+from tagrelay.forwarders.snap_capi import SnapForwarder
 from tagrelay.forwarders.tiktok_events import TikTokForwarder
 from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.forwarders.webhook import WebhookForwarder
+from tagrelay.forwarders.x_conversions import XForwarder
 
 FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "ga4": GA4Forwarder,
     "google_ads": GoogleAdsForwarder,
+    "linkedin": LinkedInForwarder,
     "meta": MetaForwarder,
+    "microsoft": MicrosoftForwarder,
+    "pinterest": PinterestForwarder,
+    "reddit": RedditForwarder,
+    "snapchat": SnapForwarder,
     "tiktok": TikTokForwarder,
     "warehouse": WarehouseForwarder,
     "webhook": WebhookForwarder,
+    "x": XForwarder,
 }
 
 __all__ = ["FORWARDERS", "Forwarder", "ForwarderContext"]

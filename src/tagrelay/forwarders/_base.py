@@ -55,11 +55,19 @@ class SpoolSpan:
 @dataclass(frozen=True, slots=True)
 class SpanDelivery:
     """What ``deliver_span`` did: the outcome, and ``arrivals``, ``(count, received_ms)``
-    for the events of the span in order (``read_span`` gives them), from which the runtime
-    measures delivery latency."""
+    for the events of the span in order (``read_span`` gives them; only those in ``kept``
+    when it is set), from which the runtime measures delivery latency."""
 
     outcome: Outcome
     arrivals: Sequence[tuple[int, int]] = ()
+    kept: Sequence[int] | None = None
+    """For a forwarder that applies the filter and consent rule itself (``filters_spans``):
+    the indexes in the span of the events it delivered, when it left some out; the
+    outcome's indexes refer to these. None: every event of the span."""
+    filtered: int = 0
+    """Events of the span left out by the forwarder's filter (``filters_spans``)."""
+    denied: int = 0
+    """Events of the span left out for want of consent (``filters_spans``)."""
 
 
 class Forwarder(ABC, Generic[C]):
@@ -72,6 +80,16 @@ class Forwarder(ABC, Generic[C]):
     """True when the forwarder implements ``deliver_span``: the runtime then hands it
     batches as spans of the spool, which it reads itself (from another process), whenever
     no filter or consent rule needs the events in the relay."""
+
+    in_delivery_process: ClassVar[bool] = True
+    """Whether the forwarder runs in the delivery process when ``delivery.process`` is on
+    (``tagrelay.forwarders._process``). False for one with a process of its own (the
+    warehouse)."""
+
+    filters_spans: ClassVar[bool] = False
+    """True when the forwarder applies its filter and consent rule to the spans it reads
+    (the delivery process's stand-in): it then gets spans whatever its rules, and says in
+    ``SpanDelivery`` what it left out."""
 
     max_event_age_secs: ClassVar[float | None] = None
     """The age (since the relay received it) past which the destination no longer accepts

@@ -8,7 +8,8 @@ A destination writes two things:
 - a **classification** of each response (``BatchedHttpForwarder.classify``), by default
   the shared table of ``_http.classify_status``; a platform overrides it for its quirks:
   a 200 whose body carries an error code, per-event errors (``Delivered.rejected`` keyed
-  by the event's position in *that request*), error codes that say "retry" or "give up".
+  by the event's position in *that request*), error codes that say "retry" or "give up",
+  a whole request refused for some of its events (``Refused``, below).
 
 The base owns the rest, the same for every destination:
 
@@ -27,6 +28,15 @@ The base owns the rest, the same for every destination:
   the refreshed credentials) and sends the request once more; a second refusal is
   classified like any other response. ``authorize`` returns ``Retry``/``Dead`` when it
   cannot get credentials (token endpoint down: ``Retry``; refresh token revoked: ``Dead``).
+- **A request refused for some of its events** (LinkedIn's 422 naming the bad elements,
+  Reddit's 400 ``invalid_events``: the destination took none of the request's events):
+  ``classify`` returns ``Refused`` with the events it named (position -> the destination's
+  words). They become dead letters, and the request is sent again at once without them,
+  as ``without`` rebuilds it (the conversions layer does; the default cannot, and the
+  whole request is then ``Dead`` with the refusal's reason and detail), until the
+  destination takes it or nothing is left. Each round drops at least one event, so it
+  ends; a ``Retry`` on the way retries the batch as any retry does (the first request is
+  refused again and the same events are left out).
 - **Secrets** (``secrets``): every value it returns is replaced by ``***`` in every
   ``Retry``/``Dead`` detail and rejection reason, also in its percent-encoded forms (a
   secret sent as a query value shows up encoded in a connection error's URL).
@@ -64,7 +74,7 @@ import hashlib
 import logging
 from abc import abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import ClassVar, Protocol, TypeVar, cast
@@ -80,9 +90,10 @@ from tagrelay.forwarders._http import (
     scrub_secrets,
     send,
 )
+from tagrelay.logthrottle import LogThrottle
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
 
-__all__ = ["BatchedHttpForwarder", "Plan", "PlannedRequest"]
+__all__ = ["BatchedHttpForwarder", "Plan", "PlannedRequest", "Refused"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +115,20 @@ class Plan:
     """What the plan left out, by a bounded reason: whole events and parts of events."""
 
 
+@dataclass(frozen=True)
+class Refused:
+    """What ``classify`` returns when the destination refused a whole request because of
+    some of its events and took none of them (see the module docstring)."""
+
+    reason: str
+    """A bounded code: the request's outcome (``Dead(reason, detail)``) when it cannot be
+    sent again without the refused events."""
+    detail: str
+    rejected: Mapping[int, str]
+    """Position in the request -> the destination's words about that event (positions
+    outside the request are ignored)."""
+
+
 class _HttpLimits(Protocol):
     timeout_secs: float
     max_concurrent_requests: int
@@ -119,9 +144,14 @@ class BatchedHttpForwarder(Forwarder[C]):
     """Reasons in ``Plan.drops`` for which a whole event is not sent."""
     field_drop_reasons: ClassVar[frozenset[str]] = frozenset()
     """Reasons in ``Plan.drops`` for which part of a sent event was cut or left out."""
+    max_response_bytes: ClassVar[int] = 1024 * 1024
+    """How much of an answer is read: enough for the per-event errors and statuses of a
+    full request (a platform whose answer can list more sets a larger value). An answer cut
+    at it is classified on its beginning, and logged."""
 
     def __init__(self, config: C, context: ForwarderContext) -> None:
         super().__init__(config, context)
+        self._cut_answers = LogThrottle(log)
         missing = [
             name
             for name in ("timeout_secs", "max_concurrent_requests")
@@ -145,11 +175,20 @@ class BatchedHttpForwarder(Forwarder[C]):
         """The requests for one batch and what was left out (pure: a function of the
         config, the events and ``now``)."""
 
-    def classify(self, planned: PlannedRequest, response: HttpResponse) -> Outcome:
+    def classify(self, planned: PlannedRequest, response: HttpResponse) -> Outcome | Refused:
         """The outcome of one request. ``Delivered.rejected`` names events refused one by
         one by their position in ``planned.indices`` (the base maps them to the batch);
-        ``Delivered.dropped`` is not used. Details may carry secrets: the base scrubs them."""
+        ``Delivered.dropped`` is not used; ``Refused``: the whole request was refused for
+        the events it names. Details may carry secrets: the base scrubs them."""
         return classify_status(response)
+
+    def without(
+        self, plan: Plan, planned: PlannedRequest, positions: frozenset[int]
+    ) -> PlannedRequest | None:
+        """``planned`` rebuilt without its events at ``positions`` (refused, see
+        ``Refused``), from ``plan``; never asked to leave none. None (the default): it
+        cannot be, and the refused request is ``Dead``."""
+        return None
 
     def secrets(self) -> Iterable[str]:
         """Values never to show in a detail (API secrets, tokens); asked on every scrub, so
@@ -195,10 +234,12 @@ class BatchedHttpForwarder(Forwarder[C]):
         if batch_key != self._batch_key:
             self._batch_key, self._sent = batch_key, {}
         limit = asyncio.Semaphore(cast(_HttpLimits, self.config).max_concurrent_requests)
-        outcomes = await asyncio.gather(*(self._deliver_one(p, limit) for p in plan.requests))
+        outcomes = await asyncio.gather(*(self._deliver_one(plan, p, limit) for p in plan.requests))
         return self._combine(plan, outcomes)
 
-    async def _deliver_one(self, planned: PlannedRequest, limit: asyncio.Semaphore) -> Outcome:
+    async def _deliver_one(
+        self, plan: Plan, planned: PlannedRequest, limit: asyncio.Semaphore
+    ) -> Outcome:
         request = planned.request
         # Credentials are added per attempt, so they are not part of the key.
         key = hashlib.sha256(request.url.encode() + b"\0" + request.body).digest()
@@ -206,12 +247,49 @@ class BatchedHttpForwarder(Forwarder[C]):
         if accepted is not None:
             return accepted
         async with limit:
-            outcome = await self._attempt(planned)
+            outcome = await self._send_refusing(plan, planned)
         if isinstance(outcome, Delivered):
             self._sent[key] = outcome
         return outcome
 
-    async def _attempt(self, planned: PlannedRequest) -> Outcome:
+    async def _send_refusing(self, plan: Plan, planned: PlannedRequest) -> Outcome:
+        """Send ``planned``; while the destination refuses it for some of its events
+        (``Refused``), send it again without them. Positions in the outcome are
+        ``planned``'s."""
+        position = {index: at for at, index in enumerate(planned.indices)}
+        refused: dict[int, str] = {}  # batch index -> the destination's words, so far
+        current = planned
+        while True:
+            outcome = await self._attempt(current)
+            if not isinstance(outcome, Refused):
+                break
+            named = {
+                current.indices[at]: text
+                for at, text in outcome.rejected.items()
+                if 0 <= at < len(current.indices)
+            }
+            if len(named) == len(current.indices):
+                refused.update(named)
+                return Delivered(rejected={position[i]: text for i, text in refused.items()})
+            rebuilt = None
+            if named:
+                at_positions = frozenset(
+                    at for at, index in enumerate(current.indices) if index in named
+                )
+                rebuilt = self.without(plan, current, at_positions)
+            if rebuilt is None:
+                return Dead(outcome.reason, outcome.detail)
+            refused.update(named)
+            current = rebuilt
+        if not refused or not isinstance(outcome, Delivered):
+            return outcome
+        rejected = {position[i]: text for i, text in refused.items()}
+        for at, text in outcome.rejected.items():
+            if 0 <= at < len(current.indices):
+                rejected[position[current.indices[at]]] = text
+        return Delivered(rejected=rejected)
+
+    async def _attempt(self, planned: PlannedRequest) -> Outcome | Refused:
         timeout = cast(_HttpLimits, self.config).timeout_secs
         authorized = await self.authorize(planned.request)
         if not isinstance(authorized, HttpRequest):
@@ -219,7 +297,8 @@ class BatchedHttpForwarder(Forwarder[C]):
         # Taken once the credentials are in hand (no await between): a refusal of them
         # after a refresh by another request refreshes again.
         generation = self._auth_generation
-        response = await send(self.context.http, authorized, timeout)
+        limit = self.max_response_bytes
+        response = await send(self.context.http, authorized, timeout, limit)
         if isinstance(response, HttpResponse) and self.unauthorized(response):
             async with self._auth_lock:
                 refresh = generation == self._auth_generation
@@ -228,9 +307,17 @@ class BatchedHttpForwarder(Forwarder[C]):
                 authorized = await self.authorize(planned.request, refresh=refresh)
             if not isinstance(authorized, HttpRequest):
                 return authorized
-            response = await send(self.context.http, authorized, timeout)
+            response = await send(self.context.http, authorized, timeout, limit)
         if isinstance(response, Retry):
             return response
+        if response.truncated:
+            self._cut_answers.log(
+                logging.WARNING,
+                (self.id, "answer_cut"),
+                "the destination's answer is longer than the forwarder reads; per-event "
+                "errors past the cut are not seen",
+                {"forwarder": self.id, "status": response.status, "read_bytes": limit},
+            )
         return self.classify(planned, response)
 
     def _combine(self, plan: Plan, outcomes: Sequence[Outcome]) -> Outcome:

@@ -48,7 +48,9 @@ The path of an event through an ad forwarder (after the runtime's filter and
 Each kept event becomes a :class:`Conversion`; the platform turns chunks of at most
 ``max_events_per_request`` of them into requests (:meth:`ConversionsForwarder.request`) and
 classifies the answers (``BatchedHttpForwarder.classify``). Sending, retries that never
-resend an accepted request, secret scrubbing and drop counts are ``_batched``'s.
+resend an accepted request, secret scrubbing and drop counts are ``_batched``'s. A request
+the platform refuses for some of its events (``_batched.Refused``) is sent again without
+them: :meth:`ConversionsForwarder.without` rebuilds it through ``request``.
 
 **Match quality.** Once a batch is done (never on an attempt that will be retried), each
 event the platform took counts one ``tagrelay_forwarder_match_keys_total{forwarder, key}``
@@ -63,7 +65,10 @@ Writing a platform: subclass :class:`ConversionsConfig` (a ``type`` literal, ``b
 and :class:`ConversionsForwarder` (class attributes ``platform``, ``standard_events``,
 ``max_events_per_request``, ``max_event_age_secs``, and where they apply
 ``extra_standard_events``, ``payload_match_keys``, ``platform_event_drop_reasons``; methods
-``request``, ``classify``, ``secrets``), then one line in ``forwarders.FORWARDERS``.
+``request``, ``classify``, ``secrets``), then one line in ``forwarders.FORWARDERS``. A
+platform whose payload names no events (each conversion names a conversion action, rule or
+event tag configured for it: Google Ads, LinkedIn, X) overrides ``event_name`` with a
+:class:`ConfiguredEvents` table.
 """
 
 from __future__ import annotations
@@ -72,9 +77,9 @@ import re
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Final, Literal, TypeVar
+from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
 
 from pydantic import Field, field_validator
 
@@ -91,6 +96,7 @@ from tagrelay.forwarders._ecommerce import (
 from tagrelay.forwarders._http import HttpRequest
 from tagrelay.forwarders._user_data import DROP_REASONS as USER_DATA_DROP_REASONS
 from tagrelay.forwarders._user_data import (
+    FIELDS,
     MATCH_KEYS,
     PhoneCountry,
     Platform,
@@ -109,7 +115,9 @@ __all__ = [
     "EVENT_DROP_REASONS",
     "FIELD_DROP_REASONS",
     "NO_MATCH_KEY",
+    "PAGE_VIEW",
     "USER_DATA_KEYS",
+    "ConfiguredEvents",
     "Conversion",
     "ConversionPlan",
     "ConversionsConfig",
@@ -117,6 +125,7 @@ __all__ = [
     "epoch_millis",
     "epoch_seconds",
     "event_time",
+    "named_event",
 ]
 
 AD_EVENT_NAMES: Final[Mapping[str, str]] = {
@@ -163,6 +172,9 @@ USER_DATA_KEYS: Final = frozenset(
     {"email", "phone", "name", "address", "external_id", "ip", "gender", "birthday"}
 )
 """What ``context.consent.ad_user_data`` governs (see the module docstring, step 4)."""
+
+_PERSONAL_FIELDS: Final = (*FIELDS, "ip")
+"""The ``UserData`` attributes of ``USER_DATA_KEYS``: the person's data."""
 
 NO_MATCH_KEY: Final = "none"
 """The ``key`` label of events sent with none of ``MATCH_KEYS``."""
@@ -327,6 +339,8 @@ class ConversionPlan(Plan):
     keys), counted once the batch is done."""
 
     match_keys: dict[int, frozenset[str]] = field(default_factory=dict)
+    conversions: dict[int, Conversion] = field(default_factory=dict)
+    """The planned conversions by batch index (a refused request is rebuilt from them)."""
 
 
 def epoch_seconds(moment: datetime) -> int:
@@ -386,6 +400,71 @@ def _text(value: Any) -> str | None:
     return (value.strip() or None) if isinstance(value, str) else None
 
 
+def named_event(event: Event) -> tuple[str, str | None] | str:
+    """``(name, canonical name)`` of an event that may be a conversion: a track call's
+    name, ``page_view`` for page and screen calls; or the drop reason (``no_event_name``,
+    ``not_a_conversion``)."""
+    etype = event.get("type")
+    if etype in ("page", "screen"):
+        return PAGE_VIEW, PAGE_VIEW
+    if etype != "track":
+        return "not_a_conversion"
+    name = event.get("event")
+    if not isinstance(name, str) or not name.strip():
+        return "no_event_name"
+    return name, CANONICAL_EVENT_NAMES.get(event_name_key(name))
+
+
+T = TypeVar("T")
+
+
+class ConfiguredEvents(Generic[T]):
+    """Event names -> what a platform whose payload names no events reports them as (a
+    conversion action, rule or event tag), from the forwarder's configuration. A name
+    (``page_view`` for page and screen calls) matches an entry exactly, then ignoring case
+    and spaces, then by meaning: an entry for ``purchase`` also takes Segment's ``Order
+    Completed`` and gtag's ``purchase`` (:data:`CANONICAL_EVENT_NAMES`). The first entry
+    for a name wins (configurations refuse repeated names: :meth:`repeated`)."""
+
+    def __init__(self, entries: Iterable[tuple[str, T]]) -> None:
+        self._exact: dict[str, T] = {}
+        self._loose: dict[str, T] = {}
+        self._by_meaning: dict[str, T] = {}
+        for name, target in entries:
+            key = event_name_key(name)
+            self._exact.setdefault(name, target)
+            self._loose.setdefault(key, target)
+            canonical = CANONICAL_EVENT_NAMES.get(key)
+            if canonical is not None:
+                self._by_meaning.setdefault(canonical, target)
+        if PAGE_VIEW in self._loose:
+            self._by_meaning.setdefault(PAGE_VIEW, self._loose[PAGE_VIEW])
+
+    def target(self, name: str, canonical: str | None) -> T | None:
+        """The target configured for an event named ``name`` whose canonical name is
+        ``canonical``, or None."""
+        found = self._exact.get(name)
+        if found is None:
+            found = self._loose.get(event_name_key(name))
+        if found is None and canonical is not None:
+            found = self._by_meaning.get(canonical)
+        return found
+
+    @staticmethod
+    def repeated(names: Iterable[str]) -> list[str]:
+        """The names that repeat an earlier one (ignoring case and spaces), each as
+        ``'order completed' (also 'Order Completed')``, for a configuration error."""
+        seen: dict[str, str] = {}
+        repeated = []
+        for name in names:
+            key = event_name_key(name)
+            if key in seen:
+                repeated.append(f"{name!r} (also {seen[key]!r})")
+            else:
+                seen[key] = name
+        return repeated
+
+
 # -- the forwarder base --------------------------------------------------------------------
 
 CC = TypeVar("CC", bound=ConversionsConfig)
@@ -411,11 +490,14 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
     (Google Ads click conversions carry no IP or user agent)."""
     platform_event_drop_reasons: ClassVar[frozenset[str]] = frozenset()
     """The platform's own reasons for not sending a whole event (added to the layer's)."""
+    platform_field_drop_reasons: ClassVar[frozenset[str]] = frozenset()
+    """The platform's own reasons for leaving part of a sent event out (added to the
+    layer's; a platform's ``convert`` adds them to ``Conversion.field_drops``)."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.event_drop_reasons = EVENT_DROP_REASONS | cls.platform_event_drop_reasons
-        cls.field_drop_reasons = FIELD_DROP_REASONS
+        cls.field_drop_reasons = FIELD_DROP_REASONS | cls.platform_field_drop_reasons
 
     def __init__(self, config: CC, context: ForwarderContext) -> None:
         super().__init__(config, context)
@@ -502,13 +584,9 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             return None
         user = extract_user_data(event)
         if not granted:
-            user = UserData(
-                user_agent=user.user_agent,
-                click_ids=user.click_ids,
-                fbc=user.fbc,
-                fbp=user.fbp,
-                ttp=user.ttp,
-            )
+            # What is left: the user agent, click ids and browser ids, whichever they are.
+            cleared: dict[str, Any] = dict.fromkeys(_PERSONAL_FIELDS)
+            user = replace(user, **cleared)
         prepared = prepare(
             user, self.platform, default_phone_country=self.config.default_phone_country
         )
@@ -553,7 +631,23 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
                 plan.drops.update(c.field_drops)
         plan.requests.extend(self.requests(conversions))
         plan.match_keys = {c.index: c.match_keys for c in conversions}
+        plan.conversions = {c.index: c for c in conversions}
         return plan
+
+    def without(
+        self, plan: Plan, planned: PlannedRequest, positions: frozenset[int]
+    ) -> PlannedRequest | None:
+        """``planned`` without the conversions at ``positions``, through ``request``."""
+        if not isinstance(plan, ConversionPlan):
+            return None
+        kept = [
+            plan.conversions[index]
+            for at, index in enumerate(planned.indices)
+            if at not in positions and index in plan.conversions
+        ]
+        if not kept:
+            return None
+        return PlannedRequest(self.request(kept), tuple(c.index for c in kept))
 
     def settled(self, plan: Plan, outcome: Delivered | Dead) -> None:
         """Count the match keys of the events the platform took (once per batch)."""

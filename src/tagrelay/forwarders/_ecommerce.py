@@ -25,9 +25,11 @@ Their commerce fields, in both vocabularies, come in two layers:
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any, Final
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "CommerceItem",
     "commerce",
     "currency_code",
+    "decimal_text",
     "event_name_key",
     "item_fields",
     "number",
@@ -127,6 +130,10 @@ STANDARD_EVENTS: Final[Mapping[str, Mapping[str, str]]] = {
         "meta": "InitiateCheckout",
         "tiktok": "InitiateCheckout",
         "snap": "START_CHECKOUT",
+        # Pinterest's current event list (developers.pinterest.com/docs/api-features/
+        # conversion-overview, and the v5 spec's event_name enum): initiate_checkout, "people
+        # who start the checkout process"; also its subscribe and start_trial below.
+        "pinterest": "initiate_checkout",
     },
     "add_payment_info": {
         "meta": "AddPaymentInfo",
@@ -149,8 +156,18 @@ STANDARD_EVENTS: Final[Mapping[str, Mapping[str, str]]] = {
         "pinterest": "signup",
         "reddit": "SIGN_UP",
     },
-    "subscribe": {"meta": "Subscribe", "tiktok": "Subscribe", "snap": "SUBSCRIBE"},
-    "start_trial": {"meta": "StartTrial", "tiktok": "StartTrial", "snap": "START_TRIAL"},
+    "subscribe": {
+        "meta": "Subscribe",
+        "tiktok": "Subscribe",
+        "snap": "SUBSCRIBE",
+        "pinterest": "subscribe",
+    },
+    "start_trial": {
+        "meta": "StartTrial",
+        "tiktok": "StartTrial",
+        "snap": "START_TRIAL",
+        "pinterest": "start_trial",
+    },
     "contact": {"meta": "Contact", "tiktok": "Contact", "pinterest": "contact"},
     "login": {"snap": "LOGIN"},
 }
@@ -226,6 +243,18 @@ def number(value: Any) -> int | float | None:
             return None
         return int(parsed) if parsed.is_integer() and "." not in value else parsed
     return None
+
+
+def decimal_text(value: int | float) -> str | None:
+    """A number as plain decimal text, for APIs that take amounts as strings (Pinterest's
+    ``value``, Snap's ``item_price``): ``20`` -> ``"20"``, ``65.5`` -> ``"65.5"``, ``1e-07``
+    -> ``"0.0000001"`` (the shortest form that reads back as the same float, never in
+    exponent notation); None for infinities and NaN."""
+    if isinstance(value, int):
+        return str(value)
+    if not math.isfinite(value):
+        return None
+    return format(Decimal(repr(value)), "f")
 
 
 def currency_code(value: Any) -> str | None:

@@ -38,6 +38,9 @@ https://developers.google.com/identity/protocols/oauth2/service-account#httprest
 No detail ever carries the client secret, the refresh token, the signed assertion or an
 access token; ``TokenProvider.secrets()`` lists the ones the forwarder must scrub.
 
+The refresh-token exchange is RFC 6749 §6, which other platforms' token endpoints answer the
+same way: ``TokenProvider.for_refresh_token`` serves them (LinkedIn's).
+
 In a ``BatchedHttpForwarder`` the provider plugs into the credentials hook::
 
     async def authorize(self, request, *, refresh=False):
@@ -446,6 +449,30 @@ class TokenProvider:
             clock=clock,
         )
 
+    @classmethod
+    def for_refresh_token(
+        cls,
+        client_id: str,
+        client_secret: str,
+        refresh_token: str,
+        token_url: str,
+        *,
+        timeout_secs: float = 10.0,
+        renew_margin_secs: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> TokenProvider:
+        """The provider for an OAuth client and a refresh token exchanged at any RFC 6749
+        token endpoint (``grant_type=refresh_token`` with the client's id and secret in the
+        form, as Google's and LinkedIn's take them)."""
+        grant = _RefreshTokenGrant(client_id, client_secret, refresh_token)
+        return cls(
+            grant,
+            token_url,
+            timeout_secs=timeout_secs,
+            renew_margin_secs=renew_margin_secs,
+            clock=clock,
+        )
+
     def secrets(self) -> tuple[str, ...]:
         """Values never to show: the client secret and refresh token (or the last signed
         assertion), the current access token and the one it replaced."""
@@ -510,7 +537,7 @@ class TokenProvider:
         else:
             result = self._classify(answer, started)
         log.debug(
-            "google access token fetched",
+            "access token fetched",
             extra={"outcome": result.reason if not isinstance(result, str) else "ok"},
         )
         return result

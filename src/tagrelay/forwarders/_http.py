@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -35,16 +36,21 @@ SCRUBBED = "***"
 """What a secret becomes in a detail, a log line or a dead letter."""
 
 
+@functools.lru_cache(maxsize=64)
+def _url_forms(secret: str) -> tuple[str, ...]:
+    encoded = (quote(secret, safe=""), quote_plus(secret))
+    # The HTTP client re-quotes a URL as it sends it: what a query may hold unencoded
+    # ("/", ":", "@", ...) goes out decoded, and that is what an echoed URL shows.
+    requoted = tuple(URL("http://h/?k=" + form).raw_query_string[2:] for form in encoded)
+    return (secret, *encoded, *requoted)
+
+
 def scrub_secrets(text: str, secrets: Iterable[str]) -> str:
     """``text`` with each of ``secrets`` replaced by ``SCRUBBED``, raw and in the forms it
-    takes in a URL or a form body (percent-encoded, ``+`` for spaces), which a destination's
-    error may echo. Longer forms first, so a secret inside another is not half-replaced."""
-    forms = {
-        form
-        for secret in secrets
-        if secret
-        for form in (secret, quote(secret, safe=""), quote_plus(secret))
-    }
+    takes in a URL or a form body (percent-encoded, ``+`` for spaces, as the HTTP client
+    re-quotes a query), which a destination's error may echo. Longer forms first, so a
+    secret inside another is not half-replaced."""
+    forms = {form for secret in secrets if secret for form in _url_forms(secret)}
     for form in sorted(forms, key=len, reverse=True):
         text = text.replace(form, SCRUBBED)
     return text
@@ -66,6 +72,8 @@ class HttpResponse:
     status: int
     headers: dict[str, str]
     body: bytes
+    truncated: bool = False
+    """The body went on past the ``max_body_bytes`` read (``body`` is its beginning)."""
 
     @property
     def text(self) -> str:
@@ -108,11 +116,21 @@ def classify_status(response: HttpResponse) -> Outcome:
     )
 
 
+MAX_RESPONSE_BYTES = 64 * 1024
+"""How much of a response body ``send`` reads by default: enough for any status or error
+answer. A destination that lists per-event errors in its answer reads more (its
+forwarder's ``max_response_bytes``)."""
+
+
 async def send(
-    session: aiohttp.ClientSession, request: HttpRequest, timeout_secs: float
+    session: aiohttp.ClientSession,
+    request: HttpRequest,
+    timeout_secs: float,
+    max_body_bytes: int = MAX_RESPONSE_BYTES,
 ) -> HttpResponse | Retry:
     """Send one request. Network failures come back as ``Retry``; responses, whatever their
-    status, as ``HttpResponse`` for the caller to classify."""
+    status, as ``HttpResponse`` for the caller to classify, with at most ``max_body_bytes``
+    of the body (``truncated`` says when there was more)."""
     try:
         async with session.request(
             request.method,
@@ -122,8 +140,14 @@ async def send(
             timeout=aiohttp.ClientTimeout(total=timeout_secs),
             allow_redirects=False,
         ) as resp:
-            body = await resp.content.read(64 * 1024)
-            return HttpResponse(resp.status, dict(resp.headers), body)
+            body = await resp.content.read(max_body_bytes + 1)
+            while len(body) <= max_body_bytes and not resp.content.at_eof():
+                more = await resp.content.read(max_body_bytes + 1 - len(body))
+                if not more:
+                    break
+                body += more
+            truncated = len(body) > max_body_bytes
+            return HttpResponse(resp.status, dict(resp.headers), body[:max_body_bytes], truncated)
     except TimeoutError:
         return Retry(reason="timeout", detail=f"no response within {timeout_secs:g}s")
     except aiohttp.ClientError as exc:

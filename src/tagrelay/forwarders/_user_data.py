@@ -39,8 +39,9 @@ facade does it: the first word is the first name, the rest the last name ("Mary 
 -> ``Mary`` / ``Ann Smith``); one word is a first name alone. Plus ``context.ip``,
 ``context.userAgent``, click ids (``context.clickIds``, then the query of
 ``context.page.search`` or ``context.page.url``, which wins as the latest landing), and
-browser ids (``context.clientIds.fbc`` / ``fbp`` / ``_ttp`` or ``ttp``). These are passed
-through as they are: no platform hashes them.
+browser ids (``context.clientIds.fbc`` / ``fbp`` / ``_ttp`` or ``ttp``, and every cookie of
+``BROWSER_ID_COOKIES`` in ``browser_ids``). These are passed through as they are: no platform
+hashes them.
 
 The table (``H`` = SHA-256 hex of the normalized UTF-8 string, ``plain`` = sent as
 normalized; an empty cell = the platform takes no such field; ``?`` = not confirmed by the
@@ -49,8 +50,8 @@ platform's own documentation, see the comments at :data:`RULES`):
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
 field        meta   google    tiktok  snapchat  pinterest  linkedin  reddit  x    microsoft
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
-email        H      H g       H       H         H          H         H r     H    H m?
-phone        H d    H +       H +?    H d       H d                  H +?    H +  H +?
+email        H      H g       H       H         H          H         H m     H    H m
+phone        H d    H +       H +?    H d       H d                  H +     H +  H +
 first_name   H n    H n       H lo    H n       H lo       plain?
 last_name    H n    H n       H lo    H n       H lo       plain?
 street              H s
@@ -58,16 +59,15 @@ city         H c    plain n           H c       H c
 state        H st   plain n           H st      H st
 zip          H z    plain p   H zt?   H z       H zd
 country      H cc   plain CC          H cc      H cc       plain?
-gender       H fm                     H fm      H fm
+gender       H fm                     H fm      H fmn
 birthday     H dob                    H dob     H dob
-external_id  H lo             H t     H t       H t        plain?    H t          H t?
+external_id  H lo             H t     H t       H t        plain?    H t          H t
 ===========  =====  ========  ======  ========  =========  ========  ======  ===  =========
 
 Rules: email: trim and lowercase, must look like ``local@domain.tld``; ``g`` Google: no
 whitespace anywhere, and for gmail.com / googlemail.com no dots and no ``+suffix`` in the
 local part (``cloudy.sanfrancisco+shopping@gmail.com`` -> ``cloudysanfrancisco@gmail.com``);
-``r`` Reddit: for every domain, local part without ``+alias`` and without anything but
-letters and digits; ``m`` Microsoft: for every domain, local part without dots and
+``m`` Reddit and Microsoft: for every domain, local part without dots and without the
 ``+suffix``. Phone: parsed by ``phonenumbers`` (a leading ``00`` read as ``+``; a number
 without a country code takes the forwarder's ``default_phone_country``, without one it is
 read as if it started with ``+``); one that does not parse or is not a valid number for
@@ -82,7 +82,8 @@ no spaces (``menlopark``); ``st`` state: like city, and a US state's name become
 5 digits; ``zt`` no spaces or dashes, lowercase; ``zd`` digits only; ``p`` Google postal
 code: trimmed, ``.`` and ``~`` removed; ``cc``/``CC`` ISO 3166-1 alpha-2 in lower/upper case
 (``uk`` is taken as ``gb``; anything else that is not a two-letter region code is dropped).
-``fm`` gender: ``f`` or ``m`` (from f/female/woman, m/male/man). ``dob`` ``YYYYMMDD`` from
+``fm`` gender: ``f`` or ``m`` (from f/female/woman, m/male/man); ``fmn`` the same, or ``n``
+for non-binary (from n/non-binary/nonbinary). ``dob`` ``YYYYMMDD`` from
 ``YYYY-MM-DD`` (a time after it is ignored), ``YYYYMMDD``, ``YYYY/MM/DD`` or ``M/D/YYYY``
 when the day is over 12 (otherwise month and day are ambiguous and it is dropped). ``t``
 external id: trimmed. ``lo`` (Meta's external id): trimmed and lowercased, as Meta's pixel
@@ -116,9 +117,10 @@ from urllib.parse import parse_qsl, urlsplit
 import phonenumbers
 from pydantic import AfterValidator
 
-from tagrelay.model import CLICK_ID_PARAMS
+from tagrelay.model import BROWSER_ID_COOKIES, CLICK_ID_PARAMS
 
 __all__ = [
+    "BROWSER_ID_COOKIES",
     "CLICK_ID_PARAMS",
     "DROP_REASONS",
     "FIELDS",
@@ -126,6 +128,7 @@ __all__ = [
     "PLATFORMS",
     "PLATFORM_BROWSER_IDS",
     "PLATFORM_CLICK_IDS",
+    "PLATFORM_COOKIES",
     "RULES",
     "Field",
     "PhoneCountry",
@@ -187,6 +190,19 @@ PLATFORM_BROWSER_IDS: Final[Mapping[Platform, tuple[str, ...]]] = {
 }
 """Which first-party browser ids (``UserData`` attributes) each platform matches on."""
 
+PLATFORM_COOKIES: Final[Mapping[Platform, Mapping[str, str]]] = {
+    "snapchat": {"_scid": "browser_id"},
+    # Pinterest's tag keeps the landing URL's epik click id in _epik (P1: user_data.click_id
+    # is "stored in _epik cookie on your domain or &epik= query parameter in the URL").
+    "pinterest": {"_epik": "click_id"},
+    # Reddit's pixel cookie _rdt_uuid goes as user.uuid (R2); Microsoft's UET tag keeps its
+    # visitor id in _uetvid, sent as userData.anonymousId (U3).
+    "reddit": {"_rdt_uuid": "browser_id"},
+    "microsoft": {"_uetvid": "browser_id"},
+}
+"""Which ``BROWSER_ID_COOKIES`` (``UserData.browser_ids``) each platform matches on, and the
+match key each one counts as."""
+
 MATCH_KEYS: Final = (
     "email",
     "phone",
@@ -212,6 +228,7 @@ _CLICK_VALUE = re.compile(r"[A-Za-z0-9._~:\-]{1,200}")
 _CLICK_ID_BY_LOWER: Final = {name.lower(): name for name in CLICK_ID_PARAMS}
 _COUNTRY_ALIASES: Final = {"uk": "gb"}
 _GENDERS: Final = {"f": "f", "female": "f", "woman": "f", "m": "m", "male": "m", "man": "m"}
+_GENDERS_NONBINARY: Final = {**_GENDERS, "n": "n", "non-binary": "n", "nonbinary": "n"}
 _US_STATES: Final = {
     "alabama": "al",
     "alaska": "ak",
@@ -294,6 +311,8 @@ class UserData:
     fbc: str | None = None
     fbp: str | None = None
     ttp: str | None = None
+    browser_ids: Mapping[str, str] = field(default_factory=dict)
+    """Cookie name (``BROWSER_ID_COOKIES``) -> value, from ``context.clientIds``."""
 
     def present(self) -> tuple[str, ...]:
         """Names of the attributes that hold a value."""
@@ -455,6 +474,11 @@ def extract_user_data(event: Mapping[str, Any]) -> UserData:
         fbc=_text(client_ids.get("fbc")),
         fbp=_text(client_ids.get("fbp")),
         ttp=_text(client_ids.get("_ttp")) or _text(client_ids.get("ttp")),
+        browser_ids={
+            name: value
+            for name in BROWSER_ID_COOKIES
+            if (value := _text(client_ids.get(name))) is not None
+        },
     )
 
 
@@ -489,19 +513,15 @@ def _email_google(value: str, _: _Context) -> str | None:
     return _valid_email(email)
 
 
-def _email_reddit(value: str, _: _Context) -> str | None:
-    # Reddit's advanced-matching help (R3, read from a mirror): every domain, local part
-    # without the "+alias" and without anything but letters and digits.
-    local, at, domain = value.strip().lower().rpartition("@")
-    if not at:
-        return None
-    local = "".join(ch for ch in local.split("+", 1)[0] if ch.isalnum())
-    return _valid_email(local + "@" + domain)
-
-
-def _email_microsoft(value: str, _: _Context) -> str | None:
-    # Stape's Microsoft CAPI tag (U3), unverified by Microsoft's docs: every domain, local
-    # part without dots and "+suffix".
+def _email_no_dots_or_alias(value: str, _: _Context) -> str | None:
+    # Every domain: trimmed, lowercase, the local part without dots and without the
+    # "+alias". Reddit: its Conversions API docs ("Hashing rules": "remove dots in local
+    # part; remove anything after +", example Al.ice+Apple@Example.Com -> alice@example.com)
+    # and the destination Reddit maintains in segmentio/action-destinations
+    # (reddit-conversions-api/utils.ts, canonicalizeEmail); a mirror of its help center (R3)
+    # said every non-alphanumeric character goes, which would also drop "_" and "-".
+    # Microsoft: its CAPI guide (learn.microsoft.com/advertising/guides/
+    # uet-conversion-api-integration, "To hash an email address").
     local, at, domain = value.strip().lower().rpartition("@")
     if not at:
         return None
@@ -543,7 +563,8 @@ def _phone_digits(value: str, context: _Context) -> str | None:
 
 
 def _phone_plus(value: str, context: _Context) -> str | None:
-    # Google (A11: E.164 with "+"), GA4 MP (G3), X (X6).
+    # Google (A11: E.164 with "+"), GA4 MP (G3), X (X6), Reddit and Microsoft (their docs,
+    # see RULES).
     return _e164(value, context)
 
 
@@ -646,6 +667,12 @@ def _postal_google(value: str, _: _Context) -> str | None:
 def _gender(value: str, _: _Context) -> str | None:
     # Meta M3: the initial in lowercase, f or m.
     return _GENDERS.get(value.strip().lower())
+
+
+def _gender_nonbinary(value: str, _: _Context) -> str | None:
+    # Pinterest P1 (ConversionEventsUserData.ge): "Either "f" or "m" or "n" for non-binary
+    # gender", in lowercase.
+    return _GENDERS_NONBINARY.get(value.strip().lower())
 
 
 _ISO_DATE = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})(?:[T ].*)?")
@@ -753,7 +780,7 @@ RULES: Final[Mapping[Platform, Mapping[Field, Rule]]] = {
         "state": Rule(_state_compact),
         "zip": Rule(_zip_digits),
         "country": Rule(_country_lower),
-        "gender": Rule(_gender),
+        "gender": Rule(_gender_nonbinary),
         "birthday": Rule(_birthday),
         "external_id": Rule(_trim),
     },
@@ -766,10 +793,11 @@ RULES: Final[Mapping[Platform, Mapping[Field, Rule]]] = {
         "country": Rule(_country_upper, hashed=False),
         "external_id": _RAW,
     },
-    # Reddit CAPI v3: match keys may go raw or hashed (R3); hashed here. The email rule is
-    # Reddit's (R3, from a mirror); the phone format is unverified.
+    # Reddit CAPI v3: match keys may go raw or hashed (R3); hashed here, by the hashing rules
+    # of Reddit's Conversions API docs (see _email_no_dots_or_alias; phone: E.164 with "+",
+    # "+15554441234"; external id: trimmed, as Reddit's own Segment destination does).
     "reddit": {
-        "email": Rule(_email_reddit),
+        "email": Rule(_email_no_dots_or_alias),
         "phone": Rule(_phone_plus),
         "external_id": Rule(_trim),
     },
@@ -778,9 +806,12 @@ RULES: Final[Mapping[Platform, Mapping[Field, Rule]]] = {
         "email": Rule(_email_basic),
         "phone": Rule(_phone_plus),
     },
-    # Microsoft UET CAPI (pilot): only Stape's template (U3); all unverified.
+    # Microsoft UET CAPI, its guide (learn.microsoft.com/advertising/guides/
+    # uet-conversion-api-integration): em and ph hashed (phone "in E.164 format with country
+    # code", +14255551234); externalId "anonymized", "never send real user IDs ... apply a
+    # hash": hashed, trimmed.
     "microsoft": {
-        "email": Rule(_email_microsoft),
+        "email": Rule(_email_no_dots_or_alias),
         "phone": Rule(_phone_plus),
         "external_id": Rule(_trim),
     },
@@ -935,6 +966,11 @@ def match_keys(prepared: Prepared, data: UserData) -> frozenset[str]:
         if getattr(data, browser_id):
             keys.append("browser_id")
             break
+    cookies = PLATFORM_COOKIES.get(platform)
+    if cookies:
+        for cookie, key in cookies.items():
+            if data.browser_ids.get(cookie):
+                keys.append(key)  # a key already there counts once (a frozenset)
     return frozenset(keys)
 
 

@@ -39,7 +39,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import orjson
 
@@ -126,6 +126,16 @@ def consented(required: Sequence[str], event: Event) -> bool:
     return all(consent.get(category) == "granted" for category in required)
 
 
+def _first(arrivals: Iterable[tuple[int, int]], count: int) -> Iterator[tuple[int, int]]:
+    """The ``(events, received_ms)`` runs of the first ``count`` events of ``arrivals``."""
+    left = count
+    for n, received_ms in arrivals:
+        if left <= 0:
+            return
+        yield min(n, left), received_ms
+        left -= n
+
+
 class ForwarderWorker:
     def __init__(
         self,
@@ -151,7 +161,9 @@ class ForwarderWorker:
             f.include_types or f.exclude_types or f.include_events or f.exclude_events
         )
         self._required_consent = tuple(self.config.requires_consent)
-        self._spans = forwarder.reads_spool and not self._filters and not self._required_consent
+        self._spans = forwarder.reads_spool and (
+            forwarder.filters_spans or not (self._filters or self._required_consent)
+        )
         """Batches go to the forwarder as spans of the spool (``deliver_span``): nothing
         here needs their events."""
         retry_age = self.config.retry.max_age_secs
@@ -354,12 +366,32 @@ class ForwarderWorker:
         except Exception as exc:
             delivery = SpanDelivery(self._raised(exc))
         outcome = delivery.outcome
-        if isinstance(outcome, Delivered) and not outcome.rejected and not outcome.dropped:
+        if not self._state.attempts:  # a retry does not count them again
+            if delivery.filtered:
+                self.metrics.forwarder_events.labels(self.id, "filtered").inc(delivery.filtered)
+            if delivery.denied:
+                self.metrics.forwarder_events.labels(self.id, "dropped").inc(delivery.denied)
+                self.metrics.forwarder_dropped.labels(self.id, "consent_denied").inc(
+                    delivery.denied
+                )
+        given = count if delivery.kept is None else len(delivery.kept)
+        if isinstance(outcome, Delivered) and not outcome.rejected:
             await self.spool.advance(self.id, last)
             self._moved(last, resumed=True)
-            self._count_delivered(count, delivery.arrivals)
+            self._count_dropped(outcome)
+            delivered = given - sum(outcome.dropped.values())
+            if delivered > 0:
+                self._count_delivered(delivered, _first(delivery.arrivals, delivered))
             return
-        await self._settle(await self.spool.read(after, count), outcome, last)
+        items = await self.spool.read(after, count)
+        if delivery.kept is not None:
+            items = [items[i] for i in delivery.kept if 0 <= i < len(items)]
+        if not items and isinstance(outcome, Retry | Dead):
+            # Nothing of the span was for the destination: nothing to retry or keep.
+            await self.spool.advance(self.id, last)
+            self._moved(last)
+            return
+        await self._settle(items, outcome, last)
 
     def _raised(self, exc: Exception) -> Retry:
         log.exception("forwarder raised", extra={"forwarder": self.id})
@@ -388,15 +420,20 @@ class ForwarderWorker:
             self.metrics.dead_letters.labels(self.id, "rejected_by_destination").inc(len(refused))
             self.metrics.forwarder_events.labels(self.id, "dead_letter").inc(len(refused))
         delivered = [item for i, item in enumerate(kept) if i not in refused]
+        dropped = self._count_dropped(outcome)
+        if len(delivered) > dropped:
+            self._count_delivered(
+                len(delivered) - dropped, ((1, item.received_ms) for item in delivered)
+            )
+
+    def _count_dropped(self, outcome: Delivered) -> int:
+        """Count the events the forwarder chose not to send; returns how many."""
         dropped = sum(outcome.dropped.values())
         if dropped:
             self.metrics.forwarder_events.labels(self.id, "dropped").inc(dropped)
             for reason, n in outcome.dropped.items():
                 self.metrics.forwarder_dropped.labels(self.id, reason).inc(n)
-        if len(delivered) > dropped:
-            self._count_delivered(
-                len(delivered) - dropped, ((1, item.received_ms) for item in delivered)
-            )
+        return dropped
 
     def _count_delivered(self, count: int, arrivals: Iterable[tuple[int, int]]) -> None:
         """Count ``count`` events as delivered and time every event of ``arrivals``, runs

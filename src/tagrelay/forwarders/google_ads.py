@@ -82,13 +82,12 @@ A dead letter's detail is Google's words: HTTP status, gRPC status, each error's
 ``kind.CODE: message`` and the request id; the developer token, OAuth secrets and access
 tokens are scrubbed (``secrets``), and so is anything shaped like an email address.
 
-**Large answers.** The shared HTTP layer keeps the first 64 KiB of a response. Google lists
-``partialFailureError`` before ``results``, so an answer cut there (a 2,000-row upload's
-results are larger) is read by a tolerant scan of its row errors (``scan_row_errors``):
-rows named in the part received are rejected; rows after the cut, if any failed, cannot
-be told apart and count as delivered, and a warning says so (``cut_in_row_errors``; about
-110 row errors fit, ``bench/google_ads_bench.py``). The layer could let a forwarder read
-more.
+**Large answers.** The forwarder reads up to 8 MiB of an answer (``max_response_bytes``):
+the row errors of a full 2,000-row upload, with every result. Google lists
+``partialFailureError`` before ``results``, so an answer cut all the same is read by a
+tolerant scan of its row errors (``scan_row_errors``): rows named in the part received are
+rejected; rows after the cut, if any failed, cannot be told apart and count as delivered,
+and a warning says so (``cut_in_row_errors``).
 """
 
 from __future__ import annotations
@@ -108,12 +107,12 @@ from tagrelay.config.common import ConfigModel
 from tagrelay.forwarders._base import ForwarderContext
 from tagrelay.forwarders._batched import PlannedRequest
 from tagrelay.forwarders._conversions import (
-    CANONICAL_EVENT_NAMES,
+    ConfiguredEvents,
     Conversion,
     ConversionsConfig,
     ConversionsForwarder,
+    named_event,
 )
-from tagrelay.forwarders._ecommerce import event_name_key
 from tagrelay.forwarders._google_auth import GoogleCredentialsConfig, TokenProvider
 from tagrelay.forwarders._http import (
     HttpRequest,
@@ -146,7 +145,6 @@ MAX_EVENT_AGE_SECS: Final = 90 * 86_400.0
 MAX_USER_IDENTIFIERS: Final = 5
 CLICK_ID_ORDER: Final = ("gclid", "wbraid", "gbraid")
 """Which click id is sent when an event has several (Google takes exactly one)."""
-PAGE_VIEW: Final = "page_view"
 
 RATE_LIMIT_CODES: Final = frozenset({"RESOURCE_EXHAUSTED", "RESOURCE_TEMPORARILY_EXHAUSTED"})
 TRANSIENT_CODES: Final = frozenset({"TRANSIENT_ERROR", "INTERNAL_ERROR", "DEADLINE_EXCEEDED"})
@@ -330,14 +328,7 @@ class GoogleAdsConfig(GoogleCredentialsConfig, ConversionsConfig):
 
     @model_validator(mode="after")
     def _each_event_once(self) -> GoogleAdsConfig:
-        seen: dict[str, str] = {}
-        repeated = []
-        for entry in self.conversions:
-            key = event_name_key(entry.event)
-            if key in seen:
-                repeated.append(f"{entry.event!r} (also {seen[key]!r})")
-            else:
-                seen[key] = entry.event
+        repeated = ConfiguredEvents.repeated(entry.event for entry in self.conversions)
         if repeated:
             raise ValueError(
                 "conversions lists an event more than once (names match ignoring case and "
@@ -591,6 +582,9 @@ _SENT_FIELD_DROPS: Final = frozenset(
 
 
 class GoogleAdsForwarder(ConversionsForwarder[GoogleAdsConfig]):
+    # A partial failure lists an error (message, code, field path) per refused row, up to
+    # 2,000 rows.
+    max_response_bytes = 8 * 1024 * 1024
     config_model = GoogleAdsConfig
     platform = "google"
     standard_events = None
@@ -607,18 +601,9 @@ class GoogleAdsForwarder(ConversionsForwarder[GoogleAdsConfig]):
         super().__init__(config, context)
         self.tokens = TokenProvider.from_config(config, timeout_secs=config.timeout_secs)
         self._throttle = LogThrottle(log)
-        self._actions_exact: dict[str, str] = {}
-        self._actions: dict[str, str] = {}
-        self._actions_by_meaning: dict[str, str] = {}
-        for entry in config.conversions:
-            key = event_name_key(entry.event)
-            self._actions_exact.setdefault(entry.event, entry.conversion_action)
-            self._actions.setdefault(key, entry.conversion_action)
-            canonical = CANONICAL_EVENT_NAMES.get(key)
-            if canonical is not None:
-                self._actions_by_meaning.setdefault(canonical, entry.conversion_action)
-        if PAGE_VIEW in self._actions:
-            self._actions_by_meaning.setdefault(PAGE_VIEW, self._actions[PAGE_VIEW])
+        self._actions = ConfiguredEvents(
+            (entry.event, entry.conversion_action) for entry in config.conversions
+        )
         self._url = (
             f"{config.base_url}/{config.api_version}/customers/{config.customer_id}"
             ":uploadClickConversions"
@@ -636,25 +621,15 @@ class GoogleAdsForwarder(ConversionsForwarder[GoogleAdsConfig]):
     def conversion_action(self, name: str, canonical: str | None) -> str | None:
         """The conversion action configured for an event named ``name`` (``page_view`` for
         page views) whose canonical name is ``canonical``."""
-        action = self._actions_exact.get(name) or self._actions.get(event_name_key(name))
-        if action is None and canonical is not None:
-            action = self._actions_by_meaning.get(canonical)
-        return action
+        return self._actions.target(name, canonical)
 
     def event_name(self, event: Event) -> tuple[str, bool, str | None] | str:
         """The conversion action's resource name stands for the event name (the layer's
         table of standard events does not apply: Google Ads has none)."""
-        etype = event.get("type")
-        canonical: str | None
-        if etype in ("page", "screen"):
-            name, canonical = PAGE_VIEW, PAGE_VIEW
-        elif etype == "track":
-            raw = event.get("event")
-            if not isinstance(raw, str) or not raw.strip():
-                return "no_event_name"
-            name, canonical = raw, CANONICAL_EVENT_NAMES.get(event_name_key(raw))
-        else:
-            return "not_a_conversion"
+        named = named_event(event)
+        if isinstance(named, str):
+            return named
+        name, canonical = named
         action = self.conversion_action(name, canonical)
         if action is None:
             return "no_conversion_action"

@@ -128,6 +128,7 @@ def open_warehouse_readonly(config: ForwarderConfigBase, data_dir: Path) -> Ware
 class WarehouseForwarder(Forwarder[WarehouseConfig]):
     config_model = WarehouseConfig
     reads_spool = True
+    in_delivery_process = False  # it has a process of its own
 
     def __init__(self, config: WarehouseConfig, context: ForwarderContext) -> None:
         super().__init__(config, context)

@@ -1,11 +1,14 @@
 """``webhook``: POST each batch as JSON to a URL of the user's choosing.
 
 Body: ``{"batch": [event, ...], "sentAt": "<iso>"}`` (Segment's batch shape), with the
-configured headers. Classification is the shared table of ``_http``.
+configured headers. Classification is the shared table of ``_http``; the values of the
+configured headers (tokens, say) are scrubbed from a retry's or dead letter's detail, where
+an error that echoes the request would show them.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -14,8 +17,8 @@ from pydantic import Field
 
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder
-from tagrelay.forwarders._http import HttpRequest, classify_status, send
-from tagrelay.model import Event, Outcome, Retry, iso
+from tagrelay.forwarders._http import HttpRequest, classify_status, scrub_secrets, send
+from tagrelay.model import Dead, Event, Outcome, Retry, iso
 
 
 class WebhookConfig(ForwarderConfigBase):
@@ -51,6 +54,9 @@ class WebhookForwarder(Forwarder[WebhookConfig]):
     async def deliver(self, events: list[Event]) -> Outcome:
         request = build_request(self.config, events, datetime.now(UTC))
         response = await send(self.context.http, request, self.config.timeout_secs)
-        if isinstance(response, Retry):
-            return response
-        return classify_status(response)
+        outcome = response if isinstance(response, Retry) else classify_status(response)
+        if isinstance(outcome, Retry | Dead):
+            return replace(
+                outcome, detail=scrub_secrets(outcome.detail, self.config.headers.values())
+            )
+        return outcome

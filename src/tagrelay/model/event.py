@@ -54,6 +54,14 @@ CLICK_ID_PARAMS: Final = (
 """The ad click ids an event's ``context.clickIds`` may hold, by these names: the identity
 step captures them from landing URLs, the ad forwarders send them."""
 
+BROWSER_ID_COOKIES: Final = ("_ttp", "_scid", "_epik", "_rdt_uuid", "_uetvid")
+"""First-party cookies that ad platforms' pixels set on the site's own domain and their
+conversion APIs match on: TikTok's ``_ttp``, Snap's ``_scid``, Pinterest's ``_epik`` (the
+click id its tag kept from the landing URL), Reddit's ``_rdt_uuid``, Microsoft's ``_uetvid``.
+The identity step attaches each one a request carries, under ``ads`` consent, as
+``context.clientIds.<name>`` (never making one up: only the vendor's pixel can tie it to
+its records); the ad forwarders send them."""
+
 
 # ``datetime.isoformat`` costs about 1.5 us on the ingest machine and every event needs two
 # or three timestamps formatted; most of them fall in the same few seconds (the request's

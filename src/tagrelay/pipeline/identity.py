@@ -1,4 +1,4 @@
-"""Server-set identity: the visitor cookie, click ids, Meta's and TikTok's browser ids, GA's
+"""Server-set identity: the visitor cookie, click ids, the ad platforms' browser ids, GA's
 client id.
 
 Browsers cap cookies that scripts set (Safari: 7 days). A cookie set by the relay's own
@@ -19,9 +19,11 @@ it (400 days, renewed on every visit). What this module does for each browser re
   carries an fbclid the cookie does not have; ``_fbp`` is created when absent. Both are
   set as first-party cookies (readable by Meta's pixel, so not HttpOnly) and attached as
   ``context.clientIds.fbc`` / ``.fbp``.
-- **TikTok**: ``_ttp``, the browser id TikTok's pixel sets on the site's domain, is attached
-  as ``context.clientIds._ttp`` when the request carries it (the relay never makes one up:
-  only TikTok's pixel can tie it to its own records).
+- **Other ad platforms' browser ids** (``BROWSER_ID_COOKIES``: TikTok's ``_ttp``, Snap's
+  ``_scid``, Pinterest's ``_epik``, Reddit's ``_rdt_uuid``, Microsoft's ``_uetvid``), the
+  cookies their pixels set on the site's domain, are attached as ``context.clientIds.<name>``
+  when the request carries them (the relay never makes one up: only the vendor's pixel can
+  tie it to its own records); an id the event already carries there wins.
 - **Google Analytics**: ``_ga`` and ``_ga_<container>`` are parsed into
   ``context.clientIds.ga4 = {"clientId": "123.456", "sessionIds": {"G-XXXX": "1700000000"},
   "sessionNumbers": {"G-XXXX": 5}}``.
@@ -29,7 +31,7 @@ it (400 days, renewed on every visit). What this module does for each browser re
   with the visitor cookie's lifetime.
 
 Consent decides what may be stored: the visitor cookie, GA ids and the cookie keeper need
-analytics storage; click ids and the Meta and TikTok ids need ads storage (see
+analytics storage; click ids and the ad platforms' browser ids need ads storage (see
 ``pipeline.consent``).
 """
 
@@ -46,7 +48,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from tagrelay.config.models import IdentityConfig
-from tagrelay.model import CLICK_ID_PARAMS, Event
+from tagrelay.model import BROWSER_ID_COOKIES, CLICK_ID_PARAMS, Event
 from tagrelay.pipeline.host import parse_host
 
 _CLICK_ID_BY_LOWER = {name.lower(): name for name in CLICK_ID_PARAMS}
@@ -63,7 +65,8 @@ _GA_CLIENT_ID_RE = re.compile(r"[0-9]{1,20}\.[0-9]{1,20}")
 _CLICK_VALUE_RE = re.compile(r"[A-Za-z0-9._~:\-]{1,200}")
 _COOKIE_VALUE_RE = re.compile(r"[\x21\x23-\x2B\x2D-\x3A\x3C-\x5B\x5D-\x7E]{1,1024}")
 """RFC 6265 cookie-octet: printable ASCII without space, quote, comma, semicolon, backslash."""
-_MAX_TTP = 200
+_MAX_BROWSER_ID = 200
+"""Longer values of a ``BROWSER_ID_COOKIES`` cookie are not the vendor's id: not attached."""
 
 
 @dataclass(frozen=True)
@@ -84,13 +87,19 @@ class VisitorState:
     click_ids: dict[str, str] = field(default_factory=dict)
     fbc: str | None = None
     fbp: str | None = None
-    ttp: str | None = None
+    browser_ids: dict[str, str] = field(default_factory=dict)
+    """``BROWSER_ID_COOKIES`` the request carried (cookie name -> value)."""
     ga4: dict[str, Any] | None = None
     kept: dict[str, str] = field(default_factory=dict)
     ga_client_id: str | None = None
     """The server-managed GA client id (cookie ``google.server_client_id``)."""
     cookies_flow: bool = False
     """The request carried the relay's visitor cookie: cookies set now will come back."""
+
+    @property
+    def ttp(self) -> str | None:
+        """TikTok's ``_ttp`` browser id, when the request carried a valid one."""
+        return self.browser_ids.get(TTP_COOKIE)
 
 
 @dataclass
@@ -227,9 +236,10 @@ class IdentityService:
             state.click_ids = _valid_click_ids(dict(parse_qsl(clicks)))
         state.fbc = cookies.get(FBC_COOKIE) or None
         state.fbp = cookies.get(FBP_COOKIE) or None
-        ttp = cookies.get(TTP_COOKIE)
-        if ttp and len(ttp) <= _MAX_TTP and _COOKIE_VALUE_RE.fullmatch(ttp):
-            state.ttp = ttp
+        for name in BROWSER_ID_COOKIES:
+            value = cookies.get(name)
+            if value and len(value) <= _MAX_BROWSER_ID and _COOKIE_VALUE_RE.fullmatch(value):
+                state.browser_ids[name] = value
         ga = cookies.get(GA_COOKIE)
         client_id = parse_ga_client_id(ga) if ga else None
         if client_id is not None:
@@ -305,8 +315,9 @@ class IdentityService:
             client_ids["fbc"] = visitor.fbc
         if ads and visitor.fbp and "fbp" not in client_ids:
             client_ids["fbp"] = visitor.fbp
-        if ads and visitor.ttp and "_ttp" not in client_ids:
-            client_ids["_ttp"] = visitor.ttp
+        if ads:
+            for name, value in visitor.browser_ids.items():
+                client_ids.setdefault(name, value)
         if client_ids:
             context["clientIds"] = client_ids
 

@@ -49,6 +49,8 @@ import orjson
 from tagrelay.datadir import open_private, private_dir, private_file, tighten
 from tagrelay.errors import SpoolUnavailable
 from tagrelay.logthrottle import LogThrottle
+from tagrelay.spool import dead_letters
+from tagrelay.spool.dead_letters import DeadLetterRow, Selection
 from tagrelay.spool.dedup import RecentIds
 from tagrelay.spool.segments import SELECT_FIRST_RECEIVED, segments_after
 from tagrelay.spool.writer import WriterProcess
@@ -92,6 +94,7 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     dead_at_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_forwarder ON dead_letters (forwarder, id);
+CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (dead_at_ms);
 CREATE TABLE IF NOT EXISTS message_log (
     id INTEGER PRIMARY KEY,           -- append order, which is commit order
     message_id TEXT NOT NULL,         -- the messageId of a stored event
@@ -168,16 +171,9 @@ class CursorState:
     batch_last: int | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class DeadLetterRow:
-    id: int
-    forwarder: str
-    seq: int
-    payload: bytes
-    reason: str
-    detail: str
-    attempts: int
-    dead_at_ms: int
+def lock_path(spool: Path) -> Path:
+    """The file a relay holds locked (``flock``) while it has the spool at ``spool`` open."""
+    return spool.with_name(spool.name + ".lock")
 
 
 def _now_ms() -> int:
@@ -214,6 +210,7 @@ class SqliteSpool:
         self._watches: list[HeadWatch] = []
         self._head = 0
         self._positions: dict[str, int] = {}
+        self._dead_counts: dict[str, int] = {}
         self._closed = False
         self._last_failure: float | None = None
         self._errors = LogThrottle(log)
@@ -249,8 +246,7 @@ class SqliteSpool:
         """One relay per spool: a second one would hand out the same sequence numbers. The
         commit process inherits the lock, so it is free only once that process has exited
         too."""
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        handle = os.fdopen(open_private(lock_path, os.O_RDWR | os.O_APPEND), "a+")
+        handle = os.fdopen(open_private(lock_path(self.path), os.O_RDWR | os.O_APPEND), "a+")
         deadline = time.monotonic() + self.lock_wait_secs
         while True:
             try:
@@ -311,6 +307,7 @@ class SqliteSpool:
             conn.execute(f"PRAGMA max_page_count={self._max_page_count}")
         self._head = self._read_head(conn)
         self._load_recent_ids(conn)
+        self._dead_counts = dead_letters.counts(conn)
         self._wconn = conn
 
     @staticmethod
@@ -678,27 +675,55 @@ class SqliteSpool:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        counts = dict(self._dead_counts)  # a new dict: a scrape may be reading the old one
+        counts[forwarder] = counts.get(forwarder, 0) + len(events)
+        self._dead_counts = counts
 
     async def dead_letters(
-        self, forwarder: str | None = None, limit: int = 100
+        self,
+        forwarder: str | None = None,
+        limit: int = 100,
+        *,
+        selection: Selection | None = None,
+        after_id: int = 0,
     ) -> list[DeadLetterRow]:
-        return await asyncio.get_running_loop().run_in_executor(
-            self._reader, self._dead_letters, forwarder, limit
+        """Up to ``limit`` dead letters, by id: of ``forwarder``, or of ``selection``."""
+        chosen = selection if selection is not None else Selection(forwarder=forwarder)
+        return await self._on_reader(
+            lambda conn: dead_letters.select(conn, chosen, after_id=after_id, limit=limit)
         )
 
-    def _dead_letters(self, forwarder: str | None, limit: int) -> list[DeadLetterRow]:
-        assert self._rconn is not None
-        sql = (
-            "SELECT id, forwarder, seq, payload, reason, detail, attempts, dead_at_ms "
-            "FROM dead_letters"
+    async def dead_letter_by_id(self, dead_letter_id: int) -> DeadLetterRow | None:
+        return await self._on_reader(lambda conn: dead_letters.get(conn, dead_letter_id))
+
+    def dead_letter_counts(self) -> dict[str, int]:
+        """Dead letters stored now, by forwarder (kept up to date as they are written and
+        deleted: read at every scrape, without a query)."""
+        return dict(self._dead_counts)
+
+    async def forget_dead_letters(self, ids: Sequence[int]) -> int:
+        """Delete the dead letters ``ids`` (replayed and delivered); how many there were."""
+        return await self._on_writer(self._dead_letters_deleted, dead_letters.delete_ids, ids)
+
+    async def purge_dead_letters(self, selection: Selection) -> int:
+        """Delete every dead letter of ``selection`` (``before_ms``: older than); how many."""
+        return await self._on_writer(self._dead_letters_deleted, dead_letters.purge, selection)
+
+    def _dead_letters_deleted(
+        self, delete: Callable[[sqlite3.Connection, Any], int], what: Any
+    ) -> int:
+        conn = self._conn()
+        deleted = delete(conn, what)
+        if deleted:
+            self._dead_counts = dead_letters.counts(conn)
+        return deleted
+
+    async def dead_letters_died_again(self, ids: Sequence[int], reason: str, detail: str) -> int:
+        """A replay of the dead letters ``ids`` failed: they stay, with ``reason`` and
+        ``detail``, one attempt more and now as the time they died."""
+        return await self._on_writer(
+            lambda: dead_letters.died_again(self._conn(), ids, reason, detail, _now_ms())
         )
-        params: tuple[Any, ...] = ()
-        if forwarder is not None:
-            sql += " WHERE forwarder = ?"
-            params = (forwarder,)
-        sql += " ORDER BY id LIMIT ?"
-        rows = self._rconn.execute(sql, (*params, limit)).fetchall()
-        return [DeadLetterRow(*r) for r in rows]
 
     # -- pruning -----------------------------------------------------------------------
 
@@ -783,6 +808,13 @@ class SqliteSpool:
     def _conn(self) -> sqlite3.Connection:
         assert self._wconn is not None, "spool is not open"
         return self._wconn
+
+    async def _on_reader(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def read() -> T:
+            assert self._rconn is not None, "spool is not open"
+            return fn(self._rconn)
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader, read)
 
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
         try:
