@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
 
+from tagrelay.forwarders._memo import ObjectMemo
+
 __all__ = [
     "AMOUNT_KEYS",
     "GA4_ITEM_NAMES",
@@ -365,11 +367,26 @@ _NO_COMMERCE: Final = Commerce()
 """What an event without commerce fields has (a page view): one shared, immutable value."""
 
 
+_READ: Final[ObjectMemo[Commerce]] = ObjectMemo(1024)
+"""The commerce of the properties read last (``_memo``): the delivery process gives every
+forwarder the same event objects, so each event's commerce fields are read once for all ad
+forwarders."""
+
+
 def commerce(properties: Mapping[str, Any], event_name: str | None = None) -> Commerce:
     """The normalized commerce view of an event's ``properties``; ``event_name`` is its
-    canonical name (for single-product events, see ``SINGLE_PRODUCT_EVENTS``). Pure."""
+    canonical name (for single-product events, see ``SINGLE_PRODUCT_EVENTS``). Pure. The
+    same properties object (never changed: forwarders do not change events) with the same
+    name gets the same ``Commerce`` again."""
     if not properties:
         return _NO_COMMERCE
+    found = _READ.get(properties, event_name)
+    if found is not None:
+        return found
+    return _READ.put(properties, _commerce(properties, event_name), event_name)
+
+
+def _commerce(properties: Mapping[str, Any], event_name: str | None) -> Commerce:
     problems: dict[str, int] = {}
     value = None
     for key in AMOUNT_KEYS:

@@ -117,6 +117,7 @@ from urllib.parse import parse_qsl, urlsplit
 import phonenumbers
 from pydantic import AfterValidator
 
+from tagrelay.forwarders._memo import ObjectMemo
 from tagrelay.model import BROWSER_ID_COOKIES, CLICK_ID_PARAMS
 
 __all__ = [
@@ -420,9 +421,23 @@ def _read_query_click_ids(text: str, is_url: bool) -> tuple[tuple[str, str], ...
 _cached_query_click_ids = lru_cache(maxsize=2048)(_read_query_click_ids)
 
 
+_EXTRACTED: Final[ObjectMemo[UserData]] = ObjectMemo(1024)
+"""The user data of the events extracted last (``_memo``): the delivery process gives every
+forwarder the same event objects, so each event's user data is read once for all ad
+forwarders. Personal data, in memory only, like the events it comes from."""
+
+
 def extract_user_data(event: Mapping[str, Any]) -> UserData:
     """What ``event`` says about its person (see the module docstring for the keys). Pure;
-    never raises on odd shapes (a field of the wrong type is absent)."""
+    never raises on odd shapes (a field of the wrong type is absent). The same event object
+    (never changed: forwarders do not change events) gets the same ``UserData`` again."""
+    found = _EXTRACTED.get(event)
+    if found is not None:
+        return found
+    return _EXTRACTED.put(event, _extract_user_data(event))
+
+
+def _extract_user_data(event: Mapping[str, Any]) -> UserData:
     context = _dict(event.get("context"))
     # Only the sources the event has (most have no identify traits, page views none at all).
     traits = [t for t in (event.get("traits"), context.get("traits")) if isinstance(t, dict) and t]
