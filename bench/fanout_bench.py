@@ -150,6 +150,10 @@ def relay_config(data_dir: Path, forwarders: list[str], fake: str) -> str:
     return json.dumps(
         {
             "data_dir": str(data_dir),
+            # /metrics on the relay's own port, read after each run; the admin listener on
+            # a free port, so that relays can run side by side.
+            "metrics": {"public": True},
+            "admin": {"listen": "127.0.0.1:0"},
             "keys": [{"id": "backend", "kind": "server", "key": WRITE_KEY}],
             "google": {"collect": {"measurement_ids": [GTAG_MEASUREMENT_ID]}},
             "forwarders": [

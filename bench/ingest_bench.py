@@ -72,6 +72,8 @@ TARGETS = {
 
 CONFIG_TEMPLATE = """\
 data_dir: {data_dir}
+metrics: {{public: true}}
+admin: {{listen: "127.0.0.1:0"}}
 keys:
   - {{id: backend, kind: server, key: {key}}}
 forwarders:

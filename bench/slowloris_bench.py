@@ -37,6 +37,7 @@ from pathlib import Path
 
 CONFIG = """\
 data_dir: {data_dir}
+admin: {{listen: "127.0.0.1:0"}}
 keys:
   - {{id: backend, kind: server, key: bench-server-key}}
 logging: {{level: warning, format: json}}

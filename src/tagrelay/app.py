@@ -3,9 +3,11 @@
 Start-up order (``cleanup_ctx``, torn down in reverse): the spool opens (and starts pruning
 and checkpointing every ``spool.prune_interval_secs``); the delivery loop starts in its own
 thread, with the shared HTTP client session and one worker per enabled forwarder on it; the
-admin socket (for ``tagrelay sql``) listens. On shutdown aiohttp first stops accepting
-connections and lets in-flight requests finish (their commits included), then the workers
-finish their batches, then the spool closes.
+admin socket (for ``tagrelay sql``) listens, then the admin listener (``admin.listen``:
+/metrics and the admin API, ``tagrelay.web.admin_listener``). On shutdown aiohttp first
+stops accepting connections and lets in-flight requests finish (their commits included),
+then the admin listener and socket close, the workers finish their batches, and the spool
+closes.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
-from prometheus_client import CONTENT_TYPE_LATEST, Histogram, generate_latest
+from prometheus_client import Histogram
 
 from tagrelay.appkeys import CONFIG, DELIVERY_LOOP, INGEST, METRICS, READY, SPOOL, WORKERS
 from tagrelay.config.models import Config
@@ -33,10 +35,12 @@ from tagrelay.metrics import Metrics
 from tagrelay.spool.dead_letters import Selection
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.admin import admin_socket_ctx
+from tagrelay.web.admin_listener import ADMIN_LISTENER, AdminListener, admin_listener_ctx
 from tagrelay.web.bodies import SERVER_HANDLER_ARGS
 from tagrelay.web.demo import add_demo_routes
 from tagrelay.web.google import add_google_routes
 from tagrelay.web.google_scripts import add_google_script_routes
+from tagrelay.web.health import add_health_routes, add_metrics_route
 from tagrelay.web.ingest import IngestService, json_response
 from tagrelay.web.routes import ingest_routes
 from tagrelay.web.script import add_script_route
@@ -136,30 +140,17 @@ def _client_gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return json_response(200, {"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    ready = request.app[READY]
-    problems = [name for name, ok in ready.items() if not ok]
-    spool = request.app[SPOOL]
-    if not spool.writable():
-        problems.append("spool_not_writable")
-    if problems:
-        return json_response(503, {"status": "not_ready", "problems": problems})
-    return json_response(200, {"status": "ready"})
-
-
-async def metrics_handler(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[METRICS].registry)
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
 def create_app(
-    config: Config, *, data_dir: Path | None = None, admin_socket: bool = True
+    config: Config,
+    *,
+    data_dir: Path | None = None,
+    admin_socket: bool = True,
+    admin_listener: bool = False,
 ) -> web.Application:
-    """Build the relay. ``data_dir`` overrides ``config.data_dir`` (the CLI's ``--data-dir``)."""
+    """Build the relay. ``data_dir`` overrides ``config.data_dir`` (the CLI's ``--data-dir``).
+    ``admin_socket``: listen on the admin socket; ``admin_listener``: run the admin listener
+    when ``admin.enabled`` (``tagrelay serve`` does; off by default, so that an app made in
+    a test binds no fixed port: a test that wants it sets ``admin.listen`` to port 0)."""
     data_dir = data_dir or config.data_dir
     metrics = Metrics()
     app = web.Application(
@@ -186,10 +177,17 @@ def create_app(
     metrics.watch_spool(
         depths=lambda: {fid: spool.depth(fid) for fid in app[WORKERS]},
         commits=lambda: spool.commits,
+        size_bytes=lambda: spool_size_bytes(spool.path),
     )
+
     spool.on_commit = metrics.spool_commit_duration.observe
     workers: dict[str, ForwarderWorker] = app[WORKERS]
     metrics.watch_dead_letters(lambda: {**dict.fromkeys(workers, 0), **spool.dead_letter_counts()})
+
+    async def lags() -> dict[str, float]:
+        return await forwarder_lags(spool, list(workers))
+
+    metrics.watch_lag(lags)
 
     async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
         await spool.open()
@@ -272,11 +270,14 @@ def create_app(
     app.cleanup_ctx.append(forwarders_ctx)
     if admin_socket:
         app.cleanup_ctx.append(admin_socket_ctx(admin_socket_path(data_dir)))
+    if config.admin.enabled and admin_listener:
+        listener = app[ADMIN_LISTENER] = AdminListener(config.admin.host)
+        app.cleanup_ctx.append(admin_listener_ctx(listener))
 
     prefix = config.server.base_path
-    app.router.add_get(prefix + "/healthz", healthz)
-    app.router.add_get(prefix + "/readyz", readyz)
-    app.router.add_get(prefix + "/metrics", metrics_handler)
+    add_health_routes(app.router, app, prefix)
+    if config.metrics.public:
+        add_metrics_route(app.router, app, prefix)
     add_sdk_routes(app.router, config, app[INGEST], metrics, prefix)
     add_google_routes(app.router, config, app[INGEST], prefix)
     if config.google.scripts.ids:
@@ -310,6 +311,40 @@ def freeze_after_startup(app: web.Application) -> None:
         gc.freeze()
 
     app.on_startup.append(freeze)
+
+
+SPOOL_FILE_SUFFIXES = ("", "-wal", "-shm")
+
+
+def spool_size_bytes(path: Path) -> int:
+    """The size on disk of the spool database at ``path`` with its WAL and shared memory."""
+    total = 0
+    for suffix in SPOOL_FILE_SUFFIXES:
+        try:
+            total += path.with_name(path.name + suffix).stat().st_size
+        except OSError:
+            continue  # not there (yet): nothing on disk
+    return total
+
+
+async def forwarder_lags(
+    spool: SqliteSpool, forwarders: list[str], now: Callable[[], float] = time.time
+) -> dict[str, float]:
+    """Each forwarder's lag: the age in seconds of the oldest event past its cursor (when
+    the relay received it), 0 when it has caught up. One indexed read per distinct cursor."""
+    positions = spool.positions()
+    oldest: dict[int, int | None] = {}
+    lags: dict[str, float] = {}
+    for forwarder in forwarders:
+        position = positions.get(forwarder)
+        if position is None or spool.depth(forwarder) <= 0:
+            lags[forwarder] = 0.0
+            continue
+        if position not in oldest:
+            oldest[position] = await spool.first_received_ms(position)
+        received_ms = oldest[position]
+        lags[forwarder] = 0.0 if received_ms is None else max(0.0, now() - received_ms / 1000)
+    return lags
 
 
 async def _prune_loop(spool: SqliteSpool, interval: float, dead_letter_secs: float) -> None:

@@ -26,10 +26,13 @@ import stat
 from pathlib import Path
 from typing import Final
 
+from tagrelay.errors import DataDirError
+
 __all__ = [
     "CHILD_UMASK",
     "PRIVATE_DIR_MODE",
     "PRIVATE_FILE_MODE",
+    "ensure_writable",
     "open_private",
     "private_dir",
     "private_file",
@@ -81,6 +84,25 @@ def private_dir(path: Path, *, owned: bool = False) -> None:
             path,
             oct(mode),
         )
+
+
+def ensure_writable(path: Path) -> None:
+    """Create the data directory ``path`` if it is missing (``private_dir``) and check that
+    the relay can create files in it; raise ``DataDirError`` saying what is wrong if not.
+    Run before anything opens a file there, so that the operator reads "the data directory
+    is not writable" rather than the first failure it causes further on."""
+    try:
+        private_dir(path)
+        probe = path / f".write-test-{os.getpid()}"
+        os.close(open_private(probe, os.O_WRONLY))
+        probe.unlink()
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(path) else ""
+        raise DataDirError(
+            f"the data directory {path} is not writable: {reason}{where}. Create it writable "
+            "for the relay's user, or point data_dir (or --data-dir) elsewhere"
+        ) from exc
 
 
 def open_private(path: Path, flags: int) -> int:

@@ -7,6 +7,9 @@
      +-- IngestError            one request or event is rejected (-> 4xx with a reason code)
      |    +-- AuthError         missing or unknown write key (-> 401)
      +-- SpoolUnavailable       the spool cannot commit (disk full, permissions) (-> 503)
+     +-- StartupError           ``tagrelay serve`` cannot start; the message says what to fix
+     |    +-- DataDirError      the data directory cannot be created or written to
+     |    +-- ListenError       a listener (public or admin) cannot bind its address
      +-- WarehouseError         a warehouse statement failed
           +-- WarehouseLocked   another process holds the warehouse file
           +-- QueryRejected     ``tagrelay sql`` got a statement it may not run
@@ -72,6 +75,20 @@ class AuthError(IngestError):
 
 class SpoolUnavailable(TagrelayError):
     """The spool could not commit; nothing in the failed commit was acknowledged."""
+
+
+class StartupError(TagrelayError):
+    """The relay cannot start; the message says what to fix."""
+
+
+class DataDirError(StartupError):
+    """The data directory cannot be created or written to (permissions, a read-only
+    filesystem, a file in the way)."""
+
+
+class ListenError(StartupError):
+    """A listener cannot bind its address (in use, not an address of this machine, a
+    privileged port)."""
 
 
 class WarehouseError(TagrelayError):

@@ -4,20 +4,36 @@ Labels are bounded: ``source`` (an inbound protocol; ``rudderstack`` for RudderS
 on Segment's routes, see ``sources.SOURCE_LABELS``), ``forwarder`` (a configured id),
 ``reason`` (a code from a fixed vocabulary), ``outcome``, ``route`` (the route template,
 never the raw path), ``status_class``, ``key`` (a configured write key's id, or ``none``; on
-``tagrelay_forwarder_match_keys``, a match key of ``_user_data.MATCH_KEYS`` or ``none``).
+``tagrelay_forwarder_match_keys``, a match key of ``_user_data.MATCH_KEYS`` or ``none``),
+``version`` (``tagrelay_build_info``: the running version).
 Never a URL, an origin, an id from a request, a key's value or raw error text.
 
 Each application owns a ``Metrics`` on its own registry, so that tests (and several apps
-in one process) count independently.
+in one process) count independently. ``Metrics.scrape`` renders it for ``/metrics``
+(``tagrelay.web.health``), measuring first what a collector cannot read without waiting
+(the forwarders' lag, from the spool).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from tagrelay import __version__
+
+log = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600)
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -39,9 +55,15 @@ CONNECTION_CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "o
 class _SpoolCollector(Collector):
     """Reads the spool's figures at scrape time (no bookkeeping on the hot path)."""
 
-    def __init__(self, depths: Callable[[], dict[str, int]], commits: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        depths: Callable[[], dict[str, int]],
+        commits: Callable[[], int],
+        size_bytes: Callable[[], int] | None = None,
+    ) -> None:
         self._depths = depths
         self._commits = commits
+        self._size_bytes = size_bytes
 
     def collect(self) -> Iterable[Metric]:
         depth = GaugeMetricFamily(
@@ -57,6 +79,32 @@ class _SpoolCollector(Collector):
             "Spool transactions that stored events (group commit: fewer than requests).",
             value=self._commits(),
         )
+        if self._size_bytes is not None:
+            yield GaugeMetricFamily(
+                "tagrelay_spool_size_bytes",
+                "The spool's files on disk (the database, its write-ahead log and shared "
+                "memory; dead letters included), in bytes.",
+                value=self._size_bytes(),
+            )
+
+
+class _LagCollector(Collector):
+    """The forwarders' lag as last measured (``Metrics.scrape`` measures it first)."""
+
+    def __init__(self, lags: Callable[[], Mapping[str, float]]) -> None:
+        self._lags = lags
+
+    def collect(self) -> Iterable[Metric]:
+        lag = GaugeMetricFamily(
+            "tagrelay_forwarder_lag_seconds",
+            "Age of the oldest event the forwarder has not delivered yet (from the relay "
+            "receiving it); 0 when it has caught up with the spool. Events behind: "
+            "tagrelay_spool_depth.",
+            labels=["forwarder"],
+        )
+        for forwarder, value in sorted(self._lags().items()):
+            lag.add_metric([forwarder], value)
+        yield lag
 
 
 class _DeadLetterCollector(Collector):
@@ -267,6 +315,22 @@ class Metrics:
             registry=r,
         )
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
+        self.forwarder_last_success = Gauge(
+            "tagrelay_forwarder_last_success_timestamp_seconds",
+            "When the forwarder last delivered events (Unix time); absent until its first "
+            "delivery since the relay started.",
+            ["forwarder"],
+            registry=r,
+        )
+        Info("tagrelay_build", "The running tagrelay's version.", registry=r).info(
+            {"version": __version__}
+        )
+        # process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        # of the relay's own process (Linux: read from /proc; elsewhere absent).
+        ProcessCollector(registry=r)
+        self._lags: dict[str, float] = {}
+        self._measure_lags: Callable[[], Awaitable[Mapping[str, float]]] | None = None
+        r.register(_LagCollector(lambda: self._lags))
         self._http_children: dict[tuple[str, str, str], Histogram] = {}
         self._sources: dict[str, SourceMetrics] = {}
 
@@ -286,8 +350,29 @@ class Metrics:
             found = self._sources[source] = SourceMetrics(self, source)
         return found
 
-    def watch_spool(self, depths: Callable[[], dict[str, int]], commits: Callable[[], int]) -> None:
-        self.registry.register(_SpoolCollector(depths, commits))
+    def watch_spool(
+        self,
+        depths: Callable[[], dict[str, int]],
+        commits: Callable[[], int],
+        size_bytes: Callable[[], int] | None = None,
+    ) -> None:
+        self.registry.register(_SpoolCollector(depths, commits, size_bytes))
+
+    def watch_lag(self, measure: Callable[[], Awaitable[Mapping[str, float]]]) -> None:
+        """``measure()`` gives each forwarder's lag in seconds; it reads the spool, so it is
+        awaited by ``scrape`` before the registry is collected (a collector cannot wait)."""
+        self._measure_lags = measure
+
+    async def scrape(self) -> bytes:
+        """The exposition of every metric, the forwarders' lag measured just before. A lag
+        that cannot be measured (the spool closing) keeps its last value."""
+        if self._measure_lags is not None:
+            try:
+                self._lags = dict(await self._measure_lags())
+            except Exception:
+                # A scrape answers with what it has (the spool may be closing).
+                log.debug("could not measure the forwarders' lag", exc_info=True)
+        return generate_latest(self.registry)
 
     def watch_dead_letters(self, counts: Callable[[], dict[str, int]]) -> None:
         """``tagrelay_dead_letters_stored{forwarder}`` from ``counts()`` at each scrape."""

@@ -120,6 +120,9 @@ server:
   host: 127.0.0.1
   port: {port}
   base_path: {base}
+# Metrics on the relay's own port, which the tests read; the admin listener on a free port.
+metrics: {{public: true}}
+admin: {{listen: "127.0.0.1:0"}}
 keys:
   - id: website
     kind: browser

@@ -27,6 +27,8 @@ data_dir: {data_dir}
 server:
   host: 127.0.0.1
   port: {port}
+# The admin listener on a free port, so that relays run side by side.
+admin: {{listen: "127.0.0.1:0"}}
 keys:
   - id: website
     kind: browser

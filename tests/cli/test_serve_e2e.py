@@ -46,6 +46,7 @@ data_dir: {tmp_path / "data"}
 keys:
   - {{id: backend, kind: server, key: {SERVER_KEY}}}
 logging: {{level: info, format: json}}
+admin: {{listen: "127.0.0.1:0"}}
 forwarders:
   - id: warehouse
     type: warehouse
@@ -101,8 +102,20 @@ class Relay:
         except urllib.error.HTTPError as err:
             return err.code, json.loads(err.read())
 
+    def log_records(self) -> list[dict[str, Any]]:
+        self.log.flush()
+        text = Path(self.log.name).read_text()
+        return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+    def admin_url(self) -> str:
+        """The admin listener's URL, as its start-up line says (admin.listen has port 0)."""
+        line = next(r for r in self.log_records() if r["msg"] == "admin listening")
+        url: str = line["url"]
+        return url
+
     def metrics(self) -> str:
-        with urllib.request.urlopen(self.url("/metrics"), timeout=5) as resp:
+        """/metrics, from the admin listener (the public port has none by default)."""
+        with urllib.request.urlopen(self.admin_url() + "/metrics", timeout=5) as resp:
             text: str = resp.read().decode()
             return text
 

@@ -43,12 +43,13 @@ def test_the_keys_come_from_the_environment_when_set() -> None:
 def test_the_commented_out_examples_are_valid_once_uncommented() -> None:
     # The commented-out sections and the webhook example teach by example: they must stay valid.
     text = DEFAULT_CONFIG.read_text(encoding="utf-8")
-    examples = r"server:|paths:|identity:|consent:|privacy:|- id: my-webhook|  "
+    examples = r"server:|admin:|metrics:|paths:|identity:|consent:|privacy:|- id: my-webhook|  "
     uncommented = re.sub(rf"(?m)^(\s*)# (?={examples})", r"\1", text)
     assert uncommented != text
     env = {"HOOK_URL": "https://hooks.example.com/in", "HOOK_TOKEN": "t", "PORT": "9000"}
     config = parse_config(uncommented, "uncommented", env)
     assert config.server.port == 9000
+    assert (config.admin.listen, config.admin.has_token) == ("127.0.0.1:9100", False)
     assert [f.type for f in config.forwarders] == ["warehouse", "webhook"]
     webhook = config.forwarders[1]
     assert webhook.model_dump()["headers"] == {"Authorization": "Bearer t"}

@@ -303,7 +303,7 @@ async def test_dead_letter_only_once_older_than_max_age(relay: Any, recorder: Re
 
 
 async def test_health_ready_and_metrics_endpoints(relay: Any) -> None:
-    client = await relay()
+    client = await relay(metrics={"public": True})
     health = await client.get("/healthz")
     assert (health.status, await health.json()) == (200, {"status": "ok"})
     ready = await client.get("/readyz")

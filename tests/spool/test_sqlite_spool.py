@@ -187,7 +187,7 @@ async def test_full_spool_answers_503_with_retry_after_and_counts_it(relay: Any)
 
 
 async def test_spool_commits_are_exported(relay: Any) -> None:
-    client = await relay()
+    client = await relay(metrics={"public": True})
     for i in range(3):
         resp = await client.post(
             "/v1/track", json={"event": "x", "anonymousId": f"a{i}"}, headers=basic(SERVER_KEY)

@@ -239,7 +239,7 @@ async def test_unknown_paths_and_methods_are_json(relay: Any) -> None:
 
 
 async def test_request_metrics_keep_bounded_labels_for_odd_methods(relay: Any) -> None:
-    client = await relay()
+    client = await relay(metrics={"public": True})
     for method in ("PURGE", "PROPFIND", "LINK"):
         resp = await client.request(method, "/v1/track")
         assert resp.status in (404, 405)

@@ -14,7 +14,9 @@ from tagrelay.app import create_app, freeze_after_startup
 from tagrelay.appkeys import METRICS
 from tagrelay.cli.logs import setup_logging
 from tagrelay.config.models import Config
-from tagrelay.errors import TagrelayError
+from tagrelay.datadir import ensure_writable
+from tagrelay.errors import DataDirError, ListenError, TagrelayError
+from tagrelay.web.admin_listener import ADMIN_LISTENER
 from tagrelay.web.connections import ConnectionGuard, GuardedSite
 
 log = logging.getLogger("tagrelay")
@@ -91,9 +93,10 @@ async def start_relay(
     handle_signals: bool = False,
 ) -> tuple[web.AppRunner, GuardedSite]:
     """Start ``app`` (its start-up contexts) and listen on ``host:port`` with the
-    connection guards of ``config.server``. Stop with ``runner.cleanup()``, which stops
-    accepting, lets in-flight requests finish (their spool commits included) for up to
-    ``shutdown_timeout_secs``, then runs the cleanup contexts.
+    connection guards of ``config.server`` (``ListenError`` when the address cannot be
+    bound; the start-up contexts raise their own errors). Stop with ``runner.cleanup()``,
+    which stops accepting, lets in-flight requests finish (their spool commits included)
+    for up to ``shutdown_timeout_secs``, then runs the cleanup contexts.
 
     aiohttp's request-handler arguments go to ``AppRunner`` here (or to the app's
     ``handler_args``); the guarded handlers receive them all."""
@@ -107,7 +110,13 @@ async def start_relay(
     try:
         guard = ConnectionGuard(config.server, app[METRICS], max_connections=max_connections)
         site = GuardedSite(runner, host, port, guard, backlog=config.server.listen_backlog)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ListenError(
+                f"could not listen on {host}:{port}: {exc.strerror or exc} (change server.host "
+                "and server.port, or --host and --port)"
+            ) from exc
     except BaseException:
         await runner.cleanup()
         raise
@@ -116,7 +125,12 @@ async def start_relay(
 
 def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path | None) -> int:
     setup_logging(config.logging.level, config.logging.format)
-    app = create_app(config, data_dir=data_dir)
+    try:
+        ensure_writable(data_dir or config.data_dir)
+    except DataDirError as exc:
+        log.error("tagrelay could not start: %s", exc)
+        return 1
+    app = create_app(config, data_dir=data_dir, admin_listener=True)
     freeze_after_startup(app)
     host = host or config.server.host
     port = config.server.port if port is None else port
@@ -132,6 +146,7 @@ def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path 
         runner, site = await start_relay(
             app, config, host, port, max_connections=max_connections, handle_signals=True
         )
+        admin = app.get(ADMIN_LISTENER)
         try:
             log.info(
                 "tagrelay listening",
@@ -142,6 +157,7 @@ def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path 
                     "event_loop": loop_name(loop),
                     "open_files_limit": open_files,
                     "max_connections": max_connections,
+                    "admin": admin.url if admin is not None and admin.port else "off",
                 },
             )
             await asyncio.Event().wait()  # until SIGINT/SIGTERM raise GracefulExit
@@ -157,11 +173,14 @@ def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path 
     except (web.GracefulExit, KeyboardInterrupt):
         pass
     except TagrelayError as exc:
-        # Start-up problems an operator must fix (data directory in use, warehouse locked).
+        # Start-up problems an operator must fix (an address in use, the data directory in
+        # use by another relay, the warehouse locked).
         log.error("tagrelay could not start: %s", exc)
         return 1
     except OSError as exc:
-        log.error("tagrelay could not listen on %s:%s: %s", host, port, exc)
+        # A file the start-up could not open or create (the listeners' own errors are
+        # ListenError): what and where is in the exception.
+        log.error("tagrelay could not start: %s", exc)
         return 1
     finally:
         _finish(loop, main)

@@ -315,6 +315,127 @@ class DeliveryConfig(ConfigModel):
     )
 
 
+ADMIN_TOKEN_MIN_CHARS = 16
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (an IPv6 address in brackets: ``[::1]:9100``) as its host and port;
+    ValueError when it is not one."""
+    host, sep, port_text = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{listen!r}: {host!r} in brackets is not an IPv6 address") from None
+    elif ":" in host:
+        raise ValueError(f"{listen!r}: write an IPv6 address in brackets, like [::1]:9100")
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ValueError(f"{listen!r} is not host:port, like 127.0.0.1:9100")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name, as written) is this machine's loopback."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost may resolve anywhere
+
+
+class AdminConfig(ConfigModel):
+    """The admin listener: a second HTTP listener, apart from the public one, for
+    /metrics, the admin API (what ``tagrelay sql`` uses) and, with them, /healthz and
+    /readyz."""
+
+    enabled: bool = Field(
+        True,
+        description=(
+            "Run the admin listener. false: none (metrics are then served only with "
+            "metrics.public)."
+        ),
+        examples=[True],
+    )
+    listen: str = Field(
+        "127.0.0.1:9100",
+        description=(
+            "host:port to listen on (an IPv6 address in brackets: [::1]:9100; port 0 "
+            "takes a free port, logged at start-up). Without a token only a loopback "
+            "address (127.0.0.1, ::1, localhost) is accepted."
+        ),
+        examples=["127.0.0.1:9100"],
+    )
+    token: SecretStr = Field(
+        SecretStr(""),
+        description=(
+            "The admin token; empty: none. When set, every admin request but /healthz and "
+            f"/readyz needs it, at least {ADMIN_TOKEN_MIN_CHARS} characters (openssl rand "
+            "-hex 32): as an 'Authorization: Bearer <token>' header (Prometheus: "
+            "authorization: {credentials: ...}), or typed once into the login form at "
+            "/login, which sets an HttpOnly session cookie. Compared in constant time; "
+            "never logged."
+        ),
+        examples=["${TAGRELAY_ADMIN_TOKEN:-}"],
+    )
+
+    @field_validator("listen")
+    @classmethod
+    def _host_port(cls, listen: str) -> str:
+        split_listen(listen)
+        return listen
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr) -> SecretStr:
+        length = len(token.get_secret_value())
+        if 0 < length < ADMIN_TOKEN_MIN_CHARS:
+            raise ValueError(
+                f"the admin token is {length} characters long; use at least "
+                f"{ADMIN_TOKEN_MIN_CHARS} (openssl rand -hex 32 makes one)"
+            )
+        return token
+
+    @model_validator(mode="after")
+    def _loopback_without_token(self) -> AdminConfig:
+        host, _ = split_listen(self.listen)
+        if self.enabled and not self.has_token and not is_loopback(host):
+            raise ValueError(
+                f"admin.listen {self.listen!r} is not a loopback address, and no admin.token "
+                "is set: anyone who reaches it could read the metrics and query the "
+                "warehouse. Set admin.token (e.g. token: ${TAGRELAY_ADMIN_TOKEN}), or listen "
+                "on 127.0.0.1"
+            )
+        return self
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self.token.get_secret_value())
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen)[1]
+
+
+class MetricsConfig(ConfigModel):
+    """Where the Prometheus metrics are served."""
+
+    public: bool = Field(
+        False,
+        description=(
+            "Also serve /metrics on the public listener (under server.base_path), as "
+            "before the admin listener existed. false: only on the admin listener, so "
+            "that visitors cannot read the relay's counters."
+        ),
+        examples=[False],
+    )
+
+
 PUBLIC_PATH = r"^(/[A-Za-z0-9._~-]+)+$"
 RESERVED_PATHS = (
     "/v1",
@@ -760,6 +881,16 @@ class Config(ConfigModel):
     )
     demo: DemoConfig = Field(
         default_factory=DemoConfig, description="The demo page.", examples=[{"enabled": True}]
+    )
+    admin: AdminConfig = Field(
+        default_factory=AdminConfig,
+        description="The admin listener: /metrics and the admin API, apart from ingest.",
+        examples=[{"listen": "127.0.0.1:9100", "token": "${TAGRELAY_ADMIN_TOKEN:-}"}],
+    )
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig,
+        description="Where /metrics is served.",
+        examples=[{"public": False}],
     )
     delivery: DeliveryConfig = Field(
         default_factory=DeliveryConfig,

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -103,6 +104,30 @@ class Forwarder(ABC, Generic[C]):
     @property
     def id(self) -> str:
         return self.config.id
+
+    endpoint_fields: ClassVar[tuple[str, ...]] = ("endpoint", "base_url", "mp_url", "collect_url")
+    """The config's URL options whose hosts ``endpoint_host`` names."""
+
+    @property
+    def endpoint_host(self) -> str | None:
+        """The host (``host`` or ``host:port``) the forwarder sends to, from its configured
+        URLs (``endpoint_fields``; several, comma-separated), for log lines: never a path,
+        a query or credentials. None for a forwarder that sends nowhere over HTTP."""
+        hosts: list[str] = []
+        for name in self.endpoint_fields:
+            value = getattr(self.config, name, None)
+            if not isinstance(value, str):
+                continue
+            try:
+                parts = urlsplit(value)
+                host, port = parts.hostname, parts.port
+            except ValueError:
+                continue
+            if host:
+                hosts.append(f"[{host}]" if ":" in host else host)
+                if port is not None:
+                    hosts[-1] += f":{port}"
+        return ", ".join(dict.fromkeys(hosts)) or None
 
     async def start(self) -> None:
         """Open resources (connections, files). Called once before the first ``deliver``."""

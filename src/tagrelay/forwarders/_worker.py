@@ -99,6 +99,16 @@ def log_detail(detail: str) -> str:
     return text
 
 
+_HTTP_STATUS = re.compile(r"\bHTTP (\d{3})\b")
+
+
+def detail_status(detail: str) -> int | None:
+    """The HTTP status a destination answered, as an outcome's detail states it (``HTTP
+    503: ...``, the form every forwarder uses); None for a failure without an answer."""
+    found = _HTTP_STATUS.search(detail)
+    return int(found.group(1)) if found else None
+
+
 def accepts(config: ForwarderConfigBase, event: Event) -> bool:
     """The forwarder's filter (include/exclude by type and by track event name)."""
     f = config.filter
@@ -178,6 +188,7 @@ class ForwarderWorker:
         """A batch that had failed was settled: until a partial batch shows that the worker
         has caught up, batches go out without waiting to fill."""
         self._throttle = LogThrottle(log, RETRY_LOG_INTERVAL_SECS)
+        self._endpoint: str | None = getattr(forwarder, "endpoint_host", None)
 
     @property
     def id(self) -> str:
@@ -440,6 +451,7 @@ class ForwarderWorker:
         of ``(events, received_ms)``, from its arrival to now."""
         self.metrics.forwarder_events.labels(self.id, "delivered").inc(count)
         now = self._clock()
+        self.metrics.forwarder_last_success.labels(self.id).set(now)
         hist = self.metrics.delivery_latency.labels(self.id)
         for n, received_ms in arrivals:
             latency = max(0.0, now - received_ms / 1000)
@@ -488,13 +500,23 @@ class ForwarderWorker:
             (self.id, "dead_letter", reason),
             "events dead-lettered",
             {
-                "forwarder": self.id,
+                **self._failure_fields(detail),
                 "events": len(items),
                 "reason": reason,
-                "attempts": attempts,
-                "detail": log_detail(detail),
+                "attempt": attempts,
             },
         )
+
+    def _failure_fields(self, detail: str) -> dict[str, object]:
+        """What a failed delivery's log line says of it: the forwarder, the host it sends
+        to, the status the destination answered (None: no answer) and the detail (its
+        answer's body, secrets scrubbed by the forwarder) cut for a log line."""
+        return {
+            "forwarder": self.id,
+            "endpoint": self._endpoint,
+            "status": detail_status(detail),
+            "detail": log_detail(detail),
+        }
 
     def _expired(self, kept: list[SpooledEvent], now: float) -> int:
         """How many events at the head of ``kept`` are older than the max age. Only a head:
@@ -570,9 +592,8 @@ class ForwarderWorker:
             (self.id, outcome.reason),
             "delivery failed; will retry",
             {
-                "forwarder": self.id,
+                **self._failure_fields(outcome.detail),
                 "reason": outcome.reason,
-                "detail": log_detail(outcome.detail),
                 "attempt": attempts,
                 "failing_secs": round(failing_secs, 1),
                 "retry_in_secs": round(delay, 3),

@@ -19,6 +19,7 @@ from tagrelay.appkeys import warehouse_of
 from tagrelay.config.models import Config
 from tagrelay.errors import WarehouseError
 from tagrelay.pipeline.host import parse_host
+from tagrelay.web.admin_listener import ADMIN_LISTENER
 from tagrelay.web.ingest import json_response
 from tagrelay.web.script import render_snippet
 from tagrelay.web.templates import templates_dir
@@ -27,6 +28,17 @@ RECENT_ROWS_SQL = (
     "select received_at, type, event, anonymous_id, user_id, context_page_path "
     "from events order by received_at desc limit 20"
 )
+
+
+def metrics_url(app: web.Application, config: Config, prefix: str) -> str:
+    """Where the page's reader finds /metrics: on this listener with ``metrics.public``,
+    else on the admin listener (when it runs); empty when neither serves it."""
+    if config.metrics.public:
+        return prefix + "/metrics"
+    listener = app.get(ADMIN_LISTENER)
+    if listener is None or listener.port is None:
+        return ""
+    return listener.url + "/metrics"
 
 
 def add_demo_routes(app: web.Application, config: Config, prefix: str) -> None:
@@ -50,7 +62,8 @@ def add_demo_routes(app: web.Application, config: Config, prefix: str) -> None:
             "snippet": render_snippet(config, script_url, key.key.get_secret_value()),
             "global_name": config.script.global_name,
             "demo_path": demo_path,
-            "metrics_url": prefix + "/metrics",
+            "metrics_url": metrics_url(request.app, config, prefix),
+            "metrics_admin": not config.metrics.public,
             "rows_url": demo_path + "/rows",
             "sql": "tagrelay sql \"select * from events where context_page_path = '"
             + demo_path
