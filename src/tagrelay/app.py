@@ -192,7 +192,7 @@ def create_app(
         commits=lambda: spool.commits,
         size_bytes=lambda: spool_size_bytes(spool.path),
     )
-
+    metrics.watch_disk(data_dir, config.spool.max_size_mb * 1024 * 1024)
     spool.on_commit = metrics.spool_commit_duration.observe
     workers: dict[str, ForwarderWorker] = app[WORKERS]
     metrics.watch_dead_letters(lambda: {**dict.fromkeys(workers, 0), **spool.dead_letter_counts()})

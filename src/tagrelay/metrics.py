@@ -17,7 +17,9 @@ in one process) count independently. ``Metrics.scrape`` renders it for ``/metric
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -109,6 +111,36 @@ class _LagCollector(Collector):
         for forwarder, value in sorted(self._lags().items()):
             lag.add_metric([forwarder], value)
         yield lag
+
+
+class _DiskCollector(Collector):
+    """The data directory's filesystem, read at scrape time (one ``statvfs``): the spool,
+    the dead letters and the warehouse all grow there."""
+
+    def __init__(self, data_dir: Path, spool_max_bytes: int) -> None:
+        self._data_dir = data_dir
+        self._spool_max_bytes = spool_max_bytes
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "tagrelay_spool_max_size_bytes",
+            "The spool's cap (spool.max_size_mb) in bytes; 0 when it has none.",
+            value=self._spool_max_bytes,
+        )
+        try:
+            fs = os.statvfs(self._data_dir)
+        except OSError:
+            return  # not created yet, or gone: no figure rather than a wrong one
+        yield GaugeMetricFamily(
+            "tagrelay_data_dir_free_bytes",
+            "Bytes the relay may still write on the data directory's filesystem.",
+            value=fs.f_bavail * fs.f_frsize,
+        )
+        yield GaugeMetricFamily(
+            "tagrelay_data_dir_size_bytes",
+            "Size of the data directory's filesystem in bytes.",
+            value=fs.f_blocks * fs.f_frsize,
+        )
 
 
 class _DeadLetterCollector(Collector):
@@ -387,6 +419,9 @@ class Metrics:
                 # A scrape answers with what it has (the spool may be closing).
                 log.debug("could not measure the forwarders' lag", exc_info=True)
         return generate_latest(self.registry)
+
+    def watch_disk(self, data_dir: Path, spool_max_bytes: int) -> None:
+        self.registry.register(_DiskCollector(data_dir, spool_max_bytes))
 
     def watch_dead_letters(self, counts: Callable[[], dict[str, int]]) -> None:
         """``tagrelay_dead_letters_stored{forwarder}`` from ``counts()`` at each scrape."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import resource
 import signal
 from pathlib import Path
@@ -14,6 +15,7 @@ from aiohttp import web
 
 from tagrelay.app import create_app, freeze_after_startup
 from tagrelay.appkeys import METRICS
+from tagrelay.cli.devkeys import refusal
 from tagrelay.cli.logs import setup_logging
 from tagrelay.config.models import Config
 from tagrelay.datadir import ensure_writable
@@ -136,6 +138,15 @@ def serve(
 ) -> int:
     """Run the relay; ``config_file`` is where ``config`` came from, read again on SIGHUP."""
     setup_logging(config.logging.level, config.logging.format)
+    refused, dev_keys = refusal(config, os.environ)
+    if refused:
+        log.error("tagrelay will not start: %s", refused)
+        return 1
+    if dev_keys:
+        log.warning(
+            "write keys hold development keys: fine on your own machine, never in production",
+            extra={"keys": dev_keys},
+        )
     try:
         ensure_writable(data_dir or config.data_dir)
     except DataDirError as exc:
