@@ -134,6 +134,10 @@ def registered_forwarders() -> set[str]:
     return set(FORWARDERS)
 
 
+RELAY_SETTINGS: list[tuple[str, str, Any]] = []
+"""``--relay-set SECTION.OPTION=VALUE``: top-level settings of both relays' configs."""
+
+
 def relay_config(data_dir: Path, forwarders: list[str], fake: str) -> str:
     """The relay's config as JSON (which YAML reads): one server key, GA4 hits of the
     bench's property accepted on /g/collect, and the forwarders, each named by its type."""
@@ -147,8 +151,12 @@ def relay_config(data_dir: Path, forwarders: list[str], fake: str) -> str:
             return [fill(v) for v in value]
         return value
 
+    sections: dict[str, Any] = {}
+    for section, option, value in RELAY_SETTINGS:
+        sections.setdefault(section, {})[option] = value
     return json.dumps(
         {
+            **sections,
             "data_dir": str(data_dir),
             # /metrics on the relay's own port, read after each run; the admin listener on
             # a free port, so that relays can run side by side.
@@ -610,6 +618,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(ga4.max_concurrent_requests=16, meta.batch={max_events: 500}); repeatable",
     )
     p.add_argument(
+        "--relay-set",
+        action="append",
+        default=[],
+        metavar="SECTION.OPTION=VALUE",
+        help="change a top-level setting in both relays' configs, VALUE read as YAML "
+        "(delivery.niceness=0, delivery.process=false); repeatable",
+    )
+    p.add_argument(
         "--relay-cmd",
         help="command starting a relay; {config} {host} {port} {data_dir} are filled in "
         "(default: this Python, -m tagrelay.cli.main serve ...)",
@@ -627,6 +643,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             p.error(f"--set {item!r}: expected FORWARDER.OPTION=VALUE, FORWARDER one of "
                     f"{','.join(FORWARDER_CONFIGS)}")  # fmt: skip
         FORWARDER_CONFIGS[forwarder][option] = yaml.safe_load(value)
+    for item in args.relay_set:
+        target, eq, value = item.partition("=")
+        section, dot, option = target.partition(".")
+        if not (eq and dot and section and option):
+            p.error(f"--relay-set {item!r}: expected SECTION.OPTION=VALUE")
+        RELAY_SETTINGS.append((section, option, yaml.safe_load(value)))
     args.batch_size = 1  # what ingest_bench's load functions read
     args.py_spy = None
     if args.profile:

@@ -4,13 +4,14 @@ and one cut at the shared 64 KiB limit and scanned), without a network.
 
 Run:
     PYTHONPATH=src .venv/bin/python bench/google_ads_bench.py                 # 20k events
-    PYTHONPATH=src .venv/bin/python bench/google_ads_bench.py --events 100000
+    PYTHONPATH=src .venv/bin/python bench/google_ads_bench.py --events 100000 --visitors 0
 
 The events are ``conversions_bench``'s purchases (every kind of user data, of which Google
-takes the hashed email and phone) with a gclid, planned in batches of ``--batch``. Prints
-events/s, microseconds per event and body bytes per event; then the time to classify a
-2,000-row answer with 100 and with 300 row errors, whole and cut (how many of the
-failed rows the cut answer still names).
+takes the hashed email and phone, and a gclid) from a pool of ``--visitors`` visitors (0: a
+new one per event), planned in batches of ``--batch``. Prints events/s, microseconds per
+event, body bytes per event and the hit rate of ``forwarders._user_data``'s caches; then
+the time to classify a 2,000-row answer with 100 and with 300 row errors, whole and cut
+(how many of the failed rows the cut answer still names).
 """
 
 from __future__ import annotations
@@ -18,22 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any
 
-from conversions_bench import purchase
+from conversions_bench import ACTION, forwarder, mix, purchase, run, stored
 
-from tagrelay.forwarders._base import ForwarderContext
 from tagrelay.forwarders._http import HttpResponse
-from tagrelay.forwarders.google_ads import (
-    GoogleAdsConfig,
-    GoogleAdsForwarder,
-    classify_google_ads_response,
-)
-from tagrelay.metrics import Metrics
+from tagrelay.forwarders.google_ads import classify_google_ads_response
 
-ACTION = "customers/1234567890/conversionActions/111"
 CUT = 64 * 1024
 """What the shared HTTP layer keeps of an answer."""
 
@@ -85,38 +76,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument(
+        "--visitors", type=int, default=1000, help="pool of visitors; 0: a new one per event"
+    )
     args = parser.parse_args()
-    config = GoogleAdsConfig.model_validate(
-        {
-            "id": "gads",
-            "type": "google_ads",
-            "customer_id": "123-456-7890",
-            "developer_token": "token",
-            "oauth": {"client_id": "c", "client_secret": "s", "refresh_token": "r"},
-            "conversions": [{"event": "Order Completed", "conversion_action": ACTION}],
-            "default_phone_country": "US",
-        }
-    )
-    http: Any = None
-    fwd = GoogleAdsForwarder(config, ForwarderContext(Path("."), http, Metrics()))
-    when = datetime.now(UTC).isoformat()
-    events = []
-    for i in range(args.events):
-        event = purchase(i, when)
-        event["context"]["clickIds"] = {"gclid": f"Cj0KCQiA-{i}"}
-        events.append(event)
-    now = datetime.now(UTC)
-    started = time.perf_counter()
-    size = 0
-    for start in range(0, len(events), args.batch):
-        plan = fwd.plan(events[start : start + args.batch], now)
-        size += sum(len(p.request.body) for p in plan.requests)
-    secs = time.perf_counter() - started
-    n = len(events)
-    print(
-        f"{'purchases':<10} {n / secs:>10,.0f} events/s  {secs / n * 1e6:>7.1f} us/event  "
-        f"{size / n:>6.0f} body bytes/event"
-    )
+    pool = f"{args.visitors:,} visitors" if args.visitors else "a new visitor per event"
+    print(f"google_ads: {args.events:,} purchases from {pool}, batches of {args.batch}")
+    batches = stored(mix(purchase, args.events, args.visitors), args.batch)
+    run("purchases", batches, {"google_ads": forwarder("google_ads")})
     for failed in (100, 300):
         body = answer(2000, failed)
         time_classify("answer, whole JSON", body, 2000, failed)

@@ -1,5 +1,6 @@
-"""The README's promises that code can check: the two quick-start commands, and that CI
-runs the test command verbatim."""
+"""The README's promises that code can check: the two quick-start commands, that CI runs
+the test command verbatim, a table of contents that lists every section, and the generated
+configuration reference (docs/config.md) current and linked."""
 
 from __future__ import annotations
 
@@ -30,16 +31,65 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert quick_start_commands()[1] in ci
 
 
-def test_readme_embeds_the_current_config_reference() -> None:
-    from tagrelay.config.reference import render_reference
+def test_docs_config_is_the_current_config_reference() -> None:
+    from tagrelay.config.reference import DOC_PATH, REGENERATE_COMMAND, render_reference
 
-    readme = (ROOT / "README.md").read_text()
-    start, end = "<!-- reference:start -->\n", "<!-- reference:end -->"
-    embedded = readme.split(start, 1)[1].split(end)[0]
-    assert embedded.strip() == render_reference().strip(), (
-        "README's config reference is stale: paste the output of "
-        "python -m tagrelay.config.reference between the markers"
+    current = (ROOT / DOC_PATH).read_text(encoding="utf-8")
+    assert current == render_reference(), (
+        f"{DOC_PATH} is stale: run {REGENERATE_COMMAND} from the repository's root"
     )
+
+
+def test_readme_links_the_config_reference() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    assert "[docs/config.md](docs/config.md)" in section
+
+
+def headings(markdown: str) -> list[tuple[int, str, str]]:
+    """``(level, title, anchor)`` of every heading outside code blocks, with the anchors
+    GitHub gives them (a repeated one suffixed -1, -2...)."""
+    from tagrelay.config.reference import github_anchor
+
+    found: list[tuple[int, str, str]] = []
+    seen: dict[str, int] = {}
+    fenced = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        heading = None if fenced else re.match(r"(#{1,6}) (.+)", line)
+        if heading:
+            anchor = github_anchor(heading.group(2))
+            count = seen.get(anchor, 0)
+            seen[anchor] = count + 1
+            level, title = len(heading.group(1)), heading.group(2)
+            found.append((level, title, f"{anchor}-{count}" if count else anchor))
+    return found
+
+
+def test_readme_table_of_contents_lists_every_section() -> None:
+    readme = (ROOT / "README.md").read_text()
+    contents = readme.split("\n## Contents\n", 1)[1].split("\n## ", 1)[0]
+    links = re.findall(r"\]\(#([^)]+)\)", contents)
+    sections = [h for h in headings(readme) if h[0] in (2, 3) and h[1] != "Contents"]
+    anchors = {anchor for _, _, anchor in sections}
+    assert [link for link in links if link not in anchors] == [], "links to no heading"
+    missing = [
+        ("  " if level == 3 else "") + f"- [{title}](#{anchor})"
+        for level, title, anchor in sections
+        if anchor not in links
+    ]
+    assert missing == [], "add to the README's Contents:\n" + "\n".join(missing)
+
+
+def test_the_config_reference_links_its_own_sections() -> None:
+    from tagrelay.config.reference import DOC_PATH
+
+    doc = (ROOT / DOC_PATH).read_text(encoding="utf-8")
+    anchors = {anchor for _, _, anchor in headings(doc)}
+    links = re.findall(r"\]\(#([^)]+)\)", doc)
+    assert links and [link for link in links if link not in anchors] == []
+    assert "forwarders-with-type-webhook" in links
 
 
 def test_readme_snippet_is_the_one_the_relay_renders() -> None:

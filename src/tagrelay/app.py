@@ -2,14 +2,19 @@
 
 Start-up order (``cleanup_ctx``, torn down in reverse): the spool opens (and starts pruning
 and checkpointing every ``spool.prune_interval_secs``); the delivery loop starts in its own
-thread, with the shared HTTP client session and one worker per enabled forwarder on it; the
-admin socket (for ``tagrelay sql``) listens, then the admin listener (``admin.listen``:
-/metrics, the admin API and the debug view, ``tagrelay.web.admin_listener``). The debug
-view's capture (``tagrelay.capture.DebugHub``, ``app[CAPTURE]``) is handed to ingest, to the
-forwarders and their workers, and to the delivery process. On shutdown aiohttp first
-stops accepting connections and lets in-flight requests finish (their commits included),
-then the admin listener and socket close, the workers finish their batches, and the spool
-closes.
+thread, with the shared HTTP client session and one worker per enabled forwarder on it
+(``forwarders._fleet``); the admin socket (for ``tagrelay sql``) listens, then the admin
+listener (``admin.listen``: /metrics, the admin API and the debug view,
+``tagrelay.web.admin_listener``). The debug view's capture (``tagrelay.capture.DebugHub``,
+``app[CAPTURE]``) is handed to ingest, to the forwarders and their workers, and to the
+delivery process. On shutdown aiohttp first stops accepting connections and lets in-flight
+requests finish (their commits included), then the admin listener and socket close, the
+workers finish their batches, and the spool closes.
+
+A reload (``tagrelay.reload``: SIGHUP, ``tagrelay reload``) changes what it can of this
+while the relay runs: the forwarders, the keys, the pipeline's settings, the configured
+paths (served through one resource, ``web.paths.ConfiguredPaths``, since the router is
+frozen once the app starts), the debug view's settings.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 from prometheus_client import Histogram
@@ -31,6 +35,7 @@ from tagrelay.appkeys import (
     CAPTURE,
     CONFIG,
     DELIVERY_LOOP,
+    FLEET,
     INGEST,
     METRICS,
     READY,
@@ -39,13 +44,13 @@ from tagrelay.appkeys import (
 )
 from tagrelay.capture import DebugHub
 from tagrelay.config.models import Config
-from tagrelay.forwarders import FORWARDERS, Forwarder, ForwarderContext
+from tagrelay.forwarders._fleet import Fleet
 from tagrelay.forwarders._http import scrub_secrets
 from tagrelay.forwarders._loop import DeliveryLoop
-from tagrelay.forwarders._process import DeliveryProcess, remote_class
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
+from tagrelay.reload import RELOADER, Reloader
 from tagrelay.spool.dead_letters import Selection
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.admin import admin_socket_ctx
@@ -56,8 +61,8 @@ from tagrelay.web.google import add_google_routes
 from tagrelay.web.google_scripts import add_google_script_routes
 from tagrelay.web.health import add_health_routes, add_metrics_route
 from tagrelay.web.ingest import IngestService, json_response
+from tagrelay.web.paths import ConfiguredPaths, configured_routes
 from tagrelay.web.routes import ingest_routes
-from tagrelay.web.script import add_script_route
 from tagrelay.web.sdks import add_sdk_routes
 
 log = logging.getLogger(__name__)
@@ -198,7 +203,7 @@ def create_app(
         commits=lambda: spool.commits,
         size_bytes=lambda: spool_size_bytes(spool.path),
     )
-
+    metrics.watch_disk(data_dir, config.spool.max_size_mb * 1024 * 1024)
     spool.on_commit = metrics.spool_commit_duration.observe
     workers: dict[str, ForwarderWorker] = app[WORKERS]
     metrics.watch_dead_letters(lambda: {**dict.fromkeys(workers, 0), **spool.dead_letter_counts()})
@@ -208,86 +213,50 @@ def create_app(
 
     metrics.watch_lag(lags)
 
+    def current_config() -> Config:
+        return app[RELOADER].config
+
     async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
         await spool.open()
         app[READY]["spool"] = True
-        pruner = asyncio.create_task(
-            _prune_loop(
-                spool,
-                config.spool.prune_interval_secs,
-                config.dead_letters.retention_days * 86_400,
-            )
-        )
+        pruner = asyncio.create_task(_prune_loop(spool, current_config))
         yield
         pruner.cancel()
         app[READY]["spool"] = False
         await spool.close()
 
+    fleet = app[FLEET] = Fleet(
+        spool,
+        metrics,
+        data_dir,
+        delivery_process=config.delivery.process,
+        niceness=config.delivery.niceness,
+        stop_timeout_secs=config.server.shutdown_timeout_secs,
+        capture=capture,
+    )
+
+    async def tell_process(rate: float) -> None:
+        # A view connected or the last one left: the delivery process captures or not.
+        await app[DELIVERY_LOOP].call(fleet.set_capture_rate(rate))
+
     async def forwarders_ctx(app: web.Application) -> AsyncIterator[None]:
         enabled = [f for f in config.forwarders if f.enabled]
-        dropped = await spool.drop_cursors_except({f.id for f in enabled})
-        for name in dropped:
-            log.warning(
-                "forgot the cursor of a forwarder no longer configured", extra={"forwarder": name}
+        retired = await spool.retire_cursors_except({f.id for f in enabled})
+        for name in retired:
+            log.info(
+                "kept the cursor of a forwarder no longer configured",
+                extra={
+                    "forwarder": name,
+                    "forget_after_secs": config.spool.forget_cursor_after_secs,
+                },
             )
-        workers = app[WORKERS]
+        await _forget_cursors(spool, config.spool.forget_cursor_after_secs)
         delivery = app[DELIVERY_LOOP]
         capture.bind(asyncio.get_running_loop())
         delivery.start()
-        sessions: list[aiohttp.ClientSession] = []
-        processes: list[DeliveryProcess] = []
-
-        async def start_workers() -> None:
-            # Runs on the delivery loop: the session and the workers belong to it.
-            session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
-                headers={"User-Agent": "tagrelay"},
-            )
-            sessions.append(session)
-            context = ForwarderContext(
-                data_dir=data_dir, http=session, metrics=metrics, capture=capture.delivery
-            )
-            remote = [
-                f
-                for f in enabled
-                if config.delivery.process and FORWARDERS[f.type].in_delivery_process
-            ]
-            if remote:
-                process = DeliveryProcess(
-                    remote, data_dir, metrics, niceness=config.delivery.niceness
-                )
-                process.capture_rate = capture.rate
-                process.on_capture = capture.post
-                processes.append(process)
-            for fwd_config in enabled:
-                cls = FORWARDERS[fwd_config.type]
-                forwarder: Forwarder  # type: ignore[type-arg]
-                if fwd_config in remote:
-                    forwarder = remote_class(cls)(fwd_config, context, processes[0])
-                else:
-                    forwarder = cls(fwd_config, context)
-                worker = ForwarderWorker(forwarder, spool, metrics)
-                await worker.start()
-                workers[fwd_config.id] = worker
-
-        async def stop_workers() -> None:
-            timeout = config.server.shutdown_timeout_secs
-            await asyncio.gather(
-                *(w.stop(timeout) for w in workers.values()), return_exceptions=True
-            )
-            for process in processes:
-                await process.close()
-            for session in sessions:
-                await session.close()
-
-        async def tell_processes(rate: float) -> None:
-            # A view connected or the last one left: the delivery process captures or not.
-            for process in processes:
-                await delivery.call(process.set_capture_rate(rate))
-
         try:
-            await delivery.call(start_workers())
-            capture.rate_listeners.append(tell_processes)
+            app[WORKERS].update(await delivery.call(fleet.start(enabled)))
+            capture.rate_listeners.append(tell_process)
             app[READY]["forwarders"] = True
             metrics.up.set(1)
             yield
@@ -295,9 +264,9 @@ def create_app(
             metrics.up.set(0)
             app[READY]["forwarders"] = False
             capture.close()
-            if tell_processes in capture.rate_listeners:
-                capture.rate_listeners.remove(tell_processes)
-            await delivery.call(stop_workers())
+            if tell_process in capture.rate_listeners:
+                capture.rate_listeners.remove(tell_process)
+            await delivery.call(fleet.close())
             await delivery.close()
 
     app.cleanup_ctx.append(spool_ctx)
@@ -312,8 +281,8 @@ def create_app(
     add_health_routes(app.router, app, prefix)
     if config.metrics.public:
         add_metrics_route(app.router, app, prefix)
-    add_sdk_routes(app.router, config, app[INGEST], metrics, prefix)
-    add_google_routes(app.router, config, app[INGEST], prefix)
+    sdks = add_sdk_routes(app.router, config, app[INGEST], metrics, prefix)
+    google = add_google_routes(app.router, config, app[INGEST], prefix)
     if config.google.scripts.ids:
         add_google_script_routes(
             app,
@@ -322,10 +291,15 @@ def create_app(
             data_dir / "google-scripts",
             on_event=lambda kind, outcome: metrics.google_scripts.labels(kind, outcome).inc(),
         )
-    ingest_routes(app.router, app[INGEST], prefix, config.paths)
-    add_script_route(app.router, config, prefix)
+    ingest_routes(app.router, app[INGEST], prefix)
+    # paths.script, .events and .identity: one resource dispatching on the current paths,
+    # which a reload may change (the router is frozen once the app starts).
+    paths = ConfiguredPaths(prefix)
+    paths.set_routes(configured_routes(config, app[INGEST]))
+    app.router.register_resource(paths)
     if config.demo.enabled:
         add_demo_routes(app, config, prefix)
+    app[RELOADER] = Reloader(app, paths=paths, google=google, sdks=sdks)
     return app
 
 
@@ -381,17 +355,21 @@ async def forwarder_lags(
     return lags
 
 
-async def _prune_loop(spool: SqliteSpool, interval: float, dead_letter_secs: float) -> None:
-    """Delete delivered events, expired message ids and dead letters older than
-    ``dead_letter_secs``, and checkpoint the WAL, every ``interval`` seconds. A failure that
-    lasts (a full disk) is logged once a minute."""
+async def _prune_loop(spool: SqliteSpool, current: Callable[[], Config]) -> None:
+    """Every ``spool.prune_interval_secs``: forget the cursors of forwarders removed longer
+    ago than ``spool.forget_cursor_after_secs``, delete delivered events, expired message
+    ids and dead letters older than ``dead_letters.retention_days``, and checkpoint the WAL.
+    The settings are read from ``current()`` each round (a reload may change them). A
+    failure that lasts (a full disk) is logged once a minute."""
     failures = LogThrottle(log)
     while True:
-        await asyncio.sleep(interval)
+        config = current()
+        await asyncio.sleep(config.spool.prune_interval_secs)
         try:
+            await _forget_cursors(spool, config.spool.forget_cursor_after_secs)
             await spool.prune()
             await spool.prune_message_ids()
-            await _expire_dead_letters(spool, dead_letter_secs)
+            await _expire_dead_letters(spool, config.dead_letters.retention_days * 86_400)
             await spool.checkpoint()
         except Exception:
             failures.log(
@@ -400,6 +378,16 @@ async def _prune_loop(spool: SqliteSpool, interval: float, dead_letter_secs: flo
                 "spool maintenance failed; will try again",
                 exc_info=True,
             )
+
+
+async def _forget_cursors(spool: SqliteSpool, after_secs: float) -> None:
+    """Forget the cursors of forwarders removed (retired) ``after_secs`` ago or longer."""
+    cutoff_ms = int((time.time() - after_secs) * 1000)
+    for name in await spool.forget_retired_cursors(cutoff_ms):
+        log.warning(
+            "forgot the cursor of a forwarder no longer configured",
+            extra={"forwarder": name, "forget_after_secs": after_secs},
+        )
 
 
 async def _expire_dead_letters(spool: SqliteSpool, retention_secs: float) -> None:

@@ -13,6 +13,7 @@ from aiohttp import web
 
 from tagrelay.capture import DebugHub
 from tagrelay.config.models import Config
+from tagrelay.forwarders._fleet import Fleet
 from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.forwarders.warehouse import WarehouseForwarder
@@ -25,6 +26,7 @@ __all__ = [
     "CAPTURE",
     "CONFIG",
     "DELIVERY_LOOP",
+    "FLEET",
     "INGEST",
     "METRICS",
     "READY",
@@ -34,13 +36,18 @@ __all__ = [
 ]
 
 CONFIG = web.AppKey("config", Config)
+"""The configuration the relay started with; after a reload, the one in effect is
+``app[tagrelay.reload.RELOADER].config``."""
 METRICS = web.AppKey("metrics", Metrics)
 SPOOL = web.AppKey("spool", SqliteSpool)
 WORKERS = web.AppKey("workers", dict[str, ForwarderWorker])
+"""The running forwarders' workers by forwarder id; filled as the delivery loop starts,
+changed by a reload (on the relay's loop, where everything that reads it runs)."""
 DELIVERY_LOOP = web.AppKey("delivery_loop", DeliveryLoop)
 """The loop the workers and their forwarders run on, while they run: call a forwarder (or
 anything of the delivery process) only there, with ``DeliveryLoop.call``."""
-"""The running forwarders' workers by forwarder id; filled as the delivery loop starts."""
+FLEET = web.AppKey("fleet", Fleet)
+"""What starts, changes (a reload) and stops the workers, on the delivery loop."""
 CAPTURE = web.AppKey("capture", DebugHub)
 """The debug view's capture (``tagrelay.capture``): ingest, the forwarders and the
 delivery process report to it while a view is open or ``debug.sample_rate`` asks."""

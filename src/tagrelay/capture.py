@@ -128,6 +128,16 @@ class RingBuffer:
         self._items.append(item)
         self.weight += item.weight
         self.size += len(item.data)
+        self._evict()
+
+    def resize(self, capacity: int) -> None:
+        """Hold at most ``capacity`` from now on (the oldest go when it shrinks)."""
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._evict()
+
+    def _evict(self) -> None:
         while len(self._items) > 1 and (self.weight > self.capacity or self.size > self.max_bytes):
             old = self._items.popleft()
             self.weight -= old.weight
@@ -283,6 +293,19 @@ class DebugHub:
                 await listener(rate)
             except Exception:
                 log.warning("could not change the capture rate", exc_info=True)
+
+    async def configure(
+        self, *, sample_rate: float, buffer_events: int, scrub: Callable[[str], str] | None
+    ) -> None:
+        """New settings (a reload): the sample rate (the delivery process is told when the
+        rate changes), the rings' capacity, the secrets to scrub (from the records kept
+        from now on)."""
+        before = self.rate
+        self.sample_rate = sample_rate
+        self.requests.resize(buffer_events)
+        self.deliveries.resize(buffer_events)
+        self._scrub = scrub
+        await self._rate_changed(before)
 
     def close(self) -> None:
         """End every view (the relay stops)."""

@@ -17,7 +17,9 @@ in one process) count independently. ``Metrics.scrape`` renders it for ``/metric
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -50,6 +52,10 @@ HTTP_REJECT_REASONS = (
 """Reasons of ``tagrelay_http_rejected``: why a request was not valid HTTP."""
 CONNECTION_CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "over_capacity")
 """Reasons of ``tagrelay_connections_closed``."""
+CONFIG_RELOAD_OUTCOMES = ("applied", "unchanged", "invalid", "failed")
+"""Outcomes of ``tagrelay_config_reload``: applied (what changed runs now), unchanged (nothing
+that a reload applies had changed), invalid (the file was refused: the relay runs on as it
+was), failed (valid, but part of it could not be applied, e.g. a forwarder did not start)."""
 
 
 class _SpoolCollector(Collector):
@@ -105,6 +111,36 @@ class _LagCollector(Collector):
         for forwarder, value in sorted(self._lags().items()):
             lag.add_metric([forwarder], value)
         yield lag
+
+
+class _DiskCollector(Collector):
+    """The data directory's filesystem, read at scrape time (one ``statvfs``): the spool,
+    the dead letters and the warehouse all grow there."""
+
+    def __init__(self, data_dir: Path, spool_max_bytes: int) -> None:
+        self._data_dir = data_dir
+        self._spool_max_bytes = spool_max_bytes
+
+    def collect(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily(
+            "tagrelay_spool_max_size_bytes",
+            "The spool's cap (spool.max_size_mb) in bytes; 0 when it has none.",
+            value=self._spool_max_bytes,
+        )
+        try:
+            fs = os.statvfs(self._data_dir)
+        except OSError:
+            return  # not created yet, or gone: no figure rather than a wrong one
+        yield GaugeMetricFamily(
+            "tagrelay_data_dir_free_bytes",
+            "Bytes the relay may still write on the data directory's filesystem.",
+            value=fs.f_bavail * fs.f_frsize,
+        )
+        yield GaugeMetricFamily(
+            "tagrelay_data_dir_size_bytes",
+            "Size of the data directory's filesystem in bytes.",
+            value=fs.f_blocks * fs.f_frsize,
+        )
 
 
 class _DeadLetterCollector(Collector):
@@ -314,6 +350,16 @@ class Metrics:
             "once at start-up, then once after each time it died.",
             registry=r,
         )
+        self.config_reloads = Counter(
+            "tagrelay_config_reload",
+            "Reloads of the configuration (SIGHUP, tagrelay reload), by outcome: "
+            + ", ".join(CONFIG_RELOAD_OUTCOMES)
+            + ".",
+            ["outcome"],
+            registry=r,
+        )
+        for outcome in CONFIG_RELOAD_OUTCOMES:
+            self.config_reloads.labels(outcome)
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
         self.forwarder_last_success = Gauge(
             "tagrelay_forwarder_last_success_timestamp_seconds",
@@ -379,6 +425,9 @@ class Metrics:
                 # Answer with what there is (the spool may be closing).
                 log.debug("could not measure the forwarders' lag", exc_info=True)
         return dict(self._lags)
+
+    def watch_disk(self, data_dir: Path, spool_max_bytes: int) -> None:
+        self.registry.register(_DiskCollector(data_dir, spool_max_bytes))
 
     def watch_dead_letters(self, counts: Callable[[], dict[str, int]]) -> None:
         """``tagrelay_dead_letters_stored{forwarder}`` from ``counts()`` at each scrape."""

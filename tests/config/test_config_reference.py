@@ -70,7 +70,7 @@ def test_the_reference_lists_every_option_of_every_model() -> None:
 def test_the_reference_has_a_section_per_forwarder_type() -> None:
     text = render_reference()
     for forwarder_type in FORWARDERS:
-        assert f"### `forwarders[]` with `type: {forwarder_type}`" in text
+        assert f"\n## `forwarders[]` with `type: {forwarder_type}`\n" in text
     port_row = (
         "| `server.port` | integer, >= 0, <= 65535 | `8080` | TCP port to listen on. | `8080` |"
     )

@@ -229,6 +229,47 @@ def test_purchase_without_value_and_events_without_user_data_are_dropped() -> No
     }
 
 
+@pytest.mark.parametrize(
+    "context",
+    [
+        {},
+        {"traits": {"email": "jane@example.com"}},
+        {"traits": {"city": "Menlo Park"}},
+        {"traits": {"email": "not an email"}},
+        {"ip": "203.0.113.7"},
+        {"userAgent": UA},
+        {"clientIds": {"fbc": "fb.1.1733400000000.AbCd"}},
+        {"clientIds": {"fbp": "fb.1.1733400000000.1234567890"}},
+        {"page": {"url": "https://www.shop.test/?fbclid=IwAR2F4"}},
+        {"clickIds": {"gclid": "Cj0KCQ"}},  # not Meta's
+    ],
+)
+def test_an_event_is_sent_exactly_when_its_user_data_is_not_empty(
+    context: dict[str, Any],
+) -> None:
+    """Meta requires user data: an event is dropped (no_user_data) exactly when the
+    user_data it would carry is empty."""
+    fwd = MetaForwarder(config(), ForwarderContext(Path("."), None, Metrics()))  # type: ignore[arg-type]
+    event: Event = {
+        "type": "track",
+        "event": "Signed Up",
+        "messageId": "m-1",
+        "timestamp": WHEN,
+        "context": {"consent": dict(GRANTED), **context},
+    }
+    plan = fwd.plan([event], NOW)
+    if plan.requests:
+        body = orjson.loads(plan.requests[0].request.body)
+        assert body["data"][0]["user_data"] != {}
+    else:
+        assert plan.drops["no_user_data"] == 1
+        assert context in (
+            {},
+            {"traits": {"email": "not an email"}},
+            {"clickIds": {"gclid": "Cj0KCQ"}},
+        )
+
+
 def test_a_backend_event_is_not_a_website_event() -> None:
     fwd = MetaForwarder(config(), ForwarderContext(Path("."), None, Metrics()))  # type: ignore[arg-type]
     event: Event = {

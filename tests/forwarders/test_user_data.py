@@ -393,6 +393,32 @@ def test_a_value_that_does_not_normalize_is_dropped_and_counted(field: Field, ra
     assert prepared.drops == {"invalid_" + field: 1}
 
 
+def test_a_value_prepared_again_in_another_context_is_normalized_for_it() -> None:
+    """Prepared user data and normalized values are cached: the same raw value under
+    another default phone country or another event country comes out as if prepared alone,
+    and caches emptied in between change nothing."""
+    london = "020 7946 0958"
+
+    def results() -> list[str | None]:
+        return [
+            one("meta", "phone", london, "US"),
+            one("meta", "phone", london, "GB"),
+            one("meta", "phone", london, "US"),
+            one("meta", "zip", "94025-1234", country="US"),
+            one("meta", "zip", "94025-1234", country="GB"),
+            one("meta", "zip", "94025-1234"),
+        ]
+
+    expected = [None, sha("442079460958"), None, sha("94025"), sha("940251234"), sha("94025")]
+    assert results() == expected
+    assert results() == expected  # now from the cache
+    user_data_module._prepared.cache_clear()
+    assert results() == expected  # prepared again from the cached values
+    user_data_module._normalized.cache_clear()
+    user_data_module._prepared.cache_clear()
+    assert results() == expected
+
+
 def test_drop_reasons_are_codes_one_per_field() -> None:
     assert {f"invalid_{f}" for f in FIELDS} == DROP_REASONS
     assert all(re.fullmatch(r"invalid_[a-z_]+", reason) for reason in DROP_REASONS)

@@ -96,6 +96,50 @@ async def test_prune_keeps_what_the_slowest_cursor_needs(tmp_path: Path) -> None
     await spool.close()
 
 
+async def test_a_retired_cursor_holds_its_events_until_it_is_forgotten_or_taken_back(
+    tmp_path: Path,
+) -> None:
+    spool = await open_spool(tmp_path)
+    await spool.register("kept")
+    await spool.register("gone")
+    await spool.register("back")
+    for payload in (b"1", b"2", b"3"):
+        await spool.append([(1, payload)])
+    for name in ("kept", "gone", "back"):
+        await spool.advance(name, 1)
+    await spool.advance("kept", 3)
+
+    assert sorted(await spool.retire_cursors_except({"kept"})) == ["back", "gone"]
+    assert await spool.retire_cursors_except({"kept"}) == [], "retired once, at the first time"
+    assert "gone" not in spool.positions()
+    assert await spool.prune() == 1, "the retired cursors still hold events 2 and 3"
+    assert [r.seq for r in await spool.read(0, 10)] == [2, 3]
+
+    assert (await spool.register("back")).position == 1, "taken back where it was"
+    assert await spool.forget_retired_cursors(retired_before_ms=0) == []
+    assert await spool.forget_retired_cursors(retired_before_ms=2**62) == ["gone"]
+    await spool.advance("back", 3)
+    await spool.prune()
+    assert [r.seq for r in await spool.read(0, 10)] == [3]
+    await spool.close()
+
+
+async def test_a_new_cursor_starts_at_the_head_or_before_the_earliest_event_held(
+    tmp_path: Path,
+) -> None:
+    spool = await open_spool(tmp_path)
+    assert (await spool.register("empty", "earliest")).position == 0
+    await spool.advance("empty", 0)
+    for payload in (b"1", b"2", b"3"):
+        await spool.append([(1, payload)])
+    await spool.advance("empty", 1)
+    await spool.prune()  # event 1 is gone: 2 and 3 are held
+    assert (await spool.register("head")).position == 3
+    assert (await spool.register("earliest", "earliest")).position == 1
+    assert [r.seq for r in await spool.read(1, 10)] == [2, 3]
+    await spool.close()
+
+
 async def test_sequence_stays_monotonic_after_pruning_everything_and_restarting(
     tmp_path: Path,
 ) -> None:

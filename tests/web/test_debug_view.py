@@ -19,10 +19,13 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+import yaml
 from aiohttp.test_utils import TestClient
 
 from tagrelay.app import create_app
-from tagrelay.appkeys import CAPTURE
+from tagrelay.appkeys import CAPTURE, FLEET
+from tagrelay.config.loader import load_config
+from tagrelay.reload import RELOADER
 from tagrelay.web.admin_listener import ADMIN_LISTENER
 from tests.support import (
     BROWSER_KEY,
@@ -178,7 +181,7 @@ async def test_requests_events_and_deliveries_arrive_live(
                     "requires_consent": ["ads"],
                     "batch": {"max_events": 10, "max_wait_secs": 0.02},
                 },
-            ]
+            ],
         )
         await see_requests_events_and_deliveries(client, admin, http, hook)
 
@@ -442,3 +445,47 @@ async def test_the_dead_letters_come_newest_first(
     assert body["stored"] == {"hook": 3}
     async with http.get(admin + "/debug/dead-letters?limit=0", headers=BEARER) as resp:
         assert resp.status == 400
+
+
+async def test_a_reload_changes_the_sample_rate_and_the_secrets_scrubbed(
+    tmp_path: Path, aiohttp_client: Callable[..., Any], hook: Recorder
+) -> None:
+    new_key = "write-key-added-by-a-reload-4f1e"
+    raw: dict[str, Any] = {
+        "data_dir": str(tmp_path / "data"),
+        "keys": [{"id": "backend", "kind": "server", "key": SERVER_KEY}],
+        "forwarders": [hook_forwarder(hook.url)],
+    }
+    file = tmp_path / "tagrelay.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    app = create_app(load_config(file), admin_socket=False)
+    app[RELOADER].config_file = file
+    client: TestClient = await aiohttp_client(app)
+    hub = app[CAPTURE]
+    process = app[FLEET].process
+    assert process is not None
+    assert hub.rate == 0 and process.capture_rate == 0
+    assert hub.scrub(f"a {new_key} b") == f"a {new_key} b"
+
+    raw["keys"].append({"id": "added", "kind": "server", "key": new_key})
+    raw["debug"] = {"sample_rate": 1.0, "buffer_events": 20}
+    file.write_text(yaml.safe_dump(raw))
+    report = await app[RELOADER].reload("test")
+    assert report.outcome == "applied"
+    assert hub.rate == 1 and process.capture_rate == 1
+    assert hub.requests.capacity == 20
+    assert hub.scrub(f"a {new_key} b") == "a *** b"
+
+    event = {"type": "track", "event": "After", "userId": "u", "messageId": "m-after"}
+    assert (await client.post("/v1/track", json=event, headers=basic(new_key))).status == 200
+    await wait_idle(app)
+
+    def captured() -> set[str]:
+        return {c.kind for c in hub.backlog()}
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while captured() != {"request", "exchange", "outcome"} and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    assert captured() == {"request", "exchange", "outcome"}
+    assert all(new_key.encode() not in c.data for c in hub.backlog())

@@ -7,7 +7,6 @@ import argparse
 import re
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
@@ -48,14 +47,15 @@ def parse_ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected ids such as 3 or 3,4,7, got {text!r}") from None
 
 
-def add_dlq_parser(sub: Any, add_config: Any) -> None:
-    """``tagrelay dlq ...`` on the subcommands ``sub`` of the main parser."""
+def add_dlq_parser(sub: Any, add_config: Any, add_data_dir: Any) -> None:
+    """``tagrelay dlq ...`` on the subcommands ``sub`` of the main parser; ``add_config``
+    and ``add_data_dir`` add ``--config`` and ``--data-dir`` (their environment defaults)."""
     dlq = sub.add_parser("dlq", help="list, show, replay or purge dead letters")
     commands = dlq.add_subparsers(dest="dlq_command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
         add_config(p)
-        p.add_argument("--data-dir", type=Path, help="data directory (overrides data_dir)")
+        add_data_dir(p)
 
     def selectors(p: argparse.ArgumentParser) -> None:
         p.add_argument("--forwarder", help="only this forwarder's dead letters")

@@ -1,11 +1,19 @@
-"""The ``tagrelay`` command: ``serve``, ``check``, ``sql`` and ``dlq``.
+"""The ``tagrelay`` command: ``serve``, ``check``, ``sql``, ``dlq``, ``health`` and
+``reload``.
 
-Exit codes: 0 success, 1 invalid configuration or failed query, 2 usage error.
+Exit codes: 0 success, 1 invalid configuration, failed query or unhealthy relay, 2 usage
+error.
+
+Every command finds its configuration file in ``--config``, else in ``$TAGRELAY_CONFIG``,
+else in ``config/tagrelay.yaml``; every command that uses the data directory takes it from
+``--data-dir``, else ``$TAGRELAY_DATA_DIR``, else the file's ``data_dir``. The Docker image
+sets both variables, so ``docker exec <container> tagrelay sql "..."`` needs no flags.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,14 +21,26 @@ from pathlib import Path
 from tagrelay import __version__
 
 DEFAULT_CONFIG = Path("config/tagrelay.yaml")
+CONFIG_ENV = "TAGRELAY_CONFIG"
+DATA_DIR_ENV = "TAGRELAY_DATA_DIR"
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config",
         type=Path,
-        default=DEFAULT_CONFIG,
-        help=f"configuration file (default: {DEFAULT_CONFIG})",
+        default=Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG),
+        help=f"configuration file (default: ${CONFIG_ENV}, else {DEFAULT_CONFIG})",
+    )
+
+
+def _add_data_dir(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get(DATA_DIR_ENV)
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=Path(env) if env else None,
+        help=f"data directory (overrides data_dir; default: ${DATA_DIR_ENV}, else data_dir)",
     )
 
 
@@ -40,14 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(serve)
     serve.add_argument("--host", help="listen address (overrides server.host)")
     serve.add_argument("--port", type=int, help="listen port (overrides server.port)")
-    serve.add_argument("--data-dir", type=Path, help="data directory (overrides data_dir)")
+    _add_data_dir(serve)
 
     check = sub.add_parser("check", help="validate the configuration and exit")
     _add_config(check)
 
     sql = sub.add_parser("sql", help="run a read-only SQL query on the warehouse")
     _add_config(sql)
-    sql.add_argument("--data-dir", type=Path, help="data directory (overrides data_dir)")
+    _add_data_dir(sql)
     sql.add_argument("--format", choices=["table", "csv", "json"], default="table")
     sql.add_argument("--max-rows", type=int, default=10_000, help="cap on rows returned")
     sql.add_argument(
@@ -58,9 +78,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sql.add_argument("query", help='the SQL query, e.g. "select count(*) from events"')
 
+    reload = sub.add_parser(
+        "reload", help="have the running relay read its configuration file again (as SIGHUP)"
+    )
+    _add_config(reload)
+    _add_data_dir(reload)
+    reload.add_argument("--format", choices=["text", "json"], default="text")
+
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if the relay answers its health check (a container's HEALTHCHECK)",
+        description="GET /healthz (or /readyz) of the relay that runs with this configuration: "
+        "its server.port and server.base_path, on loopback when server.host is a wildcard.",
+    )
+    _add_config(health)
+    health.add_argument("--host", help="address to ask (default: from server.host)")
+    health.add_argument("--port", type=int, help="port to ask (default: server.port)")
+    health.add_argument(
+        "--ready",
+        action="store_true",
+        help="ask /readyz (spool writable, forwarders started) instead of /healthz",
+    )
+    health.add_argument(
+        "--timeout-secs",
+        type=_positive_secs,
+        default=3.0,
+        help="give up after this many seconds (default 3)",
+    )
     from tagrelay.cli.dlq_args import add_dlq_parser
 
-    add_dlq_parser(sub, _add_config)
+    add_dlq_parser(sub, _add_config, _add_data_dir)
     return parser
 
 
@@ -72,6 +119,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
+        if args.command == "reload":
+            # The relay reads the file itself, and refuses it: it logs and counts that, and
+            # answers with the problems.
+            from tagrelay.cli.reload import reload_invalid
+
+            return reload_invalid(args.config, args.data_dir, args.format, exc)
         print(format_config_error(exc), file=sys.stderr)
         return 1
 
@@ -82,7 +135,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from tagrelay.cli.serve import serve
 
-        return serve(config, host=args.host, port=args.port, data_dir=args.data_dir)
+        return serve(
+            config,
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            config_file=args.config.absolute(),
+        )
+    if args.command == "reload":
+        from tagrelay.cli.reload import run_reload
+
+        return run_reload(args.data_dir or config.data_dir, args.format)
+    if args.command == "health":
+        from tagrelay.cli.health import run_health
+
+        return run_health(
+            config,
+            host=args.host,
+            port=args.port,
+            ready=args.ready,
+            timeout_secs=args.timeout_secs,
+        )
     if args.command == "dlq":
         from tagrelay.cli.dlq import run_dlq
 

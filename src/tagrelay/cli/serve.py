@@ -1,21 +1,26 @@
-"""``tagrelay serve``: run the relay until SIGTERM or SIGINT, then shut down gracefully."""
+"""``tagrelay serve``: run the relay until SIGTERM or SIGINT, then shut down gracefully;
+SIGHUP reloads the configuration file (``tagrelay.reload``)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import resource
+import signal
 from pathlib import Path
 
 from aiohttp import web
 
 from tagrelay.app import create_app, freeze_after_startup
 from tagrelay.appkeys import METRICS
+from tagrelay.cli.devkeys import refusal
 from tagrelay.cli.logs import setup_logging
 from tagrelay.config.models import Config
 from tagrelay.datadir import ensure_writable
 from tagrelay.errors import DataDirError, ListenError, TagrelayError
+from tagrelay.reload import RELOADER
 from tagrelay.web.admin_listener import ADMIN_LISTENER
 from tagrelay.web.connections import ConnectionGuard, GuardedSite
 
@@ -123,14 +128,33 @@ async def start_relay(
     return runner, site
 
 
-def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path | None) -> int:
+def serve(
+    config: Config,
+    *,
+    host: str | None,
+    port: int | None,
+    data_dir: Path | None,
+    config_file: Path | None = None,
+) -> int:
+    """Run the relay; ``config_file`` is where ``config`` came from, read again on SIGHUP."""
     setup_logging(config.logging.level, config.logging.format)
+    refused, dev_keys = refusal(config, os.environ)
+    if refused:
+        log.error("tagrelay will not start: %s", refused)
+        return 1
+    if dev_keys:
+        log.warning(
+            "write keys hold development keys: fine on your own machine, never in production",
+            extra={"keys": dev_keys},
+        )
     try:
         ensure_writable(data_dir or config.data_dir)
     except DataDirError as exc:
         log.error("tagrelay could not start: %s", exc)
         return 1
     app = create_app(config, data_dir=data_dir, admin_listener=True)
+    reloader = app[RELOADER]
+    reloader.config_file = config_file
     freeze_after_startup(app)
     host = host or config.server.host
     port = config.server.port if port is None else port
@@ -147,6 +171,15 @@ def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path 
             app, config, host, port, max_connections=max_connections, handle_signals=True
         )
         admin = app.get(ADMIN_LISTENER)
+        reloads: set[asyncio.Task[object]] = set()
+
+        def reload_on_signal() -> None:
+            task = loop.create_task(reloader.reload("signal"))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        if config_file is not None:
+            loop.add_signal_handler(signal.SIGHUP, reload_on_signal)
         try:
             log.info(
                 "tagrelay listening",
@@ -162,6 +195,9 @@ def serve(config: Config, *, host: str | None, port: int | None, data_dir: Path 
             )
             await asyncio.Event().wait()  # until SIGINT/SIGTERM raise GracefulExit
         finally:
+            if config_file is not None:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await asyncio.gather(*reloads, return_exceptions=True)  # not half done
             await runner.cleanup()
 
     # As aiohttp's run_app: SIGINT/SIGTERM raise GracefulExit out of the loop; the main task

@@ -138,8 +138,21 @@ class ForwarderConfigBase(ConfigModel):
     id: ForwarderId
     enabled: bool = Field(
         True,
-        description="A disabled forwarder keeps no cursor and receives nothing.",
+        description=(
+            "A disabled forwarder receives nothing; its cursor is kept like a removed "
+            "forwarder's (spool.forget_cursor_after_secs)."
+        ),
         examples=[True],
+    )
+    start: Literal["head", "earliest"] = Field(
+        "head",
+        description=(
+            "Where a forwarder the spool has no cursor for starts (a new one, added by a "
+            "reload or before a start): head: with the events that arrive from then on; "
+            "earliest: with the oldest event the spool still holds (those no forwarder has "
+            "delivered yet, and the delivered ones not pruned yet)."
+        ),
+        examples=["earliest"],
     )
     batch: BatchConfig = Field(
         default_factory=BatchConfig, description="Batching.", examples=[{"max_events": 100}]

@@ -259,6 +259,18 @@ class SpoolConfig(ConfigModel):
         ),
         examples=[250_000],
     )
+    forget_cursor_after_secs: float = Field(
+        86_400.0,
+        ge=0,
+        description=(
+            "How long the spool keeps the cursor of a forwarder that was removed (or "
+            "disabled), by a reload or between two runs: if it comes back within this "
+            "time it resumes where it stopped, and the events it has not delivered are "
+            "kept for it meanwhile (they count towards max_size_mb). 0 forgets the "
+            "cursor at once."
+        ),
+        examples=[86_400],
+    )
 
 
 class DeadLettersConfig(ConfigModel):

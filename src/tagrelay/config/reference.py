@@ -1,9 +1,10 @@
 """The Markdown reference of every configuration option, generated from the models.
 
-    python -m tagrelay.config.reference
+    python -m tagrelay.config.reference --write
 
-prints it; the README embeds it between its ``reference:start`` / ``reference:end``
-markers (a test there keeps the copy current).
+writes it to ``docs/config.md`` (run from the repository's root), which the README links;
+without arguments it is printed, and ``--check`` exits with 1 when the file is stale (a test
+in tests/test_readme.py keeps the committed copy current).
 
 One section per mapping in the file, one table row per option: its path, type, default,
 description and an example, all taken from ``tagrelay.config.models`` and the forwarder
@@ -13,11 +14,13 @@ listed once, then each type's own.
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import json
+import re
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
@@ -29,7 +32,20 @@ from pydantic_core import PydanticUndefined, to_jsonable_python
 from tagrelay.config.common import unwrap_annotated
 from tagrelay.config.models import Config
 
-__all__ = ["Option", "Section", "iter_sections", "render_reference"]
+__all__ = [
+    "DOC_PATH",
+    "REGENERATE_COMMAND",
+    "Option",
+    "Section",
+    "github_anchor",
+    "iter_sections",
+    "render_reference",
+]
+
+DOC_PATH = Path("docs/config.md")
+"""The committed, generated reference, relative to the repository's root."""
+
+REGENERATE_COMMAND = "python -m tagrelay.config.reference --write"
 
 
 @dataclass(frozen=True)
@@ -133,15 +149,28 @@ def _docstring(model: type[BaseModel]) -> str:
 
 
 def render_reference() -> str:
-    """The whole reference as Markdown, headings at level 3 so that it sits under the
-    README's "Configuration" section."""
+    """The whole reference as the Markdown document ``docs/config.md``: a title, a table
+    of contents of the file's top-level mappings and forwarder types, then one section
+    (heading level 2) per mapping."""
+    sections = list(iter_sections())
+    anchors = _anchors([section.title for section in sections])
     out = [
-        "Generated from the configuration models by `python -m tagrelay.config.reference`;",
-        "do not edit by hand. Values are shown as JSON, which YAML accepts as is. A value",
-        "given as `${VAR}` is converted to the option's type: `port: ${PORT:-8080}` works.",
+        "# Configuration reference",
+        "",
+        f"Generated from the configuration models by `{REGENERATE_COMMAND}`;",
+        "do not edit by hand. `config/tagrelay.yaml` is the commented example to start from,",
+        "and the [README](../README.md#configuration) says how the file is read. Values are",
+        "shown as JSON, which YAML accepts as is. A value given as `${VAR}` is converted to",
+        "the option's type: `port: ${PORT:-8080}` works.",
+        "",
     ]
-    for section in iter_sections():
-        out += ["", f"### {section.title}", ""]
+    out += [
+        f"- [{section.title}](#{anchor})"
+        for section, anchor in zip(sections, anchors, strict=True)
+        if _top_level(section.title)
+    ]
+    for section in sections:
+        out += ["", f"## {section.title}", ""]
         if section.description:
             out += [section.description, ""]
         out += ["| Option | Type | Default | Description | Example |", "|---|---|---|---|---|"]
@@ -155,6 +184,30 @@ def render_reference() -> str:
             )
             out.append("| " + " | ".join(_cell(cell) for cell in cells) + " |")
     return "\n".join(out) + "\n"
+
+
+def github_anchor(heading: str) -> str:
+    """The fragment GitHub gives a Markdown heading (before de-duplication): lower case,
+    punctuation but ``-`` and ``_`` removed, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(headings: list[str]) -> list[str]:
+    """Each heading's fragment, a repeated one suffixed ``-1``, ``-2``... as GitHub does."""
+    seen: dict[str, int] = {}
+    out = []
+    for heading in headings:
+        anchor = github_anchor(heading)
+        count = seen.get(anchor, 0)
+        seen[anchor] = count + 1
+        out.append(f"{anchor}-{count}" if count else anchor)
+    return out
+
+
+def _top_level(title: str) -> bool:
+    """A section of a top-level mapping or of a forwarder type, not of a mapping in those."""
+    path = title.split("`")[1] if "`" in title else title
+    return "." not in path
 
 
 def _cell(text: str) -> str:
@@ -239,8 +292,27 @@ def _json(value: Any) -> str:
     return "`" + json.dumps(to_jsonable_python(value), ensure_ascii=False) + "`"
 
 
-def main() -> int:
-    sys.stdout.write(render_reference())
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m tagrelay.config.reference",
+        description="Print, write or check the configuration reference (docs/config.md).",
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--write", action="store_true", help=f"write it to {DOC_PATH}")
+    action.add_argument("--check", action="store_true", help=f"exit 1 if {DOC_PATH} is stale")
+    args = parser.parse_args(argv)
+    rendered = render_reference()
+    if args.write:
+        DOC_PATH.parent.mkdir(exist_ok=True)
+        DOC_PATH.write_text(rendered, encoding="utf-8")
+        print(f"wrote {DOC_PATH}")
+    elif args.check:
+        current = DOC_PATH.read_text(encoding="utf-8") if DOC_PATH.exists() else ""
+        if current != rendered:
+            print(f"{DOC_PATH} is out of date; run: {REGENERATE_COMMAND}", file=sys.stderr)
+            return 1
+    else:
+        sys.stdout.write(rendered)
     return 0
 
 

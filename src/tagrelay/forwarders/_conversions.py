@@ -325,7 +325,8 @@ class Conversion:
     browser: bool = False
     """The event came from a browser: it carries a user agent and a page URL."""
     field_drops: Mapping[str, int] = field(default_factory=dict)
-    """What was left out of it (``FIELD_DROP_REASONS``), counted only if it is sent."""
+    """What was left out of it (``FIELD_DROP_REASONS``), counted only if it is sent. May be
+    the mapping of its ``prepared`` or ``commerce`` itself: read it, never change it."""
 
     @property
     def properties(self) -> Mapping[str, Any]:
@@ -347,9 +348,13 @@ def epoch_seconds(moment: datetime) -> int:
     return int(moment.timestamp())
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MILLISECOND: Final = timedelta(milliseconds=1)
+
+
 def epoch_millis(moment: datetime) -> int:
     """Unix time in milliseconds (LinkedIn, Reddit)."""
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(milliseconds=1)
+    return (moment - _EPOCH) // _MILLISECOND
 
 
 def event_time(event: Event, now: datetime) -> datetime:
@@ -376,6 +381,19 @@ def _moment(value: Any) -> datetime | None:
 
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
+
+
+def _added(counts: Mapping[str, int], more: Mapping[str, int]) -> Mapping[str, int]:
+    """Both counts added up (each already positive); one of them as it is when the other is
+    empty (the common case: nothing left out)."""
+    if not more:
+        return counts
+    if not counts:
+        return more
+    added = dict(counts)
+    for reason, n in more.items():
+        added[reason] = added.get(reason, 0) + n
+    return added
 
 
 def _text(value: Any) -> str | None:
@@ -572,9 +590,9 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
         prepared = prepare(
             user, self.platform, default_phone_country=self.config.default_phone_country
         )
-        facts = commerce(_dict(event.get("properties")), canonical)
-        page = _dict(context.get("page"))
         properties = _dict(event.get("properties"))
+        facts = commerce(properties, canonical)
+        page = _dict(context.get("page"))
         is_page = canonical == PAGE_VIEW and event.get("type") in ("page", "screen")
         page_url = _text(page.get("url")) or (_text(properties.get("url")) if is_page else None)
         referrer = _text(page.get("referrer")) or (
@@ -598,7 +616,7 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             referrer=referrer,
             consent=consent,
             browser=bool(user.user_agent and page_url),
-            field_drops=Counter(prepared.drops) + Counter(facts.problems),
+            field_drops=_added(prepared.drops, facts.problems),
         )
 
     def plan(self, events: list[Event], now: datetime) -> ConversionPlan:
@@ -609,7 +627,8 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             if (c := self.convert(index, event, now, plan.drops)) is not None
         ]
         for c in conversions:
-            plan.drops.update(c.field_drops)
+            if c.field_drops:
+                plan.drops.update(c.field_drops)
         plan.requests.extend(self.requests(conversions))
         plan.match_keys = {c.index: c.match_keys for c in conversions}
         plan.conversions = {c.index: c for c in conversions}

@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any, Final
+
+from tagrelay.forwarders._memo import ObjectMemo
 
 __all__ = [
     "AMOUNT_KEYS",
@@ -235,10 +236,8 @@ def event_name_key(name: str) -> str:
 def number(value: Any) -> int | float | None:
     """A number from a JSON number or numeric text (``"12"`` -> 12, ``"12.0"`` -> 12.0);
     None for anything else, booleans included."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        return value
+    if isinstance(value, (int, float)):
+        return None if isinstance(value, bool) else value
     if isinstance(value, str):
         try:
             parsed = float(value.strip())
@@ -306,57 +305,100 @@ class Commerce:
     object)."""
 
 
+_COMMERCE_ITEM_KEYS: Final = tuple(
+    (target, tuple(dict.fromkeys((*sources, GA4_ITEM_NAMES[target]))))
+    for target, sources in ITEM_FIELDS
+    if target in CommerceItem.__dataclass_fields__
+)
+"""What ``commerce`` reads of a product: each ``CommerceItem`` field <- Segment's names
+(``ITEM_FIELDS``), then GA4's (``GA4_ITEM_NAMES``), the first present, not null, winning."""
+
+
 def _text(value: Any) -> str | None:
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    text = str(value).strip()
-    return text or None
+    return str(value).strip() or None
 
 
 def _product_fields(product: Mapping[str, Any]) -> dict[str, Any]:
-    """Segment's names first, then GA4's."""
-    fields = item_fields(product)
-    for canonical, ga4_name in GA4_ITEM_NAMES.items():
-        if canonical not in fields and product.get(ga4_name) is not None:
-            fields[canonical] = product[ga4_name]
+    """Segment's names first, then GA4's; only the fields a ``CommerceItem`` has."""
+    fields: dict[str, Any] = {}
+    for target, sources in _COMMERCE_ITEM_KEYS:
+        for source in sources:
+            value = product.get(source)
+            if value is not None:
+                fields[target] = value
+                break
     return fields
 
 
-def _item(fields: Mapping[str, Any], problems: Counter[str]) -> CommerceItem:
-    numbers: dict[str, int | float | None] = {}
-    for key in ("price", "quantity"):
-        raw = fields.get(key)
-        numbers[key] = number(raw) if raw is not None else None
-        if raw is not None and numbers[key] is None:
-            problems["invalid_value"] += 1
-    quantity = numbers["quantity"]
-    if quantity is not None and (quantity != int(quantity) or quantity < 0):
-        problems["invalid_value"] += 1
-        quantity = None
+def _problem(problems: dict[str, int], reason: str) -> None:
+    problems[reason] = problems.get(reason, 0) + 1
+
+
+def _item(fields: Mapping[str, Any], problems: dict[str, int]) -> CommerceItem:
+    raw_price, raw_quantity = fields.get("price"), fields.get("quantity")
+    price = quantity = None
+    if raw_price is not None:
+        price = number(raw_price)
+        if price is None:
+            _problem(problems, "invalid_value")
+    if raw_quantity is not None:
+        quantity = number(raw_quantity)
+        if quantity is None:
+            _problem(problems, "invalid_value")
+        elif quantity != int(quantity) or quantity < 0:
+            _problem(problems, "invalid_value")
+            quantity = None
     return CommerceItem(
         id=_text(fields.get("id")),
         name=_text(fields.get("name")),
         brand=_text(fields.get("brand")),
         category=_text(fields.get("category")),
         variant=_text(fields.get("variant")),
-        price=numbers["price"],
+        price=price,
         quantity=None if quantity is None else int(quantity),
     )
 
 
+_NO_COMMERCE: Final = Commerce()
+"""What an event without commerce fields has (a page view): one shared, immutable value."""
+
+
+_READ: Final[ObjectMemo[Commerce]] = ObjectMemo(1024)
+"""The commerce of the properties read last (``_memo``): the delivery process gives every
+forwarder the same event objects, so each event's commerce fields are read once for all ad
+forwarders."""
+
+
 def commerce(properties: Mapping[str, Any], event_name: str | None = None) -> Commerce:
     """The normalized commerce view of an event's ``properties``; ``event_name`` is its
-    canonical name (for single-product events, see ``SINGLE_PRODUCT_EVENTS``). Pure."""
-    problems: Counter[str] = Counter()
+    canonical name (for single-product events, see ``SINGLE_PRODUCT_EVENTS``). Pure. The
+    same properties object (never changed: forwarders do not change events) with the same
+    name gets the same ``Commerce`` again."""
+    if not properties:
+        return _NO_COMMERCE
+    found = _READ.get(properties, event_name)
+    if found is not None:
+        return found
+    return _READ.put(properties, _commerce(properties, event_name), event_name)
+
+
+def _commerce(properties: Mapping[str, Any], event_name: str | None) -> Commerce:
+    problems: dict[str, int] = {}
     value = None
-    amount_key = next((k for k in AMOUNT_KEYS if properties.get(k) is not None), None)
-    if amount_key is not None:
-        value = number(properties[amount_key])
-        if value is None:
-            problems["invalid_value"] += 1
+    for key in AMOUNT_KEYS:
+        amount = properties.get(key)
+        if amount is not None:
+            value = number(amount)
+            if value is None:
+                _problem(problems, "invalid_value")
+            break
     currency = currency_code(properties.get("currency"))
     if currency is not None and not _CURRENCY.fullmatch(currency):
-        problems["invalid_currency"] += 1
+        _problem(problems, "invalid_currency")
         currency = None
     order_id = _text(properties.get("order_id")) or _text(properties.get("transaction_id"))
 
@@ -369,7 +411,7 @@ def commerce(properties: Mapping[str, Any], event_name: str | None = None) -> Co
             if isinstance(product, Mapping):
                 items.append(_item(_product_fields(product), problems))
             else:
-                problems["invalid_item"] += 1
+                _problem(problems, "invalid_item")
     elif event_name in SINGLE_PRODUCT_EVENTS:
         own = {k: v for k, v in properties.items() if k in SINGLE_PRODUCT_KEYS}
         if own:
@@ -377,14 +419,16 @@ def commerce(properties: Mapping[str, Any], event_name: str | None = None) -> Co
             items.append(item)
             if value is None and item.price is not None:
                 value = item.price * (item.quantity if item.quantity is not None else 1)
-    num_items = (
-        sum(item.quantity if item.quantity is not None else 1 for item in items) if items else None
-    )
+    num_items = None
+    if items:
+        num_items = 0
+        for item in items:
+            num_items += item.quantity if item.quantity is not None else 1
     return Commerce(
         value=value,
         currency=currency,
         order_id=order_id,
         items=tuple(items),
         num_items=num_items,
-        problems=dict(problems),
+        problems=problems,
     )

@@ -25,13 +25,16 @@ program; nothing from outside is ever unpickled):
 
 relay -> child: ``("start", StartSpec)`` once, then ``("deliver", id, forwarder_id, path,
 after, last)`` and ``("deliver_events", id, forwarder_id, [stored JSON, ...])`` (events
-from elsewhere than the spool, e.g. dead letters replayed), answered in any order;
-``("capture_rate", rate)`` whenever the debug view's capture rate changes (a view connects
-or the last one leaves; ``tagrelay.capture``), and after a start when it is not 0;
+from elsewhere than the spool, e.g. dead letters replayed), answered in any order,
+``("configure", id, [forwarder config, ...], log_level)`` (a reload: the forwarders to run
+from now on; those removed or changed are closed once their deliveries in flight are
+answered, the new and changed ones started), and ``("capture_rate", rate)`` whenever the
+debug view's capture rate changes (a view connects or the last one leaves;
+``tagrelay.capture``), and after a start when it is not 0;
 child -> relay: ``("started", {forwarder_id: error text or None})``, ``("result", id,
-SpanResult)``, ``("log", record fields)``, and, only while the rate is not 0, ``("capture",
-kind, record)``: a request a forwarder sent and its answer, already redacted with the
-forwarder's secrets.
+SpanResult)``, ``("configured", id, {forwarder_id started: error text or None})``, ``("log",
+record fields)``, and, only while the rate is not 0, ``("capture", kind, record)``: a
+request a forwarder sent and its answer, already redacted with the forwarder's secrets.
 
 The child ends when its socket closes (the relay stops it, exits or dies): it closes the
 forwarders and exits. A child that dies fails the deliveries in flight, which the workers
@@ -57,7 +60,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -228,7 +231,7 @@ class DeliveryProcess:
         self._proc: subprocess.Popen[bytes] | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        self._pending: dict[int, asyncio.Future[SpanResult]] = {}
+        self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._lock: asyncio.Lock | None = None
         self.starts = 0
@@ -304,7 +307,7 @@ class DeliveryProcess:
             while True:
                 message = await read_frame(reader)
                 kind = message[0]
-                if kind == "result":
+                if kind in ("result", "configured"):
                     _, request_id, result = message
                     future = self._pending.pop(request_id, None)
                     if future is not None and not future.done():
@@ -346,14 +349,49 @@ class DeliveryProcess:
         (dead letters replayed, say), as they are: no filter or consent rule is applied."""
         return await self._ask(("deliver_events", forwarder_id, list(payloads)))
 
+    async def configure(self, forwarders: Sequence[ForwarderConfigBase]) -> None:
+        """Run ``forwarders`` from now on (a reload): the child closes those removed or
+        changed once their deliveries in flight are answered, and starts the new and
+        changed ones (``start_errors`` then has their errors). Stop the workers of those
+        removed or changed first. A child not running now is started with them (a restart
+        after a crash too)."""
+        self.spec = replace(
+            self.spec,
+            forwarders=tuple(forwarders),
+            log_level=logging.getLogger().getEffectiveLevel(),
+        )
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:  # not while it starts (with the new spec, then)
+            running = self.running
+        if not running:
+            return
+        try:
+            errors: dict[str, str | None] = await self._request(
+                ("configure", list(forwarders), self.spec.log_level)
+            )
+        except DeliveryProcessError:
+            return  # it died: started again with the new spec on the next delivery
+        ids = {f.id for f in forwarders}
+        self.start_errors = {
+            **{k: v for k, v in self.start_errors.items() if k in ids},
+            **errors,
+        }
+
     async def _ask(self, request: tuple[Any, ...]) -> SpanResult:
         if not self.running:
             log.warning("starting the delivery process again")
             await self.start()
+        result: SpanResult = await self._request(request)
+        add_counts(self.metrics, result.counts)
+        return result
+
+    async def _request(self, request: tuple[Any, ...]) -> Any:
         writer = self._writer
-        assert writer is not None
+        if writer is None:
+            raise DeliveryProcessError("the delivery process is not running")
         request_id = next(self._ids)
-        future: asyncio.Future[SpanResult] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
         try:
             writer.write(frame((request[0], request_id, *request[1:])))
@@ -361,9 +399,7 @@ class DeliveryProcess:
         except (OSError, RuntimeError) as exc:
             self._pending.pop(request_id, None)
             raise DeliveryProcessError(f"the delivery process is gone: {exc}") from exc
-        result = await future
-        add_counts(self.metrics, result.counts)
-        return result
+        return await future
 
     async def close(self) -> None:
         """Close the socket (the child closes its forwarders and exits) and wait for it."""
@@ -519,6 +555,9 @@ class _Child:
         self.metrics = Metrics()
         self.deltas = CounterDeltas(self.metrics)
         self.tasks: set[asyncio.Task[None]] = set()
+        self.busy: dict[str, set[asyncio.Task[None]]] = {}
+        """Each forwarder's deliveries in flight (a reconfiguration waits for them)."""
+        self.context: ForwarderContext | None = None
         self._spools: dict[str, Any] = {}
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-reader")
         self.cache = SpanCache(self._read_span)
@@ -542,27 +581,14 @@ class _Child:
             os.nice(spec.niceness)
         import aiohttp
 
-        from tagrelay.forwarders import FORWARDERS
-
         session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
             headers={"User-Agent": "tagrelay"},
         )
-        context = ForwarderContext(
+        self.context = ForwarderContext(
             data_dir=spec.data_dir, http=session, metrics=self.metrics, capture=self.capture
         )
-        errors: dict[str, str | None] = {}
-        for config in spec.forwarders:
-            kind: str = config.type  # type: ignore[attr-defined]  # every member has one
-            forwarder = FORWARDERS[kind](config, context)
-            try:
-                await forwarder.start()
-            except Exception as exc:
-                errors[config.id] = f"{type(exc).__name__}: {exc}"
-                continue
-            errors[config.id] = None
-            self.forwarders[config.id] = forwarder
-        self.send(frame(("started", errors)))
+        self.send(frame(("started", await self._start(spec.forwarders))))
         try:
             while True:
                 try:
@@ -575,6 +601,8 @@ class _Child:
                     )
                 elif request[0] == "deliver_events":
                     task = asyncio.create_task(self._answer(request[1], self._given(*request[2:])))
+                elif request[0] == "configure":
+                    task = asyncio.create_task(self._configure(*request[1:]))
                 elif request[0] == "capture_rate":
                     self.capture.set_rate(float(request[1]))
                     continue
@@ -583,6 +611,10 @@ class _Child:
                     continue
                 self.tasks.add(task)
                 task.add_done_callback(self.tasks.discard)
+                if request[0] in ("deliver", "deliver_events"):
+                    busy = self.busy.setdefault(request[2], set())
+                    busy.add(task)
+                    task.add_done_callback(busy.discard)
         finally:
             for task in list(self.tasks):
                 task.cancel()
@@ -593,6 +625,42 @@ class _Child:
             await session.close()
             self._close_spools()
             self._executor.shutdown(wait=False)
+
+    async def _start(self, configs: Iterable[ForwarderConfigBase]) -> dict[str, str | None]:
+        """Start a forwarder for each of ``configs``: their errors (None: started)."""
+        from tagrelay.forwarders import FORWARDERS
+
+        assert self.context is not None
+        errors: dict[str, str | None] = {}
+        for config in configs:
+            kind: str = config.type  # type: ignore[attr-defined]  # every member has one
+            forwarder = FORWARDERS[kind](config, self.context)
+            try:
+                await forwarder.start()
+            except Exception as exc:
+                errors[config.id] = f"{type(exc).__name__}: {exc}"
+                continue
+            errors[config.id] = None
+            self.forwarders[config.id] = forwarder
+        return errors
+
+    async def _configure(
+        self, request_id: int, configs: Sequence[ForwarderConfigBase], log_level: int
+    ) -> None:
+        """Run ``configs`` from now on: close the forwarders removed or changed once their
+        deliveries in flight are answered, start the new and changed ones."""
+        logging.getLogger().setLevel(log_level)
+        wanted = {config.id: config for config in configs}
+        going = [
+            fid for fid, forwarder in self.forwarders.items() if wanted.get(fid) != forwarder.config
+        ]
+        for fid in going:
+            await asyncio.gather(*self.busy.get(fid, ()), return_exceptions=True)
+            forwarder = self.forwarders.pop(fid)
+            with contextlib.suppress(Exception):
+                await forwarder.close()
+        errors = await self._start(c for fid, c in wanted.items() if fid not in self.forwarders)
+        self.send(frame(("configured", request_id, errors)))
 
     async def _answer(self, request_id: int, work: Coroutine[Any, Any, SpanResult]) -> None:
         try:

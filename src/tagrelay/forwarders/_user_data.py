@@ -96,7 +96,9 @@ sent plain it is dropped (it cannot be un-hashed).
 **Raw personal data never leaves this module in text meant for people**: the module logs
 nothing, its drop reasons are fixed codes, it raises nothing on bad input, and
 :class:`UserData` prints which fields it holds, never their values. Forwarders count the
-codes, never the values.
+codes, never the values. Normalized values are kept in a bounded in-memory cache (the same
+person's email and phone come back in each of their events, once per ad forwarder); it is
+never written anywhere and forgets the least recently used values (``_normalized``).
 """
 
 from __future__ import annotations
@@ -104,17 +106,18 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
-from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import date
 from functools import lru_cache
+from operator import attrgetter
 from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
 
 import phonenumbers
 from pydantic import AfterValidator
 
+from tagrelay.forwarders._memo import ObjectMemo
 from tagrelay.model import BROWSER_ID_COOKIES, CLICK_ID_PARAMS
 
 __all__ = [
@@ -325,7 +328,9 @@ class UserData:
 @dataclass(frozen=True, slots=True)
 class Prepared:
     """User data ready for one platform: the fields it takes, normalized (and hashed where
-    the platform hashes them), and what was left out. Prints no values."""
+    the platform hashes them), and what was left out. Prints no values. ``prepare`` hands
+    the same one to every event with the same user data: read its mappings, never change
+    them."""
 
     platform: Platform
     values: Mapping[Field, str]
@@ -347,76 +352,136 @@ def _dict(value: Any) -> dict[str, Any]:
 
 def _text(value: Any) -> str | None:
     """A scalar as trimmed text (numbers too: a phone or ZIP sent as a number)."""
-    if isinstance(value, bool) or value is None:
-        return None
-    if isinstance(value, int | float):
-        value = str(value)
     if isinstance(value, str):
         value = value.strip()
         return value or None
-    return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return str(value).strip() or None
 
 
 def _first(sources: list[dict[str, Any]], *keys: str) -> str | None:
     for source in sources:
         for key in keys:
-            text = _text(source.get(key))
-            if text is not None:
+            value = source.get(key)
+            if value is not None and (text := _text(value)) is not None:
                 return text
     return None
 
 
 def _click_ids(context: dict[str, Any]) -> dict[str, str]:
     found: dict[str, str] = {}
-    for name, value in _dict(context.get("clickIds")).items():
-        canonical = _CLICK_ID_BY_LOWER.get(str(name).lower())
-        if canonical is not None and isinstance(value, str) and _CLICK_VALUE.fullmatch(value):
-            found[canonical] = value
-    page = _dict(context.get("page"))
+    click_ids = context.get("clickIds")
+    if isinstance(click_ids, dict):
+        for name, value in click_ids.items():
+            canonical = _CLICK_ID_BY_LOWER.get(str(name).lower())
+            if canonical is not None and isinstance(value, str) and _CLICK_VALUE.fullmatch(value):
+                found[canonical] = value
+    page = context.get("page")
+    if not isinstance(page, dict):
+        return found
     search, url = page.get("search"), page.get("url")
-    query = search if isinstance(search, str) and search else None
-    if query is None and isinstance(url, str) and "?" in url:
+    if isinstance(search, str) and search:
+        found.update(_query_click_ids(search, False))
+    elif isinstance(url, str) and "?" in url:
+        found.update(_query_click_ids(url, True))
+    return found
+
+
+def _query_click_ids(text: str, is_url: bool) -> tuple[tuple[str, str], ...]:
+    """The click ids in ``text``'s query (``is_url``: a URL, else the query itself): the
+    same landing URL comes with each of a visitor's events to each ad forwarder, so short
+    ones are read once and cached (click ids and page addresses, in memory only)."""
+    if len(text) > _MAX_CACHED_QUERY:
+        return _read_query_click_ids(text, is_url)
+    return _cached_query_click_ids(text, is_url)
+
+
+_MAX_CACHED_QUERY: Final = 1024
+"""Longer URLs are read each time (the cache holds at most 2,048 x 1 KB)."""
+
+
+def _read_query_click_ids(text: str, is_url: bool) -> tuple[tuple[str, str], ...]:
+    query: str | None = text
+    if is_url:
         try:
-            query = urlsplit(url).query
+            query = urlsplit(text).query
         except ValueError:
             query = None
-    if query:
-        for name, value in parse_qsl(query.lstrip("?")):
-            canonical = _CLICK_ID_BY_LOWER.get(name.lower())
-            if canonical is not None and _CLICK_VALUE.fullmatch(value):
-                found[canonical] = value
-    return found
+    if not query:
+        return ()
+    found = []
+    for name, value in parse_qsl(query.lstrip("?")):
+        canonical = _CLICK_ID_BY_LOWER.get(name.lower())
+        if canonical is not None and _CLICK_VALUE.fullmatch(value):
+            found.append((canonical, value))
+    return tuple(found)
+
+
+_cached_query_click_ids = lru_cache(maxsize=2048)(_read_query_click_ids)
+
+
+_EXTRACTED: Final[ObjectMemo[UserData]] = ObjectMemo(1024)
+"""The user data of the events extracted last (``_memo``): the delivery process gives every
+forwarder the same event objects, so each event's user data is read once for all ad
+forwarders. Personal data, in memory only, like the events it comes from."""
 
 
 def extract_user_data(event: Mapping[str, Any]) -> UserData:
     """What ``event`` says about its person (see the module docstring for the keys). Pure;
-    never raises on odd shapes (a field of the wrong type is absent)."""
+    never raises on odd shapes (a field of the wrong type is absent). The same event object
+    (never changed: forwarders do not change events) gets the same ``UserData`` again."""
+    found = _EXTRACTED.get(event)
+    if found is not None:
+        return found
+    return _EXTRACTED.put(event, _extract_user_data(event))
+
+
+def _extract_user_data(event: Mapping[str, Any]) -> UserData:
     context = _dict(event.get("context"))
-    traits = [_dict(event.get("traits")), _dict(context.get("traits"))]
-    with_properties = [*traits, _dict(event.get("properties"))]
-    addresses = [_dict(t.get("address")) for t in traits]
-    first_name = _first(traits, "firstName", "first_name")
-    last_name = _first(traits, "lastName", "last_name")
-    if first_name is None and last_name is None:
-        name = _first(traits, "name")
-        if name is not None:
-            first, _, rest = name.partition(" ")
-            first_name, last_name = first, (rest.strip() or None)
+    # Only the sources the event has (most have no identify traits, page views none at all).
+    traits = [t for t in (event.get("traits"), context.get("traits")) if isinstance(t, dict) and t]
+    properties = event.get("properties")
+    with_properties = (
+        [*traits, properties] if isinstance(properties, dict) and properties else traits
+    )
+    email = phone = first_name = last_name = street = city = state = None
+    zip_code = country = gender = birthday = None
+    if with_properties:
+        email = _first(with_properties, "email")
+        phone = _first(with_properties, "phone")
+    if traits:  # else none of these can be found
+        addresses = [a for t in traits if isinstance(a := t.get("address"), dict) and a]
+        first_name = _first(traits, "firstName", "first_name")
+        last_name = _first(traits, "lastName", "last_name")
+        if first_name is None and last_name is None:
+            name = _first(traits, "name")
+            if name is not None:
+                first, _, rest = name.partition(" ")
+                first_name, last_name = first, (rest.strip() or None)
+        street = _first(addresses, "street")
+        city = _first(addresses, "city") or _first(traits, "city")
+        state = _first(addresses, "state", "region") or _first(traits, "state", "region")
+        zip_code = _first(addresses, "postalCode", "postal_code", "zip") or _first(
+            traits, "postalCode", "postal_code", "zip"
+        )
+        country = _first(addresses, "country") or _first(traits, "country")
+        gender = _first(traits, "gender")
+        birthday = _first(traits, "birthday")
     user_id = event.get("userId")
     client_ids = _dict(context.get("clientIds"))
     return UserData(
-        email=_first(with_properties, "email"),
-        phone=_first(with_properties, "phone"),
+        email=email,
+        phone=phone,
         first_name=first_name,
         last_name=last_name,
-        street=_first(addresses, "street"),
-        city=_first(addresses, "city") or _first(traits, "city"),
-        state=_first(addresses, "state", "region") or _first(traits, "state", "region"),
-        zip=_first(addresses, "postalCode", "postal_code", "zip")
-        or _first(traits, "postalCode", "postal_code", "zip"),
-        country=_first(addresses, "country") or _first(traits, "country"),
-        gender=_first(traits, "gender"),
-        birthday=_first(traits, "birthday"),
+        street=street,
+        city=city,
+        state=state,
+        zip=zip_code,
+        country=country,
+        gender=gender,
+        birthday=birthday,
         external_id=_text(user_id) if isinstance(user_id, str | int) else None,
         ip=_text(context.get("ip")),
         user_agent=_text(context.get("userAgent")),
@@ -814,54 +879,114 @@ def prepare(
     not normalize. ``default_phone_country``: the ISO 3166-1 alpha-2 code (``US``) of numbers
     written without a country code. Pure; raises nothing."""
     country = default_phone_country.upper() if default_phone_country else None
-    context = _Context(country, data.country)
+    return _prepared(platform, country, _field_values(data))
+
+
+_field_values: Final[Callable[[UserData], tuple[str | None, ...]]] = attrgetter(*FIELDS)
+"""A ``UserData``'s ``FIELDS``, in that order."""
+_FIELD_INDEX: Final = {name: index for index, name in enumerate(FIELDS)}
+
+_PREPARED_CACHE_SIZE: Final = 4096
+"""How many prepared user data :func:`_prepared` keeps, the most recently used: one per
+visitor and platform (a visitor's events carry the same fields), about 7 MB at most
+(~1.6 KB each with a purchase's raw and hashed values)."""
+
+
+@lru_cache(maxsize=_PREPARED_CACHE_SIZE)
+def _prepared(
+    platform: Platform, default_phone_country: str | None, raw: tuple[str | None, ...]
+) -> Prepared:
+    """``prepare`` of a ``UserData`` whose ``FIELDS`` are ``raw``. Cached: a visitor's events
+    carry the same user data to each ad forwarder; a ``Prepared`` is immutable, so the same
+    one serves them all (in process memory only, like ``_normalized``)."""
+    event_country = raw[_FIELD_INDEX["country"]]
     values: dict[Field, str] = {}
-    drops: Counter[str] = Counter()
+    drops: dict[str, int] = {}
     for name, rule in RULES[platform].items():
-        raw = getattr(data, name)
-        if raw is None:
-            continue
-        value = _apply(rule, raw, context)
+        value = raw[_FIELD_INDEX[name]]
         if value is None:
-            drops["invalid_" + name] += 1
+            continue
+        normalized = _normalized(
+            rule.normalize, rule.hashed, value, default_phone_country, event_country
+        )
+        if normalized is None:
+            drops["invalid_" + name] = 1
         else:
-            values[name] = value
-    return Prepared(platform, values, dict(drops))
+            values[name] = normalized
+    return Prepared(platform, values, drops)
 
 
-def _apply(rule: Rule, raw: str, context: _Context) -> str | None:
+_NORMALIZED_CACHE_SIZE: Final = 8192
+"""How many values :func:`_normalized` keeps, the most recently used: about 3.5 MB at most
+(~420 bytes each: key, raw value, 64-character digest). It serves what ``_prepared`` has not
+seen together: a new visitor's values for a rule two platforms share (Meta's and TikTok's
+email), a field added to a known visitor's. A purchase with every field costs about 17
+for Meta, TikTok and Google together."""
+
+
+@lru_cache(maxsize=_NORMALIZED_CACHE_SIZE)
+def _normalized(
+    normalize: Normalizer,
+    hashed: bool,
+    raw: str,
+    default_phone_country: str | None,
+    country: str | None,
+) -> str | None:
+    """``raw`` normalized by a rule (``normalize``, ``hashed``), in the context of the
+    forwarder's default phone country and the event's own ``country`` (raw); None when it
+    does not normalize.
+
+    Cached (a bounded LRU, :data:`_NORMALIZED_CACHE_SIZE`): parsing phone numbers and
+    hashing are most of the cost of preparing an event, and the same person's email and
+    phone come back in every event of theirs, once per ad forwarder. The cache holds raw
+    and normalized personal data in this process's memory only (as the batches being
+    delivered do): it is never written, logged or sent anywhere, and it forgets the least
+    recently used values beyond its bound."""
     if looks_hashed(raw):
-        return raw.strip().lower() if rule.hashed else None
+        return raw.strip().lower() if hashed else None
     if len(raw) > _MAX_INPUT:
         return None
-    normalized = rule.normalize(raw, context)
+    normalized = normalize(raw, _Context(default_phone_country, country))
     if normalized is None:
         return None
-    return sha256_hex(normalized) if rule.hashed else normalized
+    return sha256_hex(normalized) if hashed else normalized
 
 
 def match_keys(prepared: Prepared, data: UserData) -> frozenset[str]:
     """Which of :data:`MATCH_KEYS` an event sent with ``prepared`` (and the pass-through ids
     of ``data`` that its platform takes) carries."""
     values = prepared.values
-    keys: set[str] = set()
-    for key in ("email", "phone", "external_id"):
-        if key in values:
-            keys.add(key)
+    platform = prepared.platform
+    keys: list[str] = []
+    if "email" in values:
+        keys.append("email")
+    if "phone" in values:
+        keys.append("phone")
+    if "external_id" in values:
+        keys.append("external_id")
     if "first_name" in values or "last_name" in values:
-        keys.add("name")
-    if {"street", "city", "state", "zip", "country"} & values.keys():
-        keys.add("address")
+        keys.append("name")
+    if not _ADDRESS_FIELDS.isdisjoint(values):
+        keys.append("address")
     if data.ip:
-        keys.add("ip")
+        keys.append("ip")
     if data.user_agent:
-        keys.add("user_agent")
-    clicked = any(k in data.click_ids for k in PLATFORM_CLICK_IDS[prepared.platform])
-    if clicked or (prepared.platform == "meta" and data.fbc):
-        keys.add("click_id")
-    if any(getattr(data, k) for k in PLATFORM_BROWSER_IDS.get(prepared.platform, ())):
-        keys.add("browser_id")
-    for cookie, key in PLATFORM_COOKIES.get(prepared.platform, {}).items():
-        if data.browser_ids.get(cookie):
-            keys.add(key)
+        keys.append("user_agent")
+    click_ids = data.click_ids
+    if (click_ids and not click_ids.keys().isdisjoint(PLATFORM_CLICK_IDS[platform])) or (
+        platform == "meta" and data.fbc
+    ):
+        keys.append("click_id")
+    for browser_id in PLATFORM_BROWSER_IDS.get(platform, ()):
+        if getattr(data, browser_id):
+            keys.append("browser_id")
+            break
+    cookies = PLATFORM_COOKIES.get(platform)
+    if cookies:
+        for cookie, key in cookies.items():
+            if data.browser_ids.get(cookie):
+                keys.append(key)  # a key already there counts once (a frozenset)
     return frozenset(keys)
+
+
+_ADDRESS_FIELDS: Final = frozenset({"street", "city", "state", "zip", "country"})

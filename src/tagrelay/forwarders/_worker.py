@@ -191,6 +191,7 @@ class ForwarderWorker:
         self._rand = rand
         self._wake = spool.subscribe()
         self._stopping = asyncio.Event()
+        self._flush = True
         self._task: asyncio.Task[None] | None = None
         self._state = CursorState(0)
         f = self.config.filter
@@ -238,12 +239,16 @@ class ForwarderWorker:
         }
 
     async def start(self) -> None:
-        self._state = await self.spool.register(self.id)
+        self._state = await self.spool.register(self.id, self.config.start)
         await self.forwarder.start()
         self._task = asyncio.create_task(self._run(), name=f"forwarder-{self.id}")
 
-    async def stop(self, timeout_secs: float) -> None:
-        """Let the batch in flight finish (up to ``timeout_secs``), then stop."""
+    async def stop(self, timeout_secs: float, *, flush: bool = True) -> None:
+        """Let the batch in flight finish (up to ``timeout_secs``), then stop. ``flush``:
+        first deliver what was committed and not sent yet (a relay stopping); without it
+        (a reload removing or changing the forwarder) the rest waits on disk for the next
+        worker on this cursor."""
+        self._flush = flush
         self._stopping.set()
         self._wake.set()
         if self._task is not None:
@@ -257,6 +262,7 @@ class ForwarderWorker:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+        self.spool.unsubscribe(self._wake)
         await self.forwarder.close()
 
     async def _run(self) -> None:
@@ -269,7 +275,8 @@ class ForwarderWorker:
                 # A bug or a spool failure: never let the worker die; back off and try again.
                 log.exception("forwarder step failed", extra={"forwarder": self.id})
                 await self._sleep(1.0)
-        await self._flush_on_stop()
+        if self._flush:
+            await self._flush_on_stop()
 
     async def _flush_on_stop(self) -> None:
         """Deliver what was committed before the stop and not sent yet (the stop may come

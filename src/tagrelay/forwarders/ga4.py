@@ -98,6 +98,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import lru_cache
 from typing import Any, Final, Literal
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
@@ -440,8 +441,10 @@ def client_hints(user_agent_data: Any) -> dict[str, str]:
 # -- identity ------------------------------------------------------------------------------
 
 
+@lru_cache(maxsize=4096)
 def derived_client_id(seed: str) -> str:
-    """A GA-shaped client id (``<uint32>.<uint32>``) that is a function of ``seed``."""
+    """A GA-shaped client id (``<uint32>.<uint32>``) that is a function of ``seed``.
+    Cached: a visitor's events give the same seed (anonymousId, userId)."""
     digest = hashlib.sha256(("tagrelay.ga4:" + seed).encode()).digest()
     return f"{int.from_bytes(digest[:4], 'big')}.{int.from_bytes(digest[4:8], 'big')}"
 
@@ -506,8 +509,12 @@ def _timestamp(event: Event) -> datetime | None:
     return None
 
 
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
 def _micros(moment: datetime) -> int:
-    return (moment - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    return (moment - _EPOCH) // _MICROSECOND
 
 
 def _dict(value: Any) -> dict[str, Any]:
@@ -562,6 +569,76 @@ _GA4_ITEM_FIELDS: Final = frozenset(
     }
 )
 _PAGE_PROPERTY_KEYS: Final = frozenset({"url", "title", "referrer", "path", "search", "name"})
+# A product's fields that have a place in a GA4 item (the rest are counted as unmapped).
+_KNOWN_PRODUCT_FIELDS: Final = ITEM_SOURCE_KEYS | _GA4_ITEM_FIELDS
+_KNOWN_SINGLE_PRODUCT_FIELDS: Final = SINGLE_PRODUCT_KEYS | _GA4_ITEM_FIELDS
+
+# What property and trait names become as GA4 param and user property names, and the drop
+# reasons counted on the way, are pure functions of the name: cached, since every event of
+# a site names its properties and traits alike (LRUs of 2,048 names; longer names than
+# _MAX_CACHED_KEY are made each time, so that a cache holds at most 2,048 x 100 characters).
+_MAX_CACHED_KEY: Final = 100
+
+
+def _ga4_name(key: str, reserved_prefixes: tuple[str, ...]) -> tuple[str | None, str | None]:
+    """``key`` as a GA4 name (snake_cased unless it already fits), or None and the reason
+    when it is reserved or nothing of it is left."""
+    if key.startswith(reserved_prefixes):
+        return None, "reserved_param"
+    name = key if _GA4_NAME.fullmatch(key) else snake_name(key)
+    if not name:
+        return None, "invalid_param_name"
+    return name, None
+
+
+def _param_name(key: str) -> tuple[str | None, tuple[str, ...]]:
+    """What a property named ``key`` is called as a GA4 param (None: it is left out) and
+    the drop reasons counted on the way (see ``RequestBuilder._param``)."""
+    if len(key) > _MAX_CACHED_KEY:
+        return _make_param_name(key)
+    return _cached_param_name(key)
+
+
+def _make_param_name(key: str) -> tuple[str | None, tuple[str, ...]]:
+    name, reason = _ga4_name(key, RESERVED_PARAM_PREFIXES)
+    if name is None:
+        return None, (reason,) if reason else ()
+    if name.lower() in _PII_PARAMS:
+        return None, ("pii_removed",)
+    if name.startswith(RESERVED_PARAM_PREFIXES):
+        return None, ("reserved_param",)
+    if len(name) > MAX_NAME:
+        return name[:MAX_NAME].rstrip("_"), ("name_truncated",)
+    return name, ()
+
+
+_cached_param_name = lru_cache(maxsize=2048)(_make_param_name)
+
+
+def _user_property_name(key: str) -> tuple[str | None, tuple[str, ...], bool]:
+    """What a trait named ``key`` is called as a GA4 user property (None: it is left out),
+    the drop reasons counted before its value is looked at, and whether the name was cut
+    (counted only for a value that is kept; see ``RequestBuilder._user_properties``)."""
+    if len(key) > _MAX_CACHED_KEY:
+        return _make_user_property_name(key)
+    return _cached_user_property_name(key)
+
+
+def _make_user_property_name(key: str) -> tuple[str | None, tuple[str, ...], bool]:
+    name, reason = _ga4_name(key, RESERVED_USER_PROPERTY_PREFIXES)
+    if name is None:
+        return None, (reason,) if reason else (), False
+    lowered = name.lower()
+    if lowered in _PII_TRAITS:
+        return None, ("pii_removed",), False
+    if lowered in RESERVED_USER_PROPERTIES or lowered.startswith(RESERVED_USER_PROPERTY_PREFIXES):
+        return None, ("reserved_param",), False
+    if len(name) > MAX_USER_PROPERTY_NAME:
+        return name[:MAX_USER_PROPERTY_NAME].rstrip("_"), (), True
+    return name, (), False
+
+
+_cached_user_property_name = lru_cache(maxsize=2048)(_make_user_property_name)
 
 
 class RequestBuilder:
@@ -877,7 +954,7 @@ class RequestBuilder:
             drops["nested_value"] += 1
         if isinstance(products, list):
             items = [
-                self._item(p, ITEM_SOURCE_KEYS, drops) for p in products if isinstance(p, dict)
+                self._item(p, _KNOWN_PRODUCT_FIELDS, drops) for p in products if isinstance(p, dict)
             ]
             if len(items) > MAX_ITEMS:
                 drops["too_many_items"] += len(items) - MAX_ITEMS
@@ -888,7 +965,7 @@ class RequestBuilder:
         elif name in SINGLE_PRODUCT_EVENTS:
             product = {k: properties.pop(k) for k in SINGLE_PRODUCT_KEYS & properties.keys()}
             if product:
-                item = self._item(product, SINGLE_PRODUCT_KEYS, drops)
+                item = self._item(product, _KNOWN_SINGLE_PRODUCT_FIELDS, drops)
                 params["items"] = [item]
                 price, quantity = item.get("price"), item.get("quantity", 1)
                 if "value" not in params and isinstance(price, int | float):
@@ -897,14 +974,17 @@ class RequestBuilder:
     def _item(
         self, product: dict[str, Any], known: frozenset[str], drops: Counter[str]
     ) -> dict[str, Any]:
+        """``product`` as a GA4 item; ``known``: its fields that have a place in one."""
         item: dict[str, Any] = {}
         for key, value in product.items():
             if key in _GA4_ITEM_FIELDS:  # already GA4's names (gtag.js, MP senders): kept
                 self._param(item, key, value, drops)
-        known = known | _GA4_ITEM_FIELDS
         for field_name, value in item_fields(product).items():
             self._param(item, GA4_ITEM_NAMES[field_name], value, drops)
-        unmapped = sum(1 for k, v in product.items() if k not in known and v is not None)
+        unmapped = 0
+        for key, value in product.items():
+            if value is not None and key not in known:
+                unmapped += 1
         if unmapped:
             drops["unmapped_item_field"] += unmapped
         return item
@@ -920,19 +1000,12 @@ class RequestBuilder:
         """One property as a param: scalar values only, names fit for GA4, personal data out."""
         if value is None:
             return
-        name = self._name(key, RESERVED_PARAM_PREFIXES, drops)
+        name, reasons = _param_name(key)
+        for reason in reasons:
+            drops[reason] += 1
         if name is None:
             return
-        if name.lower() in _PII_PARAMS:
-            drops["pii_removed"] += 1
-            return
-        if name.startswith(RESERVED_PARAM_PREFIXES):
-            drops["reserved_param"] += 1
-            return
-        if len(name) > MAX_NAME:
-            drops["name_truncated"] += 1
-            name = name[:MAX_NAME].rstrip("_")
-        if isinstance(value, dict | list):
+        if isinstance(value, (dict, list)):
             drops["nested_value"] += 1
             return
         if name in _NUMERIC_PARAMS:
@@ -941,19 +1014,6 @@ class RequestBuilder:
         value = self._scalar(value, PAGE_LIMITS.get(name, MAX_VALUE), drops)
         if value is not None:
             params[name] = value
-
-    @staticmethod
-    def _name(key: str, reserved_prefixes: tuple[str, ...], drops: Counter[str]) -> str | None:
-        """``key`` as a GA4 name (snake_cased unless it already fits), or None when it is
-        reserved or nothing of it is left."""
-        if key.startswith(reserved_prefixes):
-            drops["reserved_param"] += 1
-            return None
-        name = key if _GA4_NAME.fullmatch(key) else snake_name(key)
-        if not name:
-            drops["invalid_param_name"] += 1
-            return None
-        return name
 
     @classmethod
     def _scalar(cls, value: Any, limit: int, drops: Counter[str]) -> Any:
@@ -983,24 +1043,16 @@ class RequestBuilder:
         for key, value in traits.items():
             if value is None:
                 continue
-            name = self._name(key, RESERVED_USER_PROPERTY_PREFIXES, drops)
+            name, reasons, truncated = _user_property_name(key)
+            for reason in reasons:
+                drops[reason] += 1
             if name is None:
                 continue
-            lowered = name.lower()
-            if lowered in _PII_TRAITS:
-                drops["pii_removed"] += 1
-                continue
-            if lowered in RESERVED_USER_PROPERTIES or lowered.startswith(
-                RESERVED_USER_PROPERTY_PREFIXES
-            ):
-                drops["reserved_param"] += 1
-                continue
-            if isinstance(value, dict | list):
+            if isinstance(value, (dict, list)):
                 drops["nested_value"] += 1
                 continue
-            if len(name) > MAX_USER_PROPERTY_NAME:
+            if truncated:
                 drops["name_truncated"] += 1
-                name = name[:MAX_USER_PROPERTY_NAME].rstrip("_")
             value = self._scalar(value, MAX_USER_PROPERTY_VALUE, drops)
             if value is None:
                 continue
@@ -1026,9 +1078,10 @@ class RequestBuilder:
         body: dict[str, Any] = {"client_id": envelope["client_id"]}
         if "user_id" in envelope:
             body["user_id"] = envelope["user_id"]
-        first_micros = next((m for _, (_, m) in pairs if m is not None), None)
-        if first_micros is not None:
-            body["timestamp_micros"] = first_micros
+        for _, (_, micros) in pairs:
+            if micros is not None:
+                body["timestamp_micros"] = micros
+                break
         for key in ("consent", "ip_override", "user_properties", "user_data"):
             if key in envelope:
                 body[key] = envelope[key]
@@ -1044,7 +1097,8 @@ class RequestBuilder:
             return
         headers = {"Content-Type": "application/json", "User-Agent": "tagrelay"}
         request = HttpRequest("POST", self._mp_url, headers, encoded)
-        yield GA4Request(request, tuple(i for i, _ in pairs), validation=self.config.validate_only)
+        indices = tuple([i for i, _ in pairs])
+        yield GA4Request(request, indices, validation=self.config.validate_only)
 
 
 def build_plan(config: GA4Config, events: list[Event], now: datetime) -> Plan:

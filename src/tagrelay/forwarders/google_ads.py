@@ -593,6 +593,9 @@ class GoogleAdsForwarder(ConversionsForwarder[GoogleAdsConfig]):
     """Conversions are accepted within their action's click-through window, 90 days at
     most; a shorter window is Google's to enforce (EXPIRED_EVENT, a dead letter)."""
     platform_event_drop_reasons = frozenset({"no_conversion_action", "no_match_key"})
+    payload_match_keys = _SENT_MATCH_KEYS
+    """The layer prepares every field Google's row has (names, address: GA4 sends them);
+    an upload carries only email, phone and a click id, so only those count."""
 
     def __init__(self, config: GoogleAdsConfig, context: ForwarderContext) -> None:
         super().__init__(config, context)
@@ -641,17 +644,12 @@ class GoogleAdsForwarder(ConversionsForwarder[GoogleAdsConfig]):
         if self._click_id(conversion) is None and not self._user_identifiers(conversion):
             drops["no_match_key"] += 1
             return None
-        # The layer prepares every field Google's row has (names, address) and counts
-        # them; an upload carries only email and phone, so only those count here.
-        return replace(
-            conversion,
-            match_keys=conversion.match_keys & _SENT_MATCH_KEYS,
-            field_drops={
-                reason: n
-                for reason, n in conversion.field_drops.items()
-                if reason in _SENT_FIELD_DROPS
-            },
-        )
+        # Only what an upload carries counts as left out of it (not names or address).
+        field_drops = conversion.field_drops
+        if _SENT_FIELD_DROPS.issuperset(field_drops):
+            return conversion
+        sent = {reason: n for reason, n in field_drops.items() if reason in _SENT_FIELD_DROPS}
+        return replace(conversion, field_drops=sent)
 
     # -- the request -------------------------------------------------------------------
 

@@ -143,6 +143,7 @@ _HASHED_KEYS: Final[tuple[tuple[UserDataField, str], ...]] = (
     ("country", "country"),
     ("external_id", "external_id"),
 )
+_HASHED_FIELDS: Final = frozenset(name for name, _ in _HASHED_KEYS)
 
 
 class MetaConfig(ConversionsConfig):
@@ -307,7 +308,7 @@ class MetaForwarder(ConversionsForwarder[MetaConfig]):
         if conversion.name == "Purchase" and (facts.value is None or facts.currency is None):
             drops["purchase_without_value"] += 1
             return None
-        if not self._user_data(conversion):
+        if not self._has_user_data(conversion):
             drops["no_user_data"] += 1
             return None
         return conversion
@@ -355,6 +356,19 @@ class MetaForwarder(ConversionsForwarder[MetaConfig]):
             event["data_processing_options_country"] = config.limited_data_use_country
             event["data_processing_options_state"] = config.limited_data_use_state
         return event
+
+    @staticmethod
+    def _has_user_data(c: Conversion) -> bool:
+        """``_user_data(c)`` would not be empty (without building it)."""
+        data = c.user
+        return bool(
+            not _HASHED_FIELDS.isdisjoint(c.prepared.values)
+            or data.ip
+            or data.user_agent
+            or data.fbc
+            or data.click_ids.get("fbclid")
+            or data.fbp
+        )
 
     @staticmethod
     def _user_data(c: Conversion) -> dict[str, Any]:

@@ -81,7 +81,8 @@ CREATE TABLE IF NOT EXISTS cursors (
     position INTEGER NOT NULL,
     attempts INTEGER NOT NULL DEFAULT 0,
     first_failure_ms INTEGER,
-    batch_last INTEGER                -- last seq of the batch the attempts were spent on
+    batch_last INTEGER,               -- last seq of the batch the attempts were spent on
+    retired_ms INTEGER                -- when its forwarder was removed; NULL while it runs
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
     id INTEGER PRIMARY KEY,
@@ -316,6 +317,8 @@ class SqliteSpool:
         columns = {row[1] for row in conn.execute("PRAGMA table_info(cursors)")}
         if "batch_last" not in columns:
             conn.execute("ALTER TABLE cursors ADD COLUMN batch_last INTEGER")
+        if "retired_ms" not in columns:
+            conn.execute("ALTER TABLE cursors ADD COLUMN retired_ms INTEGER")
 
     @staticmethod
     def _read_head(conn: sqlite3.Connection) -> int:
@@ -539,27 +542,87 @@ class SqliteSpool:
         """A wake-up for commits (see ``HeadWatch``), first armed for any commit. Call it
         from the loop that will wait on it; it may differ from the appenders'."""
         watch = HeadWatch(asyncio.get_running_loop())
-        self._watches.append(watch)
+        self._watches = [*self._watches, watch]
         return watch
 
-    async def register(self, forwarder: str) -> CursorState:
-        """The cursor of ``forwarder``; a new forwarder starts at the current head."""
-        state = await self._on_writer(self._register, forwarder)
+    def unsubscribe(self, watch: HeadWatch) -> None:
+        """Stop waking ``watch`` (a worker that stopped)."""
+        self._watches = [w for w in self._watches if w is not watch]
+
+    async def register(self, forwarder: str, start: str = "head") -> CursorState:
+        """The cursor of ``forwarder`` (a retired one is taken back as it was). A forwarder
+        without one starts at ``start``: ``head``, the current head; ``earliest``, before
+        the oldest event the spool still holds."""
+        state = await self._on_writer(self._register, forwarder, start)
         self._positions[forwarder] = state.position
         return state
 
-    def _register(self, forwarder: str) -> CursorState:
+    def _register(self, forwarder: str, start: str) -> CursorState:
         conn = self._conn()
-        conn.execute(
-            "INSERT OR IGNORE INTO cursors (forwarder, position) VALUES (?, ?)",
-            (forwarder, self._head),
-        )
-        row = conn.execute(
-            "SELECT position, attempts, first_failure_ms, batch_last FROM cursors "
-            "WHERE forwarder = ?",
-            (forwarder,),
-        ).fetchone()
+        # One write transaction: pruning (another connection) cannot delete the events an
+        # ``earliest`` cursor is placed before between the look and the insert.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            position = self._head
+            if start == "earliest":
+                row = conn.execute(
+                    "SELECT last_seq - count FROM segments ORDER BY last_seq LIMIT 1"
+                ).fetchone()
+                if row is not None:
+                    position = min(position, int(row[0]))
+            conn.execute(
+                "INSERT OR IGNORE INTO cursors (forwarder, position) VALUES (?, ?)",
+                (forwarder, position),
+            )
+            conn.execute("UPDATE cursors SET retired_ms = NULL WHERE forwarder = ?", (forwarder,))
+            row = conn.execute(
+                "SELECT position, attempts, first_failure_ms, batch_last FROM cursors "
+                "WHERE forwarder = ?",
+                (forwarder,),
+            ).fetchone()
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
         return CursorState(int(row[0]), int(row[1]), row[2], row[3])
+
+    async def retire_cursors_except(self, keep: set[str]) -> list[str]:
+        """Mark the cursors of forwarders not in ``keep`` (no longer configured) as retired
+        now, unless they already are: they still hold their events, until
+        ``forget_retired_cursors`` forgets them, or ``register`` takes one back. Returns
+        the names newly retired."""
+        retired = await self._on_writer(self._retire_cursors, keep, _now_ms())
+        for name in retired:
+            self._positions.pop(name, None)
+        return retired
+
+    def _retire_cursors(self, keep: set[str], now_ms: int) -> list[str]:
+        conn = self._conn()
+        names = [
+            r[0] for r in conn.execute("SELECT forwarder FROM cursors WHERE retired_ms IS NULL")
+        ]
+        retired = [n for n in names if n not in keep]
+        for name in retired:
+            conn.execute("UPDATE cursors SET retired_ms = ? WHERE forwarder = ?", (now_ms, name))
+        return retired
+
+    async def forget_retired_cursors(self, retired_before_ms: int) -> list[str]:
+        """Delete the cursors retired before ``retired_before_ms``, so that they stop
+        holding events. Returns their names."""
+        return await self._on_writer(self._forget_retired, retired_before_ms)
+
+    def _forget_retired(self, retired_before_ms: int) -> list[str]:
+        conn = self._conn()
+        names = [
+            r[0]
+            for r in conn.execute(
+                "SELECT forwarder FROM cursors WHERE retired_ms IS NOT NULL AND retired_ms < ?",
+                (retired_before_ms,),
+            )
+        ]
+        for name in names:
+            conn.execute("DELETE FROM cursors WHERE forwarder = ?", (name,))
+        return names
 
     async def drop_cursors_except(self, keep: set[str]) -> list[str]:
         """Forget cursors of forwarders no longer configured, so they stop holding events."""

@@ -91,6 +91,11 @@ def _mp_answer(stored: int, rejected: list[dict[str, Any]], cors: dict[str, str]
 class GoogleEndpoints:
     def __init__(self, config: Config, service: IngestService) -> None:
         self.service = service
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take ``config``'s measurement ids and api secrets (a reload; the routes stay as
+        they were registered: turning an endpoint on or off takes a restart)."""
         self.max_request_bytes = config.limits.max_request_bytes
         self.collect_ids = frozenset(config.google.collect.measurement_ids)
         self.mp_secrets: dict[str, list[bytes]] = {}
@@ -196,7 +201,9 @@ def _validation_message(path: str, exc: IngestError) -> dict[str, str]:
 
 def add_google_routes(
     router: web.UrlDispatcher, config: Config, service: IngestService, prefix: str
-) -> None:
+) -> GoogleEndpoints:
+    """Register ``/g/collect`` and ``/mp/collect`` when the configuration turns them on;
+    returns their handlers' owner (a reload reconfigures it)."""
     google = GoogleEndpoints(config, service)
     if google.collect_ids:
         collect = router.add_resource(prefix + "/g/collect")
@@ -206,3 +213,4 @@ def add_google_routes(
     if google.mp_secrets:
         router.add_post(prefix + "/mp/collect", google.measurement_protocol)
         router.add_post(prefix + "/debug/mp/collect", google.debug_measurement_protocol)
+    return google

@@ -120,19 +120,25 @@ class IngestService:
         metrics: Metrics,
         capture: DebugHub | None = None,
     ) -> None:
-        self.limits = config.limits
-        self.keys = KeyRing.from_config(config.keys)
-        self.cors = CorsPolicy(config.keys)
         self.cors_refusals = CorsRefusals(metrics)
-        self.pipeline = Pipeline(config)
-        # The shell needs two of the pipeline's parts itself: HTTPS detection behind
-        # trusted proxies (the cookies' Secure flag), and identity for ``GET /id``.
-        self.resolver = self.pipeline.resolver
-        self.identity = self.pipeline.identity
         self.spool = spool
         self.metrics = metrics
         self.capture = capture if capture is not None else DebugHub()
         """The debug view's capture (off unless a view is open or sampling is set)."""
+        self.reconfigure(config, Pipeline(config))
+
+    def reconfigure(self, config: Config, pipeline: Pipeline) -> None:
+        """Take ``config``'s keys, origins and limits, and ``pipeline`` (made from it), for
+        the requests from now on (a reload, ``tagrelay.reload``; a request already in a
+        handler may finish with either)."""
+        self.limits = config.limits
+        self.keys = KeyRing.from_config(config.keys)
+        self.cors = CorsPolicy(config.keys)
+        self.pipeline = pipeline
+        # The shell needs two of the pipeline's parts itself: HTTPS detection behind
+        # trusted proxies (the cookies' Secure flag), and identity for ``GET /id``.
+        self.resolver = pipeline.resolver
+        self.identity = pipeline.identity
 
     # -- CORS --------------------------------------------------------------------------
 

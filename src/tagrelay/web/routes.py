@@ -15,6 +15,9 @@ path                               protocol                                     
 ``paths.identity`` (``/id``)       GET: the visitor's server-set id             none
 =================================  ===========================================  ============
 
+The configured paths (``paths.*``, with the script at ``paths.script``) are served by
+``web.paths.ConfiguredPaths``, so that a reload can rename them; the others are routes here.
+
 "The host's": a request that presents no write key takes the browser key whose ``hosts``
 names the request's host (Jitsu's domain-to-stream mapping); without one it is a 401.
 
@@ -34,7 +37,6 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from tagrelay.config.models import PathsConfig
 from tagrelay.sources.segment import BATCH_PATHS, PATH_TYPES
 from tagrelay.web.ingest import IngestService, Route, json_response
 
@@ -55,17 +57,15 @@ def _handler(
     return handle
 
 
-def ingest_routes(
-    router: web.UrlDispatcher, service: IngestService, prefix: str, paths: PathsConfig
-) -> None:
+def ingest_routes(router: web.UrlDispatcher, service: IngestService, prefix: str) -> None:
     def add(path: str, route: Route, kind: str | None) -> None:
         resource = router.add_resource(prefix + path)
         resource.add_route("POST", _handler(service, route, kind))
         resource.add_route("OPTIONS", service.preflight)
 
-    # Keyless requests on Jitsu's browser routes and the relay's own events path take the
-    # browser key claiming their host (keys[].hosts); Segment's SDKs always send a key, and
-    # s2s takes server keys only.
+    # Keyless requests on Jitsu's browser routes (and the relay's own events path,
+    # web.paths) take the browser key claiming their host (keys[].hosts); Segment's SDKs
+    # always send a key, and s2s takes server keys only.
     segment, jitsu = Route("segment"), Route("jitsu", host_keys=True)
     jitsu_s2s = Route("jitsu", server_keys_only=True)
     for kind in sorted({*PATH_TYPES, *BATCH_PATHS}):
@@ -75,10 +75,6 @@ def ingest_routes(
         add(f"/api/s/{kind}", jitsu, kind)
     add("/api/s/s2s/{kind}", jitsu_s2s, None)
     add("/api/s/{kind:(?!s2s$)[^/]+}", jitsu, None)
-    add(paths.events, Route("tagrelay", host_keys=True), "")
-    identity = router.add_resource(prefix + paths.identity)
-    identity.add_route("GET", service.identity_handler)
-    identity.add_route("OPTIONS", service.preflight)
 
     async def unknown_segment_type(request: web.Request) -> web.Response:
         if request.match_info["kind"] in PATH_TYPES or request.match_info["kind"] in BATCH_PATHS:

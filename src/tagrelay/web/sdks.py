@@ -51,10 +51,14 @@ class SdkEndpoints:
     def __init__(
         self, config: Config, service: IngestService, metrics: Metrics, prefix: str
     ) -> None:
-        self.config = config
         self.service = service
         self.metrics = metrics
         self.prefix = prefix
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> None:
+        """Take ``config``'s SDK settings (a reload)."""
+        self.config = config
         library_dir = config.sdks.segment.library_dir
         self.library_dir = library_dir.resolve() if library_dir is not None else None
 
@@ -238,8 +242,9 @@ def add_sdk_routes(
     service: IngestService,
     metrics: Metrics,
     prefix: str,
-) -> None:
-    """Register before the ingest routes (``/v1/m`` must win over ``/v1/{kind}``)."""
+) -> SdkEndpoints:
+    """Register before the ingest routes (``/v1/m`` must win over ``/v1/{kind}``). Returns
+    the handlers' owner (a reload reconfigures it)."""
     sdks = SdkEndpoints(config, service, metrics, prefix)
     settings = router.add_resource(prefix + "/v1/projects/{write_key}/settings")
     settings.add_route("GET", sdks.segment_settings)
@@ -262,3 +267,4 @@ def add_sdk_routes(
     resource = router.add_resource(prefix + "/beacon/v1/batch")
     resource.add_route("POST", beacon)
     resource.add_route("OPTIONS", service.preflight)
+    return sdks

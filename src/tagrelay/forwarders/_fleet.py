@@ -1,0 +1,253 @@
+"""The running forwarders: a worker for each enabled forwarder, started with the relay,
+changed by a reload (``tagrelay.reload``), stopped with the relay.
+
+Everything here runs on the delivery loop (``appkeys.DELIVERY_LOOP``): the workers, the
+forwarders, the shared HTTP session and the handle on the delivery process (the HTTP
+forwarders run there, ``_process``; their workers here hold ``RemoteForwarder`` stand-ins).
+
+A reload hands ``apply`` the forwarders the new configuration enables, and the fleet moves
+from the ones that run to those, without losing an event:
+
+- removed (or disabled): its worker stops after its batch in flight; the events after its
+  cursor wait on disk, and its cursor is kept, retired, for
+  ``spool.forget_cursor_after_secs``: a forwarder that comes back within that time resumes
+  where it stopped;
+- changed (any of its settings): its worker stops the same way and a new one starts on the
+  same cursor, with the new settings;
+- new: its worker starts at the head of the spool, or at the oldest event the spool holds
+  (``start: earliest``).
+
+The delivery process is told the forwarders it runs from now on (``DeliveryProcess.
+configure``) between the stops and the starts. A forwarder that does not start (its
+credentials file is missing, say) is reported; a changed one then runs again with its
+previous settings, a new one does not run (its cursor is retired as a removed one's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+
+from tagrelay.capture import NO_CAPTURE, DebugHub
+from tagrelay.config.common import ForwarderConfigBase
+from tagrelay.forwarders import FORWARDERS, Forwarder, ForwarderContext
+from tagrelay.forwarders._process import DeliveryProcess, remote_class
+from tagrelay.forwarders._worker import ForwarderWorker
+from tagrelay.metrics import Metrics
+from tagrelay.spool.sqlite import SqliteSpool
+
+__all__ = ["Fleet", "FleetChange"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FleetChange:
+    """What ``Fleet.apply`` did."""
+
+    added: list[str] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    """Forwarders that did not start, and why (a changed one runs its previous settings)."""
+    workers: dict[str, ForwarderWorker] = field(default_factory=dict)
+    """The workers running now, by forwarder id."""
+    configs: list[ForwarderConfigBase] = field(default_factory=list)
+    """The settings of the forwarders running now."""
+
+
+class Fleet:
+    """The workers of the enabled forwarders (see the module docstring). On the delivery
+    loop only: ``start`` once, ``apply`` any number of times (one at a time), ``close``."""
+
+    def __init__(
+        self,
+        spool: SqliteSpool,
+        metrics: Metrics,
+        data_dir: Path,
+        *,
+        delivery_process: bool = True,
+        niceness: int = 0,
+        stop_timeout_secs: float = 10.0,
+        capture: DebugHub | None = None,
+    ) -> None:
+        self.spool = spool
+        self.capture = capture
+        """The debug view's capture, which the forwarders, their workers and the delivery
+        process report to (``tagrelay.capture``)."""
+        self.metrics = metrics
+        self.data_dir = data_dir
+        self.delivery_process = delivery_process
+        self.niceness = niceness
+        self.stop_timeout_secs = stop_timeout_secs
+        self.workers: dict[str, ForwarderWorker] = {}
+        self.process: DeliveryProcess | None = None
+        self._context: ForwarderContext | None = None
+
+    def remote(self, config: ForwarderConfigBase) -> bool:
+        """Whether ``config``'s forwarder runs in the delivery process."""
+        kind: str = config.type  # type: ignore[attr-defined]  # every member has one
+        return self.delivery_process and FORWARDERS[kind].in_delivery_process
+
+    async def start(self, configs: Sequence[ForwarderConfigBase]) -> dict[str, ForwarderWorker]:
+        """Open the shared HTTP session and start a worker for each of ``configs`` (the
+        enabled forwarders). Raises what a forwarder's start raises (the relay does not
+        start then; ``close`` stops those that did)."""
+        session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=100, ttl_dns_cache=300),
+            headers={"User-Agent": "tagrelay"},
+        )
+        self._context = ForwarderContext(
+            data_dir=self.data_dir,
+            http=session,
+            metrics=self.metrics,
+            capture=self.capture.delivery if self.capture is not None else NO_CAPTURE,
+        )
+        remote = [c for c in configs if self.remote(c)]
+        if remote:
+            self.process = self._new_process(remote)
+        for config in configs:
+            worker = self._worker(config)
+            await worker.start()
+            self.workers[config.id] = worker
+        return dict(self.workers)
+
+    async def apply(self, configs: Sequence[ForwarderConfigBase]) -> FleetChange:
+        """Run ``configs`` (the forwarders enabled now) from now on; see the module
+        docstring. Returns what changed and what runs now."""
+        running = {fid: worker.config for fid, worker in self.workers.items()}
+        wanted = {config.id: config for config in configs}
+        change = FleetChange(
+            added=[fid for fid in wanted if fid not in running],
+            removed=[fid for fid in running if fid not in wanted],
+            changed=[fid for fid in wanted if fid in running and wanted[fid] != running[fid]],
+        )
+        going = change.removed + change.changed
+        coming = [wanted[fid] for fid in change.added + change.changed]
+        stopped = await asyncio.gather(
+            *(self.workers[fid].stop(self.stop_timeout_secs, flush=False) for fid in going),
+            return_exceptions=True,
+        )
+        for fid, outcome in zip(going, stopped, strict=True):
+            if isinstance(outcome, Exception):
+                log.error(
+                    "forwarder did not close cleanly",
+                    extra={"forwarder": fid, "error": f"{type(outcome).__name__}: {outcome}"},
+                )
+        for fid in going:
+            del self.workers[fid]
+        for fid in change.removed:
+            self._forget_metrics(fid)
+        if change.removed:
+            retired = await self.spool.retire_cursors_except(set(wanted))
+            log.info(
+                "forwarders removed; their cursors are kept",
+                extra={"forwarders": ", ".join(sorted(retired))},
+            )
+        change.failed = await self._start_workers(
+            coming, remote_going=any(self.remote(running[fid]) for fid in going)
+        )
+        fallback = [running[fid] for fid in change.changed if fid in change.failed]
+        for fid, error in (await self._start_workers(fallback, remote_going=False)).items():
+            log.error(
+                "a changed forwarder did not start, nor did it with its previous settings; "
+                "it is not running",
+                extra={"forwarder": fid, "error": error},
+            )
+        if change.failed:  # what did not start holds no events
+            await self.spool.retire_cursors_except(set(self.workers))
+        change.workers = dict(self.workers)
+        change.configs = [worker.config for worker in self.workers.values()]
+        return change
+
+    async def _start_workers(
+        self, configs: Sequence[ForwarderConfigBase], *, remote_going: bool
+    ) -> dict[str, str]:
+        """Start a worker for each of ``configs``, having told the delivery process first
+        when forwarders of its leave (``remote_going``) or come. Returns those that did not
+        start, and why."""
+        remote_coming = [c for c in configs if self.remote(c)]
+        if remote_going or remote_coming:
+            remote = [w.config for w in self.workers.values() if self.remote(w.config)]
+            remote += remote_coming
+            if self.process is None:
+                self.process = self._new_process(remote)
+            else:
+                await self.process.configure(remote)
+        failed: dict[str, str] = {}
+        for config in configs:
+            worker = self._worker(config)
+            try:
+                await worker.start()
+            except Exception as exc:
+                failed[config.id] = f"{type(exc).__name__}: {exc}"
+                log.error(
+                    "forwarder did not start",
+                    extra={"forwarder": config.id, "error": failed[config.id]},
+                )
+                with contextlib.suppress(Exception):
+                    await worker.stop(0, flush=False)
+                continue
+            self.workers[config.id] = worker
+        if failed and remote_coming and self.process is not None:
+            # The delivery process runs only what has a worker.
+            await self.process.configure(
+                [w.config for w in self.workers.values() if self.remote(w.config)]
+            )
+        return failed
+
+    async def refresh_process(self) -> None:
+        """Tell the delivery process again what it runs, which also passes it the relay's
+        log level now (a reload changed it)."""
+        if self.process is not None:
+            await self.process.configure(
+                [w.config for w in self.workers.values() if self.remote(w.config)]
+            )
+
+    async def close(self) -> None:
+        """Stop every worker (each flushes what was committed, within the stop timeout),
+        then the delivery process and the HTTP session."""
+        await asyncio.gather(
+            *(w.stop(self.stop_timeout_secs) for w in self.workers.values()),
+            return_exceptions=True,
+        )
+        if self.process is not None:
+            await self.process.close()
+        if self._context is not None:
+            await self._context.http.close()
+
+    async def set_capture_rate(self, rate: float) -> None:
+        """Tell the delivery process the debug view's capture rate (a view connected, or
+        the last one left)."""
+        if self.process is not None:
+            await self.process.set_capture_rate(rate)
+
+    def _new_process(self, configs: Sequence[ForwarderConfigBase]) -> DeliveryProcess:
+        process = DeliveryProcess(configs, self.data_dir, self.metrics, niceness=self.niceness)
+        if self.capture is not None:
+            process.capture_rate = self.capture.rate
+            process.on_capture = self.capture.post
+        return process
+
+    def _worker(self, config: ForwarderConfigBase) -> ForwarderWorker:
+        assert self._context is not None, "start the fleet first"
+        kind: str = config.type  # type: ignore[attr-defined]  # every member has one
+        cls = FORWARDERS[kind]
+        forwarder: Forwarder  # type: ignore[type-arg]
+        if self.remote(config):
+            assert self.process is not None
+            forwarder = remote_class(cls)(config, self._context, self.process)
+        else:
+            forwarder = cls(config, self._context)
+        return ForwarderWorker(forwarder, self.spool, self.metrics)
+
+    def _forget_metrics(self, forwarder_id: str) -> None:
+        """Drop a removed forwarder's gauges (its counters stay: they only ever grow)."""
+        with contextlib.suppress(KeyError):
+            self.metrics.forwarder_last_success.remove(forwarder_id)
