@@ -346,8 +346,8 @@ class Metrics:
             self.connections_closed.labels(reason)
         self.delivery_process_starts = Counter(
             "tagrelay_delivery_process_starts",
-            "Times the delivery process (the HTTP forwarders, delivery.process) was started: "
-            "once at start-up, then once after each time it died.",
+            "Times a delivery process (the HTTP forwarders, delivery.process) was started: "
+            "once per process at start-up, then once after each time one died.",
             registry=r,
         )
         self.config_reloads = Counter(

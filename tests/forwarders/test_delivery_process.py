@@ -314,3 +314,29 @@ async def test_events_from_elsewhere_are_delivered_by_the_child_as_they_are(
     assert await on_loop(workers["gads"].forwarder.deliver([denied])) == Delivered()
     [request] = fakes.ads.requests
     assert [c["orderId"] for c in orjson.loads(request["body"])["conversions"]] == ["o-given-3"]
+
+
+async def test_ga4_has_a_delivery_process_of_its_own(relay: Any, fakes: Fakes) -> None:
+    """GA4 sends a request per visitor: its requests get an event loop of their own, not
+    one shared with the ad platforms' planning."""
+    ga4 = {
+        "id": "ga4",
+        "type": "ga4",
+        "measurement_id": "G-PROCESS1",
+        "api_secret": "ga4-secret",
+        "mp_url": fakes.hook.url,
+        "batch": {"max_events": 10, "max_wait_secs": 0.05},
+    }
+    client = await relay(forwarders=[*fakes.forwarders(), ga4])
+    workers = client.app[WORKERS]
+    processes = {fid: workers[fid].forwarder.process for fid in ("hook", "gads", "ga4")}
+    assert processes["hook"] is processes["gads"]
+    assert processes["ga4"] is not processes["hook"]
+    pids = {p.pid for p in processes.values()}
+    assert len(pids) == 2 and None not in pids and os.getpid() not in pids
+    response = await client.post("/v1/track", json=order("m-3"), headers=basic(SERVER_KEY))
+    assert response.status == 200
+    await wait_idle(client.app)
+    collected = [r for r in fakes.hook.requests if r["query"].get("measurement_id")]
+    assert len(collected) == 1 and collected[0]["query"]["api_secret"] == "ga4-secret"
+    assert metric_value(client.app, "tagrelay_delivery_process_starts_total") == 2

@@ -306,9 +306,10 @@ class DeliveryConfig(ConfigModel):
         True,
         description=(
             "Run the forwarders that call HTTP APIs (every type but the warehouse, which has "
-            "a process of its own) in one child process, the delivery process: it reads "
-            "their batches from the spool file itself, so turning events into each "
-            "platform's requests never holds the interpreter that answers clients. false: "
+            "a process of its own) in child processes, the delivery processes (ga4 in one of "
+            "its own, the others together): they read their batches from the spool file "
+            "themselves, so turning events into each platform's requests never holds the "
+            "interpreter that answers clients. false: "
             "they run on a thread of the relay's process (fewer processes; ingest then "
             "slows down by the time delivery takes, see bench/README.md)."
         ),

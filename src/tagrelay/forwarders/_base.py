@@ -96,6 +96,12 @@ class Forwarder(ABC, Generic[C]):
     (``tagrelay.forwarders._process``). False for one with a process of its own (the
     warehouse)."""
 
+    delivery_group: ClassVar[str] = "forwarders"
+    """Which delivery process the forwarder runs in: the HTTP forwarders share one, except
+    those whose time goes to many small requests rather than to Python (GA4, one request
+    per visitor), which get one of their own, so that their requests do not wait behind the
+    others' batches on one event loop."""
+
     filters_spans: ClassVar[bool] = False
     """True when the forwarder applies its filter and consent rule to the spans it reads
     (the delivery process's stand-in): it then gets spans whatever its rules, and says in

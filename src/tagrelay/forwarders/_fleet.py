@@ -87,8 +87,31 @@ class Fleet:
         self.niceness = niceness
         self.stop_timeout_secs = stop_timeout_secs
         self.workers: dict[str, ForwarderWorker] = {}
-        self.process: DeliveryProcess | None = None
+        self.processes: dict[str, DeliveryProcess] = {}
+        """The delivery processes, by ``Forwarder.delivery_group``."""
         self._context: ForwarderContext | None = None
+
+    @property
+    def process(self) -> DeliveryProcess | None:
+        """The delivery process of the forwarders of the default group, if any runs."""
+        return self.processes.get(Forwarder.delivery_group)
+
+    @staticmethod
+    def group(config: ForwarderConfigBase) -> str:
+        """Which delivery process ``config``'s forwarder runs in (``delivery_group``)."""
+        kind: str = config.type  # type: ignore[attr-defined]  # every member has one
+        return FORWARDERS[kind].delivery_group
+
+    def _remote_by_group(
+        self, extra: Sequence[ForwarderConfigBase] = ()
+    ) -> dict[str, list[ForwarderConfigBase]]:
+        """The remote forwarders' configs by group: those with a worker, then ``extra``;
+        every group with a process is listed, if only to be told it runs nothing now."""
+        groups: dict[str, list[ForwarderConfigBase]] = {g: [] for g in self.processes}
+        for config in [w.config for w in self.workers.values()] + list(extra):
+            if self.remote(config):
+                groups.setdefault(self.group(config), []).append(config)
+        return groups
 
     def remote(self, config: ForwarderConfigBase) -> bool:
         """Whether ``config``'s forwarder runs in the delivery process."""
@@ -109,9 +132,8 @@ class Fleet:
             metrics=self.metrics,
             capture=self.capture.delivery if self.capture is not None else NO_CAPTURE,
         )
-        remote = [c for c in configs if self.remote(c)]
-        if remote:
-            self.process = self._new_process(remote)
+        for group, remote in self._remote_by_group(configs).items():
+            self.processes[group] = self._new_process(remote)
         for config in configs:
             worker = self._worker(config)
             await worker.start()
@@ -174,12 +196,12 @@ class Fleet:
         start, and why."""
         remote_coming = [c for c in configs if self.remote(c)]
         if remote_going or remote_coming:
-            remote = [w.config for w in self.workers.values() if self.remote(w.config)]
-            remote += remote_coming
-            if self.process is None:
-                self.process = self._new_process(remote)
-            else:
-                await self.process.configure(remote)
+            for group, remote in self._remote_by_group(remote_coming).items():
+                process = self.processes.get(group)
+                if process is None:
+                    self.processes[group] = self._new_process(remote)
+                else:
+                    await process.configure(remote)
         failed: dict[str, str] = {}
         for config in configs:
             worker = self._worker(config)
@@ -195,20 +217,16 @@ class Fleet:
                     await worker.stop(0, flush=False)
                 continue
             self.workers[config.id] = worker
-        if failed and remote_coming and self.process is not None:
-            # The delivery process runs only what has a worker.
-            await self.process.configure(
-                [w.config for w in self.workers.values() if self.remote(w.config)]
-            )
+        if failed and remote_coming:
+            # A delivery process runs only what has a worker.
+            await self.refresh_process()
         return failed
 
     async def refresh_process(self) -> None:
-        """Tell the delivery process again what it runs, which also passes it the relay's
+        """Tell each delivery process again what it runs, which also passes it the relay's
         log level now (a reload changed it)."""
-        if self.process is not None:
-            await self.process.configure(
-                [w.config for w in self.workers.values() if self.remote(w.config)]
-            )
+        for group, remote in self._remote_by_group().items():
+            await self.processes[group].configure(remote)
 
     async def close(self) -> None:
         """Stop every worker (each flushes what was committed, within the stop timeout),
@@ -217,16 +235,16 @@ class Fleet:
             *(w.stop(self.stop_timeout_secs) for w in self.workers.values()),
             return_exceptions=True,
         )
-        if self.process is not None:
-            await self.process.close()
+        for process in self.processes.values():
+            await process.close()
         if self._context is not None:
             await self._context.http.close()
 
     async def set_capture_rate(self, rate: float) -> None:
         """Tell the delivery process the debug view's capture rate (a view connected, or
         the last one left)."""
-        if self.process is not None:
-            await self.process.set_capture_rate(rate)
+        for process in self.processes.values():
+            await process.set_capture_rate(rate)
 
     def _new_process(self, configs: Sequence[ForwarderConfigBase]) -> DeliveryProcess:
         process = DeliveryProcess(configs, self.data_dir, self.metrics, niceness=self.niceness)
@@ -241,8 +259,8 @@ class Fleet:
         cls = FORWARDERS[kind]
         forwarder: Forwarder  # type: ignore[type-arg]
         if self.remote(config):
-            assert self.process is not None
-            forwarder = remote_class(cls)(config, self._context, self.process)
+            process = self.processes[self.group(config)]
+            forwarder = remote_class(cls)(config, self._context, process)
         else:
             forwarder = cls(config, self._context)
         return ForwarderWorker(forwarder, self.spool, self.metrics)

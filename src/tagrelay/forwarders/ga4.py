@@ -1126,6 +1126,9 @@ def _validation_outcome(response: HttpResponse) -> Outcome:
 
 
 class GA4Forwarder(BatchedHttpForwarder[GA4Config]):
+    # One request per visitor: its time goes to HTTP requests, which get an event loop (a
+    # delivery process) of their own rather than wait behind the ad platforms' planning.
+    delivery_group = "ga4"
     config_model = GA4Config
     max_event_age_secs = MAX_EVENT_AGE.total_seconds()
     """GA refuses events older than 72 hours (gtag hits are stamped when they arrive, so
