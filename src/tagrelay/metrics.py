@@ -344,10 +344,10 @@ class Metrics:
             self.http_rejected.labels(reason)
         for reason in CONNECTION_CLOSE_REASONS:
             self.connections_closed.labels(reason)
-        self.delivery_process_starts = Counter(
-            "tagrelay_delivery_process_starts",
-            "Times a delivery process (the HTTP forwarders, delivery.process) was started: "
-            "once per process at start-up, then once after each time one died.",
+        self.delivery_process_restarts = Counter(
+            "tagrelay_delivery_process_restarts",
+            "Times a delivery process (the HTTP forwarders, delivery.process) died and was "
+            "started again (its deliveries in flight were retried).",
             registry=r,
         )
         self.config_reloads = Counter(

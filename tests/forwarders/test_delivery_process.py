@@ -216,7 +216,7 @@ async def test_a_killed_delivery_process_is_started_again_and_nothing_is_lost(
     await wait_idle(app, timeout=30)
 
     assert process.starts == 2 and process.pid not in (None, first)
-    assert metric_value(app, "tagrelay_delivery_process_starts_total") == 2
+    assert metric_value(app, "tagrelay_delivery_process_restarts_total") == 1
     hooked = [e["messageId"] for r in fakes.hook.requests for e in orjson.loads(r["body"])["batch"]]
     assert sorted(set(hooked)) == ["after-0", "after-1", "after-2"]
     sent = {
@@ -339,4 +339,5 @@ async def test_ga4_has_a_delivery_process_of_its_own(relay: Any, fakes: Fakes) -
     await wait_idle(client.app)
     collected = [r for r in fakes.hook.requests if r["query"].get("measurement_id")]
     assert len(collected) == 1 and collected[0]["query"]["api_secret"] == "ga4-secret"
-    assert metric_value(client.app, "tagrelay_delivery_process_starts_total") == 2
+    assert metric_value(client.app, "tagrelay_delivery_process_restarts_total") == 0
+    assert {p.starts for p in processes.values()} == {1}

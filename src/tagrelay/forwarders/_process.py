@@ -277,7 +277,8 @@ class DeliveryProcess:
         child_sock.close()
         self._proc = proc
         self.starts += 1
-        self.metrics.delivery_process_starts.inc()
+        if self.starts > 1:
+            self.metrics.delivery_process_restarts.inc()
         reader, writer = await asyncio.open_connection(sock=parent_sock)
         self._writer = writer
         try:
