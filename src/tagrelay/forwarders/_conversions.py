@@ -106,6 +106,7 @@ from tagrelay.forwarders._user_data import (
     match_keys,
     prepare,
 )
+from tagrelay.forwarders._user_data import Field as UserDataField
 from tagrelay.model import Dead, Delivered, Event
 
 __all__ = [
@@ -114,6 +115,7 @@ __all__ = [
     "CANONICAL_EVENT_NAMES",
     "EVENT_DROP_REASONS",
     "FIELD_DROP_REASONS",
+    "META_STYLE_KEYS",
     "NO_MATCH_KEY",
     "PAGE_VIEW",
     "USER_DATA_KEYS",
@@ -125,6 +127,7 @@ __all__ = [
     "epoch_millis",
     "epoch_seconds",
     "event_time",
+    "meta_style_user_data",
     "named_event",
 ]
 
@@ -341,6 +344,38 @@ class ConversionPlan(Plan):
     match_keys: dict[int, frozenset[str]] = field(default_factory=dict)
     conversions: dict[int, Conversion] = field(default_factory=dict)
     """The planned conversions by batch index (a refused request is rebuilt from them)."""
+
+
+META_STYLE_KEYS: Final[tuple[tuple[UserDataField, str], ...]] = (
+    ("email", "em"),
+    ("phone", "ph"),
+    ("first_name", "fn"),
+    ("last_name", "ln"),
+    ("gender", "ge"),
+    ("birthday", "db"),
+    ("city", "ct"),
+    ("state", "st"),
+    ("zip", "zp"),
+    ("country", "country"),
+    ("external_id", "external_id"),
+)
+"""``user_data`` keys of the hashed fields (``_user_data`` field -> key) in Meta's
+Conversions API, in Meta's order; Snap's and Pinterest's APIs take the same keys."""
+
+
+def meta_style_user_data(c: Conversion) -> dict[str, Any]:
+    """``user_data`` in the layout Meta's Conversions API set and Snap's and Pinterest's
+    copy: each hashed value under its :data:`META_STYLE_KEYS` key as a one-element list,
+    then ``client_ip_address`` and ``client_user_agent`` as they are. The platform adds its
+    click and browser ids."""
+    values = c.prepared.values
+    user: dict[str, Any] = {key: [values[name]] for name, key in META_STYLE_KEYS if name in values}
+    data = c.user
+    if data.ip:
+        user["client_ip_address"] = data.ip
+    if data.user_agent:
+        user["client_user_agent"] = data.user_agent
+    return user
 
 
 def epoch_seconds(moment: datetime) -> int:

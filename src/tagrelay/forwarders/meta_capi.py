@@ -65,11 +65,13 @@ from pydantic import Field, SecretStr, field_validator
 
 from tagrelay.forwarders._batched import PlannedRequest
 from tagrelay.forwarders._conversions import (
+    META_STYLE_KEYS,
     Conversion,
     ConversionsConfig,
     ConversionsForwarder,
     epoch_millis,
     epoch_seconds,
+    meta_style_user_data,
 )
 from tagrelay.forwarders._http import (
     HttpRequest,
@@ -77,7 +79,6 @@ from tagrelay.forwarders._http import (
     classify_status,
     parse_retry_after,
 )
-from tagrelay.forwarders._user_data import Field as UserDataField
 from tagrelay.forwarders._user_data import looks_like_email
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
 
@@ -129,21 +130,7 @@ TRANSIENT_CODES: Final = frozenset({1, 2, 341, 368, 5000, 21009})
 TOKEN_CODES: Final = frozenset({190})
 INVALID_PARAMETER_CODES: Final = frozenset({100})
 
-# user_data keys of the hashed fields (``_user_data`` field -> Meta's key), in Meta's order.
-_HASHED_KEYS: Final[tuple[tuple[UserDataField, str], ...]] = (
-    ("email", "em"),
-    ("phone", "ph"),
-    ("first_name", "fn"),
-    ("last_name", "ln"),
-    ("gender", "ge"),
-    ("birthday", "db"),
-    ("city", "ct"),
-    ("state", "st"),
-    ("zip", "zp"),
-    ("country", "country"),
-    ("external_id", "external_id"),
-)
-_HASHED_FIELDS: Final = frozenset(name for name, _ in _HASHED_KEYS)
+_HASHED_FIELDS: Final = frozenset(name for name, _ in META_STYLE_KEYS)
 
 
 class MetaConfig(ConversionsConfig):
@@ -372,13 +359,8 @@ class MetaForwarder(ConversionsForwarder[MetaConfig]):
 
     @staticmethod
     def _user_data(c: Conversion) -> dict[str, Any]:
-        values = c.prepared.values
-        user: dict[str, Any] = {key: [values[name]] for name, key in _HASHED_KEYS if name in values}
+        user = meta_style_user_data(c)
         data = c.user
-        if data.ip:
-            user["client_ip_address"] = data.ip
-        if data.user_agent:
-            user["client_user_agent"] = data.user_agent
         fbclid = data.click_ids.get("fbclid")
         if data.fbc:
             user["fbc"] = data.fbc

@@ -88,10 +88,10 @@ from tagrelay.forwarders._conversions import (
     ConversionsConfig,
     ConversionsForwarder,
     epoch_seconds,
+    meta_style_user_data,
 )
 from tagrelay.forwarders._ecommerce import decimal_text
 from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status
-from tagrelay.forwarders._user_data import Field as UserDataField
 from tagrelay.forwarders._user_data import looks_like_email
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
@@ -147,20 +147,6 @@ STANDARD_EVENTS: Final = frozenset(
 
 FAILED: Final = "failed"
 
-# user_data keys of the hashed fields (``_user_data`` field -> Pinterest's key), in its order.
-_HASHED_KEYS: Final[tuple[tuple[UserDataField, str], ...]] = (
-    ("email", "em"),
-    ("phone", "ph"),
-    ("first_name", "fn"),
-    ("last_name", "ln"),
-    ("gender", "ge"),
-    ("birthday", "db"),
-    ("city", "ct"),
-    ("state", "st"),
-    ("zip", "zp"),
-    ("country", "country"),
-    ("external_id", "external_id"),
-)
 _SEARCHES: Final = frozenset({"search", "view_search_results"})
 _LANGUAGE = re.compile(r"([A-Za-z]{2})(?:[-_][A-Za-z0-9]{2,8})*")
 # What a warning could echo of the person (Pinterest's messages name fields, and may quote
@@ -397,13 +383,8 @@ class PinterestForwarder(ConversionsForwarder[PinterestConfig]):
 
     @staticmethod
     def _user_data(c: Conversion) -> dict[str, Any]:
-        values = c.prepared.values
-        user: dict[str, Any] = {key: [values[name]] for name, key in _HASHED_KEYS if name in values}
+        user = meta_style_user_data(c)
         data = c.user
-        if data.ip:
-            user["client_ip_address"] = data.ip
-        if data.user_agent:
-            user["client_user_agent"] = data.user_agent
         click_id = data.click_ids.get("epik") or data.browser_ids.get("_epik")
         if click_id:
             user["click_id"] = click_id

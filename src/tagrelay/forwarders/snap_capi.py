@@ -78,10 +78,10 @@ from tagrelay.forwarders._conversions import (
     ConversionsConfig,
     ConversionsForwarder,
     epoch_seconds,
+    meta_style_user_data,
 )
 from tagrelay.forwarders._ecommerce import decimal_text
 from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status
-from tagrelay.forwarders._user_data import Field as UserDataField
 from tagrelay.forwarders._user_data import looks_like_email
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
 
@@ -137,20 +137,6 @@ STANDARD_EVENTS: Final = frozenset(
 
 INVALID_STATUSES: Final = frozenset({"INVALID", "FAILURE"})
 
-# user_data keys of the hashed fields (``_user_data`` field -> Snap's key), in Snap's order.
-_HASHED_KEYS: Final[tuple[tuple[UserDataField, str], ...]] = (
-    ("email", "em"),
-    ("phone", "ph"),
-    ("first_name", "fn"),
-    ("last_name", "ln"),
-    ("gender", "ge"),
-    ("birthday", "db"),
-    ("city", "ct"),
-    ("state", "st"),
-    ("zip", "zp"),
-    ("country", "country"),
-    ("external_id", "external_id"),
-)
 _SEARCHES: Final = frozenset({"search", "view_search_results"})
 
 
@@ -357,13 +343,8 @@ class SnapForwarder(ConversionsForwarder[SnapConfig]):
 
     @staticmethod
     def _user_data(c: Conversion) -> dict[str, Any]:
-        values = c.prepared.values
-        user: dict[str, Any] = {key: [values[name]] for name, key in _HASHED_KEYS if name in values}
+        user = meta_style_user_data(c)
         data = c.user
-        if data.ip:
-            user["client_ip_address"] = data.ip
-        if data.user_agent:
-            user["client_user_agent"] = data.user_agent
         click_id = data.click_ids.get("ScCid")
         if click_id:
             user["sc_click_id"] = click_id
