@@ -32,6 +32,7 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, quote_plus, urlencode, urlsplit, urlunsplit
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from tagrelay.model import Dead, Delivered, Outcome, Retry
@@ -187,6 +188,16 @@ class HttpResponse:
     @property
     def text(self) -> str:
         return self.body[:MAX_DETAIL_CHARS].decode("utf-8", "replace")
+
+
+def json_object(body: bytes) -> dict[str, Any]:
+    """An answer's body as the JSON object it should be; ``{}`` when it is not JSON or not
+    an object (a proxy's HTML page, an empty body)."""
+    try:
+        parsed = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

@@ -110,6 +110,7 @@ from tagrelay.forwarders._http import (
     HttpRequest,
     HttpResponse,
     classify_status,
+    json_object,
 )
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
 
@@ -339,14 +340,6 @@ def conversion_amount(value: int | float) -> str:
         return str(value)
 
 
-def _json(body: bytes) -> dict[str, Any]:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
-
-
 def _scrub_emails(text: str) -> str:
     return _EMAIL_LIKE.sub("<email>", text)
 
@@ -403,7 +396,7 @@ def classify_linkedin_response(response: HttpResponse, elements: int) -> Outcome
     """The outcome of one ``conversionEvents`` answer to a request of ``elements`` events
     (see the module docstring's table)."""
     status = response.status
-    body = _json(response.body)
+    body = json_object(response.body)
     if 200 <= status < 300:
         return _per_element(body, elements, status)
     detail = _said(status, body, response.text)

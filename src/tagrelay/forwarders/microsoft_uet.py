@@ -92,7 +92,7 @@ from tagrelay.forwarders._conversions import (
     epoch_seconds,
 )
 from tagrelay.forwarders._ecommerce import event_name_key
-from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status
+from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status, json_object
 from tagrelay.forwarders._user_data import Field as UserDataField
 from tagrelay.forwarders._user_data import looks_like_email
 from tagrelay.logthrottle import LogThrottle
@@ -201,14 +201,6 @@ class ValidationIssue:
     """``propertyName: errorMessage (errorCode)``."""
 
 
-def _json(body: bytes) -> dict[str, Any]:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
-
-
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -254,7 +246,7 @@ def classify_microsoft_response(response: HttpResponse, events: int) -> Outcome:
     """The outcome of one answer to a request of ``events`` events (see the module
     docstring's table; warnings are :class:`MicrosoftForwarder`'s to log)."""
     status = response.status
-    answer = _json(response.body)
+    answer = json_object(response.body)
     located: dict[int, str] = {}
     for issue in validation_issues(answer):
         if not issue.warning and issue.index is not None and 0 <= issue.index < events:
@@ -366,7 +358,7 @@ class MicrosoftForwarder(ConversionsForwarder[MicrosoftConfig]):
         events = len(planned.indices)
         outcome = classify_microsoft_response(response, events)
         if isinstance(outcome, Delivered) and 200 <= response.status < 300:
-            answer = _json(response.body)
+            answer = json_object(response.body)
             warnings = [i.text for i in validation_issues(answer) if i.warning]
             received = answer.get("eventsReceived")
             unlisted = (

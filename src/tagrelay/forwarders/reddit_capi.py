@@ -88,7 +88,7 @@ from tagrelay.forwarders._conversions import (
     ConversionsForwarder,
     epoch_millis,
 )
-from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status
+from tagrelay.forwarders._http import HttpRequest, HttpResponse, classify_status, json_object
 from tagrelay.forwarders._user_data import Field as UserDataField
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry, iso
 
@@ -224,14 +224,6 @@ class RedditConfig(ConversionsConfig):
 # -- Reddit's answers ----------------------------------------------------------------------
 
 
-def _json(body: bytes) -> dict[str, Any]:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return {}
-    return parsed if isinstance(parsed, dict) else {}
-
-
 def _dict(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -292,7 +284,7 @@ def classify_reddit_response(response: HttpResponse) -> Outcome:
     status = response.status
     if 200 <= status < 300:
         return Delivered()
-    answer = _json(response.body)
+    answer = json_object(response.body)
     detail = _detail(response, answer)
     if status == 400 and invalid_events(answer):
         return Dead("reddit_invalid_events", detail)
@@ -386,7 +378,7 @@ class RedditForwarder(ConversionsForwarder[RedditConfig]):
         outcome = classify_reddit_response(response)
         if not (isinstance(outcome, Dead) and outcome.reason == "reddit_invalid_events"):
             return outcome
-        named = invalid_events(_json(response.body))
+        named = invalid_events(json_object(response.body))
         if len(planned.indices) == 1:
             return Refused(outcome.reason, outcome.detail, {0: f"Reddit: {named[0][1]}"})
         positions: dict[str, list[int]] = {}
@@ -495,7 +487,7 @@ class RedditForwarder(ConversionsForwarder[RedditConfig]):
 
 def _conversion_ids(body: bytes) -> list[str | None]:
     """The conversion id of each event of one of our requests, in order."""
-    sent = _json(body)
+    sent = json_object(body)
     events = _dict(sent.get("data")).get("events", sent.get("events"))
     ids: list[str | None] = []
     for event in events if isinstance(events, list) else ():
