@@ -78,6 +78,7 @@ RESTART_ONLY = (
     "admin",
     "metrics",
     "delivery",
+    "encryption",
 )
 """Settings a running relay cannot take: its listeners and their connection handling, the
 data directory and how the spool stores, where the forwarders run, the routes registered

@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from tagrelay.config.common import ConfigModel, ForwarderConfigBase
 from tagrelay.config.google_scripts import GoogleScriptsConfig
+from tagrelay.crypto import CryptoError, Keyring
 from tagrelay.forwarders import FORWARDERS
 from tagrelay.forwarders._http import header_secrets
 from tagrelay.pipeline.host import valid_host_name
@@ -712,6 +713,38 @@ class PrivacyConfig(ConfigModel):
     )
 
 
+class EncryptionConfig(ConfigModel):
+    """Encryption at rest (AES-256-GCM) of the personal data the relay keeps on disk."""
+
+    keys: list[SecretStr] = Field(
+        default_factory=list,
+        description=(
+            "Base64-encoded 32-byte keys, normally from the environment. Empty: nothing is "
+            "encrypted. The first key encrypts, every key decrypts: to rotate, put a new key "
+            "first and keep the old ones until nothing is encrypted under them. Make one with "
+            "`python -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'`."
+        ),
+        examples=[["${TAGRELAY_KEY:-}"], ["${TAGRELAY_KEY_NEW}", "${TAGRELAY_KEY_OLD}"]],
+    )
+
+    @field_validator("keys")
+    @classmethod
+    def _valid_keys(cls, keys: list[SecretStr]) -> list[SecretStr]:
+        texts = [key.get_secret_value() for key in keys if key.get_secret_value().strip()]
+        if texts:
+            try:
+                Keyring.from_texts(texts)
+            except CryptoError as exc:
+                raise ValueError(str(exc)) from None
+        return [SecretStr(text) for text in texts]
+
+    def keyring(self) -> Keyring | None:
+        """The keyring, or None when no key is configured (encryption off)."""
+        if not self.keys:
+            return None
+        return Keyring.from_texts([key.get_secret_value() for key in self.keys])
+
+
 class SegmentSdkConfig(ConfigModel):
     """Segment's analytics-next browser library, served first-party."""
 
@@ -910,6 +943,11 @@ class Config(ConfigModel):
         default_factory=PrivacyConfig,
         description="Privacy transformations.",
         examples=[{"truncate_ip": True}],
+    )
+    encryption: EncryptionConfig = Field(
+        default_factory=EncryptionConfig,
+        description="Encryption at rest of personal data on disk.",
+        examples=[{"keys": ["${TAGRELAY_KEY}"]}],
     )
     google: GoogleConfig = Field(
         default_factory=GoogleConfig,
