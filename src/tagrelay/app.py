@@ -48,6 +48,7 @@ from tagrelay.forwarders._fleet import Fleet
 from tagrelay.forwarders._http import scrub_secrets
 from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
+from tagrelay.identity_store import IDENTITY_WRITER_ID, StoreSettings
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.reload import RELOADER, Reloader
@@ -66,6 +67,13 @@ from tagrelay.web.routes import ingest_routes
 from tagrelay.web.sdks import add_sdk_routes
 
 log = logging.getLogger(__name__)
+
+
+def identity_settings(config: Config) -> StoreSettings | None:
+    """How to open the identity store, or None when ``identity_store.enabled`` is off."""
+    if not config.identity_store.enabled:
+        return None
+    return StoreSettings(config.identity_store, tuple(config.encryption.keys))
 
 
 def spool_path(data_dir: Path) -> Path:
@@ -225,6 +233,7 @@ def create_app(
         app[READY]["spool"] = False
         await spool.close()
 
+    identity = identity_settings(config)
     fleet = app[FLEET] = Fleet(
         spool,
         metrics,
@@ -233,6 +242,7 @@ def create_app(
         niceness=config.delivery.niceness,
         stop_timeout_secs=config.server.shutdown_timeout_secs,
         capture=capture,
+        identity=identity,
     )
 
     async def tell_process(rate: float) -> None:
@@ -241,7 +251,14 @@ def create_app(
 
     async def forwarders_ctx(app: web.Application) -> AsyncIterator[None]:
         enabled = [f for f in config.forwarders if f.enabled]
-        retired = await spool.retire_cursors_except({f.id for f in enabled})
+        internal = set()
+        if identity is not None:
+            # Before anything reads it: a key missing from encryption.keys stops the start
+            # here, with the key id the store needs; a plaintext store is encrypted.
+            store = await identity.open(data_dir, writer=True)
+            await store.close()
+            internal.add(IDENTITY_WRITER_ID)
+        retired = await spool.retire_cursors_except({f.id for f in enabled} | internal)
         for name in retired:
             log.info(
                 "kept the cursor of a forwarder no longer configured",

@@ -10,6 +10,8 @@
      +-- StartupError           ``tagrelay serve`` cannot start; the message says what to fix
      |    +-- DataDirError      the data directory cannot be created or written to
      |    +-- ListenError       a listener (public or admin) cannot bind its address
+     +-- IdentityStoreError     the identity store cannot be opened (a key missing from
+     |                          encryption.keys) or read
      +-- WarehouseError         a warehouse statement failed
           +-- WarehouseLocked   another process holds the warehouse file
           +-- QueryRejected     ``tagrelay sql`` got a statement it may not run
@@ -89,6 +91,12 @@ class DataDirError(StartupError):
 class ListenError(StartupError):
     """A listener cannot bind its address (in use, not an address of this machine, a
     privileged port)."""
+
+
+class IdentityStoreError(TagrelayError):
+    """The identity store cannot be opened or read: encrypted under a key that is not in
+    ``encryption.keys``, or a record that does not decrypt. At start-up the relay refuses to
+    start with it."""
 
 
 class WarehouseError(TagrelayError):

@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -29,6 +29,9 @@ from tagrelay.capture import NO_CAPTURE, DeliveryCapture
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.metrics import Metrics
 from tagrelay.model import Event, Outcome
+
+if TYPE_CHECKING:
+    from tagrelay.identity_store import StoreSettings
 
 C = TypeVar("C", bound=ForwarderConfigBase)
 
@@ -45,6 +48,9 @@ class ForwarderContext:
     capture: DeliveryCapture = field(default=NO_CAPTURE)
     """Where the requests sent and the batches' outcomes go while the debug view captures
     (``tagrelay.capture``); its ``rate`` is 0 otherwise, and nothing is to be built."""
+    identity: StoreSettings | None = None
+    """How to open the identity store (``identity_store.enabled``), for the forwarders that
+    read it (``enrich: true``); None when it is off."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -70,6 +70,7 @@ from prometheus_client import Counter
 from tagrelay.capture import DeliveryCapture, sampled
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder, ForwarderContext, SpanDelivery, SpoolSpan
+from tagrelay.identity_store import StoreSettings
 from tagrelay.metrics import Metrics
 from tagrelay.model import Delivered, Event, Outcome, Retry
 
@@ -101,6 +102,8 @@ class StartSpec:
     forwarders: Sequence[ForwarderConfigBase]
     niceness: int
     log_level: int
+    identity: StoreSettings | None = None
+    """How to open the identity store (``ForwarderContext.identity``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,12 +222,14 @@ class DeliveryProcess:
         metrics: Metrics,
         *,
         niceness: int = 0,
+        identity: StoreSettings | None = None,
     ) -> None:
         self.spec = StartSpec(
             data_dir=data_dir,
             forwarders=tuple(forwarders),
             niceness=niceness,
             log_level=logging.getLogger().getEffectiveLevel(),
+            identity=identity,
         )
         self.metrics = metrics
         self.start_errors: dict[str, str | None] = {}
@@ -587,7 +592,11 @@ class _Child:
             headers={"User-Agent": "tagrelay"},
         )
         self.context = ForwarderContext(
-            data_dir=spec.data_dir, http=session, metrics=self.metrics, capture=self.capture
+            data_dir=spec.data_dir,
+            http=session,
+            metrics=self.metrics,
+            capture=self.capture,
+            identity=spec.identity,
         )
         self.send(frame(("started", await self._start(spec.forwarders))))
         try:
@@ -629,13 +638,13 @@ class _Child:
 
     async def _start(self, configs: Iterable[ForwarderConfigBase]) -> dict[str, str | None]:
         """Start a forwarder for each of ``configs``: their errors (None: started)."""
-        from tagrelay.forwarders import FORWARDERS
+        from tagrelay.forwarders import forwarder_class
 
         assert self.context is not None
         errors: dict[str, str | None] = {}
         for config in configs:
             kind: str = config.type  # type: ignore[attr-defined]  # every member has one
-            forwarder = FORWARDERS[kind](config, self.context)
+            forwarder = forwarder_class(kind)(config, self.context)
             try:
                 await forwarder.start()
             except Exception as exc:
