@@ -953,8 +953,7 @@ class Config(ConfigModel):
     identity_store: IdentityStoreConfig = Field(
         default_factory=IdentityStoreConfig,
         description=(
-            "What the relay remembers per visitor and user for ad forwarders with "
-            "enrich: true."
+            "What the relay remembers per visitor and user for ad forwarders with enrich: true."
         ),
         examples=[{"enabled": True, "ttl_days": 90}],
     )

@@ -89,7 +89,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, TypeVar
 
 import orjson
 from pydantic import Field, field_validator
@@ -104,6 +104,7 @@ from tagrelay.forwarders._ecommerce import (
     commerce,
     event_name_key,
 )
+from tagrelay.forwarders._enrichment import Profile, enrich
 from tagrelay.forwarders._http import HttpRequest
 from tagrelay.forwarders._user_data import DROP_REASONS as USER_DATA_DROP_REASONS
 from tagrelay.forwarders._user_data import (
@@ -118,10 +119,11 @@ from tagrelay.forwarders._user_data import (
     prepare,
 )
 from tagrelay.forwarders._user_data import Field as UserDataField
-from tagrelay.identity_store import IdentityStore
-from tagrelay.identity_store.record import Profile, enrich
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.model import Dead, Delivered, Event, Outcome
+
+if TYPE_CHECKING:
+    from tagrelay.identity_store import IdentityStore
 
 __all__ = [
     "AD_EVENT_NAMES",
@@ -618,9 +620,7 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
         if self.config.enrich:
             settings = self.context.identity
             if settings is None:
-                raise RuntimeError(
-                    f"forwarder {self.id}: enrich needs identity_store.enabled"
-                )
+                raise RuntimeError(f"forwarder {self.id}: enrich needs identity_store.enabled")
             self._identity = await settings.open(self.context.data_dir)
 
     async def close(self) -> None:
@@ -651,8 +651,9 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             context = _dict(event.get("context"))
             if _dict(context.get("consent")).get("ad_user_data") != "granted":
                 continue
-            anonymous_id, user_id = _id_text(event.get("anonymousId")), _id_text(
-                event.get("userId")
+            anonymous_id, user_id = (
+                _id_text(event.get("anonymousId")),
+                _id_text(event.get("userId")),
             )
             if anonymous_id is None and user_id is None:
                 continue

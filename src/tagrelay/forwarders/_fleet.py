@@ -179,9 +179,7 @@ class Fleet:
         kind: str = config.type  # type: ignore[attr-defined]  # every member has one
         return self.delivery_process and forwarder_class(kind).in_delivery_process
 
-    def _with_internal(
-        self, configs: Sequence[ForwarderConfigBase]
-    ) -> list[ForwarderConfigBase]:
+    def _with_internal(self, configs: Sequence[ForwarderConfigBase]) -> list[ForwarderConfigBase]:
         """``configs`` and the internal forwarders: the identity store's writer first (its
         worker must exist before those that wait for it)."""
         if self.identity is None:

@@ -62,7 +62,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 from prometheus_client import Counter
@@ -70,9 +70,11 @@ from prometheus_client import Counter
 from tagrelay.capture import DeliveryCapture, sampled
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder, ForwarderContext, SpanDelivery, SpoolSpan
-from tagrelay.identity_store import StoreSettings
 from tagrelay.metrics import Metrics
 from tagrelay.model import Delivered, Event, Outcome, Retry
+
+if TYPE_CHECKING:
+    from tagrelay.identity_store import StoreSettings
 
 log = logging.getLogger(__name__)
 

@@ -127,9 +127,7 @@ class IdentityStore:
     async def lookup(
         self, keys: Sequence[tuple[str | None, str | None]], now: int | None = None
     ) -> list[Profile | None]:
-        result: list[Profile | None] = await self._run(
-            self.backend.lookup, keys, now or now_ms()
-        )
+        result: list[Profile | None] = await self._run(self.backend.lookup, keys, now or now_ms())
         return result
 
     async def forget(self, **ids: str | None) -> ForgetCounts:

@@ -6,8 +6,8 @@
   value of each field with the time it was seen; :meth:`Person.merge` folds an
   observation or another person in (the newer value wins), :meth:`Person.profile` is what
   enrichment may use at a given time (expired values left out).
-- :func:`enrich`: an event's ``UserData`` with what it lacks filled in from a
-  ``Profile``.
+- ``Profile`` and ``enrich`` (re-exported from ``forwarders._enrichment``, where the ad
+  forwarders use them): an event's ``UserData`` with what it lacks filled in.
 
 What an event may contribute follows its own consent (``context.consent``): nothing at
 all unless it grants ``ads`` (every ad forwarder requires it, and the identity step keeps
@@ -20,14 +20,15 @@ own way when it sends them (``_user_data.prepare``), so one stored value serves 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from tagrelay.forwarders._user_data import UserData, extract_user_data
-from tagrelay.model import BROWSER_ID_COOKIES
+from tagrelay.forwarders._enrichment import BROWSER_IDS, Profile, enrich
+from tagrelay.forwarders._user_data import extract_user_data
 
 __all__ = [
+    "BROWSER_IDS",
     "PERSON_FIELDS",
     "REFRESH_MS",
     "Observation",
@@ -50,10 +51,6 @@ PERSON_FIELDS: Final = (
 )
 """The person's data the store keeps (``UserData`` attributes). The external id is the
 person's latest ``userId``."""
-
-BROWSER_IDS: Final = ("fbc", "fbp", "ttp", *BROWSER_ID_COOKIES)
-"""The browser ids the store keeps: ``UserData.fbc``/``fbp``/``ttp`` and each cookie of
-``BROWSER_ID_COOKIES`` (``UserData.browser_ids``)."""
 
 REFRESH_MS: Final = 3_600_000
 """A value seen again unchanged has its time renewed (which keeps it from expiring) at most
@@ -144,28 +141,6 @@ def observe(event: Mapping[str, Any], now_ms: int) -> Observation | None:
         click_ids,
         browser,
     )
-
-
-@dataclass(frozen=True, slots=True)
-class Profile:
-    """What enrichment may use of a person at one moment (expired values left out). Prints
-    no values."""
-
-    user: Mapping[str, str] = field(default_factory=dict)
-    """``PERSON_FIELDS`` -> raw value."""
-    external_id: str | None = None
-    click_ids: Mapping[str, tuple[str, int]] = field(default_factory=dict)
-    """Click id name -> (value, when it was seen, Unix ms)."""
-    browser_ids: Mapping[str, str] = field(default_factory=dict)
-    """``BROWSER_IDS`` -> value."""
-
-    def __repr__(self) -> str:
-        held = [*self.user, *self.click_ids, *self.browser_ids]
-        if self.external_id:
-            held.append("external_id")
-        return f"Profile(<{', '.join(held)}>)"
-
-    __str__ = __repr__
 
 
 Stamped = dict[str, list[Any]]
@@ -298,9 +273,7 @@ class Person:
             for name in [n for n, (_, at) in stamped.items() if at < cutoff]:
                 del stamped[name]
         for name in [
-            n
-            for n, (_, at) in self.click_ids.items()
-            if at < now_ms - click_id_ms.get(n, ttl_ms)
+            n for n, (_, at) in self.click_ids.items() if at < now_ms - click_id_ms.get(n, ttl_ms)
         ]:
             del self.click_ids[name]
         return self.size() != before
@@ -331,35 +304,3 @@ class Person:
             },
             browser_ids={n: v for n, (v, at) in self.browser_ids.items() if at >= cutoff},
         )
-
-
-def enrich(user: UserData, profile: Profile) -> UserData:
-    """``user`` with what it lacks taken from ``profile``: its own values always win. An
-    ``fbc`` the event lacks (and cannot build from its own ``fbclid``) is the stored
-    ``_fbc`` cookie's, else built from the stored ``fbclid`` with the time it was seen,
-    as Meta's ClickID format wants (``fb.1.<creation time ms>.<fbclid>``)."""
-    changes: dict[str, Any] = {}
-    for name, value in profile.user.items():
-        if not getattr(user, name):
-            changes[name] = value
-    if not user.external_id and profile.external_id:
-        changes["external_id"] = profile.external_id
-    missing_clicks = {
-        name: value for name, (value, _) in profile.click_ids.items() if name not in user.click_ids
-    }
-    if missing_clicks:
-        changes["click_ids"] = {**missing_clicks, **user.click_ids}
-    stored = profile.browser_ids
-    if not user.fbc and "fbclid" not in user.click_ids:
-        if stored.get("fbc"):
-            changes["fbc"] = stored["fbc"]
-        elif "fbclid" in profile.click_ids:
-            fbclid, seen_ms = profile.click_ids["fbclid"]
-            changes["fbc"] = f"fb.1.{seen_ms}.{fbclid}"
-    for name in ("fbp", "ttp"):
-        if not getattr(user, name) and stored.get(name):
-            changes[name] = stored[name]
-    cookies = {n: v for n, v in stored.items() if n in BROWSER_ID_COOKIES}
-    if cookies.keys() - user.browser_ids.keys():
-        changes["browser_ids"] = {**cookies, **user.browser_ids}
-    return replace(user, **changes) if changes else user

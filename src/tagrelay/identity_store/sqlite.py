@@ -388,9 +388,7 @@ class SqliteIdentityStore(IdentityBackend):
                     (keyring.encrypt(self._salt, _SALT_AAD),),
                 )
             changed = 0
-            for person, blob in self._conn.execute(
-                "SELECT person, record FROM persons"
-            ).fetchall():
+            for person, blob in self._conn.execute("SELECT person, record FROM persons").fetchall():
                 blob = bytes(blob)
                 if not keyring.needs_rotation(blob):
                     continue
@@ -427,9 +425,7 @@ def _exported(record: Person) -> dict[str, Any]:
         "anonymous_ids": {value: when(at) for value, at in record.anonymous_ids.items()},
         "user_ids": {value: when(at) for value, at in record.user_ids.items()},
         "user_data": {n: {"value": v, "seen": when(at)} for n, (v, at) in record.user.items()},
-        "click_ids": {
-            n: {"value": v, "seen": when(at)} for n, (v, at) in record.click_ids.items()
-        },
+        "click_ids": {n: {"value": v, "seen": when(at)} for n, (v, at) in record.click_ids.items()},
         "browser_ids": {
             n: {"value": v, "seen": when(at)} for n, (v, at) in record.browser_ids.items()
         },

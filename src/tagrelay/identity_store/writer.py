@@ -52,9 +52,7 @@ class IdentityWriterConfig(ForwarderConfigBase):
     type: Literal["identity_store"] = Field(
         description="The internal identity store writer.", examples=["identity_store"]
     )
-    store: IdentityStoreConfig = Field(
-        description="identity_store.", examples=[{"enabled": True}]
-    )
+    store: IdentityStoreConfig = Field(description="identity_store.", examples=[{"enabled": True}])
     keys: list[SecretStr] = Field(
         default_factory=list, description="encryption.keys.", examples=[["${TAGRELAY_KEY}"]]
     )
