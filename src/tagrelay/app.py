@@ -1,8 +1,9 @@
 """``create_app(config)``: the one place that wires the parts of the relay together.
 
-Start-up order (``cleanup_ctx``, torn down in reverse): the spool opens (and starts pruning
-and checkpointing every ``spool.prune_interval_secs``); the delivery loop starts in its own
-thread, with the shared HTTP client session and one worker per enabled forwarder on it
+Start-up order (``cleanup_ctx``, torn down in reverse): the identity store's keys are
+checked (``identity_store.enabled``: a key missing refuses the start); the spool opens (and
+starts pruning and checkpointing every ``spool.prune_interval_secs``); the delivery loop
+starts in its own thread, with the shared HTTP client session and one worker per enabled forwarder on it
 (``forwarders._fleet``); the admin socket (for ``tagrelay sql``) listens, then the admin
 listener (``admin.listen``: /metrics, the admin API and the debug view,
 ``tagrelay.web.admin_listener``). The debug view's capture (``tagrelay.capture.DebugHub``,
@@ -251,13 +252,7 @@ def create_app(
 
     async def forwarders_ctx(app: web.Application) -> AsyncIterator[None]:
         enabled = [f for f in config.forwarders if f.enabled]
-        internal = set()
-        if identity is not None:
-            # Before anything reads it: a key missing from encryption.keys stops the start
-            # here, with the key id the store needs; a plaintext store is encrypted.
-            store = await identity.open(data_dir, writer=True)
-            await store.close()
-            internal.add(IDENTITY_WRITER_ID)
+        internal = {IDENTITY_WRITER_ID} if identity is not None else set()
         retired = await spool.retire_cursors_except({f.id for f in enabled} | internal)
         for name in retired:
             log.info(
@@ -286,6 +281,16 @@ def create_app(
             await delivery.call(fleet.close())
             await delivery.close()
 
+    async def identity_store_ctx(app: web.Application) -> AsyncIterator[None]:
+        # First of all: a key missing from encryption.keys stops the start here, with the
+        # key id the store needs, before anything else is open; a plaintext store is
+        # encrypted now. The writer and readers open it again where they run.
+        if identity is not None:
+            store = await identity.open(data_dir, writer=True)
+            await store.close()
+        yield
+
+    app.cleanup_ctx.append(identity_store_ctx)
     app.cleanup_ctx.append(spool_ctx)
     app.cleanup_ctx.append(forwarders_ctx)
     if admin_socket:

@@ -121,6 +121,9 @@ class SqliteIdentityStore(IdentityBackend):
             conn.execute("PRAGMA busy_timeout=5000")
             if writer:
                 conn.execute("PRAGMA journal_mode=WAL")
+                # What forget deletes is overwritten, not left in free pages (many builds
+                # have it on already; erasure must not depend on that).
+                conn.execute("PRAGMA secure_delete=ON")
                 conn.execute("PRAGMA synchronous=NORMAL")
                 for statement in _SCHEMA:
                     conn.execute(statement)
