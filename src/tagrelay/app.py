@@ -3,10 +3,11 @@
 Start-up order (``cleanup_ctx``, torn down in reverse): the identity store's keys are
 checked (``identity_store.enabled``: a key missing refuses the start); the spool opens (and
 starts pruning and checkpointing every ``spool.prune_interval_secs``); the delivery loop
-starts in its own thread, with the shared HTTP client session and one worker per enabled forwarder on it
-(``forwarders._fleet``); the admin socket (for ``tagrelay sql``) listens, then the admin
-listener (``admin.listen``: /metrics, the admin API and the debug view,
-``tagrelay.web.admin_listener``). The debug view's capture (``tagrelay.capture.DebugHub``,
+starts in its own thread, with the shared HTTP client session and one worker per enabled
+forwarder on it (``forwarders._fleet``; the identity store's writer among them); the admin
+socket (for ``tagrelay sql``) listens, then the admin listener (``admin.listen``:
+/metrics, the admin API and the debug view, ``tagrelay.web.admin_listener``). The debug
+view's capture (``tagrelay.capture.DebugHub``,
 ``app[CAPTURE]``) is handed to ingest, to the forwarders and their workers, and to the
 delivery process. On shutdown aiohttp first stops accepting connections and lets in-flight
 requests finish (their commits included), then the admin listener and socket close, the

@@ -238,7 +238,7 @@ async def test_a_relay_whose_key_does_not_open_the_store_does_not_start(
     first = store_config()
     client = await relay(**first)
     await client.close()
-    with pytest.raises(IdentityStoreError, match="not in encryption.keys"):
+    with pytest.raises(IdentityStoreError, match=r"not in encryption\.keys"):
         await relay(**store_config())  # another key
     with pytest.raises(IdentityStoreError, match=r"encryption\.keys is empty"):
         await relay(identity_store={"enabled": True})
