@@ -47,7 +47,7 @@ from typing import Any, Final
 import orjson
 
 from tagrelay.crypto import CryptoError, Keyring, blob_key_id, is_encrypted
-from tagrelay.datadir import private_file, tighten
+from tagrelay.datadir import private_dir, private_file, tighten
 from tagrelay.identity_store.backend import ForgetCounts, IdentityBackend, IdentityStoreError
 from tagrelay.identity_store.record import Observation, Person, Profile
 
@@ -111,6 +111,7 @@ class SqliteIdentityStore(IdentityBackend):
         do not fit or the file cannot be opened."""
         path = data_dir / FILE_NAME
         if writer:
+            private_dir(data_dir)
             private_file(path)
             for suffix in ("-wal", "-shm"):
                 tighten(path.with_name(path.name + suffix))
