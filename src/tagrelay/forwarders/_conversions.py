@@ -104,7 +104,7 @@ from tagrelay.forwarders._ecommerce import (
     commerce,
     event_name_key,
 )
-from tagrelay.forwarders._enrichment import Profile, enrich
+from tagrelay.forwarders._enrichment import Profile, enrich, person_id
 from tagrelay.forwarders._http import HttpRequest
 from tagrelay.forwarders._user_data import DROP_REASONS as USER_DATA_DROP_REASONS
 from tagrelay.forwarders._user_data import (
@@ -466,15 +466,6 @@ def _text(value: Any) -> str | None:
     return (value.strip() or None) if isinstance(value, str) else None
 
 
-def _id_text(value: Any) -> str | None:
-    """An ``anonymousId`` or ``userId`` as the identity store keys it."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    return _text(value)
-
-
 _store_failures: Final = LogThrottle(logging.getLogger(__name__))
 
 
@@ -651,10 +642,8 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             context = _dict(event.get("context"))
             if _dict(context.get("consent")).get("ad_user_data") != "granted":
                 continue
-            anonymous_id, user_id = (
-                _id_text(event.get("anonymousId")),
-                _id_text(event.get("userId")),
-            )
+            anonymous_id = person_id(event.get("anonymousId"))
+            user_id = person_id(event.get("userId"))
             if anonymous_id is None and user_id is None:
                 continue
             wanted.append(index)

@@ -16,11 +16,23 @@ from typing import Any, Final
 from tagrelay.forwarders._user_data import UserData
 from tagrelay.model import BROWSER_ID_COOKIES
 
-__all__ = ["BROWSER_IDS", "Profile", "enrich"]
+__all__ = ["BROWSER_IDS", "Profile", "enrich", "person_id"]
 
 BROWSER_IDS: Final = ("fbc", "fbp", "ttp", *BROWSER_ID_COOKIES)
 """The browser ids the store keeps: ``UserData.fbc``/``fbp``/``ttp`` and each cookie of
 ``BROWSER_ID_COOKIES`` (``UserData.browser_ids``)."""
+
+
+def person_id(value: Any) -> str | None:
+    """An ``anonymousId``, ``userId`` or ``previousId`` as the identity store keys it (the
+    writer and the readers must agree): text trimmed, an integer as its digits."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str):
+        return value.strip() or None
+    return None
 
 
 @dataclass(frozen=True, slots=True)

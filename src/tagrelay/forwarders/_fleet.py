@@ -41,6 +41,7 @@ from tagrelay.forwarders._process import DeliveryProcess, remote_class
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.identity_store import IDENTITY_WRITER_ID, StoreSettings
 from tagrelay.identity_store.writer import writer_config
+from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.spool.sqlite import SqliteSpool
 
@@ -76,6 +77,7 @@ class WriterGate:
         self.metrics = metrics
         self.position = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._throttle = LogThrottle(log)
 
     def moved(self, position: int) -> None:
         """The writer's cursor is at ``position``: wake those waiting for it."""
@@ -106,9 +108,11 @@ class WriterGate:
             await asyncio.wait_for(waiter, self.wait_secs)
         except TimeoutError:
             self.metrics.identity_store_waits.labels(forwarder_id, "timeout").inc()
-            log.warning(
+            self._throttle.log(
+                logging.WARNING,
+                forwarder_id,
                 "the identity store's writer is behind; a batch goes without waiting longer",
-                extra={"forwarder": forwarder_id, "wait_secs": self.wait_secs},
+                {"forwarder": forwarder_id, "wait_secs": self.wait_secs},
             )
             return
         finally:

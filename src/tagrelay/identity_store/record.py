@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
-from tagrelay.forwarders._enrichment import BROWSER_IDS, Profile, enrich
+from tagrelay.forwarders._enrichment import BROWSER_IDS, Profile, enrich, person_id
 from tagrelay.forwarders._user_data import extract_user_data
 
 __all__ = [
@@ -77,16 +77,6 @@ class Observation:
     __str__ = __repr__
 
 
-def _id(value: Any) -> str | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, str):
-        return value.strip() or None
-    return None
-
-
 def _time_ms(event: Mapping[str, Any], now_ms: int) -> int:
     """When the store saw it: the relay's ``receivedAt`` (the sender's clock may be off)."""
     for key in ("receivedAt", "timestamp"):
@@ -111,8 +101,8 @@ def observe(event: Mapping[str, Any], now_ms: int) -> Observation | None:
     consent = context.get("consent")
     if not isinstance(consent, dict) or consent.get("ads") != "granted":
         return None
-    anonymous_id, user_id = _id(event.get("anonymousId")), _id(event.get("userId"))
-    previous_id = _id(event.get("previousId")) if event.get("type") == "alias" else None
+    anonymous_id, user_id = person_id(event.get("anonymousId")), person_id(event.get("userId"))
+    previous_id = person_id(event.get("previousId")) if event.get("type") == "alias" else None
     ids = [i for i in (anonymous_id, user_id, previous_id) if i is not None]
     if not ids:
         return None

@@ -338,9 +338,15 @@ class SqliteIdentityStore(IdentityBackend):
             refs.append(self.ref("a", anonymous_id))
         if email is not None:
             refs.append(self.ref("e", email))
-        with self._lock, _transaction(self._conn):
-            persons = set(self._persons_of(refs).values())
-            deleted, ids = self._delete(persons)
+        with self._lock:
+            with _transaction(self._conn):
+                persons = set(self._persons_of(refs).values())
+                deleted, ids = self._delete(persons)
+            if deleted:
+                # The pages as they were before stay in the write-ahead log until a
+                # checkpoint copies the new ones over them: do it now (best effort: a reader
+                # in the middle of a read holds it back until the next one).
+                self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         return ForgetCounts(persons=deleted, ids=ids)
 
     def export(
