@@ -142,6 +142,10 @@ class IdentityStore:
         result: int = await self._run(self.backend.purge, now or now_ms())
         return result
 
+    async def reencrypt(self, limit: int | None = None) -> int:
+        result: int = await self._run(self.backend.reencrypt, limit)
+        return result
+
     async def close(self) -> None:
         try:
             await self._run(self.backend.close)

@@ -69,5 +69,10 @@ class IdentityBackend(ABC):
         """Delete the persons not seen for ``ttl_days``; returns how many."""
 
     @abstractmethod
+    def reencrypt(self, limit: int | None = None) -> int:
+        """Encrypt under the first of ``encryption.keys`` up to ``limit`` records that are
+        not (plaintext, or under an older key); returns how many (0: none is left)."""
+
+    @abstractmethod
     def close(self) -> None:
         """Release the store."""

@@ -384,9 +384,10 @@ class SqliteIdentityStore(IdentityBackend):
             deleted, _ = self._delete(persons)
         return deleted
 
-    def reencrypt(self) -> int:
-        """Encrypt every record and the salt under the first key that is not already (a
-        plaintext store, or rows under an older key); returns how many records changed."""
+    def reencrypt(self, limit: int | None = None) -> int:
+        """Encrypt the salt and up to ``limit`` records (all by default) under the first key
+        that are not already (plaintext rows, or rows under an older key), in one
+        transaction; returns how many records changed (0: none is left)."""
         if self._keyring is None:
             return 0
         keyring = self._keyring
@@ -397,18 +398,19 @@ class SqliteIdentityStore(IdentityBackend):
                     "UPDATE meta SET value = ? WHERE name = 'salt'",
                     (keyring.encrypt(self._salt, _SALT_AAD),),
                 )
-            changed = 0
-            for person, blob in self._conn.execute("SELECT person, record FROM persons").fetchall():
-                blob = bytes(blob)
-                if not keyring.needs_rotation(blob):
-                    continue
-                plain = self._open_blob(blob, person)
+            # A record under the first key starts 00 01 <its key id>: the others are found
+            # without decrypting anything.
+            stale = self._conn.execute(
+                "SELECT person, record FROM persons WHERE substr(record, 1, 6) != ? LIMIT ?",
+                (b"\x00\x01" + keyring.primary_id, -1 if limit is None else limit),
+            ).fetchall()
+            for person, blob in stale:
+                plain = self._open_blob(bytes(blob), person)
                 self._conn.execute(
                     "UPDATE persons SET record = ? WHERE person = ?",
                     (keyring.encrypt(plain, _person_aad(person)), person),
                 )
-                changed += 1
-        return changed
+        return len(stale)
 
     def _encrypt_plaintext_rows(self) -> None:
         """A store written before encryption was on: encrypt it (at start-up)."""

@@ -7,7 +7,9 @@ store never slows ingest nor risks an acknowledgement, and a restart resumes at 
 cursor. Each batch is one transaction; a failure (a locked or full disk) is retried like
 any forwarder's, never dead-lettered for long (``retry.max_age_secs`` is a day, and the
 events stay in the spool for the other forwarders anyway). Every
-``PURGE_INTERVAL_SECS`` it also deletes the persons not seen for ``ttl_days``.
+``PURGE_INTERVAL_SECS`` it also deletes the persons not seen for ``ttl_days``, and after a
+key rotation (a new key first in ``encryption.keys``) it re-encrypts the records under the
+old key, ``ROTATE_PER_BATCH`` with each batch, until none is left (logged once).
 
 It is not in ``forwarders.FORWARDERS`` (no configuration file names it): the fleet makes
 its configuration from ``identity_store`` and ``encryption`` (:func:`writer_config`).
@@ -40,6 +42,10 @@ __all__ = ["IdentityWriter", "IdentityWriterConfig", "writer_config"]
 log = logging.getLogger(__name__)
 
 PURGE_INTERVAL_SECS: Final = 600.0
+
+ROTATE_PER_BATCH: Final = 500
+"""Records re-encrypted under the first key per batch while older ones remain (a key
+rotation): a few milliseconds each time, so the store rotates in the background."""
 
 WRITER_BATCH: Final = BatchConfig(max_events=500, max_wait_secs=0.05)
 """Large batches (one transaction each) that do not wait to fill: the enriching forwarders
@@ -81,6 +87,10 @@ class IdentityWriter(Forwarder[IdentityWriterConfig]):
         super().__init__(config, context)
         self._store: IdentityStore | None = None
         self._next_purge = time.monotonic() + PURGE_INTERVAL_SECS
+        self._rotating = bool(config.keys)
+        """Records may remain under a key other than the first (``encryption.keys`` put a
+        new one first): each batch re-encrypts ``ROTATE_PER_BATCH`` of them until none is
+        left, so that the old key can go."""
 
     async def start(self) -> None:
         self._store = await self.config.settings.open(self.context.data_dir, writer=True)
@@ -104,6 +114,14 @@ class IdentityWriter(Forwarder[IdentityWriterConfig]):
         try:
             if observations:
                 await store.record(observations, now)
+            if self._rotating:
+                rotated = await store.reencrypt(ROTATE_PER_BATCH)
+                if rotated < ROTATE_PER_BATCH:
+                    self._rotating = False
+                    log.info(
+                        "every identity store record is under the first encryption key",
+                        extra={"forwarder": self.id},
+                    )
             if time.monotonic() >= self._next_purge:
                 self._next_purge = time.monotonic() + PURGE_INTERVAL_SECS
                 expired = await store.purge(now)
