@@ -80,7 +80,7 @@ async def test_forget_and_export_through_the_running_relay(
     )
     code, answer, err = await run(capsys, "export", "--config", str(cfg), "--user-id", "user-a")
     assert code == 0, err
-    (person,) = answer["stores"]["identity_store"]
+    (person,) = answer["stores"]["identity_store"]["persons"]
     assert person["user_data"]["email"]["value"] == "alice@example.com"
     assert set(person["anonymous_ids"]) == {"anon-a"}
     assert person["click_ids"]["gclid"]["value"] == "gclid-user-a"
@@ -99,11 +99,11 @@ async def test_forget_and_export_through_the_running_relay(
     code, answer, _ = await run(
         capsys, "export", "--config", str(cfg), "--email", "ALICE@example.com"
     )
-    assert answer == {"stores": {"identity_store": []}}
+    assert answer == {"stores": {"identity_store": {"persons": []}}}
     code, answer, _ = await run(capsys, "export", "--config", str(cfg), "--user-id", "user-b")
-    assert [p["user_data"]["email"]["value"] for p in answer["stores"]["identity_store"]] == [
-        "bob@example.com"
-    ]
+    assert [
+        p["user_data"]["email"]["value"] for p in answer["stores"]["identity_store"]["persons"]
+    ] == ["bob@example.com"]
 
 
 async def test_forget_without_a_relay_opens_the_store_itself(

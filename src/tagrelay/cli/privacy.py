@@ -58,7 +58,7 @@ async def _here(config: Config, data_dir: Path, action: str, ids: dict[str, str]
     if settings is None:
         raise IdentityStoreError("identity_store.enabled is false")
     if not (data_dir / "identity.db").exists():
-        return {"persons": 0, "ids": 0} if action == "forget" else []
+        return {"persons": 0, "ids": 0} if action == "forget" else {"persons": []}
     store = await settings.open(data_dir, writer=True)
     try:
         if action == "forget":
@@ -68,12 +68,15 @@ async def _here(config: Config, data_dir: Path, action: str, ids: dict[str, str]
                 extra={"by": ", ".join(sorted(ids)), "identity_store": counts.as_dict()},
             )
             return counts.as_dict()
-        persons = await store.export(**ids)
+        exported = await store.export(**ids)
         audit.info(
             "access request",
-            extra={"by": ", ".join(sorted(ids)), "identity_store": {"persons": len(persons)}},
+            extra={
+                "by": ", ".join(sorted(ids)),
+                "identity_store": {"persons": len(exported["persons"])},
+            },
         )
-        return persons
+        return exported
     finally:
         await store.close()
 

@@ -134,8 +134,8 @@ class IdentityStore:
         result: ForgetCounts = await self._run(self.backend.forget, **ids)
         return result
 
-    async def export(self, **ids: str | None) -> list[dict[str, Any]]:
-        result: list[dict[str, Any]] = await self._run(self.backend.export, **ids)
+    async def export(self, **ids: str | None) -> dict[str, Any]:
+        result: dict[str, Any] = await self._run(self.backend.export, **ids)
         return result
 
     async def purge(self, now: int | None = None) -> int:

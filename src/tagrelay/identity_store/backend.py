@@ -60,9 +60,10 @@ class IdentityBackend(ABC):
         user_id: str | None = None,
         anonymous_id: str | None = None,
         email: str | None = None,
-    ) -> list[dict[str, Any]]:
-        """Everything held about the persons the given ids lead to (one dict each; their
-        ids, data, click and browser ids with when each was seen), for an access request."""
+    ) -> dict[str, Any]:
+        """Everything held about the persons the given ids lead to, for an access request:
+        ``{"persons": [...]}``, one dict each (their ids, data, click and browser ids with
+        when each was seen); a user id leads to one person at most."""
 
     @abstractmethod
     def purge(self, now_ms: int) -> int:

@@ -355,7 +355,7 @@ class SqliteIdentityStore(IdentityBackend):
         user_id: str | None = None,
         anonymous_id: str | None = None,
         email: str | None = None,
-    ) -> list[dict[str, Any]]:
+    ) -> dict[str, Any]:
         refs = []
         if user_id is not None:
             refs.append(self.ref("u", user_id))
@@ -370,7 +370,7 @@ class SqliteIdentityStore(IdentityBackend):
                 record = self._load(person)
                 if record is not None:
                     out.append(_exported(record))
-            return out
+            return {"persons": out}
 
     def purge(self, now_ms: int) -> int:
         cutoff = now_ms - self._ttl_ms

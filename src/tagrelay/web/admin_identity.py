@@ -4,7 +4,7 @@ forget`` and ``tagrelay export`` (``cli.privacy``)::
     POST /privacy/forget  {"user_id": U} | {"anonymous_id": A} | {"email": E}  (one or more)
         -> {"stores": {"identity_store": {"persons": n, "ids": m}}}
     POST /privacy/export  the same body
-        -> {"stores": {"identity_store": [person, ...]}}
+        -> {"stores": {"identity_store": {"persons": [person, ...]}}}
 
 Each request writes one audit line (logger ``tagrelay.audit``): what was asked (which kinds
 of id, never their values) and how many rows each store gave or deleted. 400 for a body
@@ -90,14 +90,17 @@ def add_privacy_routes(admin: web.Application, main_app: web.Application) -> Non
             return found
         store, ids = found
         try:
-            persons = await store.export(**ids)
+            exported = await store.export(**ids)
         finally:
             await store.close()
         audit.info(
             "access request",
-            extra={"by": ", ".join(sorted(ids)), "identity_store": {"persons": len(persons)}},
+            extra={
+                "by": ", ".join(sorted(ids)),
+                "identity_store": {"persons": len(exported["persons"])},
+            },
         )
-        return _json({"stores": {"identity_store": persons}})
+        return _json({"stores": {"identity_store": exported}})
 
     admin.router.add_post("/privacy/forget", forget)
     admin.router.add_post("/privacy/export", export)
