@@ -4,6 +4,7 @@ time, after a key rotation."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
 import time
@@ -95,3 +96,37 @@ async def test_after_a_rotation_it_reencrypts_the_old_records(context: Forwarder
     (found,) = store.lookup([(None, "user-7")], now())
     assert found is not None and found.user == {"email": "p7@example.com"}
     assert store.reencrypt() == 0  # none left under the old key
+
+
+async def test_it_deletes_expired_persons_without_traffic(
+    context: ForwarderContext, monkeypatch: Any
+) -> None:
+    from tagrelay.identity_store import writer as writer_module
+    from tagrelay.identity_store.record import Observation
+
+    settings = StoreSettings(IdentityStoreConfig(enabled=True, ttl_days=1))
+    store = settings.open_backend(context.data_dir, writer=True)
+    long_ago = now() - 3 * 86_400_000
+    store.record([Observation("anon-old", None, None, long_ago, {"email": "o@example.com"})], now())
+    store.record([Observation("anon-new", None, None, now(), {"email": "n@example.com"})], now())
+    store.close()
+
+    monkeypatch.setattr(writer_module, "PURGE_INTERVAL_SECS", 0.01)
+    config = writer_config(IdentityStoreConfig(enabled=True, ttl_days=1), [])
+    w = IdentityWriter(config, context)
+    await w.start()
+    try:
+        deadline = time.monotonic() + 10
+        while count_expired(context) < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+    finally:
+        await w.close()
+    assert count_expired(context) == 1
+    left = settings.open_backend(context.data_dir)
+    assert left.export(anonymous_id="anon-old") == {"persons": []}
+    assert len(left.export(anonymous_id="anon-new")["persons"]) == 1
+
+
+def count_expired(context: ForwarderContext) -> float:
+    value = context.metrics.registry.get_sample_value("tagrelay_identity_store_expired_total")
+    return value or 0.0

@@ -5,11 +5,11 @@ spool cursor and metric label), next to the configured forwarders and where they
 delivery process): it reads every event after the spool acknowledged it, so writing the
 store never slows ingest nor risks an acknowledgement, and a restart resumes at its
 cursor. Each batch is one transaction; a failure (a locked or full disk) is retried like
-any forwarder's, never dead-lettered for long (``retry.max_age_secs`` is a day, and the
-events stay in the spool for the other forwarders anyway). Every
-``PURGE_INTERVAL_SECS`` it also deletes the persons not seen for ``ttl_days``, and after a
-key rotation (a new key first in ``encryption.keys``) it re-encrypts the records under the
-old key, ``ROTATE_PER_BATCH`` with each batch, until none is left (logged once).
+any forwarder's (events still failing after ``retry.max_age_secs``, a day, become its dead
+letters; the other forwarders are not held up but for ``enrich_wait_secs``). Every
+``PURGE_INTERVAL_SECS``, traffic or not, it deletes the persons not seen for ``ttl_days``;
+after a key rotation (a new key first in ``encryption.keys``) it re-encrypts the records
+under the old key, ``ROTATE_PER_BATCH`` with each batch, until none is left (logged once).
 
 It is not in ``forwarders.FORWARDERS`` (no configuration file names it): the fleet makes
 its configuration from ``identity_store`` and ``encryption`` (:func:`writer_config`).
@@ -17,9 +17,10 @@ its configuration from ``identity_store`` and ``encryption`` (:func:`writer_conf
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sqlite3
-import time
 from typing import Final, Literal
 
 from pydantic import Field, SecretStr
@@ -35,6 +36,7 @@ from tagrelay.identity_store import (
     now_ms,
 )
 from tagrelay.identity_store.record import Observation, observe
+from tagrelay.logthrottle import LogThrottle
 from tagrelay.model import Delivered, Event, Outcome, Retry
 
 __all__ = ["IdentityWriter", "IdentityWriterConfig", "writer_config"]
@@ -86,7 +88,7 @@ class IdentityWriter(Forwarder[IdentityWriterConfig]):
     def __init__(self, config: IdentityWriterConfig, context: ForwarderContext) -> None:
         super().__init__(config, context)
         self._store: IdentityStore | None = None
-        self._next_purge = time.monotonic() + PURGE_INTERVAL_SECS
+        self._purger: asyncio.Task[None] | None = None
         self._rotating = bool(config.keys)
         """Records may remain under a key other than the first (``encryption.keys`` put a
         new one first): each batch re-encrypts ``ROTATE_PER_BATCH`` of them until none is
@@ -94,8 +96,35 @@ class IdentityWriter(Forwarder[IdentityWriterConfig]):
 
     async def start(self) -> None:
         self._store = await self.config.settings.open(self.context.data_dir, writer=True)
+        self._purger = asyncio.create_task(self._purge_every(PURGE_INTERVAL_SECS))
+
+    async def _purge_every(self, secs: float) -> None:
+        """Delete the persons past ``ttl_days`` every ``secs``, traffic or not."""
+        failures = LogThrottle(log)
+        while True:
+            await asyncio.sleep(secs)
+            store = self._store
+            if store is None:
+                return
+            try:
+                expired = await store.purge()
+            except (IdentityStoreError, sqlite3.Error) as exc:
+                failures.log(
+                    logging.WARNING,
+                    "purge",
+                    "the identity store could not delete expired persons; will try again",
+                    {"forwarder": self.id, "error": f"{type(exc).__name__}: {exc}"},
+                )
+                continue
+            if expired:
+                self.context.metrics.identity_store_expired.inc(expired)
 
     async def close(self) -> None:
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
+            self._purger = None
         if self._store is not None:
             await self._store.close()
             self._store = None
@@ -122,11 +151,6 @@ class IdentityWriter(Forwarder[IdentityWriterConfig]):
                         "every identity store record is under the first encryption key",
                         extra={"forwarder": self.id},
                     )
-            if time.monotonic() >= self._next_purge:
-                self._next_purge = time.monotonic() + PURGE_INTERVAL_SECS
-                expired = await store.purge(now)
-                if expired:
-                    self.context.metrics.identity_store_expired.inc(expired)
         except (IdentityStoreError, sqlite3.Error) as exc:
             return Retry("identity_store", f"{type(exc).__name__}: {exc}")
         if observations:
