@@ -52,6 +52,7 @@ from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.reload import RELOADER, Reloader
 from tagrelay.spool.dead_letters import Selection
+from tagrelay.spool.encryption import PayloadCipher
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.admin import admin_socket_ctx
 from tagrelay.web.admin_listener import ADMIN_LISTENER, AdminListener, admin_listener_ctx
@@ -179,12 +180,14 @@ def create_app(
         # on the application, so that every server made for it (tagrelay serve, tests) has it.
         handler_args=SERVER_HANDLER_ARGS,
     )
+    encryption_keys = tuple(key.get_secret_value() for key in config.encryption.keys)
     spool = SqliteSpool(
         spool_path(data_dir),
         synchronous=config.spool.synchronous,
         max_size_mb=config.spool.max_size_mb,
         dedup_window_secs=config.spool.dedup_window_secs,
         dedup_capacity=config.spool.dedup_max_ids,
+        cipher=PayloadCipher(config.encryption.keyring()),
     )
     app[CONFIG] = config
     app[METRICS] = metrics
@@ -233,6 +236,7 @@ def create_app(
         niceness=config.delivery.niceness,
         stop_timeout_secs=config.server.shutdown_timeout_secs,
         capture=capture,
+        encryption_keys=encryption_keys,
     )
 
     async def tell_process(rate: float) -> None:

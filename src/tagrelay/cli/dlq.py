@@ -7,7 +7,8 @@ relay's, and a replay is delivered by the relay's own forwarders. When no relay 
 lock, so that no relay starts meanwhile); ``replay`` needs the relay.
 
 Table output cuts long details to one short line (``show`` prints a dead letter in full);
-details were scrubbed of secrets before they were stored.
+details were scrubbed of secrets before they were stored. Dead letters sealed under
+``encryption.keys`` are opened with the keys of the configuration given here.
 """
 
 from __future__ import annotations
@@ -29,9 +30,12 @@ import orjson
 
 from tagrelay.app import admin_socket_path, spool_path
 from tagrelay.config.models import Config
+from tagrelay.crypto import CryptoError
 from tagrelay.datadir import open_private
+from tagrelay.errors import EncryptionKeyError
 from tagrelay.spool import dead_letters
 from tagrelay.spool.dead_letters import Selection, describe
+from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher
 from tagrelay.spool.segments import open_read_only
 from tagrelay.spool.sqlite import lock_path
 
@@ -176,9 +180,11 @@ async def _list_via_relay(sock: Path, selection: Selection, limit: int) -> tuple
         after_id = found[-1]["id"]
 
 
-def _list_direct(path: Path, selection: Selection, limit: int) -> tuple[list[Any], bool]:
+def _list_direct(
+    path: Path, selection: Selection, limit: int, cipher: PayloadCipher = PLAINTEXT
+) -> tuple[list[Any], bool]:
     with contextlib.closing(_open_spool(path)) as conn:
-        rows = dead_letters.select(conn, selection, limit=limit + 1)
+        rows = dead_letters.select(conn, selection, limit=limit + 1, cipher=cipher)
     return [describe(row) for row in rows[:limit]], len(rows) > limit
 
 
@@ -256,14 +262,20 @@ SKIP_REASONS = {
 
 def run_dlq(config: Config, args: argparse.Namespace) -> int:
     data_dir = args.data_dir or config.data_dir
+    cipher = PayloadCipher(config.encryption.keyring())
     try:
-        return _run(args, admin_socket_path(data_dir), spool_path(data_dir))
+        return _run(args, admin_socket_path(data_dir), spool_path(data_dir), cipher)
     except Failed as exc:
         print(f"error: {exc.code}: {exc}", file=sys.stderr)
         return 1
+    except (CryptoError, EncryptionKeyError) as exc:
+        print(f"error: encryption: {exc}", file=sys.stderr)
+        return 1
 
 
-def _run(args: argparse.Namespace, sock: Path, spool: Path) -> int:
+def _run(
+    args: argparse.Namespace, sock: Path, spool: Path, cipher: PayloadCipher = PLAINTEXT
+) -> int:
     command = args.dlq_command
     if command == "list":
         if args.limit < 1:
@@ -272,7 +284,7 @@ def _run(args: argparse.Namespace, sock: Path, spool: Path) -> int:
         try:
             found, more = asyncio.run(_list_via_relay(sock, selection, args.limit))
         except NoRelay:
-            found, more = _list_direct(spool, selection, args.limit)
+            found, more = _list_direct(spool, selection, args.limit, cipher)
         print(render_list(found, args.format))
         if more:
             print(
@@ -286,7 +298,7 @@ def _run(args: argparse.Namespace, sock: Path, spool: Path) -> int:
             item = answer["dead_letter"]
         except NoRelay:
             with contextlib.closing(_open_spool(spool)) as conn:
-                row = dead_letters.get(conn, args.id)
+                row = dead_letters.get(conn, args.id, cipher=cipher)
             if row is None:
                 raise Failed("not_found", f"no dead letter with id {args.id}") from None
             item = describe(row, with_event=True)

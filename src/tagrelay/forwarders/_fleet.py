@@ -76,8 +76,12 @@ class Fleet:
         niceness: int = 0,
         stop_timeout_secs: float = 10.0,
         capture: DebugHub | None = None,
+        encryption_keys: tuple[str, ...] = (),
     ) -> None:
         self.spool = spool
+        self.encryption_keys = encryption_keys
+        """``encryption.keys``, for the processes that read the spool file themselves (the
+        delivery processes, the warehouse's), which open its sealed segments with them."""
         self.capture = capture
         """The debug view's capture, which the forwarders, their workers and the delivery
         process report to (``tagrelay.capture``)."""
@@ -131,6 +135,7 @@ class Fleet:
             http=session,
             metrics=self.metrics,
             capture=self.capture.delivery if self.capture is not None else NO_CAPTURE,
+            encryption_keys=self.encryption_keys,
         )
         for group, remote in self._remote_by_group(configs).items():
             self.processes[group] = self._new_process(remote)
@@ -247,7 +252,13 @@ class Fleet:
             await process.set_capture_rate(rate)
 
     def _new_process(self, configs: Sequence[ForwarderConfigBase]) -> DeliveryProcess:
-        process = DeliveryProcess(configs, self.data_dir, self.metrics, niceness=self.niceness)
+        process = DeliveryProcess(
+            configs,
+            self.data_dir,
+            self.metrics,
+            niceness=self.niceness,
+            encryption_keys=self.encryption_keys,
+        )
         if self.capture is not None:
             process.capture_rate = self.capture.rate
             process.on_capture = self.capture.post

@@ -155,6 +155,7 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
                     "threads": WRITER_THREADS,
                     "memory_limit": f"{self.config.memory_limit_mb}MB",
                 },
+                encryption_keys=self.context.encryption_keys,
             )
         )
         try:

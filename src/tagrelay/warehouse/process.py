@@ -45,14 +45,16 @@ import sys
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 import orjson
 
+from tagrelay.crypto import CryptoError
 from tagrelay.datadir import CHILD_UMASK
-from tagrelay.errors import QueryRejected, QueryTimeout, WarehouseError
+from tagrelay.errors import QueryRejected, QueryTimeout, TagrelayError, WarehouseError
+from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher, cipher_for
 from tagrelay.spool.segments import SpanMissing, open_read_only, read_span
 from tagrelay.warehouse import InsertResult, QueryResult
 
@@ -75,6 +77,9 @@ class WarehouseSpec:
     table: str
     max_columns: int
     settings: Mapping[str, str | int | bool]
+    encryption_keys: tuple[str, ...] = field(default=(), repr=False)
+    """``encryption.keys``: the child opens the spool's sealed segments with them (sent
+    in this frame over the socket pair, never on the command line)."""
 
 
 IOPRIO_CLASS_IDLE = 3
@@ -144,7 +149,7 @@ def _child_main(conn: Connection, queries: Connection) -> None:
         return
     conn.send(("ok", dict(warehouse.columns)))
     QueryServer(warehouse, queries).start()
-    spools = SpoolReaders()
+    spools = SpoolReaders(cipher_for(spec.encryption_keys))
     try:
         while True:
             try:
@@ -160,16 +165,17 @@ def _child_main(conn: Connection, queries: Connection) -> None:
 class SpoolReaders:
     """The child's read-only connections to spool files, opened on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, cipher: PayloadCipher = PLAINTEXT) -> None:
         self._connections: dict[str, sqlite3.Connection] = {}
+        self._cipher = cipher
 
     def read(self, path: str, after: int, last: int) -> tuple[list[bytes], list[tuple[int, int]]]:
         try:
             conn = self._connections.get(path)
             if conn is None:
                 conn = self._connections[path] = open_read_only(path)
-            return read_span(conn, after, last)
-        except (sqlite3.Error, SpanMissing) as exc:
+            return read_span(conn, after, last, self._cipher.open_segment)
+        except (sqlite3.Error, SpanMissing, CryptoError, TagrelayError) as exc:
             self.close()  # the next request opens the file again
             raise WarehouseError(f"cannot read events {after + 1}-{last} of {path}: {exc}") from exc
 
