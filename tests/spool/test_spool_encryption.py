@@ -130,7 +130,7 @@ async def test_dead_letters_under_an_unknown_key_refuse_to_open_too(tmp_path: Pa
     await spool.close()
     with sqlite3.connect(spool.path) as conn:
         conn.execute("DELETE FROM segments")
-    with pytest.raises(EncryptionKeyError, match="encryption.keys is empty"):
+    with pytest.raises(EncryptionKeyError, match=r"encryption\.keys is empty"):
         await SqliteSpool(spool.path).open()
 
 
