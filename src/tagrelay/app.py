@@ -208,6 +208,9 @@ def create_app(
     )
     metrics.watch_disk(data_dir, config.spool.max_size_mb * 1024 * 1024)
     spool.on_commit = metrics.spool_commit_duration.observe
+    if spool.cipher.enabled:
+        metrics.watch_encryption(spool.encryption_backlog)
+        spool.on_reencrypted = lambda store, n: metrics.encryption_reencrypted.labels(store).inc(n)
     workers: dict[str, ForwarderWorker] = app[WORKERS]
     metrics.watch_dead_letters(lambda: {**dict.fromkeys(workers, 0), **spool.dead_letter_counts()})
 
@@ -359,6 +362,11 @@ async def forwarder_lags(
     return lags
 
 
+ENCRYPTION_RECOUNT_SECS = 60.0
+"""How often maintenance counts again the events not under the first key (pruning and
+purges shrink it), while there are some."""
+
+
 async def _prune_loop(spool: SqliteSpool, current: Callable[[], Config]) -> None:
     """Every ``spool.prune_interval_secs``: forget the cursors of forwarders removed longer
     ago than ``spool.forget_cursor_after_secs``, delete delivered events, expired message
@@ -366,6 +374,7 @@ async def _prune_loop(spool: SqliteSpool, current: Callable[[], Config]) -> None
     The settings are read from ``current()`` each round (a reload may change them). A
     failure that lasts (a full disk) is logged once a minute."""
     failures = LogThrottle(log)
+    recount_at = time.monotonic() + ENCRYPTION_RECOUNT_SECS
     while True:
         config = current()
         await asyncio.sleep(config.spool.prune_interval_secs)
@@ -375,6 +384,9 @@ async def _prune_loop(spool: SqliteSpool, current: Callable[[], Config]) -> None
             await spool.prune_message_ids()
             await _expire_dead_letters(spool, config.dead_letters.retention_days * 86_400)
             await spool.checkpoint()
+            if time.monotonic() >= recount_at:  # free once nothing is left
+                await spool.count_encryption_backlog()
+                recount_at = time.monotonic() + ENCRYPTION_RECOUNT_SECS
         except Exception:
             failures.log(
                 logging.WARNING,

@@ -161,6 +161,34 @@ class _DeadLetterCollector(Collector):
         yield stored
 
 
+ENCRYPTION_STORES = ("spool", "dead_letters")
+"""``store`` of the encryption metrics: the spool's events, the dead letters."""
+ENCRYPTION_STATES = ("old_key", "plaintext")
+"""``state`` of ``tagrelay_encryption_backlog_events``."""
+
+
+class _EncryptionCollector(Collector):
+    """Events not yet under the first key, read at scrape time from the spool's count."""
+
+    def __init__(self, backlog: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self._backlog = backlog
+
+    def collect(self) -> Iterable[Metric]:
+        found = self._backlog()
+        gauge = GaugeMetricFamily(
+            "tagrelay_encryption_backlog_events",
+            "Events in the spool and the dead letters that are not encrypted under the first "
+            "of encryption.keys: under an older key (old_key) or from before encryption was "
+            "on (plaintext). tagrelay keys rotate brings them to 0; then the older keys can "
+            "go.",
+            labels=["store", "state"],
+        )
+        for store in ENCRYPTION_STORES:
+            for state in ENCRYPTION_STATES:
+                gauge.add_metric([store, state], found.get((store, state), 0))
+        yield gauge
+
+
 DEAD_LETTER_REPLAY_OUTCOMES = ("delivered", "dropped", "failed", "skipped")
 """Outcomes of ``tagrelay_dead_letters_replayed``."""
 
@@ -360,6 +388,13 @@ class Metrics:
         )
         for outcome in CONFIG_RELOAD_OUTCOMES:
             self.config_reloads.labels(outcome)
+        self.encryption_reencrypted = Counter(
+            "tagrelay_encryption_reencrypted_events",
+            "Events re-encrypted under the first of encryption.keys by tagrelay keys rotate, "
+            "by store (spool, dead_letters).",
+            ["store"],
+            registry=r,
+        )
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
         self.forwarder_last_success = Gauge(
             "tagrelay_forwarder_last_success_timestamp_seconds",
@@ -432,6 +467,13 @@ class Metrics:
     def watch_dead_letters(self, counts: Callable[[], dict[str, int]]) -> None:
         """``tagrelay_dead_letters_stored{forwarder}`` from ``counts()`` at each scrape."""
         self.registry.register(_DeadLetterCollector(counts))
+
+    def watch_encryption(self, backlog: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """``tagrelay_encryption_backlog_events{store,state}`` from ``backlog()`` at each
+        scrape (with encryption on), and its re-encryption counter labelled."""
+        self.registry.register(_EncryptionCollector(backlog))
+        for store in ENCRYPTION_STORES:
+            self.encryption_reencrypted.labels(store)
 
 
 class SourceMetrics:

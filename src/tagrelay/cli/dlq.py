@@ -16,28 +16,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
-import os
-import sqlite3
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 
 from tagrelay.app import admin_socket_path, spool_path
+from tagrelay.cli.relay_admin import Failed, NoRelay
+from tagrelay.cli.relay_admin import ask as _ask
+from tagrelay.cli.relay_admin import checked as _checked
+from tagrelay.cli.relay_admin import open_spool as _open_spool
+from tagrelay.cli.relay_admin import spool_for_writing as _spool_for_writing
 from tagrelay.config.models import Config
 from tagrelay.crypto import CryptoError
-from tagrelay.datadir import open_private
 from tagrelay.errors import EncryptionKeyError
 from tagrelay.spool import dead_letters
 from tagrelay.spool.dead_letters import Selection, describe
 from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher
-from tagrelay.spool.segments import open_read_only
-from tagrelay.spool.sqlite import lock_path
 
 TABLE_DETAIL_CHARS = 60
 """A detail is cut to this in table output."""
@@ -78,85 +75,6 @@ def _api_fields(selection: Selection) -> dict[str, Any]:
         "ids": None if selection.ids is None else list(selection.ids),
     }
     return {k: v for k, v in fields.items() if v is not None}
-
-
-class NoRelay(Exception):
-    """No relay listens on the admin socket."""
-
-
-async def _ask(
-    sock: Path,
-    method: str,
-    path: str,
-    *,
-    params: dict[str, str] | None = None,
-    body: dict[str, Any] | None = None,
-    timeout_secs: float | None = 120.0,
-) -> dict[str, Any]:
-    """The relay's answer to one admin request; raises ``NoRelay`` when none listens."""
-    try:
-        connector = aiohttp.UnixConnector(path=str(sock))
-        async with (
-            aiohttp.ClientSession(connector=connector) as session,
-            session.request(
-                method,
-                "http://relay" + path,
-                params=params,
-                json=body,
-                timeout=aiohttp.ClientTimeout(total=timeout_secs),
-            ) as resp,
-        ):
-            answer: dict[str, Any] = await resp.json(loads=orjson.loads)
-            return answer
-    except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError):
-        raise NoRelay from None
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
-        return {
-            "error": "relay_disconnected",
-            "message": "the relay closed the connection before it answered (is it stopping?)",
-        }
-
-
-class Failed(Exception):
-    """An error to print (``error: <code>: <message>``), exit code 1."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _checked(answer: dict[str, Any]) -> dict[str, Any]:
-    if "error" in answer:
-        raise Failed(answer["error"], answer.get("message", ""))
-    return answer
-
-
-def _open_spool(path: Path) -> sqlite3.Connection:
-    if not path.exists():
-        raise Failed("no_spool", f"no spool at {path} (has a relay run with this data directory?)")
-    return open_read_only(path)
-
-
-@contextlib.contextmanager
-def _spool_for_writing(path: Path) -> Iterator[sqlite3.Connection]:
-    """The spool opened for writing, holding its lock: no relay starts meanwhile."""
-    if not path.exists():
-        raise Failed("no_spool", f"no spool at {path} (has a relay run with this data directory?)")
-    with os.fdopen(open_private(lock_path(path), os.O_RDWR | os.O_APPEND), "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise Failed(
-                "spool_busy",
-                "another process holds the spool, but no relay answers on its admin socket; "
-                "try again once it has stopped",
-            ) from None
-        conn = sqlite3.connect(path, isolation_level=None)
-        try:
-            conn.execute("PRAGMA busy_timeout=5000")
-            yield conn
-        finally:
-            conn.close()
 
 
 # -- list ------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ cursor is past them. The rules this module keeps:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -51,9 +53,9 @@ from typing import IO, Any, TypeVar
 import orjson
 
 from tagrelay.datadir import open_private, private_dir, private_file, tighten
-from tagrelay.errors import SpoolUnavailable
+from tagrelay.errors import EncryptionKeyError, SpoolUnavailable
 from tagrelay.logthrottle import LogThrottle
-from tagrelay.spool import dead_letters
+from tagrelay.spool import dead_letters, rotation
 from tagrelay.spool.dead_letters import DeadLetterRow, Selection
 from tagrelay.spool.dedup import RecentIds
 from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher, check_keys, stored_key_ids
@@ -232,6 +234,11 @@ class SqliteSpool:
         """Number of append transactions committed (group commit makes it < requests)."""
         self.on_commit: Callable[[float], None] | None = None
         """Called with the seconds each successful group commit took (for metrics)."""
+        self.on_reencrypted: Callable[[str, int], None] | None = None
+        """Called with a store and a number of events each time key rotation re-encrypts
+        some (for metrics)."""
+        self._encryption_backlog: rotation.Backlog = {}
+        self._rotating: asyncio.Task[rotation.RotationReport] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -313,6 +320,8 @@ class SqliteSpool:
         conn.executescript(SCHEMA)
         self._migrate(conn)
         check_keys(stored_key_ids(conn), self.cipher, str(self.path))
+        if self.cipher.enabled:
+            self._encryption_backlog = rotation.backlog(conn, self.cipher.primary_id)
         if self._max_size_mb:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             self._max_page_count = self._max_size_mb * 1024 * 1024 // page_size
@@ -334,6 +343,9 @@ class SqliteSpool:
             columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
             if "key_id" not in columns:  # written before encryption at rest: plaintext
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN key_id BLOB")
+            # Questions about keys read this index, never the rows: ``key_id`` comes after
+            # the payload in a row, and reading it there means reading the whole payload.
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {table}_by_key ON {table} (key_id)")
 
     @staticmethod
     def _read_head(conn: sqlite3.Connection) -> int:
@@ -378,6 +390,10 @@ class SqliteSpool:
         if self._closed:
             return
         self._closed = True
+        if self._rotating is not None and not self._rotating.done():
+            self._rotating.cancel()  # each row is its own transaction: the rest waits
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._rotating
         while self._flusher is not None and not self._flusher.done():
             await self._flusher
         if self._pending:
@@ -824,6 +840,85 @@ class SqliteSpool:
                 self._conn(), ids, reason, detail, _now_ms(), cipher=self.cipher
             )
         )
+
+    # -- key rotation ------------------------------------------------------------------
+
+    def encryption_backlog(self) -> rotation.Backlog:
+        """Events not yet under the first key, by store and state, as last counted (at
+        start-up, by rotation, by ``count_encryption_backlog``); empty without keys."""
+        return dict(self._encryption_backlog)
+
+    async def count_encryption_backlog(self) -> rotation.Backlog:
+        """Count again what ``encryption_backlog`` tells (pruning and purges shrink it).
+        Free once it is empty: the relay writes every new row under the first key."""
+        if self.cipher.enabled and self._encryption_backlog:
+            self._encryption_backlog = await self._on_reader(
+                lambda conn: rotation.backlog(conn, self.cipher.primary_id)
+            )
+        return dict(self._encryption_backlog)
+
+    def rotate_keys(self) -> asyncio.Future[rotation.RotationReport]:
+        """Re-encrypt every row not under the first key, in the background (see
+        ``spool.rotation``); the future completes with the report. A rotation asked for
+        while one runs joins it. Raises ``EncryptionKeyError`` without keys."""
+        if not self.cipher.enabled:
+            raise EncryptionKeyError(
+                "encryption.keys is empty: there is no key to re-encrypt the spool under"
+            )
+        if self._rotating is None or self._rotating.done():
+            self._rotating = asyncio.get_running_loop().create_task(
+                self._rotate(), name="spool-key-rotation"
+            )
+        return asyncio.shield(self._rotating)
+
+    async def _rotate(self) -> rotation.RotationReport:
+        primary = self.cipher.primary_id
+        assert primary is not None
+        report = rotation.RotationReport()
+        cipher = self.cipher
+        for kid in await self._on_reader(
+            lambda conn: rotation.old_key_ids(conn, "segments", primary)
+        ):
+            after = 0
+            while True:
+                found = await self._on_reader(
+                    functools.partial(rotation.next_segment, cipher=cipher, kid=kid, after=after)
+                )
+                if found is None:
+                    break
+                last_seq, count, payload = found
+                if await self._commit_process().rewrite(last_seq, payload, kid):
+                    report.reencrypted["spool"] += count
+                    self._reencrypted("spool", count)
+                after = last_seq
+        for kid in await self._on_reader(
+            lambda conn: rotation.old_key_ids(conn, "dead_letters", primary)
+        ):
+            after_id = 0
+            while True:
+                last_id, done = await self._on_writer(
+                    rotation.rotate_dead_letters, self._conn(), cipher, kid, after_id
+                )
+                if last_id == after_id:
+                    break
+                report.reencrypted["dead_letters"] += done
+                self._reencrypted("dead_letters", done)
+                after_id = last_id
+        report.left = self._encryption_backlog = await self._on_reader(
+            lambda conn: rotation.backlog(conn, primary)
+        )
+        log.info(
+            "re-encrypted the spool under the first key",
+            extra={
+                "events": report.reencrypted["spool"],
+                "dead_letters": report.reencrypted["dead_letters"],
+            },
+        )
+        return report
+
+    def _reencrypted(self, store: str, events: int) -> None:
+        if events and self.on_reencrypted is not None:
+            self.on_reencrypted(store, events)
 
     # -- pruning -----------------------------------------------------------------------
 

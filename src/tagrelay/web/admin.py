@@ -25,6 +25,7 @@ from tagrelay.appkeys import warehouse_of
 from tagrelay.datadir import PRIVATE_FILE_MODE, private_dir
 from tagrelay.errors import QueryRejected, QueryTimeout, WarehouseError
 from tagrelay.web.admin_dlq import add_dlq_routes
+from tagrelay.web.admin_keys import add_keys_routes
 from tagrelay.web.admin_reload import add_reload_route
 from tagrelay.web.ingest import encoded_json_response
 
@@ -87,6 +88,7 @@ def build_admin_app(main_app: web.Application) -> web.Application:
     admin.router.add_post("/sql", sql)
     add_dlq_routes(admin, main_app)
     add_reload_route(admin, main_app)
+    add_keys_routes(admin, main_app)
     return admin
 
 

@@ -1,0 +1,35 @@
+"""The admin API's key rotation, for ``tagrelay keys rotate`` while the relay runs (the
+spool is the relay's, and so is its commit process): ``POST /keys/rotate`` re-encrypts every
+row of the spool and the dead letters that is not under the first of ``encryption.keys``
+(``SqliteSpool.rotate_keys``: in the background, one small transaction at a time, while
+ingest goes on) and answers when it is done::
+
+    {"reencrypted": {"spool": events, "dead_letters": events},
+     "left": {"spool.old_key": events, ...}}
+
+A client that goes away does not stop it; a second request while one runs waits for the same
+rotation. 409 ``no_keys`` when encryption is off. Counts only: never a key, never data.
+"""
+
+from __future__ import annotations
+
+import orjson
+from aiohttp import web
+
+from tagrelay.appkeys import SPOOL
+from tagrelay.errors import EncryptionKeyError
+from tagrelay.web.ingest import encoded_json_response
+
+
+def add_keys_routes(admin: web.Application, main_app: web.Application) -> None:
+    async def rotate(request: web.Request) -> web.Response:
+        try:
+            running = main_app[SPOOL].rotate_keys()
+        except EncryptionKeyError as exc:
+            return encoded_json_response(
+                409, orjson.dumps({"error": "no_keys", "message": str(exc)})
+            )
+        report = await running
+        return encoded_json_response(200, orjson.dumps(report.as_json()))
+
+    admin.router.add_post("/keys/rotate", rotate)
