@@ -395,6 +395,12 @@ class Metrics:
             ["store"],
             registry=r,
         )
+        self.warehouse_expired = Counter(
+            "tagrelay_warehouse_expired_rows",
+            "Warehouse rows deleted because they were older than the forwarder's retention_days.",
+            ["forwarder"],
+            registry=r,
+        )
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
         self.forwarder_last_success = Gauge(
             "tagrelay_forwarder_last_success_timestamp_seconds",

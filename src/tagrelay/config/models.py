@@ -721,8 +721,10 @@ class EncryptionConfig(ConfigModel):
         description=(
             "Base64-encoded 32-byte keys, normally from the environment. Empty: nothing is "
             "encrypted. The first key encrypts, every key decrypts: to rotate, put a new key "
-            "first and keep the old ones until nothing is encrypted under them. Make one with "
-            "`python -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'`."
+            "first and keep the old ones until `tagrelay keys rotate` has re-encrypted "
+            "everything under it (tagrelay_encryption_backlog_events at 0). Make one with "
+            "`tagrelay keys generate`. Needs a restart to change. A spool holding data "
+            "under a key not listed here does not start."
         ),
         examples=[["${TAGRELAY_KEY:-}"], ["${TAGRELAY_KEY_NEW}", "${TAGRELAY_KEY_OLD}"]],
     )

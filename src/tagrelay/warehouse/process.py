@@ -11,6 +11,7 @@ Loads, one request at a time, answered in order:
 
 ``("insert", ndjson_bytes)``         -> ``("ok", InsertResult)``
 ``("insert_span", spool, after, last)`` -> ``("ok", (InsertResult, arrivals))``
+``("expire", before)``                 -> ``("ok", rows deleted)`` (``retention_days``)
 any failure                          -> ``("error", kind, message)``
 
 Queries (``tagrelay sql``), on the second pair, so that a slow query never holds up a load:
@@ -80,6 +81,8 @@ class WarehouseSpec:
     encryption_keys: tuple[str, ...] = field(default=(), repr=False)
     """``encryption.keys``: the child opens the spool's sealed segments with them (sent
     in this frame over the socket pair, never on the command line)."""
+    hash_pii_salt: str | None = field(default=None, repr=False)
+    """``hash_pii_salt`` when ``hash_pii`` is on (``tagrelay.warehouse.pii``)."""
 
 
 IOPRIO_CLASS_IDLE = 3
@@ -141,6 +144,7 @@ def _child_main(conn: Connection, queries: Connection) -> None:
                 table=spec.table,
                 max_columns=spec.max_columns,
                 settings=dict(spec.settings),
+                hash_pii_salt=None if spec.hash_pii_salt is None else spec.hash_pii_salt.encode(),
             ),
             START_TIMEOUT_SECS,
         )
@@ -194,6 +198,8 @@ def _serve(warehouse: Any, spools: SpoolReaders, request: tuple[Any, ...]) -> tu
             _, path, after, last = request
             lines, arrivals = spools.read(path, after, last)
             return ("ok", (warehouse.insert([orjson.loads(line) for line in lines]), arrivals))
+        if request[0] == "expire":
+            return ("ok", warehouse.expire(request[1]))
         return ("error", "protocol", f"unknown request {request[0]!r}")
     except WarehouseError as exc:
         return ("error", "warehouse", str(exc))
@@ -426,6 +432,11 @@ class WarehouseProcess:
         self.columns.update(result.new_columns)
         self.columns.update(result.widened_columns)
         return result, arrivals
+
+    def expire(self, before: str) -> int:
+        """Delete the rows received before ``before`` (ISO-8601); how many were."""
+        deleted: int = self._call(("expire", before))
+        return deleted
 
     def query(
         self, sql: str, max_rows: int = 10_000, timeout_secs: float | None = 60.0
