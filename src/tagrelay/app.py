@@ -370,7 +370,9 @@ purges shrink it), while there are some."""
 async def _prune_loop(spool: SqliteSpool, current: Callable[[], Config]) -> None:
     """Every ``spool.prune_interval_secs``: forget the cursors of forwarders removed longer
     ago than ``spool.forget_cursor_after_secs``, delete delivered events, expired message
-    ids and dead letters older than ``dead_letters.retention_days``, and checkpoint the WAL.
+    ids and dead letters older than ``dead_letters.retention_days``, and checkpoint the WAL;
+    every ``ENCRYPTION_RECOUNT_SECS``, count the events not yet under the first encryption
+    key while there are some (``tagrelay_encryption_backlog_events``).
     The settings are read from ``current()`` each round (a reload may change them). A
     failure that lasts (a full disk) is logged once a minute."""
     failures = LogThrottle(log)

@@ -8,7 +8,9 @@ ingest goes on) and answers when it is done::
      "left": {"spool.old_key": events, ...}}
 
 A client that goes away does not stop it; a second request while one runs waits for the same
-rotation. 409 ``no_keys`` when encryption is off. Counts only: never a key, never data.
+rotation. 409 ``no_keys`` when encryption is off; 503 ``rotation_failed`` when the spool
+could not be written or a row not read (what was done stays done: ask again). Counts only:
+never a key, never data.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import orjson
 from aiohttp import web
 
 from tagrelay.appkeys import SPOOL
-from tagrelay.errors import EncryptionKeyError
+from tagrelay.crypto import CryptoError
+from tagrelay.errors import EncryptionKeyError, SpoolUnavailable
 from tagrelay.web.ingest import encoded_json_response
 
 
@@ -29,7 +32,12 @@ def add_keys_routes(admin: web.Application, main_app: web.Application) -> None:
             return encoded_json_response(
                 409, orjson.dumps({"error": "no_keys", "message": str(exc)})
             )
-        report = await running
+        try:
+            report = await running
+        except (SpoolUnavailable, CryptoError) as exc:
+            return encoded_json_response(
+                503, orjson.dumps({"error": "rotation_failed", "message": str(exc)})
+            )
         return encoded_json_response(200, orjson.dumps(report.as_json()))
 
     admin.router.add_post("/keys/rotate", rotate)
