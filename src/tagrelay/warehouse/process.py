@@ -56,7 +56,7 @@ from tagrelay.crypto import CryptoError
 from tagrelay.datadir import CHILD_UMASK
 from tagrelay.errors import QueryRejected, QueryTimeout, TagrelayError, WarehouseError
 from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher, cipher_for
-from tagrelay.spool.segments import SpanMissing, open_read_only, read_span
+from tagrelay.spool.segments import SealedSegment, SpanMissing, open_read_only, read_span
 from tagrelay.warehouse import InsertResult, QueryResult
 
 log = logging.getLogger(__name__)
@@ -179,7 +179,7 @@ class SpoolReaders:
             if conn is None:
                 conn = self._connections[path] = open_read_only(path)
             return read_span(conn, after, last, self._cipher.open_segment)
-        except (sqlite3.Error, SpanMissing, CryptoError, TagrelayError) as exc:
+        except (sqlite3.Error, SpanMissing, SealedSegment, CryptoError, TagrelayError) as exc:
             self.close()  # the next request opens the file again
             raise WarehouseError(f"cannot read events {after + 1}-{last} of {path}: {exc}") from exc
 
