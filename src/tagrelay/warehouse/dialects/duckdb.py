@@ -310,7 +310,7 @@ class DuckDBDialect:
                 self._connection()
                 .execute(
                     f"DELETE FROM {quote_identifier(table)} "
-                    "WHERE COALESCE(received_at, timestamp) < CAST(? AS TIMESTAMPTZ)",
+                    'WHERE COALESCE("received_at", "timestamp") < CAST(? AS TIMESTAMPTZ)',
                     [before],
                 )
                 .fetchone()
