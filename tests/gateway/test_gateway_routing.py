@@ -344,3 +344,27 @@ async def test_a_gateway_path_may_not_shadow_an_endpoint(tmp_path: Path) -> None
             make_config(tmp_path, google={"gateway": taken})
     with pytest.raises(pydantic.ValidationError):
         make_config(tmp_path, google={"gateway": {"routes": [{"path": "/", "tag_id": "G-1"}]}})
+
+
+async def test_an_answer_cut_by_google_is_never_passed_off_as_whole(
+    gateway_relay: Any, google: FakeGoogle
+) -> None:
+    async def cut(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/javascript"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b"var part = 1;")
+        assert request.transport is not None
+        request.transport.close()  # Google goes away mid-answer
+        return response
+
+    google.answer = cut
+    client = await gateway_relay(gateway={"health_check": False})
+    resp = await client.get("/metrics/?id=GTM-ABCD1234")
+    assert resp.status == 200
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await resp.read()
+    # The relay goes on serving.
+    google.answer = None
+    resp = await client.get("/metrics/?id=GTM-ABCD1234")
+    assert await resp.read() == SCRIPT
