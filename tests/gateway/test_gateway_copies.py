@@ -4,9 +4,11 @@ click id; a copy that cannot be stored never stops the hit."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
+from aiohttp import web
 
 from tagrelay.appkeys import SPOOL, warehouse_of
 from tests.gateway.conftest import FakeGoogle, gateway_config, raw_url
@@ -91,6 +93,29 @@ async def test_a_ga4_post_passes_whole_and_lands_as_three_warehouse_rows(
     assert copies(client, "ga4_hit", "stored") == 1
     counted = {"route": "/metrics", "kind": "ga4_hit", "status_class": "2xx"}
     assert metric_value(client.app, "tagrelay_gateway_requests_total", counted) == 1
+
+
+async def test_the_copy_is_committed_while_google_has_the_hit(
+    gateway_relay: Any, google: FakeGoogle
+) -> None:
+    client = await gateway_relay(gateway={"health_check": False})
+    spool = client.app[SPOOL]
+    watch = spool.subscribe()
+    watch.arm(spool.head + 3)
+
+    async def after_the_commit(request: web.Request) -> web.StreamResponse:
+        # Google answers only once the copy is in the spool: a copy made after Google's
+        # answer would never come, and this request would time out.
+        await asyncio.wait_for(watch.wait(), 10)
+        return web.Response(status=204)
+
+    google.answer = after_the_commit
+    resp = await client.session.post(
+        raw_url(client, "/metrics/ga/g/c?" + QUERY), data=LINES.encode(), headers=BROWSER
+    )
+    spool.unsubscribe(watch)
+    assert resp.status == 204
+    assert len(await spooled(client)) == 3
 
 
 async def test_a_get_hit_on_each_ga4_path_is_copied(gateway_relay: Any, google: FakeGoogle) -> None:

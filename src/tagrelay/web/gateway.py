@@ -422,8 +422,8 @@ class Gateway:
         has_body: bool,
     ) -> CopyOutcome:
         """Decode the hit, take its events through the pipeline and commit them."""
-        if has_body and body is None:
-            return "invalid"  # a body that could not be decoded
+        if kind == "ga4_hit" and has_body and body is None:
+            return "invalid"  # a body that could not be decoded (an Ads hit's is not read)
         service = self.service
         source = COLLECT_SOURCE if kind == "ga4_hit" else ADS_TAG_SOURCE
         try:
