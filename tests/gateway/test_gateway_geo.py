@@ -11,6 +11,7 @@ from mmdb_writer import MMDBWriter
 from netaddr import IPSet
 
 from tagrelay.config.google_gateway import GatewayGeoConfig
+from tagrelay.errors import StartupError
 from tagrelay.gateway.geo import Geo, GeoLookup
 from tests.gateway.conftest import FakeGoogle
 from tests.support import metric_value
@@ -138,3 +139,11 @@ def test_lookups_check_and_upper_case_the_values() -> None:
         assert lookup.lookup("1.2.3.4", {"X-Geo": value}, True) == Geo("none"), value
     assert lookup.lookup("1.2.3.4", {"X-Geo": "US-CALIF"}, True) == Geo("header", "US", None)
     assert lookup.lookup("1.2.3.4", {"X-Geo": "us-ca"}, False) == Geo("none")
+
+
+def test_a_database_that_cannot_be_read_stops_the_start_up(tmp_path: Path) -> None:
+    broken = tmp_path / "city.mmdb"
+    broken.write_bytes(b"not a database")
+    for path in (broken, tmp_path / "missing.mmdb"):
+        with pytest.raises(StartupError, match="cannot be read as a MaxMind database"):
+            GeoLookup(GatewayGeoConfig(database=path))

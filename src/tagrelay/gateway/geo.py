@@ -34,6 +34,7 @@ from typing import Any, Final, Literal
 import maxminddb
 
 from tagrelay.config.google_gateway import GatewayGeoConfig
+from tagrelay.errors import StartupError
 
 __all__ = ["COUNTRY_HEADER", "COUNTRY_REGION_HEADER", "GEO_SOURCES", "Geo", "GeoLookup"]
 
@@ -110,8 +111,14 @@ class GeoLookup:
         self.database_path: Path | None = config.database
         self._reader: maxminddb.Reader | None = None
         if config.database is not None:
-            # A missing or broken file stops the start-up with maxminddb's reason.
-            self._reader = maxminddb.open_database(str(config.database))
+            try:
+                self._reader = maxminddb.open_database(str(config.database))
+            except (OSError, ValueError, maxminddb.InvalidDatabaseError) as exc:
+                raise StartupError(
+                    f"google.gateway.geo.database {config.database} cannot be read as a "
+                    f"MaxMind database ({type(exc).__name__}: {exc}); give the path of a "
+                    ".mmdb file (GeoLite2 or GeoIP2 City) or remove the option"
+                ) from None
 
     @property
     def configured(self) -> bool:
