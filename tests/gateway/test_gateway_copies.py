@@ -226,3 +226,34 @@ async def test_copies_can_be_turned_off(gateway_relay: Any, google: FakeGoogle) 
     assert resp.status == 204
     assert len(google.hits()) == 1
     assert await spooled(client) == []
+
+
+async def test_odd_hits_pass_to_google_and_never_answer_500(
+    gateway_relay: Any, google: FakeGoogle
+) -> None:
+    client = await gateway_relay(gateway={"health_check": False})
+    hit = "/metrics/ga/g/c?" + QUERY
+    odd = [
+        ("POST", hit, {"Content-Encoding": "gzip"}, b"not gzip"),
+        ("POST", hit, {"Content-Encoding": "compress"}, b"x"),
+        ("POST", hit, {}, b"\xff\xfe not utf-8"),
+        ("POST", "/metrics/g/collect?v=2", {}, b"en=x"),
+        (
+            "POST",
+            "/metrics/gs/ccm/collect?en=conversion&gclid=Cj0",
+            {"Content-Encoding": "br"},
+            b"?",
+        ),
+        ("PATCH", "/metrics/anything", {}, b"{}"),
+        ("DELETE", "/metrics/", {}, b""),
+    ]
+    for method, target, headers, body in odd:
+        resp = await client.session.request(
+            method, raw_url(client, target), headers=headers, data=body
+        )
+        assert resp.status < 500, (method, target)
+    assert [(s.method, s.raw_path, s.body) for s in google.hits()] == [
+        (method, target, body) for method, target, _, body in odd
+    ]
+    assert copies(client, "ga4_hit", "invalid") == 4
+    assert copies(client, "ads_hit", "stored") == 1
