@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 import tagrelay.warehouse as warehouse
@@ -21,8 +24,21 @@ def test_the_package_exports_its_public_names() -> None:
         assert getattr(warehouse, name) is not None
 
 
-def test_duckdb_is_a_registered_dialect() -> None:
-    assert list(warehouse.DIALECTS) == ["duckdb"]
+def test_duckdb_and_postgres_are_the_registered_dialects() -> None:
+    assert list(warehouse.DIALECTS) == ["duckdb", "postgres"]
+
+
+def test_importing_the_warehouse_loads_no_database_driver() -> None:
+    """The relay's own process imports ``tagrelay.warehouse`` (its child loads the driver):
+    neither DuckDB nor psycopg may come with it."""
+    code = (
+        "import sys, tagrelay.warehouse, tagrelay.forwarders.warehouse; "
+        "print(sorted(m for m in ('duckdb', 'psycopg') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"
 
 
 def test_an_unknown_dialect_or_table_name_is_refused() -> None:

@@ -1,8 +1,8 @@
-"""Schema evolution against a real database, written once for every dialect (each entry of
-``DIALECTS`` needs a way to open a fresh database below): a column widens from BIGINT to
-DOUBLE in place when a fraction arrives and keeps its rows; what still does not fit goes to
-``_unmapped_data``, reported by column; a widening that would change a stored value is
-refused."""
+"""Schema evolution against a real database, written once for every dialect (each entry
+of ``DIALECTS`` needs a way to open a fresh database in ``tests.warehouse.targets``): a
+column widens from BIGINT to DOUBLE in place when a fraction arrives and keeps its rows;
+what still does not fit goes to ``_unmapped_data``, reported by column; a widening that
+would change a stored value is refused."""
 
 from __future__ import annotations
 
@@ -15,11 +15,7 @@ import pytest
 
 from tagrelay.warehouse import DIALECTS, Warehouse
 from tagrelay.warehouse.schema import UNMAPPED_COLUMN
-
-TARGETS: dict[str, Callable[[Path], str]] = {
-    "duckdb": lambda tmp_path: str(tmp_path / "warehouse.duckdb"),
-}
-"""Dialect -> a fresh database for one test."""
+from tests.warehouse.targets import TARGETS, Target, make_target
 
 
 def test_every_dialect_runs_these_tests() -> None:
@@ -27,20 +23,13 @@ def test_every_dialect_runs_these_tests() -> None:
 
 
 @pytest.fixture(params=sorted(DIALECTS))
-def open_warehouse(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> Iterator[Callable[[], Warehouse]]:
-    opened: list[Warehouse] = []
-    target = TARGETS[request.param](tmp_path)
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
+    yield from make_target(request.param, tmp_path)
 
-    def open_() -> Warehouse:
-        warehouse = Warehouse.open(request.param, target)
-        opened.append(warehouse)
-        return warehouse
 
-    yield open_
-    for warehouse in opened:
-        warehouse.close()
+@pytest.fixture
+def open_warehouse(target: Target) -> Callable[[], Warehouse]:
+    return target.open
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ except duplicates.
 ``Warehouse.query`` answers ``tagrelay sql``: one read-only statement, a row cap, a timeout;
 it runs in another thread while a batch is loading, and never waits for it.
 
-Dialects live in ``tagrelay.warehouse.dialects``: ``duckdb`` (the embedded default) now,
-PostgreSQL and ClickHouse later; ``schema`` does not change for them.
+Dialects live in ``tagrelay.warehouse.dialects``: ``duckdb`` (the embedded default) and
+``postgres`` (a shared database for several replicas); ``schema`` is the same for both.
 """
 
 from __future__ import annotations
@@ -51,7 +51,15 @@ def _duckdb(*args: Any, **kwargs: Any) -> Dialect:
     return DuckDBDialect(*args, **kwargs)
 
 
-DIALECTS: Final[Mapping[str, DialectFactory]] = MappingProxyType({"duckdb": _duckdb})
+def _postgres(*args: Any, **kwargs: Any) -> Dialect:
+    from tagrelay.warehouse.dialects.postgres import PostgresDialect
+
+    return PostgresDialect(*args, **kwargs)
+
+
+DIALECTS: Final[Mapping[str, DialectFactory]] = MappingProxyType(
+    {"duckdb": _duckdb, "postgres": _postgres}
+)
 """Dialect name -> factory ``(target, *, read_only, settings) -> Dialect``."""
 
 _TABLE_NAME_RE: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -111,7 +119,8 @@ class Warehouse:
         read_only: bool = False,
         settings: Mapping[str, str | int | bool] | None = None,
     ) -> Warehouse:
-        """Open the database at ``target`` (a file path for duckdb) and read ``table``'s
+        """Open the database at ``target`` (a file path for duckdb, a connection string for
+        postgres) and read ``table``'s
         columns; create the table with the base columns when it is missing (unless
         ``read_only``). ``settings`` go to the engine (DuckDB: e.g. ``{"threads": 1}``)."""
         factory = DIALECTS.get(dialect)
