@@ -215,9 +215,9 @@ class PostgresDialect:
             # Again and again: a cancel is lost on a connection that has not sent its
             # statement yet.
             while self._running and time.monotonic() < deadline:
-                for con in self._running:
+                for running in self._running:
                     with contextlib.suppress(psycopg.Error):
-                        con.cancel_safe(timeout=1.0)
+                        running.cancel_safe(timeout=1.0)
                 self._queries_done.wait(0.05)
         con, self._con = self._con, None
         if con is not None:
