@@ -55,6 +55,7 @@ from typing import Any, Final, Literal
 
 import aiohttp
 from aiohttp import hdrs, web
+from multidict import CIMultiDict
 from yarl import URL
 
 from tagrelay.config.google_gateway import GatewayRoute, GoogleGatewayConfig
@@ -91,6 +92,20 @@ _STREAM_CHUNK: Final = 64 * 1024
 
 class _BodyTooLarge(Exception):
     """A streamed request body passed the limit."""
+
+
+@dataclass
+class _Body:
+    """A request's body on its way to Google."""
+
+    data: bytes | AsyncIterator[bytes] | None = None
+    """As sent: bytes (a hit), a stream (anything else), None (no body)."""
+    decoded: bytes = b""
+    """A hit's body decoded from its Content-Encoding, for its copy."""
+    undecodable: bool = False
+    """A hit's body that could not be decoded: passed on, not copied."""
+    too_large: bool = False
+    """The stream passed the limit while it went to Google."""
 
 
 @dataclass
@@ -160,6 +175,8 @@ class Gateway:
         self.connector_factory: Callable[[], aiohttp.BaseConnector] = default_connector
         self._session: aiohttp.ClientSession | None = None
         self._throttle = LogThrottle(log)
+        self._copies: set[asyncio.Task[CopyOutcome]] = set()
+        """Copies being stored (held here, so that none is collected while it runs)."""
         self._geo_counters = {
             source: metrics.gateway_geo.labels(source) for source in ("header", "database", "none")
         }
@@ -242,107 +259,45 @@ class Gateway:
         return forward
 
     async def forward(self, request: web.Request, state: RouteState) -> web.StreamResponse:
+        """One request below a route: to Google and back, with a copy of a hit."""
         raw_target = request.raw_path
         raw_path, _, query = raw_target.partition("?")
-        query = query.partition("#")[0]
         path = request.path
-        rest = path[len(state.full_path) :] if path.startswith(state.full_path) else path
-        kind = classify(rest or "/", query)
-
+        rest = (path[len(state.full_path) :] if path.startswith(state.full_path) else path) or "/"
+        kind = classify(rest, query)
         copy_hits = self.settings.copy_hits and kind in ("ga4_hit", "ads_hit")
-        length = request.content_length
-        if length is not None and length > self.limit:
-            return self._refuse(state, kind, _too_large(self.limit))
-        data: Any = None
-        too_large = False
-        copy_body: bytes | None = None
-        if request.body_exists:
-            if copy_hits:
-                try:
-                    copy_body = await read_body(request, self.limit)
-                except IngestError as exc:
-                    if exc.code in _REFUSED_READS:
-                        return self._refuse(state, kind, exc)
-                    copy_body = None  # not decodable: passed on, not copied
-                data = await request.read()  # as sent (read_body read it: no second read)
-            elif request.method not in _BODYLESS_METHODS or length:
 
-                async def stream() -> AsyncIterator[bytes]:
-                    nonlocal too_large
-                    received = 0
-                    async for chunk in request.content.iter_chunked(_STREAM_CHUNK):
-                        received += len(chunk)
-                        if received > self.limit:
-                            too_large = True
-                            raise _BodyTooLarge
-                        yield chunk
-
-                data = stream()
-
-        trusted = self.service.resolver.peer_is_trusted(request.remote)
-        ip = self.service.resolver.client_ip(request.remote, request.headers)
-        geo = self.geo.lookup(ip, request.headers, trusted)
-        self._geo_counters[geo.source].inc()
-        added = dict(geo.headers())
-        if ip is not None:
-            added["X-Forwarded-For"] = ip
-        headers = upstream_headers(request.headers, own=self.geo.own_headers, added=added)
-
+        body = await self._body(request, copy_hits)
+        if isinstance(body, IngestError):
+            return self._refuse(state, kind, body)
+        headers = self._upstream_headers(request)
         copy: asyncio.Task[CopyOutcome] | None = None
         if copy_hits:
-            copy = asyncio.create_task(
-                self._copy(request, kind, rest or "/", query, copy_body, request.body_exists)
-            )
+            # In parallel with Google's exchange; awaited before the answer goes back.
+            copy = asyncio.create_task(self._copy(request, kind, rest, query, body))
+            self._copies.add(copy)
+            copy.add_done_callback(self._copies.discard)
         assert self._session is not None
-        url = state.target(raw_path, query, empty_query="?" in raw_target)
         start = time.perf_counter()
         try:
             upstream = await self._session.request(
                 request.method,
-                url,
+                state.target(raw_path, query, empty_query="?" in raw_target),
                 headers=headers,
-                data=data,
+                data=body.data,
                 allow_redirects=False,
+                # Nothing of the client library's own: no Accept-Encoding the browser did
+                # not send (its answer would come back compressed), no User-Agent.
                 skip_auto_headers=(hdrs.ACCEPT_ENCODING, hdrs.USER_AGENT, hdrs.ACCEPT),
                 compress=None,
             )
         except Exception as exc:
             await self._finish_copy(state, kind, copy)
-            if too_large or isinstance(exc, _BodyTooLarge):
+            if body.too_large or isinstance(exc, _BodyTooLarge):
                 return self._refuse(state, kind, _too_large(self.limit))
-            if isinstance(exc, TimeoutError):
-                self._count(state, kind, "timeout")
-                self._throttle.log(
-                    logging.WARNING,
-                    ("timeout", state.label),
-                    "Google did not answer a gateway request in time",
-                    {"route": state.label, "kind": kind},
-                )
-                return json_response(
-                    504,
-                    {
-                        "error": "upstream_timeout",
-                        "message": "Google's tag gateway did not answer in time",
-                    },
-                    {"Cache-Control": "no-store"},
-                )
-            if not isinstance(exc, aiohttp.ClientError | OSError):
+            if not isinstance(exc, aiohttp.ClientError | OSError | TimeoutError):
                 raise
-            self._count(state, kind, "error")
-            self._throttle.log(
-                logging.WARNING,
-                ("unavailable", state.label),
-                "Google's tag gateway could not be reached",
-                {"route": state.label, "kind": kind, "error": type(exc).__name__},
-            )
-            return json_response(
-                502,
-                {
-                    "error": "upstream_unavailable",
-                    "message": "Google's tag gateway could not be reached",
-                },
-                {"Cache-Control": "no-store"},
-            )
+            return self._failed(state, kind, exc)
         self.metrics.gateway_upstream_duration.labels(state.label, kind).observe(
             time.perf_counter() - start
         )
@@ -352,6 +307,78 @@ class Gateway:
             return await self._pass_back(request, upstream, state, kind)
         finally:
             upstream.release()
+
+    async def _body(self, request: web.Request, whole: bool) -> _Body | IngestError:
+        """The request's body for Google, within ``limits.max_request_bytes``: read whole
+        (``whole``: a hit, whose copy needs it, decoded too), streamed otherwise; the error
+        when it is refused (too large, cut short)."""
+        length = request.content_length
+        if length is not None and length > self.limit:
+            return _too_large(self.limit)
+        body = _Body()
+        if not request.body_exists:
+            return body
+        if whole:
+            try:
+                body.decoded = await read_body(request, self.limit)
+            except IngestError as exc:
+                if exc.code in _REFUSED_READS:
+                    return exc
+                body.undecodable = True  # passed on as it came; its copy is invalid
+            body.data = await request.read()  # as sent (read_body read it: no second read)
+        elif request.method not in _BODYLESS_METHODS or length:
+            body.data = self._stream(request, body)
+        return body
+
+    async def _stream(self, request: web.Request, body: _Body) -> AsyncIterator[bytes]:
+        """The body as it arrives, until it passes the limit (``body.too_large``)."""
+        received = 0
+        async for chunk in request.content.iter_chunked(_STREAM_CHUNK):
+            received += len(chunk)
+            if received > self.limit:
+                body.too_large = True
+                raise _BodyTooLarge
+            yield chunk
+
+    def _upstream_headers(self, request: web.Request) -> CIMultiDict[str]:
+        """The headers for Google (``gateway.headers``): the visitor's IP through trusted
+        proxies and where the visitor is (``gateway.geo``, counted by source)."""
+        resolver = self.service.resolver
+        ip = resolver.client_ip(request.remote, request.headers)
+        geo = self.geo.lookup(ip, request.headers, resolver.peer_is_trusted(request.remote))
+        self._geo_counters[geo.source].inc()
+        added = geo.headers()
+        if ip is not None:
+            added["X-Forwarded-For"] = ip
+        return upstream_headers(request.headers, own=self.geo.own_headers, added=added)
+
+    def _failed(self, state: RouteState, kind: Kind, exc: BaseException) -> web.Response:
+        """The answer when Google gave none: 504 past the time limit, else 502."""
+        timeout = isinstance(exc, TimeoutError)
+        self._count(state, kind, "timeout" if timeout else "error")
+        self._throttle.log(
+            logging.WARNING,
+            ("timeout" if timeout else "unavailable", state.label),
+            "Google did not answer a gateway request in time"
+            if timeout
+            else "Google's tag gateway could not be reached",
+            {"route": state.label, "kind": kind, "error": type(exc).__name__},
+        )
+        if timeout:
+            status, code, message = (
+                504,
+                "upstream_timeout",
+                "Google's tag gateway did not answer in time",
+            )
+        else:
+            status, code, message = (
+                502,
+                "upstream_unavailable",
+                "Google's tag gateway could not be reached",
+            )
+        return json_response(
+            status, {"error": code, "message": message}, {"Cache-Control": "no-store"}
+        )
 
     async def _pass_back(
         self,
@@ -413,25 +440,19 @@ class Gateway:
         self.metrics.gateway_copies.labels(state.label, kind, outcome).inc()
 
     async def _copy(
-        self,
-        request: web.Request,
-        kind: Kind,
-        rest: str,
-        query: str,
-        body: bytes | None,
-        has_body: bool,
+        self, request: web.Request, kind: Kind, rest: str, query: str, body: _Body
     ) -> CopyOutcome:
         """Decode the hit, take its events through the pipeline and commit them."""
-        if kind == "ga4_hit" and has_body and body is None:
-            return "invalid"  # a body that could not be decoded (an Ads hit's is not read)
         service = self.service
         source = COLLECT_SOURCE if kind == "ga4_hit" else ADS_TAG_SOURCE
         try:
             if kind == "ga4_hit":
-                decoded = SOURCES[COLLECT_SOURCE](body or b"", query)
+                if body.undecodable:
+                    return "invalid"
+                decoded = SOURCES[COLLECT_SOURCE](body.decoded, query)
                 for event in decoded.events:
                     event["context"]["ga4"]["gateway"] = True
-            else:
+            else:  # an Ads hit's body (form data) is not read
                 decoded = SOURCES[ADS_TAG_SOURCE](b"", rest + "?" + query)
                 if not decoded.events:
                     return "skipped"
