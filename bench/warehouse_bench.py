@@ -1,9 +1,14 @@
-"""Warehouse load throughput: realistic events into a DuckDB file, in batches.
+"""Warehouse load throughput: realistic events into a DuckDB file (or a PostgreSQL schema),
+in batches.
 
 Run:
     .venv/bin/python bench/warehouse_bench.py          # 200k events, batches of 100 and 1000
     .venv/bin/python bench/warehouse_bench.py --events 50000 --batch 500 --threads 2
     .venv/bin/python bench/warehouse_bench.py --batch 1000 --memory-limit 64MB
+    .venv/bin/python bench/warehouse_bench.py --dialect postgres \
+        --dsn postgresql://postgres@127.0.0.1/test     # a schema of its own, dropped after
+
+With PostgreSQL the server's work is not this process's CPU time: compare the wall figures.
 
 Each event flattens to ~35 columns (page context, campaign, library, user agent, client
 ids, properties). Prints, per batch size: events/s, wall and CPU microseconds per row, and
@@ -94,14 +99,29 @@ def rss_mb() -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
 
-def run(
-    events: list[dict[str, Any]], batch: int, threads: int, memory_limit: str, directory: Path
-) -> None:
+def open_warehouse(args: argparse.Namespace, batch: int, directory: Path) -> Warehouse:
+    if args.dialect == "postgres":
+        return Warehouse.open("postgres", args.dsn, settings={"schema": f"bench_{batch}"})
     path = directory / f"bench_{batch}.duckdb"
-    rss_before = rss_mb()
-    warehouse = Warehouse.open(
-        "duckdb", str(path), settings={"threads": threads, "memory_limit": memory_limit}
+    return Warehouse.open(
+        "duckdb", str(path), settings={"threads": args.threads, "memory_limit": args.memory_limit}
     )
+
+
+def drop_schema(args: argparse.Namespace, batch: int) -> None:
+    if args.dialect == "postgres":
+        import psycopg
+
+        with psycopg.connect(args.dsn, autocommit=True) as con:
+            con.execute(f"DROP SCHEMA IF EXISTS bench_{batch} CASCADE")
+
+
+def run(
+    events: list[dict[str, Any]], batch: int, args: argparse.Namespace, directory: Path
+) -> None:
+    drop_schema(args, batch)
+    rss_before = rss_mb()
+    warehouse = open_warehouse(args, batch, directory)
     plan_secs = 0.0
     wall0, cpu0 = time.perf_counter(), time.process_time()
     inserted = 0
@@ -159,6 +179,7 @@ def run(
         f"{(time.perf_counter() - t0) * 1e3:.0f} ms"
     )
     warehouse.close()
+    drop_schema(args, batch)
 
 
 def main() -> None:
@@ -174,17 +195,27 @@ def main() -> None:
         help="DuckDB memory_limit (default 256MB, the relay's default memory_limit_mb)",
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--dialect", choices=["duckdb", "postgres"], default="duckdb")
+    parser.add_argument(
+        "--dsn",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="PostgreSQL connection string for --dialect postgres",
+    )
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
     now = datetime.now(UTC)
     events = [make_event(i, now, rng) for i in range(args.events)]
-    print(
-        f"{args.events:,} events, DuckDB threads={args.threads}, memory_limit={args.memory_limit}"
-    )
+    if args.dialect == "postgres":
+        print(f"{args.events:,} events, PostgreSQL")
+    else:
+        print(
+            f"{args.events:,} events, DuckDB threads={args.threads}, "
+            f"memory_limit={args.memory_limit}"
+        )
     with tempfile.TemporaryDirectory() as tmp:
         for batch in args.batch or [100, 1000]:
-            run(events, batch, args.threads, args.memory_limit, Path(tmp))
+            run(events, batch, args, Path(tmp))
 
 
 if __name__ == "__main__":

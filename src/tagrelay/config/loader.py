@@ -439,7 +439,7 @@ def _walk(error_loc: tuple[int | str, ...]) -> _Where:
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             model = annotation
             loc.append(item)
-            field_info = annotation.model_fields.get(item) if isinstance(item, str) else None
+            field_info = _field(annotation, item) if isinstance(item, str) else None
             annotation = field_info.annotation if field_info else None
             discriminator = _discriminator_of(field_info) if field_info else None
             secret = secret or (isinstance(item, str) and _is_secret_name(item))
@@ -583,7 +583,7 @@ def _unknown_key_message(where: _Where) -> str:
     key = where.loc[-1] if where.loc else ""
     if where.model is None:
         return f"unknown key {key!r}"
-    valid = list(where.model.model_fields)
+    valid = [field.alias or name for name, field in where.model.model_fields.items()]
     message = f"unknown key {key!r}; valid keys here: {', '.join(valid)}"
     close = difflib.get_close_matches(str(key), valid, n=1)
     return f"{message} (did you mean {close[0]!r}?)" if close else message
@@ -658,3 +658,9 @@ def _quote(text: str) -> str:
 def _sorted(problems: list[ConfigProblem]) -> list[ConfigProblem]:
     """In file order; problems without a line last."""
     return sorted(problems, key=lambda p: (p.line is None, p.line or 0))
+
+
+def _field(model: type[BaseModel], key: str) -> Any:
+    """The field written as ``key`` in the file: by its name, or by its alias."""
+    fields = model.model_fields
+    return fields.get(key) or next((f for f in fields.values() if f.alias == key), None)

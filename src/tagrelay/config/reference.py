@@ -75,7 +75,13 @@ def _sections(
     model: type[BaseModel], prefix: str, title: str, names: list[str] | None
 ) -> Iterator[Section]:
     names = list(model.model_fields) if names is None else names
-    options = tuple(Option(_join(prefix, name), name, model.model_fields[name]) for name in names)
+    # a field named otherwise in Python (``db_schema``) is written under its alias
+    options = tuple(
+        Option(_join(prefix, key), key, field)
+        for name in names
+        for field in (model.model_fields[name],)
+        for key in (field.alias or name,)
+    )
     yield Section(title, _docstring(model), options)
     for option in options:
         yield from _nested(option.path, option.field.annotation)

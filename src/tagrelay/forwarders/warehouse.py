@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import orjson
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 
 from tagrelay.config.common import BatchConfig, ForwarderConfigBase
 from tagrelay.datadir import private_dir
@@ -60,15 +60,31 @@ class WarehouseConfig(ForwarderConfigBase):
         "batches of 1000 by default.",
         examples=[{"max_events": 1000, "max_wait_secs": 1.0}],
     )
-    dialect: Literal["duckdb"] = Field(
+    dialect: Literal["duckdb", "postgres"] = Field(
         "duckdb",
-        description="Database engine. PostgreSQL and ClickHouse are planned.",
-        examples=["duckdb"],
+        description="Database engine: duckdb, a file in data_dir (one relay); postgres, a "
+        "PostgreSQL database that several replicas load into and analysts share.",
+        examples=["duckdb", "postgres"],
     )
     path: str = Field(
         "warehouse.duckdb",
-        description="DuckDB file; relative paths are inside data_dir.",
+        description="DuckDB file; relative paths are inside data_dir (duckdb only).",
         examples=["warehouse.duckdb"],
+    )
+    dsn: SecretStr | None = Field(
+        None,
+        description="PostgreSQL connection string (libpq keywords or a postgresql:// URL), "
+        "normally from the environment; required with dialect postgres. Its role needs "
+        "CREATE on the schema (or the table made beforehand) and should not be a superuser: "
+        "tagrelay sql runs read-only transactions with it.",
+        examples=["${DATABASE_URL}", "host=db.internal dbname=analytics user=tagrelay"],
+    )
+    db_schema: str = Field(
+        "public",
+        alias="schema",
+        pattern=r"^[a-z_][a-z0-9_]{0,62}$",
+        description="PostgreSQL schema of the table; created when missing (postgres only).",
+        examples=["public", "tagrelay"],
     )
     table: str = Field(
         "events",
@@ -87,9 +103,40 @@ class WarehouseConfig(ForwarderConfigBase):
         256,
         ge=64,
         description="Memory the embedded database may use (DuckDB's memory_limit, which "
-        "bounds its cache and the message_id index too); larger queries spill to disk.",
+        "bounds its cache and the message_id index too); larger queries spill to disk "
+        "(duckdb only).",
         examples=[256],
     )
+
+    @model_validator(mode="after")
+    def _dsn_with_postgres(self) -> WarehouseConfig:
+        if self.dialect == "postgres" and not (self.dsn and self.dsn.get_secret_value()):
+            raise ValueError("dialect postgres needs a dsn (the PostgreSQL connection string)")
+        if self.dialect == "duckdb" and self.dsn is not None:
+            raise ValueError("dsn is for dialect postgres; duckdb uses path")
+        return self
+
+    def target(self, data_dir: Path) -> str:
+        """What the dialect opens: the DuckDB file, or the PostgreSQL connection string."""
+        if self.dialect == "postgres":
+            assert self.dsn is not None
+            return self.dsn.get_secret_value()
+        return str(database_path(self, data_dir))
+
+    def describe(self, data_dir: Path) -> str:
+        """Where the table is, for logs: never the connection string (it may hold a
+        password)."""
+        if self.dialect == "postgres":
+            return f"PostgreSQL schema {self.db_schema}"
+        return str(database_path(self, data_dir))
+
+    def engine_settings(self, *, read_only: bool) -> dict[str, str | int | bool]:
+        """The dialect's settings for the relay's writer (or a read-only CLI)."""
+        if self.dialect == "postgres":
+            return {"schema": self.db_schema, "application_name": f"tagrelay-{self.id}"}
+        if read_only:
+            return {}
+        return {"threads": WRITER_THREADS, "memory_limit": f"{self.memory_limit_mb}MB"}
 
 
 def database_path(config: WarehouseConfig, data_dir: Path) -> Path:
@@ -103,16 +150,15 @@ def open_warehouse(
 ) -> Warehouse:
     """Open the warehouse ``config`` describes (blocking). The relay opens it for writing;
     ``tagrelay sql`` opens it ``read_only`` when no relay holds it."""
-    path = database_path(config, data_dir)
-    if not read_only:
-        private_dir(path.parent)
+    if config.dialect == "duckdb" and not read_only:
+        private_dir(database_path(config, data_dir).parent)
     return Warehouse.open(
         config.dialect,
-        str(path),
+        config.target(data_dir),
         table=config.table,
         max_columns=config.max_columns,
         read_only=read_only,
-        settings=None if read_only else {"threads": WRITER_THREADS},
+        settings=config.engine_settings(read_only=read_only),
     )
 
 
@@ -143,18 +189,16 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
         self._executor = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix=f"tagrelay-warehouse-{self.id}"
         )
-        path = database_path(self.config, self.context.data_dir)
-        private_dir(path.parent)
+        data_dir = self.context.data_dir
+        if self.config.dialect == "duckdb":
+            private_dir(database_path(self.config, data_dir).parent)
         process = WarehouseProcess(
             WarehouseSpec(
                 dialect=self.config.dialect,
-                target=str(path),
+                target=self.config.target(data_dir),
                 table=self.config.table,
                 max_columns=self.config.max_columns,
-                settings={
-                    "threads": WRITER_THREADS,
-                    "memory_limit": f"{self.config.memory_limit_mb}MB",
-                },
+                settings=self.config.engine_settings(read_only=False),
             )
         )
         try:
@@ -167,7 +211,7 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
         log.info(
             "warehouse %s: %s table %s open with %d columns",
             self.id,
-            path,
+            self.config.describe(data_dir),
             self.config.table,
             len(process.columns),
         )

@@ -2,7 +2,7 @@
 
 Loading: a batch is copied (``COPY ... FROM STDIN``, one JSON document per row) into a
 temporary staging table of the session, then moved with one ``INSERT ... SELECT`` that
-unpacks each document into typed columns (``jsonb_to_record``) and skips message ids the
+unpacks each document into typed columns (``json_to_record``) and skips message ids the
 table already has (``ON CONFLICT (message_id) DO NOTHING``): two statements per batch,
 whatever its size, in one transaction.
 
@@ -198,7 +198,7 @@ class PostgresDialect:
                             )
                         )
                 con.execute(
-                    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (doc JSONB NOT NULL) "
+                    f"CREATE TEMP TABLE IF NOT EXISTS {_STAGE} (doc JSON NOT NULL) "
                     "ON COMMIT DELETE ROWS"
                 )
             except psycopg.Error as e:
@@ -343,7 +343,7 @@ class PostgresDialect:
                     copy.write(data)
                 cur.execute(
                     f"INSERT INTO {self._table(table)} ({names}) SELECT {names} "
-                    f"FROM {_STAGE} s, jsonb_to_record(s.doc) AS r({record}) "
+                    f"FROM {_STAGE} s, json_to_record(s.doc) AS r({record}) "
                     f"ON CONFLICT ({quote_identifier('message_id')}) DO NOTHING"
                 )
                 inserted = cur.rowcount
