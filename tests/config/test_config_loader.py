@@ -243,8 +243,8 @@ def test_unknown_keys_of_a_forwarder_list_that_forwarders_options() -> None:
             "forwarders[0].tabel",
             8,
             "unknown key 'tabel'; valid keys here: id, enabled, start, batch, retry, "
-            "filter, requires_consent, type, dialect, path, table, max_columns, memory_limit_mb "
-            "(did you mean 'table'?)",
+            "filter, requires_consent, type, dialect, path, dsn, schema, table, max_columns, "
+            "memory_limit_mb (did you mean 'table'?)",
         )
     ]
 
