@@ -14,7 +14,8 @@ workers finish their batches, and the spool closes.
 A reload (``tagrelay.reload``: SIGHUP, ``tagrelay reload``) changes what it can of this
 while the relay runs: the forwarders, the keys, the pipeline's settings, the configured
 paths (served through one resource, ``web.paths.ConfiguredPaths``, since the router is
-frozen once the app starts), the debug view's settings.
+frozen once the app starts), the debug view's settings. The Google tag gateway's routes
+(``web.gateway``) and their upstream client are made once: they take a restart.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from tagrelay.web.admin import admin_socket_ctx
 from tagrelay.web.admin_listener import ADMIN_LISTENER, AdminListener, admin_listener_ctx
 from tagrelay.web.bodies import SERVER_HANDLER_ARGS
 from tagrelay.web.demo import add_demo_routes
+from tagrelay.web.gateway import add_gateway_routes
 from tagrelay.web.google import add_google_routes
 from tagrelay.web.google_scripts import add_google_script_routes
 from tagrelay.web.health import add_health_routes, add_metrics_route
@@ -298,6 +300,8 @@ def create_app(
             data_dir / "google-scripts",
             on_event=lambda kind, outcome: metrics.google_scripts.labels(kind, outcome).inc(),
         )
+    if config.google.gateway.routes:
+        add_gateway_routes(app, config, app[INGEST], metrics, prefix)
     ingest_routes(app.router, app[INGEST], prefix)
     # paths.script, .events and .identity: one resource dispatching on the current paths,
     # which a reload may change (the router is frozen once the app starts).

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from tagrelay.config.common import ConfigModel, ForwarderConfigBase
+from tagrelay.config.google_gateway import GoogleGatewayConfig
 from tagrelay.config.google_scripts import GoogleScriptsConfig
 from tagrelay.crypto import CryptoError, Keyring
 from tagrelay.forwarders import FORWARDERS
@@ -833,6 +834,14 @@ class GoogleConfig(ConfigModel):
         description="The /g/collect endpoint for gtag's hits.",
         examples=[{"measurement_ids": ["G-XXXX"]}],
     )
+    gateway: GoogleGatewayConfig = Field(
+        default_factory=GoogleGatewayConfig,
+        description=(
+            "Google tag gateway: paths of the site forwarded to Google's first-party "
+            "endpoint, with a copy of each GA4 and Google Ads hit kept."
+        ),
+        examples=[{"routes": [{"path": "/metrics", "tag_id": "GTM-ABCD1234"}]}],
+    )
     server_client_id: str | None = Field(
         None,
         pattern=r"^[A-Za-z0-9_.-]{1,64}$",
@@ -1039,6 +1048,25 @@ class Config(ConfigModel):
                     f"google.scripts path {path!r} for {entry.id} is taken by another endpoint"
                 )
             taken.add(path)
+        return self
+
+    @model_validator(mode="after")
+    def _gateway_paths_are_free(self) -> Config:
+        # A gateway path owns everything below it: nothing else may start there, and it
+        # may not start inside a built-in endpoint. /metrics is free while the relay's own
+        # metrics stay off the public listener (metrics.public).
+        others = [self.paths.script, self.paths.events, self.paths.identity, self.paths.demo]
+        others += [e.path for e in self.google.scripts.ids if e.path is not None]
+        reserved = [r for r in RESERVED_PATHS if not (r == "/metrics" and not self.metrics.public)]
+        for route in self.google.gateway.routes:
+            path = route.path
+            if any(path == r or path.startswith(r + "/") for r in reserved) or any(
+                other == path or other.startswith(path + "/") for other in others
+            ):
+                raise ValueError(
+                    f"google.gateway path {path!r} is taken by another endpoint"
+                    + (" (metrics.public serves /metrics)" if path == "/metrics" else "")
+                )
         return self
 
     def secrets(self) -> list[str]:
