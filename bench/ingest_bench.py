@@ -17,6 +17,7 @@ and the number of rows in the warehouse (``tagrelay sql``).
 
     .venv/bin/python bench/ingest_bench.py                 # everything, 2-3 minutes
     .venv/bin/python bench/ingest_bench.py --duration 5 --scenarios track --only bare
+    .venv/bin/python bench/ingest_bench.py --encryption on   # the spool encrypted at rest
 
 Load: ``wrk`` (Debian: ``apt-get install -y wrk``) with ``bench/ingest.lua`` for the
 closed-loop scenarios, else a Python closed-loop generator. Only loopback addresses are used.
@@ -76,9 +77,15 @@ metrics: {{public: true}}
 admin: {{listen: "127.0.0.1:0"}}
 keys:
   - {{id: backend, kind: server, key: {key}}}
+{encryption}
 forwarders:
   - {{id: {forwarder}, type: warehouse, batch: {{max_events: {max_events}, max_wait_secs: 0.5}}}}
 """
+
+ENCRYPTION_KEY_ENV = "TAGRELAY_BENCH_KEY"
+"""With ``--encryption on``: a fresh key, given to the relay through its environment (as in
+production; never on its command line)."""
+ENCRYPTION_CONFIG = 'encryption: {keys: ["${' + ENCRYPTION_KEY_ENV + '}"]}'
 
 
 def log(msg: str) -> None:
@@ -1535,6 +1542,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--no-sql", action="store_true", help="do not count warehouse rows with 'tagrelay sql'"
     )
+    p.add_argument(
+        "--encryption",
+        choices=("off", "on"),
+        default="off",
+        help="on: the relay encrypts the spool at rest (encryption.keys, a fresh key); "
+        "bench/encryption_bench.py compares both (default off)",
+    )
     args = p.parse_args(argv)
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenario_list if s not in SCENARIOS]
@@ -1584,9 +1598,15 @@ def main(argv: list[str]) -> int:
     data_dir = tmp / "data"
     data_dir.mkdir()
     config = tmp / "tagrelay.yaml"
+    if args.encryption == "on":
+        os.environ[ENCRYPTION_KEY_ENV] = base64.b64encode(os.urandom(32)).decode()
     config.write_text(
         CONFIG_TEMPLATE.format(
-            data_dir=data_dir, key=WRITE_KEY, forwarder=FORWARDER, max_events=WAREHOUSE_MAX_EVENTS
+            data_dir=data_dir,
+            key=WRITE_KEY,
+            forwarder=FORWARDER,
+            max_events=WAREHOUSE_MAX_EVENTS,
+            encryption=ENCRYPTION_CONFIG if args.encryption == "on" else "",
         )
     )
     relay_port, bare_port = free_port(), free_port()

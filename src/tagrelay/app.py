@@ -16,7 +16,8 @@ workers finish their batches, and the spool closes.
 A reload (``tagrelay.reload``: SIGHUP, ``tagrelay reload``) changes what it can of this
 while the relay runs: the forwarders, the keys, the pipeline's settings, the configured
 paths (served through one resource, ``web.paths.ConfiguredPaths``, since the router is
-frozen once the app starts), the debug view's settings.
+frozen once the app starts), the debug view's settings. The Google tag gateway's routes
+(``web.gateway``) and their upstream client are made once: they take a restart.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.reload import RELOADER, Reloader
 from tagrelay.spool.dead_letters import Selection
+from tagrelay.spool.encryption import PayloadCipher
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.admin import admin_socket_ctx
 from tagrelay.web.admin_listener import ADMIN_LISTENER, AdminListener, admin_listener_ctx
 from tagrelay.web.bodies import SERVER_HANDLER_ARGS
 from tagrelay.web.demo import add_demo_routes
+from tagrelay.web.gateway import add_gateway_routes
 from tagrelay.web.google import add_google_routes
 from tagrelay.web.google_scripts import add_google_script_routes
 from tagrelay.web.health import add_health_routes, add_metrics_route
@@ -189,12 +192,14 @@ def create_app(
         # on the application, so that every server made for it (tagrelay serve, tests) has it.
         handler_args=SERVER_HANDLER_ARGS,
     )
+    encryption_keys = tuple(key.get_secret_value() for key in config.encryption.keys)
     spool = SqliteSpool(
         spool_path(data_dir),
         synchronous=config.spool.synchronous,
         max_size_mb=config.spool.max_size_mb,
         dedup_window_secs=config.spool.dedup_window_secs,
         dedup_capacity=config.spool.dedup_max_ids,
+        cipher=PayloadCipher(config.encryption.keyring()),
     )
     app[CONFIG] = config
     app[METRICS] = metrics
@@ -215,6 +220,9 @@ def create_app(
     )
     metrics.watch_disk(data_dir, config.spool.max_size_mb * 1024 * 1024)
     spool.on_commit = metrics.spool_commit_duration.observe
+    if spool.cipher.enabled:
+        metrics.watch_encryption(spool.encryption_backlog)
+        spool.on_reencrypted = lambda store, n: metrics.encryption_reencrypted.labels(store).inc(n)
     workers: dict[str, ForwarderWorker] = app[WORKERS]
     metrics.watch_dead_letters(lambda: {**dict.fromkeys(workers, 0), **spool.dead_letter_counts()})
 
@@ -244,6 +252,7 @@ def create_app(
         niceness=config.delivery.niceness,
         stop_timeout_secs=config.server.shutdown_timeout_secs,
         capture=capture,
+        encryption_keys=encryption_keys,
         identity=identity,
     )
 
@@ -314,6 +323,8 @@ def create_app(
             data_dir / "google-scripts",
             on_event=lambda kind, outcome: metrics.google_scripts.labels(kind, outcome).inc(),
         )
+    if config.google.gateway.routes:
+        add_gateway_routes(app, config, app[INGEST], metrics, prefix)
     ingest_routes(app.router, app[INGEST], prefix)
     # paths.script, .events and .identity: one resource dispatching on the current paths,
     # which a reload may change (the router is frozen once the app starts).
@@ -378,13 +389,21 @@ async def forwarder_lags(
     return lags
 
 
+ENCRYPTION_RECOUNT_SECS = 60.0
+"""How often maintenance counts again the events not under the first key (pruning and
+purges shrink it), while there are some."""
+
+
 async def _prune_loop(spool: SqliteSpool, current: Callable[[], Config]) -> None:
     """Every ``spool.prune_interval_secs``: forget the cursors of forwarders removed longer
     ago than ``spool.forget_cursor_after_secs``, delete delivered events, expired message
-    ids and dead letters older than ``dead_letters.retention_days``, and checkpoint the WAL.
+    ids and dead letters older than ``dead_letters.retention_days``, and checkpoint the WAL;
+    every ``ENCRYPTION_RECOUNT_SECS``, count the events not yet under the first encryption
+    key while there are some (``tagrelay_encryption_backlog_events``).
     The settings are read from ``current()`` each round (a reload may change them). A
     failure that lasts (a full disk) is logged once a minute."""
     failures = LogThrottle(log)
+    recount_at = time.monotonic() + ENCRYPTION_RECOUNT_SECS
     while True:
         config = current()
         await asyncio.sleep(config.spool.prune_interval_secs)
@@ -394,6 +413,9 @@ async def _prune_loop(spool: SqliteSpool, current: Callable[[], Config]) -> None
             await spool.prune_message_ids()
             await _expire_dead_letters(spool, config.dead_letters.retention_days * 86_400)
             await spool.checkpoint()
+            if time.monotonic() >= recount_at:  # free once nothing is left
+                await spool.count_encryption_backlog()
+                recount_at = time.monotonic() + ENCRYPTION_RECOUNT_SECS
         except Exception:
             failures.log(
                 logging.WARNING,

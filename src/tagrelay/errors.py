@@ -10,6 +10,7 @@
      +-- StartupError           ``tagrelay serve`` cannot start; the message says what to fix
      |    +-- DataDirError      the data directory cannot be created or written to
      |    +-- ListenError       a listener (public or admin) cannot bind its address
+     |    +-- EncryptionKeyError  data on disk is encrypted under a key not configured
      +-- IdentityStoreError     the identity store cannot be opened (a key missing from
      |                          encryption.keys) or read
      +-- WarehouseError         a warehouse statement failed
@@ -91,6 +92,13 @@ class DataDirError(StartupError):
 class ListenError(StartupError):
     """A listener cannot bind its address (in use, not an address of this machine, a
     privileged port)."""
+
+
+class EncryptionKeyError(StartupError):
+    """The spool (or another store) holds data encrypted under a key that
+    ``encryption.keys`` does not hold, or encrypted data while no key is configured. The
+    relay refuses to start rather than fail on every read later, or write plaintext next
+    to data it cannot read."""
 
 
 class IdentityStoreError(TagrelayError):

@@ -52,6 +52,16 @@ HTTP_REJECT_REASONS = (
 """Reasons of ``tagrelay_http_rejected``: why a request was not valid HTTP."""
 CONNECTION_CLOSE_REASONS = ("header_timeout", "body_timeout", "idle_timeout", "over_capacity")
 """Reasons of ``tagrelay_connections_closed``."""
+GATEWAY_STATUS_CLASSES = ("2xx", "3xx", "4xx", "5xx", "refused", "error", "timeout")
+"""``status_class`` of ``tagrelay_gateway_requests``: the class of Google's answer passed
+back, or why none was: refused (the relay answered 4xx itself: a body too large),
+error (Google could not be reached: 502), timeout (Google did not answer in time: 504)."""
+GATEWAY_COPY_OUTCOMES = ("stored", "not_stored", "invalid", "skipped")
+"""Outcomes of ``tagrelay_gateway_copies``: stored (every event of the hit is in the spool,
+or was already), not_stored (the spool refused or failed; the hit still passed), invalid
+(the hit could not be decoded into events, or all of them were rejected), skipped (an Ads
+hit without an event name or a click id: counted only)."""
+GATEWAY_UPSTREAM_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 CONFIG_RELOAD_OUTCOMES = ("applied", "unchanged", "invalid", "failed")
 """Outcomes of ``tagrelay_config_reload``: applied (what changed runs now), unchanged (nothing
 that a reload applies had changed), invalid (the file was refused: the relay runs on as it
@@ -159,6 +169,34 @@ class _DeadLetterCollector(Collector):
         for forwarder, value in sorted(self._counts().items()):
             stored.add_metric([forwarder], value)
         yield stored
+
+
+ENCRYPTION_STORES = ("spool", "dead_letters")
+"""``store`` of the encryption metrics: the spool's events, the dead letters."""
+ENCRYPTION_STATES = ("old_key", "plaintext")
+"""``state`` of ``tagrelay_encryption_backlog_events``."""
+
+
+class _EncryptionCollector(Collector):
+    """Events not yet under the first key, read at scrape time from the spool's count."""
+
+    def __init__(self, backlog: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        self._backlog = backlog
+
+    def collect(self) -> Iterable[Metric]:
+        found = self._backlog()
+        gauge = GaugeMetricFamily(
+            "tagrelay_encryption_backlog_events",
+            "Events in the spool and the dead letters that are not encrypted under the first "
+            "of encryption.keys: under an older key (old_key) or from before encryption was "
+            "on (plaintext). tagrelay keys rotate brings them to 0; then the older keys can "
+            "go.",
+            labels=["store", "state"],
+        )
+        for store in ENCRYPTION_STORES:
+            for state in ENCRYPTION_STATES:
+                gauge.add_metric([store, state], found.get((store, state), 0))
+        yield gauge
 
 
 DEAD_LETTER_REPLAY_OUTCOMES = ("delivered", "dropped", "failed", "skipped")
@@ -373,6 +411,44 @@ class Metrics:
             self.http_rejected.labels(reason)
         for reason in CONNECTION_CLOSE_REASONS:
             self.connections_closed.labels(reason)
+        self.gateway_requests = Counter(
+            "tagrelay_gateway_requests",
+            "Requests through a Google tag gateway route (route: its configured path), by "
+            "kind (script, ga4_hit, ads_hit, health, other) and status_class: "
+            + ", ".join(GATEWAY_STATUS_CLASSES)
+            + ".",
+            ["route", "kind", "status_class"],
+            registry=r,
+        )
+        self.gateway_upstream_duration = Histogram(
+            "tagrelay_gateway_upstream_duration_seconds",
+            "From sending a gateway request to Google to its answer's headers, by route and kind.",
+            ["route", "kind"],
+            buckets=GATEWAY_UPSTREAM_BUCKETS,
+            registry=r,
+        )
+        self.gateway_copies = Counter(
+            "tagrelay_gateway_copies",
+            "Hits through a gateway route copied to the spool, by route, kind (ga4_hit, "
+            "ads_hit) and outcome: " + ", ".join(GATEWAY_COPY_OUTCOMES) + ".",
+            ["route", "kind", "outcome"],
+            registry=r,
+        )
+        self.gateway_geo = Counter(
+            "tagrelay_gateway_geo",
+            "Gateway requests by where the geolocation sent to Google came from: header "
+            "(a trusted proxy's CDN header), database (google.gateway.geo.database), none.",
+            ["source"],
+            registry=r,
+        )
+        self.gateway_upstream_healthy = Gauge(
+            "tagrelay_gateway_upstream_healthy",
+            "1 when the route's <path>/healthy answered ok upstream at start-up, 0 when it "
+            "did not; absent until the check is done (or when google.gateway.health_check "
+            "is off).",
+            ["route"],
+            registry=r,
+        )
         self.delivery_process_restarts = Counter(
             "tagrelay_delivery_process_restarts",
             "Times a delivery process (the HTTP forwarders, delivery.process) died and was "
@@ -389,6 +465,19 @@ class Metrics:
         )
         for outcome in CONFIG_RELOAD_OUTCOMES:
             self.config_reloads.labels(outcome)
+        self.encryption_reencrypted = Counter(
+            "tagrelay_encryption_reencrypted_events",
+            "Events re-encrypted under the first of encryption.keys by tagrelay keys rotate, "
+            "by store (spool, dead_letters).",
+            ["store"],
+            registry=r,
+        )
+        self.warehouse_expired = Counter(
+            "tagrelay_warehouse_expired_rows",
+            "Warehouse rows deleted because they were older than the forwarder's retention_days.",
+            ["forwarder"],
+            registry=r,
+        )
         self.up = Gauge("tagrelay_up", "1 while the relay is serving.", registry=r)
         self.forwarder_last_success = Gauge(
             "tagrelay_forwarder_last_success_timestamp_seconds",
@@ -461,6 +550,13 @@ class Metrics:
     def watch_dead_letters(self, counts: Callable[[], dict[str, int]]) -> None:
         """``tagrelay_dead_letters_stored{forwarder}`` from ``counts()`` at each scrape."""
         self.registry.register(_DeadLetterCollector(counts))
+
+    def watch_encryption(self, backlog: Callable[[], Mapping[tuple[str, str], int]]) -> None:
+        """``tagrelay_encryption_backlog_events{store,state}`` from ``backlog()`` at each
+        scrape (with encryption on), and its re-encryption counter labelled."""
+        self.registry.register(_EncryptionCollector(backlog))
+        for store in ENCRYPTION_STORES:
+            self.encryption_reencrypted.labels(store)
 
 
 class SourceMetrics:

@@ -75,6 +75,7 @@ RESTART_ONLY = (
     "paths.demo",
     "demo",
     "google.scripts",
+    "google.gateway",
     "admin",
     "metrics",
     "delivery",
@@ -83,8 +84,8 @@ RESTART_ONLY = (
 )
 """Settings a running relay cannot take: its listeners and their connection handling, the
 data directory and how the spool stores, where the forwarders run, the routes registered
-once (the demo page, Google's scripts, /metrics). A reload leaves them as they are and
-says so; the rest of the file is applied."""
+once (the demo page, Google's scripts, the Google tag gateway, /metrics). A reload leaves
+them as they are and says so; the rest of the file is applied."""
 
 RESTART_TO_TOGGLE = ("google.collect.measurement_ids", "google.measurement_protocol")
 """Lists a reload may change but not empty or fill: their endpoint's routes exist only when

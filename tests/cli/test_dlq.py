@@ -437,3 +437,36 @@ def test_durations_and_times() -> None:
             parse_duration(bad)
     with pytest.raises(ArgumentTypeError):
         parse_since("yesterday")
+
+
+async def test_encrypted_dead_letters_are_listed_shown_and_replayed_with_the_keys(
+    rig: Rig, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tagrelay.crypto import generate_key
+
+    key = generate_key()
+    rig.configure(f'encryption: {{keys: ["{key}"]}}')
+    await rig.start()
+    echo = b'{"error": "unknown customer echo.me@example.com"}'
+    await rig.dead_hook("enc1", "enc2", body=echo)
+    listed = await rig.listed(capsys, "--forwarder", "hook")
+    assert [d["message_id"] for d in listed] == ["enc1", "enc2"]
+    assert "echo.me@example.com" in listed[0]["detail"]
+    spool_files = b"".join(
+        p.read_bytes() for p in (rig.tmp_path / "data").glob("spool.sqlite3*") if p.is_file()
+    )
+    assert b"echo.me@example.com" not in spool_files and b"Order Completed" not in spool_files
+
+    code, _, err = await rig.dlq(capsys, "replay", "--ids", str(listed[0]["id"]))
+    assert code == 0, err
+    assert sent(rig.hook)[-1] == "enc1"
+    await rig.stop()
+
+    # No relay: the command opens them itself, with the configuration's keys.
+    found = await rig.listed(capsys)
+    assert [d["message_id"] for d in found] == ["enc2"]
+    code, text, _ = await rig.dlq(capsys, "show", str(found[0]["id"]), "--format", "json")
+    assert code == 0 and orjson.loads(text)["payload"]["messageId"] == "enc2"
+    rig.configure(f'encryption: {{keys: ["{generate_key()}"]}}')
+    code, _, err = await rig.dlq(capsys, "list")
+    assert code == 1 and "error: encryption: " in err and key not in err

@@ -38,8 +38,28 @@ def free_port() -> int:
         return port
 
 
-def write_config(tmp_path: Path, max_wait_secs: float) -> Path:
+KEY_ENV = "TAGRELAY_E2E_KEY"
+"""The encryption key of the encrypted variants, from the environment as in production."""
+EMAIL = "e2e.person@example.com"
+
+
+@pytest.fixture(params=["plaintext", "encrypted"])
+def encryption(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str | None:
+    """None, or the key the relay (and the commands run next to it) get from the
+    environment (``encryption.keys: ["${TAGRELAY_E2E_KEY}"]``)."""
+    if request.param == "plaintext":
+        monkeypatch.delenv(KEY_ENV, raising=False)
+        return None
+    from tagrelay.crypto import generate_key
+
+    key = generate_key()
+    monkeypatch.setenv(KEY_ENV, key)
+    return key
+
+
+def write_config(tmp_path: Path, max_wait_secs: float, encryption: str | None = None) -> Path:
     cfg = tmp_path / "tagrelay.yaml"
+    keys = f'encryption: {{keys: ["${{{KEY_ENV}}}"]}}' if encryption else ""
     cfg.write_text(
         f"""
 data_dir: {tmp_path / "data"}
@@ -47,6 +67,7 @@ keys:
   - {{id: backend, kind: server, key: {SERVER_KEY}}}
 logging: {{level: info, format: json}}
 admin: {{listen: "127.0.0.1:0"}}
+{keys}
 forwarders:
   - id: warehouse
     type: warehouse
@@ -195,6 +216,7 @@ def signup_batch(n: int, prefix: str) -> dict[str, Any]:
                 "messageId": f"{prefix}-{i}",
                 "anonymousId": f"anon-{i}",
                 "properties": {"plan": "pro", "seats": i},
+                "traits": {"email": EMAIL},
                 "context": {"page": {"path": "/signup", "url": "https://shop.test/signup"}},
                 "timestamp": now.isoformat(),
             }
@@ -221,18 +243,34 @@ def signup_batch(n: int, prefix: str) -> dict[str, Any]:
     return {"batch": events}
 
 
+def spool_bytes(tmp_path: Path) -> bytes:
+    """The spool's files as they are on disk (database, WAL, shared memory)."""
+    return b"".join(
+        path.read_bytes() for path in (tmp_path / "data").glob("spool.sqlite3*") if path.is_file()
+    )
+
+
 @pytest.mark.slow
 def test_acknowledged_events_survive_sigkill_and_reach_the_warehouse(
-    tmp_path: Path, relays: list[Relay]
+    tmp_path: Path, relays: list[Relay], encryption: str | None
 ) -> None:
     # A long batch wait: the warehouse cannot have taken the events before the kill.
-    config = write_config(tmp_path, max_wait_secs=3)
+    config = write_config(tmp_path, max_wait_secs=3, encryption=encryption)
     first = Relay(config, tmp_path)
     relays.append(first)
     status, body = first.post("/v1/batch", signup_batch(40, "k"))
     assert (status, body["accepted"]) == (200, 42)
     children = first.children()
     assert len(children) == 2, "the spool's commit process and the warehouse process"
+    if encryption:
+        # The key reaches the processes that read the spool through their sockets, not
+        # their command lines; on disk the events are sealed, WAL included.
+        for pid in children:
+            assert encryption.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert EMAIL.encode() not in spool_bytes(tmp_path)
+        assert b"Signed Up" not in spool_bytes(tmp_path)
+    else:
+        assert EMAIL.encode() in spool_bytes(tmp_path)
     assert first.stop(signal.SIGKILL) == -signal.SIGKILL
     # Orphaned, both see their socket close and exit by themselves.
     deadline = time.monotonic() + 10
@@ -261,6 +299,9 @@ def test_acknowledged_events_survive_sigkill_and_reach_the_warehouse(
     metrics = second.metrics()
     assert 'tagrelay_spool_depth{forwarder="warehouse"} 0.0' in metrics
     assert second.stop(signal.SIGTERM) == 0
+    if encryption:
+        assert encryption not in Path(second.log.name).read_text()
+        assert EMAIL.encode() not in spool_bytes(tmp_path)
 
     # With the relay stopped, the CLI opens the warehouse itself.
     table = sql(
@@ -331,11 +372,11 @@ def test_a_second_relay_on_the_same_data_dir_refuses_to_start(
 
 @pytest.mark.slow
 def test_every_event_acknowledged_before_a_sigterm_under_load_is_stored(
-    tmp_path: Path, relays: list[Relay]
+    tmp_path: Path, relays: list[Relay], encryption: str | None
 ) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    config = write_config(tmp_path, max_wait_secs=0.2)
+    config = write_config(tmp_path, max_wait_secs=0.2, encryption=encryption)
     relay = Relay(config, tmp_path)
     relays.append(relay)
     acknowledged: list[str] = []
@@ -406,3 +447,105 @@ def test_serve_decodes_bodies_as_the_app_does(tmp_path: Path, relays: list[Relay
     assert post("/nope", bomb, "br")[0] == 404
     with urllib.request.urlopen(relay.url("/healthz"), timeout=10) as resp:
         assert resp.status == 200
+
+
+OLD_KEY_ENV = "TAGRELAY_E2E_OLD_KEY"
+
+
+def write_rotating_config(tmp_path: Path) -> Path:
+    """A warehouse, and a webhook to a closed port: its cursor keeps every event in the
+    spool (it retries), so that rotation has them to re-encrypt."""
+    cfg = tmp_path / "rotating.yaml"
+    cfg.write_text(
+        f"""
+data_dir: {tmp_path / "data"}
+keys:
+  - {{id: backend, kind: server, key: {SERVER_KEY}}}
+logging: {{level: info, format: json}}
+admin: {{listen: "127.0.0.1:0"}}
+encryption: {{keys: ["${{{KEY_ENV}:-}}", "${{{OLD_KEY_ENV}:-}}"]}}
+forwarders:
+  - {{id: warehouse, type: warehouse, batch: {{max_events: 1000, max_wait_secs: 0.2}}}}
+  - {{id: hook, type: webhook, endpoint: "http://127.0.0.1:{free_port()}/down"}}
+"""
+    )
+    return cfg
+
+
+def keys_command(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*TAGRELAY, "keys", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def refused_start(config: Path) -> str:
+    out = subprocess.run(
+        serve_command(config, free_port()), capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    return out.stderr
+
+
+@pytest.mark.slow
+def test_keys_rotate_through_the_running_relay_then_the_old_key_can_go(
+    tmp_path: Path, relays: list[Relay], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tagrelay.crypto import generate_key
+
+    old, new = generate_key(), generate_key()
+    config = write_rotating_config(tmp_path)
+    monkeypatch.setenv(KEY_ENV, old)
+    first = Relay(config, tmp_path)
+    relays.append(first)
+    assert first.post("/v1/batch", signup_batch(40, "r"))[0] == 200
+    wait_rows(config, "select message_id from events", 42)
+    assert first.stop(signal.SIGTERM) == 0
+
+    # The new key first, the old one after it: the relay reads both.
+    monkeypatch.setenv(KEY_ENV, new)
+    monkeypatch.setenv(OLD_KEY_ENV, old)
+    second = Relay(config, tmp_path)
+    relays.append(second)
+    assert 'tagrelay_encryption_backlog_events{state="old_key",store="spool"} 42.0' in (
+        second.metrics()
+    )
+    out = keys_command(config, "rotate", "--format", "json")
+    assert out.returncode == 0, out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["via"] == "the running relay"
+    assert answer["reencrypted"]["spool"] == 42 and answer["left"] == {}
+    metrics = second.metrics()
+    assert 'tagrelay_encryption_backlog_events{state="old_key",store="spool"} 0.0' in metrics
+    assert 'tagrelay_encryption_reencrypted_events_total{store="spool"} 42.0' in metrics
+    assert second.stop(signal.SIGTERM) == 0
+    for secret in (old, new):
+        assert secret not in Path(second.log.name).read_text()
+        assert secret not in out.stdout + out.stderr
+
+    # The old key is no longer needed; alone, it no longer opens the spool.
+    monkeypatch.delenv(OLD_KEY_ENV)
+    third = Relay(config, tmp_path)
+    relays.append(third)
+    assert third.stop(signal.SIGTERM) == 0
+    monkeypatch.setenv(KEY_ENV, old)
+    assert "which encryption.keys does not hold" in refused_start(config)
+    monkeypatch.delenv(KEY_ENV)
+    assert "encryption.keys is empty" in refused_start(config)
+    assert EMAIL.encode() not in spool_bytes(tmp_path)
+
+
+def test_keys_generate_prints_a_new_key_without_a_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tagrelay.crypto import decode_key
+
+    monkeypatch.setenv("TAGRELAY_CONFIG", "/nonexistent/tagrelay.yaml")
+    out = subprocess.run(
+        [*TAGRELAY, "keys", "generate"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert len(decode_key(out.stdout.strip())) == 32

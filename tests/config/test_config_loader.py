@@ -244,7 +244,7 @@ def test_unknown_keys_of_a_forwarder_list_that_forwarders_options() -> None:
             8,
             "unknown key 'tabel'; valid keys here: id, enabled, start, batch, retry, "
             "filter, requires_consent, type, dialect, path, dsn, schema, table, max_columns, "
-            "memory_limit_mb (did you mean 'table'?)",
+            "memory_limit_mb, hash_pii, hash_pii_salt, retention_days (did you mean 'table'?)",
         )
     ]
 

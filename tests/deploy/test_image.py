@@ -397,12 +397,18 @@ def test_compose_gives_the_relay_every_variable_its_config_requires() -> None:
 
 
 def compose_relay_env() -> dict[str, str]:
-    """The relay's environment in compose, a required ``${VAR:?...}`` given a value."""
+    """The relay's environment in compose, a required ``${VAR:?...}`` given a value, an
+    optional ``${VAR:-default}`` its default."""
     environment = compose()["services"]["relay"]["environment"]
-    return {
-        name: (PRODUCTION_ENV.get(name, "x" * 32) if value.startswith("${") else str(value))
-        for name, value in environment.items()
-    }
+
+    def value_of(name: str, value: str) -> str:
+        if not value.startswith("${"):
+            return value
+        if ":-" in value:
+            return value[value.index(":-") + 2 : -1]
+        return PRODUCTION_ENV.get(name, "x" * 32)
+
+    return {name: value_of(name, str(value)) for name, value in environment.items()}
 
 
 def compose_prometheus_config() -> tuple[Path, dict[str, Any]]:
@@ -488,3 +494,18 @@ def test_the_license_file_is_the_one_pyproject_names() -> None:
     license_text = (ROOT / "LICENSE").read_text()
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert "END OF TERMS AND CONDITIONS" in license_text
+
+
+def test_the_image_encrypts_the_spool_once_given_a_key() -> None:
+    from tagrelay.crypto import generate_key
+
+    text = IMAGE_CONFIG.read_text()
+    plain = parse_config(text, str(IMAGE_CONFIG), PRODUCTION_ENV)
+    assert plain.encryption.keyring() is None
+    new, old = generate_key(), generate_key()
+    keyed = parse_config(
+        text,
+        str(IMAGE_CONFIG),
+        {**PRODUCTION_ENV, "TAGRELAY_ENCRYPTION_KEY": new, "TAGRELAY_ENCRYPTION_KEY_OLD": old},
+    )
+    assert [k.get_secret_value() for k in keyed.encryption.keys] == [new, old]

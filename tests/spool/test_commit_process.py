@@ -16,13 +16,14 @@ from typing import Any
 import pytest
 
 from tagrelay.errors import SpoolUnavailable
+from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher, sealed_key_id
 from tagrelay.spool.sqlite import SqliteSpool
 
 DAY = 86_400.0
 
 
-async def open_spool(path: Path) -> SqliteSpool:
-    spool = SqliteSpool(path / "spool.sqlite3", dedup_window_secs=DAY)
+async def open_spool(path: Path, cipher: PayloadCipher = PLAINTEXT) -> SqliteSpool:
+    spool = SqliteSpool(path / "spool.sqlite3", dedup_window_secs=DAY, cipher=cipher)
     await spool.open()
     return spool
 
@@ -40,8 +41,10 @@ async def kill_commit_process(spool: SqliteSpool) -> int:
     return pid
 
 
-async def test_a_dead_commit_process_fails_its_round_and_is_replaced(tmp_path: Path) -> None:
-    spool = await open_spool(tmp_path)
+async def test_a_dead_commit_process_fails_its_round_and_is_replaced(
+    tmp_path: Path, cipher: PayloadCipher
+) -> None:
+    spool = await open_spool(tmp_path, cipher)
     assert await spool.append([(now_ms(), b"a")], ["id-a"]) == 1
     old_pid = await kill_commit_process(spool)
 
@@ -52,8 +55,9 @@ async def test_a_dead_commit_process_fails_its_round_and_is_replaced(tmp_path: P
     # Whether a lost round reached the disk is unknown to the relay. Here it did:
     with sqlite3.connect(spool.path) as conn:
         conn.execute(
-            "INSERT INTO segments (last_seq, count, received_ms, payload) VALUES (2, 1, 0, ?)",
-            (b"b",),
+            "INSERT INTO segments (last_seq, count, received_ms, payload, key_id) "
+            "VALUES (2, 1, 0, ?, ?)",
+            (sealed := cipher.seal_segment(2, b"b"), sealed_key_id(sealed)),
         )
         conn.execute(
             "INSERT INTO message_log (message_id, received_ms) VALUES ('id-b', ?)", (now_ms(),)
@@ -72,8 +76,10 @@ async def test_a_dead_commit_process_fails_its_round_and_is_replaced(tmp_path: P
     await spool.close()
 
 
-async def test_a_lost_round_that_did_not_land_is_stored_on_the_resend(tmp_path: Path) -> None:
-    spool = await open_spool(tmp_path)
+async def test_a_lost_round_that_did_not_land_is_stored_on_the_resend(
+    tmp_path: Path, cipher: PayloadCipher
+) -> None:
+    spool = await open_spool(tmp_path, cipher)
     await spool.append([(now_ms(), b"a")], ["id-a"])
     await kill_commit_process(spool)
     with pytest.raises(SpoolUnavailable):
@@ -122,8 +128,10 @@ async def test_the_commit_process_ignores_a_ctrl_c_to_the_process_group(tmp_path
     assert proc.returncode == 0
 
 
-async def test_a_refused_statement_leaves_the_commit_process_running(tmp_path: Path) -> None:
-    spool = SqliteSpool(tmp_path / "spool.sqlite3", max_size_mb=1)
+async def test_a_refused_statement_leaves_the_commit_process_running(
+    tmp_path: Path, cipher: PayloadCipher
+) -> None:
+    spool = SqliteSpool(tmp_path / "spool.sqlite3", max_size_mb=1, cipher=cipher)
     await spool.open()
     assert spool._commits is not None
     pid = spool._commits.pid

@@ -1,4 +1,5 @@
-"""The SQLite spool: group commit, cursors, pruning, restarts, and a full spool."""
+"""The SQLite spool: group commit, cursors, pruning, restarts, and a full spool (the
+durability cases with and without encryption at rest: the ``cipher`` fixture)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from tagrelay.errors import SpoolUnavailable
 from tagrelay.logthrottle import LogThrottle
+from tagrelay.spool.encryption import PayloadCipher
 from tagrelay.spool.sqlite import CursorState, HeadWatch, SqliteSpool
 from tests.support import SERVER_KEY, basic, metric_value
 
@@ -22,8 +24,8 @@ async def open_spool(path: Path, **kwargs: Any) -> SqliteSpool:
     return spool
 
 
-async def test_reads_split_segments_at_any_event(tmp_path: Path) -> None:
-    spool = await open_spool(tmp_path)
+async def test_reads_split_segments_at_any_event(tmp_path: Path, cipher: PayloadCipher) -> None:
+    spool = await open_spool(tmp_path, cipher=cipher)
     await spool.append([(5, b'{"a":1}'), (6, b'{"a":2}'), (7, b'{"a":3}')])
     await spool.append([(9, b'{"a":4}')])
     assert [(r.seq, r.payload) for r in await spool.read(1, 2)] == [
@@ -45,8 +47,10 @@ async def test_concurrent_appends_share_commits(tmp_path: Path) -> None:
     await spool.close()
 
 
-async def test_cursors_survive_a_restart_with_their_retry_state(tmp_path: Path) -> None:
-    spool = await open_spool(tmp_path)
+async def test_cursors_survive_a_restart_with_their_retry_state(
+    tmp_path: Path, cipher: PayloadCipher
+) -> None:
+    spool = await open_spool(tmp_path, cipher=cipher)
     await spool.append([(1, b"a"), (1, b"b"), (1, b"c")])
     assert (await spool.register("w")).position == 3, "a new forwarder starts at the head"
     await spool.append([(1, b"d"), (1, b"e")])
@@ -54,7 +58,7 @@ async def test_cursors_survive_a_restart_with_their_retry_state(tmp_path: Path) 
     await spool.record_failure("w", CursorState(4, attempts=3, first_failure_ms=1234, batch_last=5))
     await spool.close()
 
-    again = await open_spool(tmp_path)
+    again = await open_spool(tmp_path, cipher=cipher)
     state = await again.register("w")
     assert state == CursorState(4, attempts=3, first_failure_ms=1234, batch_last=5)
     assert [r.payload for r in await again.read(state.position, 10)] == [b"e"]
@@ -78,8 +82,10 @@ async def test_a_spool_of_an_older_version_gets_the_cursors_batch_column(tmp_pat
     await spool.close()
 
 
-async def test_prune_keeps_what_the_slowest_cursor_needs(tmp_path: Path) -> None:
-    spool = await open_spool(tmp_path)
+async def test_prune_keeps_what_the_slowest_cursor_needs(
+    tmp_path: Path, cipher: PayloadCipher
+) -> None:
+    spool = await open_spool(tmp_path, cipher=cipher)
     await spool.register("fast")
     await spool.register("slow")
     for payload in (b"1", b"2", b"3"):  # three commits: three segments
@@ -141,15 +147,15 @@ async def test_a_new_cursor_starts_at_the_head_or_before_the_earliest_event_held
 
 
 async def test_sequence_stays_monotonic_after_pruning_everything_and_restarting(
-    tmp_path: Path,
+    tmp_path: Path, cipher: PayloadCipher
 ) -> None:
-    spool = await open_spool(tmp_path)
+    spool = await open_spool(tmp_path, cipher=cipher)
     await spool.register("w")
     await spool.append([(1, b"1"), (1, b"2")])
     await spool.advance("w", 2)
     await spool.prune()
     await spool.close()
-    again = await open_spool(tmp_path)
+    again = await open_spool(tmp_path, cipher=cipher)
     state = await again.register("w")
     await again.append([(1, b"3")])
     rows = await again.read(state.position, 10)
@@ -157,8 +163,10 @@ async def test_sequence_stays_monotonic_after_pruning_everything_and_restarting(
     await again.close()
 
 
-async def test_a_full_spool_raises_and_stores_nothing(tmp_path: Path) -> None:
-    spool = await open_spool(tmp_path, max_size_mb=1)
+async def test_a_full_spool_raises_and_stores_nothing(
+    tmp_path: Path, cipher: PayloadCipher
+) -> None:
+    spool = await open_spool(tmp_path, max_size_mb=1, cipher=cipher)
     big = b"x" * 100_000
     with pytest.raises(SpoolUnavailable):
         for _ in range(50):

@@ -403,3 +403,48 @@ def test_a_query_in_another_thread_sees_whole_batches_while_loading(
     assert seen == sorted(seen)
     assert rows(warehouse, "select count(*) from events") == [(batches * size,)]
     assert len(warehouse.columns) == len(target.native_types(warehouse))
+
+
+# -- retention and hashed personal data (the warehouse forwarder's retention_days, hash_pii)
+
+
+def test_expire_deletes_rows_received_before_the_cutoff(warehouse: Warehouse) -> None:
+    old = page("old", "/a", NOW - timedelta(days=40))
+    untimed = {
+        "type": "track",
+        "event": "X",
+        "messageId": "untimed",
+        "timestamp": iso(NOW - timedelta(days=41)),
+    }
+    recent = page("recent", "/b", NOW - timedelta(days=2))
+    warehouse.insert([old, untimed, recent])
+    assert warehouse.expire(iso(NOW - timedelta(days=30))) == 2
+    assert rows(warehouse, "select message_id from events") == [("recent",)]
+    assert warehouse.expire(iso(NOW - timedelta(days=30))) == 0
+
+
+def test_hashed_emails_and_phones_join(target: Target) -> None:
+    import hashlib
+    import hmac
+
+    warehouse = target.open(hash_pii_salt=b"sixteen-or-more-bytes")
+    person = {"traits": {"email": "Ann@Example.com", "phone": "+44 20 7946 0000"}}
+    warehouse.insert(
+        [
+            {"type": "identify", "messageId": "1", **person},
+            {
+                "type": "track",
+                "event": "Buy",
+                "messageId": "2",
+                "properties": {"email": " ann@example.com"},
+            },
+        ]
+    )
+    expected = hmac.new(b"sixteen-or-more-bytes", b"ann@example.com", hashlib.sha256).hexdigest()
+    assert rows(
+        warehouse,
+        "select a.traits_email, a.traits_phone from events a join events b "
+        "on a.traits_email = b.properties_email",
+    ) == [
+        (expected, hmac.new(b"sixteen-or-more-bytes", b"442079460000", hashlib.sha256).hexdigest())
+    ]

@@ -7,7 +7,8 @@ relay's, and a replay is delivered by the relay's own forwarders. When no relay 
 lock, so that no relay starts meanwhile); ``replay`` needs the relay.
 
 Table output cuts long details to one short line (``show`` prints a dead letter in full);
-details were scrubbed of secrets before they were stored.
+details were scrubbed of secrets before they were stored. Dead letters sealed under
+``encryption.keys`` are opened with the keys of the configuration given here.
 """
 
 from __future__ import annotations
@@ -15,25 +16,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
-import os
-import sqlite3
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
 
 from tagrelay.app import admin_socket_path, spool_path
+from tagrelay.cli.relay_admin import Failed, NoRelay
+from tagrelay.cli.relay_admin import ask as _ask
+from tagrelay.cli.relay_admin import checked as _checked
+from tagrelay.cli.relay_admin import open_spool as _open_spool
+from tagrelay.cli.relay_admin import spool_for_writing as _spool_for_writing
 from tagrelay.config.models import Config
-from tagrelay.datadir import open_private
+from tagrelay.crypto import CryptoError
+from tagrelay.errors import EncryptionKeyError
 from tagrelay.spool import dead_letters
 from tagrelay.spool.dead_letters import Selection, describe
-from tagrelay.spool.segments import open_read_only
-from tagrelay.spool.sqlite import lock_path
+from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher
 
 TABLE_DETAIL_CHARS = 60
 """A detail is cut to this in table output."""
@@ -76,85 +77,6 @@ def _api_fields(selection: Selection) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-class NoRelay(Exception):
-    """No relay listens on the admin socket."""
-
-
-async def _ask(
-    sock: Path,
-    method: str,
-    path: str,
-    *,
-    params: dict[str, str] | None = None,
-    body: dict[str, Any] | None = None,
-    timeout_secs: float | None = 120.0,
-) -> dict[str, Any]:
-    """The relay's answer to one admin request; raises ``NoRelay`` when none listens."""
-    try:
-        connector = aiohttp.UnixConnector(path=str(sock))
-        async with (
-            aiohttp.ClientSession(connector=connector) as session,
-            session.request(
-                method,
-                "http://relay" + path,
-                params=params,
-                json=body,
-                timeout=aiohttp.ClientTimeout(total=timeout_secs),
-            ) as resp,
-        ):
-            answer: dict[str, Any] = await resp.json(loads=orjson.loads)
-            return answer
-    except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError):
-        raise NoRelay from None
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
-        return {
-            "error": "relay_disconnected",
-            "message": "the relay closed the connection before it answered (is it stopping?)",
-        }
-
-
-class Failed(Exception):
-    """An error to print (``error: <code>: <message>``), exit code 1."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-def _checked(answer: dict[str, Any]) -> dict[str, Any]:
-    if "error" in answer:
-        raise Failed(answer["error"], answer.get("message", ""))
-    return answer
-
-
-def _open_spool(path: Path) -> sqlite3.Connection:
-    if not path.exists():
-        raise Failed("no_spool", f"no spool at {path} (has a relay run with this data directory?)")
-    return open_read_only(path)
-
-
-@contextlib.contextmanager
-def _spool_for_writing(path: Path) -> Iterator[sqlite3.Connection]:
-    """The spool opened for writing, holding its lock: no relay starts meanwhile."""
-    if not path.exists():
-        raise Failed("no_spool", f"no spool at {path} (has a relay run with this data directory?)")
-    with os.fdopen(open_private(lock_path(path), os.O_RDWR | os.O_APPEND), "a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise Failed(
-                "spool_busy",
-                "another process holds the spool, but no relay answers on its admin socket; "
-                "try again once it has stopped",
-            ) from None
-        conn = sqlite3.connect(path, isolation_level=None)
-        try:
-            conn.execute("PRAGMA busy_timeout=5000")
-            yield conn
-        finally:
-            conn.close()
-
-
 # -- list ------------------------------------------------------------------------------
 
 
@@ -176,9 +98,11 @@ async def _list_via_relay(sock: Path, selection: Selection, limit: int) -> tuple
         after_id = found[-1]["id"]
 
 
-def _list_direct(path: Path, selection: Selection, limit: int) -> tuple[list[Any], bool]:
+def _list_direct(
+    path: Path, selection: Selection, limit: int, cipher: PayloadCipher = PLAINTEXT
+) -> tuple[list[Any], bool]:
     with contextlib.closing(_open_spool(path)) as conn:
-        rows = dead_letters.select(conn, selection, limit=limit + 1)
+        rows = dead_letters.select(conn, selection, limit=limit + 1, cipher=cipher)
     return [describe(row) for row in rows[:limit]], len(rows) > limit
 
 
@@ -256,14 +180,20 @@ SKIP_REASONS = {
 
 def run_dlq(config: Config, args: argparse.Namespace) -> int:
     data_dir = args.data_dir or config.data_dir
+    cipher = PayloadCipher(config.encryption.keyring())
     try:
-        return _run(args, admin_socket_path(data_dir), spool_path(data_dir))
+        return _run(args, admin_socket_path(data_dir), spool_path(data_dir), cipher)
     except Failed as exc:
         print(f"error: {exc.code}: {exc}", file=sys.stderr)
         return 1
+    except (CryptoError, EncryptionKeyError) as exc:
+        print(f"error: encryption: {exc}", file=sys.stderr)
+        return 1
 
 
-def _run(args: argparse.Namespace, sock: Path, spool: Path) -> int:
+def _run(
+    args: argparse.Namespace, sock: Path, spool: Path, cipher: PayloadCipher = PLAINTEXT
+) -> int:
     command = args.dlq_command
     if command == "list":
         if args.limit < 1:
@@ -272,7 +202,7 @@ def _run(args: argparse.Namespace, sock: Path, spool: Path) -> int:
         try:
             found, more = asyncio.run(_list_via_relay(sock, selection, args.limit))
         except NoRelay:
-            found, more = _list_direct(spool, selection, args.limit)
+            found, more = _list_direct(spool, selection, args.limit, cipher)
         print(render_list(found, args.format))
         if more:
             print(
@@ -286,7 +216,7 @@ def _run(args: argparse.Namespace, sock: Path, spool: Path) -> int:
             item = answer["dead_letter"]
         except NoRelay:
             with contextlib.closing(_open_spool(spool)) as conn:
-                row = dead_letters.get(conn, args.id)
+                row = dead_letters.get(conn, args.id, cipher=cipher)
             if row is None:
                 raise Failed("not_found", f"no dead letter with id {args.id}") from None
             item = describe(row, with_event=True)

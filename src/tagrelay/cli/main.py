@@ -1,5 +1,5 @@
-"""The ``tagrelay`` command: ``serve``, ``check``, ``sql``, ``dlq``, ``health``,
-``reload``, ``forget`` and ``export``.
+"""The ``tagrelay`` command: ``serve``, ``check``, ``sql``, ``dlq``, ``health``, ``reload``,
+``keys``, ``forget`` and ``export``.
 
 Exit codes: 0 success, 1 invalid configuration, failed query or unhealthy relay, 2 usage
 error.
@@ -118,11 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     from tagrelay.cli.dlq_args import add_dlq_parser
 
     add_dlq_parser(sub, _add_config, _add_data_dir)
+    add_keys_parser(sub)
     return parser
+
+
+def add_keys_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    keys = sub.add_parser("keys", help="encryption keys: generate one, or rotate to the first")
+    actions = keys.add_subparsers(dest="keys_command", required=True)
+    actions.add_parser(
+        "generate", help="print a new random key (base64 of 32 bytes) for encryption.keys"
+    )
+    rotate = actions.add_parser(
+        "rotate",
+        help="re-encrypt the spool and the dead letters under the first of encryption.keys",
+        description="Through the running relay when one answers on the data directory's "
+        "admin socket (in the background, while it ingests), otherwise on the spool file "
+        "directly, holding its lock.",
+    )
+    _add_config(rotate)
+    _add_data_dir(rotate)
+    rotate.add_argument("--format", choices=["text", "json"], default="text")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "keys" and args.keys_command == "generate":
+        from tagrelay.cli.keys import run_keys
+
+        return run_keys(None, args)  # no configuration needed
     from tagrelay.config.loader import format_config_error, load_config
     from tagrelay.errors import ConfigError
 
@@ -185,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tagrelay.cli.dlq import run_dlq
 
         return run_dlq(config, args)
+    if args.command == "keys":
+        from tagrelay.cli.keys import run_keys
+
+        return run_keys(config, args)
     from tagrelay.cli.sql import run_sql
 
     return run_sql(

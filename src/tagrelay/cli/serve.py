@@ -19,7 +19,7 @@ from tagrelay.cli.devkeys import refusal
 from tagrelay.cli.logs import setup_logging
 from tagrelay.config.models import Config
 from tagrelay.datadir import ensure_writable
-from tagrelay.errors import DataDirError, ListenError, TagrelayError
+from tagrelay.errors import DataDirError, ListenError, StartupError, TagrelayError
 from tagrelay.reload import RELOADER
 from tagrelay.web.admin_listener import ADMIN_LISTENER
 from tagrelay.web.connections import ConnectionGuard, GuardedSite
@@ -152,7 +152,11 @@ def serve(
     except DataDirError as exc:
         log.error("tagrelay could not start: %s", exc)
         return 1
-    app = create_app(config, data_dir=data_dir, admin_listener=True)
+    try:
+        app = create_app(config, data_dir=data_dir, admin_listener=True)
+    except StartupError as exc:  # a file the configuration names cannot be used
+        log.error("tagrelay could not start: %s", exc)
+        return 1
     reloader = app[RELOADER]
     reloader.config_file = config_file
     freeze_after_startup(app)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from tagrelay.config.common import ConfigModel, ForwarderConfigBase
+from tagrelay.config.google_gateway import GoogleGatewayConfig
 from tagrelay.config.google_scripts import GoogleScriptsConfig
 from tagrelay.crypto import CryptoError, Keyring
 from tagrelay.forwarders import FORWARDERS
@@ -722,8 +723,10 @@ class EncryptionConfig(ConfigModel):
         description=(
             "Base64-encoded 32-byte keys, normally from the environment. Empty: nothing is "
             "encrypted. The first key encrypts, every key decrypts: to rotate, put a new key "
-            "first and keep the old ones until nothing is encrypted under them. Make one with "
-            "`python -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())'`."
+            "first and keep the old ones until `tagrelay keys rotate` has re-encrypted "
+            "everything under it (tagrelay_encryption_backlog_events at 0). Make one with "
+            "`tagrelay keys generate`. Needs a restart to change. A spool holding data "
+            "under a key not listed here does not start."
         ),
         examples=[["${TAGRELAY_KEY:-}"], ["${TAGRELAY_KEY_NEW}", "${TAGRELAY_KEY_OLD}"]],
     )
@@ -831,6 +834,14 @@ class GoogleConfig(ConfigModel):
         default_factory=GoogleCollectConfig,
         description="The /g/collect endpoint for gtag's hits.",
         examples=[{"measurement_ids": ["G-XXXX"]}],
+    )
+    gateway: GoogleGatewayConfig = Field(
+        default_factory=GoogleGatewayConfig,
+        description=(
+            "Google tag gateway: paths of the site forwarded to Google's first-party "
+            "endpoint, with a copy of each GA4 and Google Ads hit kept."
+        ),
+        examples=[{"routes": [{"path": "/metrics", "tag_id": "GTM-ABCD1234"}]}],
     )
     server_client_id: str | None = Field(
         None,
@@ -1045,6 +1056,25 @@ class Config(ConfigModel):
                     f"google.scripts path {path!r} for {entry.id} is taken by another endpoint"
                 )
             taken.add(path)
+        return self
+
+    @model_validator(mode="after")
+    def _gateway_paths_are_free(self) -> Config:
+        # A gateway path owns everything below it: nothing else may start there, and it
+        # may not start inside a built-in endpoint. /metrics is free while the relay's own
+        # metrics stay off the public listener (metrics.public).
+        others = [self.paths.script, self.paths.events, self.paths.identity, self.paths.demo]
+        others += [e.path for e in self.google.scripts.ids if e.path is not None]
+        reserved = [r for r in RESERVED_PATHS if not (r == "/metrics" and not self.metrics.public)]
+        for route in self.google.gateway.routes:
+            path = route.path
+            if any(path == r or path.startswith(r + "/") for r in reserved) or any(
+                other == path or other.startswith(path + "/") for other in others
+            ):
+                raise ValueError(
+                    f"google.gateway path {path!r} is taken by another endpoint"
+                    + (" (metrics.public serves /metrics)" if path == "/metrics" else "")
+                )
         return self
 
     @model_validator(mode="after")

@@ -29,6 +29,7 @@ from tagrelay.capture import NO_CAPTURE, DeliveryCapture
 from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.metrics import Metrics
 from tagrelay.model import Event, Outcome
+from tagrelay.spool.encryption import PayloadCipher, cipher_for
 
 if TYPE_CHECKING:
     from tagrelay.identity_store import StoreSettings
@@ -48,6 +49,16 @@ class ForwarderContext:
     capture: DeliveryCapture = field(default=NO_CAPTURE)
     """Where the requests sent and the batches' outcomes go while the debug view captures
     (``tagrelay.capture``); its ``rate`` is 0 otherwise, and nothing is to be built."""
+    encryption_keys: tuple[str, ...] = field(default=(), repr=False)
+    """``encryption.keys`` (base64), for a forwarder that reads the spool file itself
+    (``reads_spool``) from a process of its own: it opens the sealed segments with them
+    (``tagrelay.spool.encryption``). Handed on to such a process through its socket, never
+    on a command line; empty when encryption is off."""
+
+    def spool_cipher(self) -> PayloadCipher:
+        """What opens the spool's segments (the null cipher without keys)."""
+        return cipher_for(self.encryption_keys)
+
     identity: StoreSettings | None = None
     """How to open the identity store (``identity_store.enabled``), for the forwarders that
     read it (``enrich: true``); None when it is off."""

@@ -134,9 +134,13 @@ class Fleet:
         niceness: int = 0,
         stop_timeout_secs: float = 10.0,
         capture: DebugHub | None = None,
+        encryption_keys: tuple[str, ...] = (),
         identity: StoreSettings | None = None,
     ) -> None:
         self.spool = spool
+        self.encryption_keys = encryption_keys
+        """``encryption.keys``, for the processes that read the spool file themselves (the
+        delivery processes, the warehouse's), which open its sealed segments with them."""
         self.identity = identity
         """The identity store, when ``identity_store.enabled``: the fleet runs its writer
         (``identity_store.writer``) and gates the forwarders that read it."""
@@ -204,6 +208,7 @@ class Fleet:
             http=session,
             metrics=self.metrics,
             capture=self.capture.delivery if self.capture is not None else NO_CAPTURE,
+            encryption_keys=self.encryption_keys,
             identity=self.identity,
         )
         configs = self._with_internal(configs)
@@ -325,7 +330,12 @@ class Fleet:
 
     def _new_process(self, configs: Sequence[ForwarderConfigBase]) -> DeliveryProcess:
         process = DeliveryProcess(
-            configs, self.data_dir, self.metrics, niceness=self.niceness, identity=self.identity
+            configs,
+            self.data_dir,
+            self.metrics,
+            niceness=self.niceness,
+            encryption_keys=self.encryption_keys,
+            identity=self.identity,
         )
         if self.capture is not None:
             process.capture_rate = self.capture.rate

@@ -104,6 +104,9 @@ class StartSpec:
     forwarders: Sequence[ForwarderConfigBase]
     niceness: int
     log_level: int
+    encryption_keys: tuple[str, ...] = field(default=(), repr=False)
+    """``encryption.keys``: the child opens the spool's sealed segments with them. They
+    reach it in this frame, over the socket pair: never on its command line."""
     identity: StoreSettings | None = None
     """How to open the identity store (``ForwarderContext.identity``)."""
 
@@ -224,6 +227,7 @@ class DeliveryProcess:
         metrics: Metrics,
         *,
         niceness: int = 0,
+        encryption_keys: tuple[str, ...] = (),
         identity: StoreSettings | None = None,
     ) -> None:
         self.spec = StartSpec(
@@ -231,6 +235,7 @@ class DeliveryProcess:
             forwarders=tuple(forwarders),
             niceness=niceness,
             log_level=logging.getLogger().getEffectiveLevel(),
+            encryption_keys=encryption_keys,
             identity=identity,
         )
         self.metrics = metrics
@@ -567,6 +572,7 @@ class _Child:
         """Each forwarder's deliveries in flight (a reconfiguration waits for them)."""
         self.context: ForwarderContext | None = None
         self._spools: dict[str, Any] = {}
+        self._open_segment: Callable[[int, bytes], bytes] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spool-reader")
         self.cache = SpanCache(self._read_span)
         self.capture = _ChildCapture(self)
@@ -598,8 +604,10 @@ class _Child:
             http=session,
             metrics=self.metrics,
             capture=self.capture,
+            encryption_keys=spec.encryption_keys,
             identity=spec.identity,
         )
+        self._open_segment = self.context.spool_cipher().open_segment
         self.send(frame(("started", await self._start(spec.forwarders))))
         try:
             while True:
@@ -700,8 +708,9 @@ class _Child:
         conn = self._spools.get(path)
         if conn is None:
             conn = self._spools[path] = open_read_only(path)
+        assert self._open_segment is not None, "started"
         try:
-            return read_span(conn, after, last)
+            return read_span(conn, after, last, self._open_segment)
         except Exception:
             self._close_spools()  # the next request opens the file again
             raise

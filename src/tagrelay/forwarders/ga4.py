@@ -67,6 +67,10 @@ retry sends the same bytes), so each is a request of its own; the session id of 
 and ``ad_personalization``. The IP stays when the relay kept one (the relay's own consent
 policy decides that), as it does on Google's own cookieless pings.
 
+**Gateway copies** (``context.ga4.gateway: true``, hits copied by a Google tag gateway
+route, ``web.gateway``) are never sent: Google had them through the gateway. Each is
+counted as ``gateway_delivered``.
+
 **Validation** (``validate_only``): MP requests go to ``/debug/mp/collect`` on the same host;
 an empty ``validationMessages`` is ``Delivered``, anything else ``Dead(validation_failed)``
 with the messages. There is no validation endpoint for gtag hits: they are skipped.
@@ -209,6 +213,7 @@ EVENT_DROP_REASONS: Final = frozenset(
         "other_measurement_id",  # a gtag hit for another GA4 property
         "gtag_hits_skipped",  # gtag_hits: skip
         "too_large",  # one event alone exceeds the 130 kB request limit
+        "gateway_delivered",  # a gateway copy (context.ga4.gateway): Google has the hit
     }
 )
 """Reasons for which a whole event is not sent."""
@@ -672,6 +677,12 @@ class RequestBuilder:
         oldest = now - MAX_EVENT_AGE
         for index, event in enumerate(events):
             context = _dict(event.get("context"))
+            ga4 = context.get("ga4")
+            if isinstance(ga4, dict) and ga4.get("gateway") is True:
+                # Copied from a Google tag gateway route (web.gateway): the hit reached
+                # Google there; sending it again would count it twice.
+                drops["gateway_delivered"] += 1
+                continue
             moment = _timestamp(event)
             if moment is not None and moment < oldest:
                 drops["too_old"] += 1
@@ -680,7 +691,6 @@ class RequestBuilder:
             if denied and self.config.analytics_denied == "skip":
                 drops["consent_denied"] += 1
                 continue
-            ga4 = context.get("ga4")
             if isinstance(ga4, dict) and isinstance(ga4.get("request"), str):
                 self._gtag(index, event, context, ga4, groups, drops)
             else:

@@ -7,6 +7,11 @@ event loop. This module talks to it from one dedicated thread. Without a filter 
 rule (``reads_spool``) it hands it spans of the spool, which the child reads from the file
 itself; otherwise it sends the events the runtime kept, as JSON lines.
 
+``hash_pii`` stores emails and phones as keyed hashes (``tagrelay.warehouse.pii``);
+``retention_days`` has the warehouse process delete older rows every
+``RETENTION_INTERVAL_SECS`` (first soon after start), counted in
+``tagrelay_warehouse_expired_rows_total``.
+
 Outcomes: a loaded batch is ``Delivered`` (duplicates are skipped, misfit values kept in
 ``_unmapped_data``: nothing is rejected per event); a database failure (disk full, lock,
 I/O error, the child dying) is ``Retry(reason="warehouse_error")``, and the retried batch
@@ -23,9 +28,12 @@ new column at INFO.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -43,6 +51,11 @@ from tagrelay.warehouse.process import WarehouseProcess, WarehouseSpec
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+RETENTION_INTERVAL_SECS = 3600.0
+"""How often a warehouse with ``retention_days`` deletes its older rows."""
+RETENTION_FIRST_DELAY_SECS = 60.0
+"""How long after start the first deletion runs (not in the rush of a start-up)."""
 
 WRITER_THREADS = 1
 """DuckDB threads of the relay's database (loading and admin-socket queries share them). One
@@ -107,6 +120,41 @@ class WarehouseConfig(ForwarderConfigBase):
         "(duckdb only).",
         examples=[256],
     )
+    hash_pii: bool = Field(
+        False,
+        description="Store emails and phone numbers as keyed hashes, HMAC-SHA256 with "
+        "hash_pii_salt of the normalized value (email trimmed and lower-cased, phone its "
+        "digits), in hex: in the columns traits_email, context_traits_email, properties_email "
+        "and the same for phone. The same value always gives the same hash, so analysts can "
+        "still count and join on them. Rows stored before stay as they are.",
+        examples=[True],
+    )
+    hash_pii_salt: SecretStr | None = Field(
+        None,
+        description="The secret key of hash_pii's HMAC, at least 16 characters, normally "
+        "from the environment; required with hash_pii. Deliberately not derived from "
+        "encryption.keys: rotating those must not change the hashes analysts join on. "
+        "Changing it changes every hash from then on.",
+        examples=["${TAGRELAY_PII_SALT}"],
+    )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Delete rows received (received_at, else timestamp) more than this many "
+        "days ago, checked every hour, counted in tagrelay_warehouse_expired_rows_total. "
+        "Unset: rows are kept until deleted by hand.",
+        examples=[395],
+    )
+
+    @model_validator(mode="after")
+    def _salt_with_hash_pii(self) -> WarehouseConfig:
+        salt = self.hash_pii_salt.get_secret_value() if self.hash_pii_salt else ""
+        if self.hash_pii and len(salt.strip()) < 16:
+            raise ValueError(
+                "hash_pii needs hash_pii_salt: a secret of at least 16 characters "
+                "(e.g. ${TAGRELAY_PII_SALT}, made with `tagrelay keys generate`)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _dsn_with_postgres(self) -> WarehouseConfig:
@@ -184,6 +232,7 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
         self._executor: ThreadPoolExecutor | None = None
         self._misfit_columns: set[str] = set()
         """Columns whose misfits were logged (bounded by max_columns)."""
+        self._retention: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._executor = ThreadPoolExecutor(
@@ -199,6 +248,10 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
                 table=self.config.table,
                 max_columns=self.config.max_columns,
                 settings=self.config.engine_settings(read_only=False),
+                encryption_keys=self.context.encryption_keys,
+                hash_pii_salt=self.config.hash_pii_salt.get_secret_value()
+                if self.config.hash_pii and self.config.hash_pii_salt is not None
+                else None,
             )
         )
         try:
@@ -208,6 +261,10 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
             self._executor = None
             raise
         self.warehouse = process
+        if self.config.retention_days is not None:
+            self._retention = asyncio.create_task(
+                self._expire_loop(), name=f"warehouse-retention-{self.id}"
+            )
         log.info(
             "warehouse %s: %s table %s open with %d columns",
             self.id,
@@ -299,7 +356,42 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
             kind,
         )
 
+    async def expire(self, now: float | None = None) -> int:
+        """Delete the rows older than ``retention_days`` (on the forwarder's thread, after
+        the load in flight), count and log them; how many there were."""
+        days = self.config.retention_days
+        if days is None:
+            return 0
+        cutoff = (time.time() if now is None else now) - days * 86_400
+        before = datetime.fromtimestamp(cutoff, UTC).isoformat()
+        deleted = await self._on_thread(self._started().expire, before)
+        if deleted:
+            self.context.metrics.warehouse_expired.labels(self.id).inc(deleted)
+            log.info(
+                "warehouse %s: deleted %d rows of %s received before %s (retention_days %s)",
+                self.id,
+                deleted,
+                self.config.table,
+                before,
+                days,
+            )
+        return deleted
+
+    async def _expire_loop(self) -> None:
+        await asyncio.sleep(RETENTION_FIRST_DELAY_SECS)
+        while True:
+            try:
+                await self.expire()
+            except (WarehouseError, RuntimeError) as exc:
+                log.warning("warehouse %s: could not delete old rows: %s", self.id, exc)
+            await asyncio.sleep(RETENTION_INTERVAL_SECS)
+
     async def close(self) -> None:
+        retention, self._retention = self._retention, None
+        if retention is not None:
+            retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retention
         warehouse, self.warehouse = self.warehouse, None
         executor, self._executor = self._executor, None
         if executor is None:

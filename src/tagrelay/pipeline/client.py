@@ -50,6 +50,11 @@ class ClientResolver:
         addr = _parse_ip(text)
         return addr is not None and self._is_trusted(addr)
 
+    def peer_is_trusted(self, peer: str | None) -> bool:
+        """Whether ``peer`` (the socket's address) is a trusted proxy, whose headers about
+        the client are believed."""
+        return peer is not None and bool(self._trusted) and self._peer_is_trusted(peer)
+
     def client_ip(self, peer: str | None, headers: Mapping[str, str]) -> str | None:
         """The client's address as the relay can prove it."""
         if peer is None:

@@ -15,7 +15,12 @@ ga4         gtag hits (``/g/collect``)              the raw query string (the re
                                                     parameters, re-sent verbatim)
 ga4_mp      GA4 Measurement Protocol                the measurement id the api secret
             (``/mp/collect``)                       was checked against
+google_     Google Ads tag hits passing a Google    the path below the gateway route,
+ads_tag     tag gateway route (``web.gateway``)     ``?`` and the raw query string
 ==========  ======================================  =====================================
+
+GA4 hits passing a gateway route are decoded by ``ga4`` (source ``ga4``, marked
+``context.ga4.gateway``).
 
 The name is the ``source`` label of the ingest metrics and ``context.source`` of the stored
 events, except that requests from RudderStack's SDKs on the Segment routes are labelled
@@ -27,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tagrelay.sources import ga4, jitsu, segment, tagrelay
+from tagrelay.sources import ga4, google_ads_tag, jitsu, segment, tagrelay
 from tagrelay.sources._base import Decoded, parse_json_body
 
 Decoder = Callable[[bytes, str], Decoded]
@@ -38,6 +43,7 @@ SOURCES: dict[str, Decoder] = {
     "tagrelay": tagrelay.decode,
     ga4.COLLECT_SOURCE: ga4.decode_collect,
     ga4.MP_SOURCE: ga4.decode_measurement_protocol,
+    google_ads_tag.ADS_TAG_SOURCE: google_ads_tag.decode_ads_hit,
 }
 SOURCE_LABELS: frozenset[str] = frozenset({*SOURCES, segment.RUDDERSTACK})
 

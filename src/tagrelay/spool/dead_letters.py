@@ -10,6 +10,11 @@ id too), with the new reason and detail, one more attempt and the time it died a
 that is delivered deletes it. Rows older than ``dead_letters.retention_days`` are deleted by
 the relay's maintenance.
 
+With ``encryption.keys``, a row's event and detail are sealed (``spool.encryption``: bound
+to the forwarder, the event's sequence number and the column) and ``key_id`` names the key;
+the functions that read or rewrite them take the ``cipher``. The reason stays in clear (a
+code from a fixed vocabulary, never personal data), so that rows can be selected by it.
+
 The functions here take a ``sqlite3`` connection in autocommit mode: the relay calls them
 on the spool's threads (``SqliteSpool``), ``tagrelay dlq`` on a connection of its own when no
 relay runs. Deletes go ``DELETE_CHUNK`` rows per transaction, so that the spool's group
@@ -26,10 +31,37 @@ from typing import Any
 
 import orjson
 
+from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher, sealed_key_id
+
 DELETE_CHUNK = 500
 """Rows deleted (or updated) per statement and transaction."""
 
 COLUMNS = "id, forwarder, seq, payload, reason, detail, attempts, dead_at_ms"
+
+
+def sealed_row(
+    cipher: PayloadCipher, forwarder: str, seq: int, payload: bytes, detail: str
+) -> tuple[bytes, bytes | str, bytes | None]:
+    """A dead letter's ``payload``, ``detail`` and ``key_id`` as stored: sealed by
+    ``cipher``, or as they are without keys."""
+    if not cipher.enabled:
+        return payload, detail, None
+    sealed = cipher.seal_dead_letter(forwarder, seq, "payload", payload)
+    return (
+        sealed,
+        cipher.seal_dead_letter(forwarder, seq, "detail", detail.encode()),
+        sealed_key_id(sealed),
+    )
+
+
+def _opened(row: tuple[Any, ...], cipher: PayloadCipher) -> DeadLetterRow:
+    dead_letter_id, forwarder, seq, payload, reason, detail, attempts, dead_at_ms = row
+    payload = cipher.open_dead_letter(forwarder, seq, "payload", bytes(payload))
+    if isinstance(detail, bytes):
+        detail = cipher.open_dead_letter(forwarder, seq, "detail", detail).decode()
+    return DeadLetterRow(
+        dead_letter_id, forwarder, seq, payload, reason, detail, attempts, dead_at_ms
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,23 +118,27 @@ def select(
     after_id: int = 0,
     limit: int = 1000,
     newest_first: bool = False,
+    cipher: PayloadCipher = PLAINTEXT,
 ) -> list[DeadLetterRow]:
     """Up to ``limit`` dead letters of ``selection`` with ``id > after_id``, by id (the
-    order they died in; ``newest_first``: the last ones, the newest first)."""
+    order they died in; ``newest_first``: the last ones, the newest first), opened with
+    ``cipher``."""
     where, params = selection.where()
     order = "DESC" if newest_first else ""
     rows = conn.execute(
         f"SELECT {COLUMNS} FROM dead_letters WHERE id > ? AND {where} ORDER BY id {order} LIMIT ?",
         (after_id, *params, limit),
     ).fetchall()
-    return [DeadLetterRow(*row) for row in rows]
+    return [_opened(row, cipher) for row in rows]
 
 
-def get(conn: sqlite3.Connection, dead_letter_id: int) -> DeadLetterRow | None:
+def get(
+    conn: sqlite3.Connection, dead_letter_id: int, cipher: PayloadCipher = PLAINTEXT
+) -> DeadLetterRow | None:
     row = conn.execute(
         f"SELECT {COLUMNS} FROM dead_letters WHERE id = ?", (dead_letter_id,)
     ).fetchone()
-    return None if row is None else DeadLetterRow(*row)
+    return None if row is None else _opened(row, cipher)
 
 
 def _chunks(ids: Sequence[int]) -> Iterable[Sequence[int]]:
@@ -122,10 +158,17 @@ def delete_ids(conn: sqlite3.Connection, ids: Sequence[int]) -> int:
 
 
 def died_again(
-    conn: sqlite3.Connection, ids: Sequence[int], reason: str, detail: str, now_ms: int
+    conn: sqlite3.Connection,
+    ids: Sequence[int],
+    reason: str,
+    detail: str,
+    now_ms: int,
+    cipher: PayloadCipher = PLAINTEXT,
 ) -> int:
     """A replay of ``ids`` failed: they stay, with this reason and detail, one attempt more
     and ``now_ms`` as the time they died."""
+    if cipher.enabled:
+        return _died_again_sealed(conn, ids, reason, detail, now_ms, cipher)
     updated = 0
     for chunk in _chunks(ids):
         cursor = conn.execute(
@@ -134,6 +177,41 @@ def died_again(
             (reason, detail, now_ms, *chunk),
         )
         updated += cursor.rowcount
+    return updated
+
+
+def _died_again_sealed(
+    conn: sqlite3.Connection,
+    ids: Sequence[int],
+    reason: str,
+    detail: str,
+    now_ms: int,
+    cipher: PayloadCipher,
+) -> int:
+    """``died_again`` when details are sealed: each row's own (bound to the row), and its
+    payload sealed again with it if it was not yet under the first key (a plaintext row
+    from before encryption, or one under an old key: one ``key_id`` per row)."""
+    updated = 0
+    for chunk in _chunks(ids):
+        rows = conn.execute(
+            f"SELECT id, forwarder, seq, payload FROM dead_letters "
+            f"WHERE id IN ({','.join('?' * len(chunk))})",
+            chunk,
+        ).fetchall()
+        conn.execute("BEGIN")
+        try:
+            for dead_letter_id, forwarder, seq, stored in rows:
+                plain = cipher.open_dead_letter(forwarder, seq, "payload", bytes(stored))
+                payload, sealed, kid = sealed_row(cipher, forwarder, seq, plain, detail)
+                updated += conn.execute(
+                    "UPDATE dead_letters SET reason = ?, detail = ?, payload = ?, key_id = ?, "
+                    "attempts = attempts + 1, dead_at_ms = ? WHERE id = ?",
+                    (reason, sealed, payload, kid, now_ms, dead_letter_id),
+                ).rowcount
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
     return updated
 
 

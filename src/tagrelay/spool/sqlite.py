@@ -27,12 +27,18 @@ cursor is past them. The rules this module keeps:
   answer they did not see. The stored ids are logged in ``message_log`` in the same
   transaction as their segment, so an event and its id are committed together or not at
   all, and the memory of recent ids is rebuilt from the log at start-up.
+- Encryption at rest (``encryption.keys``): each segment is sealed as a whole before it is
+  sent to the commit process, each dead letter's event and detail before they are written,
+  and both are opened where they are read (``spool.encryption``). A spool holding rows
+  sealed under a key not configured (or sealed rows and no key) does not open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -47,11 +53,12 @@ from typing import IO, Any, TypeVar
 import orjson
 
 from tagrelay.datadir import open_private, private_dir, private_file, tighten
-from tagrelay.errors import SpoolUnavailable
+from tagrelay.errors import EncryptionKeyError, SpoolUnavailable
 from tagrelay.logthrottle import LogThrottle
-from tagrelay.spool import dead_letters
+from tagrelay.spool import dead_letters, rotation
 from tagrelay.spool.dead_letters import DeadLetterRow, Selection
 from tagrelay.spool.dedup import RecentIds
+from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher, check_keys, stored_key_ids
 from tagrelay.spool.segments import SELECT_FIRST_RECEIVED, segments_after
 from tagrelay.spool.writer import WriterProcess
 
@@ -74,7 +81,8 @@ CREATE TABLE IF NOT EXISTS segments (
     last_seq INTEGER PRIMARY KEY,     -- seq of the segment's last event
     count INTEGER NOT NULL,           -- its events are last_seq - count + 1 .. last_seq
     received_ms INTEGER NOT NULL,     -- when the oldest of them arrived
-    payload BLOB NOT NULL             -- the events: compact JSON, one per line
+    payload BLOB NOT NULL,            -- the events: compact JSON, one per line (or sealed)
+    key_id BLOB                       -- the key the payload is sealed under; NULL: plaintext
 );
 CREATE TABLE IF NOT EXISTS cursors (
     forwarder TEXT PRIMARY KEY,
@@ -92,7 +100,8 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     reason TEXT NOT NULL,
     detail TEXT NOT NULL,
     attempts INTEGER NOT NULL,
-    dead_at_ms INTEGER NOT NULL
+    dead_at_ms INTEGER NOT NULL,
+    key_id BLOB                       -- the key payload and detail are sealed under, or NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_by_forwarder ON dead_letters (forwarder, id);
 CREATE INDEX IF NOT EXISTS dead_letters_by_time ON dead_letters (dead_at_ms);
@@ -192,8 +201,11 @@ class SqliteSpool:
         max_size_mb: int = 0,
         dedup_window_secs: float = 0,
         dedup_capacity: int = 250_000,
+        cipher: PayloadCipher = PLAINTEXT,
     ) -> None:
         self.path = path
+        self.cipher = cipher
+        """Seals what is written and opens what is read (``encryption.keys``)."""
         self.dedup_window_ms = int(dedup_window_secs * 1000)
         self.dedup_capacity = dedup_capacity
         self._recent = RecentIds(dedup_capacity, self.dedup_window_ms)
@@ -222,6 +234,11 @@ class SqliteSpool:
         """Number of append transactions committed (group commit makes it < requests)."""
         self.on_commit: Callable[[float], None] | None = None
         """Called with the seconds each successful group commit took (for metrics)."""
+        self.on_reencrypted: Callable[[str, int], None] | None = None
+        """Called with a store and a number of events each time key rotation re-encrypts
+        some (for metrics)."""
+        self._encryption_backlog: rotation.Backlog = {}
+        self._rotating: asyncio.Task[rotation.RotationReport] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -302,6 +319,9 @@ class SqliteSpool:
         conn.execute("PRAGMA wal_autocheckpoint=0")
         conn.executescript(SCHEMA)
         self._migrate(conn)
+        check_keys(stored_key_ids(conn), self.cipher, str(self.path))
+        if self.cipher.enabled:
+            self._encryption_backlog = rotation.backlog(conn, self.cipher.primary_id)
         if self._max_size_mb:
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             self._max_page_count = self._max_size_mb * 1024 * 1024 // page_size
@@ -319,6 +339,13 @@ class SqliteSpool:
             conn.execute("ALTER TABLE cursors ADD COLUMN batch_last INTEGER")
         if "retired_ms" not in columns:
             conn.execute("ALTER TABLE cursors ADD COLUMN retired_ms INTEGER")
+        for table in ("segments", "dead_letters"):
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if "key_id" not in columns:  # written before encryption at rest: plaintext
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN key_id BLOB")
+            # Questions about keys read this index, never the rows: ``key_id`` comes after
+            # the payload in a row, and reading it there means reading the whole payload.
+            conn.execute(f"CREATE INDEX IF NOT EXISTS {table}_by_key ON {table} (key_id)")
 
     @staticmethod
     def _read_head(conn: sqlite3.Connection) -> int:
@@ -363,6 +390,10 @@ class SqliteSpool:
         if self._closed:
             return
         self._closed = True
+        if self._rotating is not None and not self._rotating.done():
+            self._rotating.cancel()  # each row is its own transaction: the rest waits
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._rotating
         while self._flusher is not None and not self._flusher.done():
             await self._flusher
         if self._pending:
@@ -531,7 +562,9 @@ class SqliteSpool:
         """Write one segment (and log its ids) in the commit process; the new head."""
         assert self._commits is not None
         started = time.perf_counter()
-        head = await self._commits.insert(self._head + count, count, received_ms, payload, ids_json)
+        last_seq = self._head + count
+        payload = self.cipher.seal_segment(last_seq, payload)
+        head = await self._commits.insert(last_seq, count, received_ms, payload, ids_json)
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started)
         return head
@@ -656,7 +689,7 @@ class SqliteSpool:
     def _read(self, after: int, limit: int) -> list[SpooledEvent]:
         assert self._rconn is not None
         out: list[SpooledEvent] = []
-        with closing(segments_after(self._rconn, after)) as segments:
+        with closing(segments_after(self._rconn, after, self.cipher.open_segment)) as segments:
             for first, received_ms, lines in segments:
                 for offset, line in enumerate(lines[: limit - len(out)]):
                     out.append(SpooledEvent(first + offset, received_ms, line))
@@ -724,12 +757,19 @@ class SqliteSpool:
     ) -> None:
         conn = self._conn()
         now = _now_ms()
+        rows = [
+            dead_letters.sealed_row(self.cipher, forwarder, e.seq, e.payload, detail)
+            for e in events
+        ]
         try:
             conn.execute("BEGIN")
             conn.executemany(
                 "INSERT INTO dead_letters (forwarder, seq, payload, reason, detail, attempts, "
-                "dead_at_ms) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [(forwarder, e.seq, e.payload, reason, detail, attempts, now) for e in events],
+                "dead_at_ms, key_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (forwarder, e.seq, payload, reason, sealed, attempts, now, kid)
+                    for e, (payload, sealed, kid) in zip(events, rows, strict=True)
+                ],
             )
             if state is not None:
                 self._save_cursor(forwarder, state)  # same transaction
@@ -756,12 +796,19 @@ class SqliteSpool:
         chosen = selection if selection is not None else Selection(forwarder=forwarder)
         return await self._on_reader(
             lambda conn: dead_letters.select(
-                conn, chosen, after_id=after_id, limit=limit, newest_first=newest_first
+                conn,
+                chosen,
+                after_id=after_id,
+                limit=limit,
+                newest_first=newest_first,
+                cipher=self.cipher,
             )
         )
 
     async def dead_letter_by_id(self, dead_letter_id: int) -> DeadLetterRow | None:
-        return await self._on_reader(lambda conn: dead_letters.get(conn, dead_letter_id))
+        return await self._on_reader(
+            lambda conn: dead_letters.get(conn, dead_letter_id, cipher=self.cipher)
+        )
 
     def dead_letter_counts(self) -> dict[str, int]:
         """Dead letters stored now, by forwarder (kept up to date as they are written and
@@ -789,8 +836,89 @@ class SqliteSpool:
         """A replay of the dead letters ``ids`` failed: they stay, with ``reason`` and
         ``detail``, one attempt more and now as the time they died."""
         return await self._on_writer(
-            lambda: dead_letters.died_again(self._conn(), ids, reason, detail, _now_ms())
+            lambda: dead_letters.died_again(
+                self._conn(), ids, reason, detail, _now_ms(), cipher=self.cipher
+            )
         )
+
+    # -- key rotation ------------------------------------------------------------------
+
+    def encryption_backlog(self) -> rotation.Backlog:
+        """Events not yet under the first key, by store and state, as last counted (at
+        start-up, by rotation, by ``count_encryption_backlog``); empty without keys."""
+        return dict(self._encryption_backlog)
+
+    async def count_encryption_backlog(self) -> rotation.Backlog:
+        """Count again what ``encryption_backlog`` tells (pruning and purges shrink it).
+        Free once it is empty: the relay writes every new row under the first key."""
+        if self.cipher.enabled and self._encryption_backlog:
+            self._encryption_backlog = await self._on_reader(
+                lambda conn: rotation.backlog(conn, self.cipher.primary_id)
+            )
+        return dict(self._encryption_backlog)
+
+    def rotate_keys(self) -> asyncio.Future[rotation.RotationReport]:
+        """Re-encrypt every row not under the first key, in the background (see
+        ``spool.rotation``); the future completes with the report. A rotation asked for
+        while one runs joins it. Raises ``EncryptionKeyError`` without keys."""
+        if not self.cipher.enabled:
+            raise EncryptionKeyError(
+                "encryption.keys is empty: there is no key to re-encrypt the spool under"
+            )
+        if self._rotating is None or self._rotating.done():
+            self._rotating = asyncio.get_running_loop().create_task(
+                self._rotate(), name="spool-key-rotation"
+            )
+        return asyncio.shield(self._rotating)
+
+    async def _rotate(self) -> rotation.RotationReport:
+        primary = self.cipher.primary_id
+        assert primary is not None
+        report = rotation.RotationReport()
+        cipher = self.cipher
+        for kid in await self._on_reader(
+            lambda conn: rotation.old_key_ids(conn, "segments", primary)
+        ):
+            after = 0
+            while True:
+                found = await self._on_reader(
+                    functools.partial(rotation.next_segment, cipher=cipher, kid=kid, after=after)
+                )
+                if found is None:
+                    break
+                last_seq, count, payload = found
+                if await self._commit_process().rewrite(last_seq, payload, kid):
+                    report.reencrypted["spool"] += count
+                    self._reencrypted("spool", count)
+                after = last_seq
+        for kid in await self._on_reader(
+            lambda conn: rotation.old_key_ids(conn, "dead_letters", primary)
+        ):
+            after_id = 0
+            while True:
+                last_id, done = await self._on_writer(
+                    rotation.rotate_dead_letters, self._conn(), cipher, kid, after_id
+                )
+                if last_id == after_id:
+                    break
+                report.reencrypted["dead_letters"] += done
+                self._reencrypted("dead_letters", done)
+                after_id = last_id
+        report.left = self._encryption_backlog = await self._on_reader(
+            lambda conn: rotation.backlog(conn, primary)
+        )
+        log.info(
+            "re-encrypted the spool under the first key",
+            extra={
+                "events": report.reencrypted["spool"],
+                "dead_letters": report.reencrypted["dead_letters"],
+            },
+        )
+        return report
+
+    def _reencrypted(self, store: str, events: int) -> None:
+        if events and self.on_reencrypted is not None:
+            self.on_reencrypted(store, events)
 
     # -- pruning -----------------------------------------------------------------------
 

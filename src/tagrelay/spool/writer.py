@@ -26,6 +26,7 @@ from tagrelay.spool.writer_child import (
     OP_INSERT,
     OP_PRUNE_IDS,
     OP_PRUNE_SEGMENTS,
+    OP_REWRITE,
     REPLY,
     REQUEST,
     SQLITE_ERROR,
@@ -120,6 +121,13 @@ class WriterProcess:
 
     async def prune_ids(self, upto_id: int) -> int:
         return await self._call(REQUEST.pack(OP_PRUNE_IDS, upto_id, 0, 0, 0, 0))
+
+    async def rewrite(self, last_seq: int, payload: bytes, old_key_id: bytes | None) -> int:
+        """Replace a segment's payload (key rotation); see ``writer_child.rewrite``."""
+        old = old_key_id or b""
+        return await self._call(
+            REQUEST.pack(OP_REWRITE, last_seq, 0, 0, len(payload), len(old)), payload, old
+        )
 
     async def _call(self, *parts: bytes) -> int:
         async with self._lock:

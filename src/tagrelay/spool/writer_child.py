@@ -19,6 +19,10 @@ request  ``REQUEST`` (op, a, b, c, len1, len2), then len1 + len2 bytes
          ``OP_PRUNE_SEGMENTS``: delete up to b segments every cursor is past (a = the head,
                                 for when there is no cursor); answers how many
          ``OP_PRUNE_IDS``:      delete the logged ids up to a; answers how many
+         ``OP_REWRITE``:        replace the payload of the segment a (key rotation) with
+                                the first bytes, if it is still sealed under the key id
+                                given as the second (none: plaintext); answers 1, or 0
+                                when it was pruned or rewritten meanwhile
 answer   ``REPLY`` (status, value, len), then len bytes of message; status ``OK``,
          ``SQLITE_ERROR`` (the statement failed and changed nothing) or ``FAILED``
 
@@ -50,21 +54,25 @@ OP_INSERT = 1
 OP_CHECKPOINT = 2
 OP_PRUNE_SEGMENTS = 3
 OP_PRUNE_IDS = 4
+OP_REWRITE = 5
 
 OK = 0
 SQLITE_ERROR = 1
 FAILED = 2
 
-PLAIN_INSERT = "INSERT INTO segments (last_seq, count, received_ms, payload) VALUES (?, ?, ?, ?)"
+PLAIN_INSERT = (
+    "INSERT INTO segments (last_seq, count, received_ms, payload, key_id) VALUES (?, ?, ?, ?, ?)"
+)
 
 COMMIT_VIEW = """
-CREATE TEMP VIEW IF NOT EXISTS logged_segments (last_seq, count, received_ms, payload, ids) AS
-    SELECT last_seq, count, received_ms, payload, NULL FROM main.segments;
+CREATE TEMP VIEW IF NOT EXISTS logged_segments
+    (last_seq, count, received_ms, payload, key_id, ids) AS
+    SELECT last_seq, count, received_ms, payload, key_id, NULL FROM main.segments;
 CREATE TEMP TRIGGER IF NOT EXISTS logged_segments_insert
 INSTEAD OF INSERT ON logged_segments
 BEGIN
-    INSERT INTO segments (last_seq, count, received_ms, payload)
-        VALUES (NEW.last_seq, NEW.count, NEW.received_ms, NEW.payload);
+    INSERT INTO segments (last_seq, count, received_ms, payload, key_id)
+        VALUES (NEW.last_seq, NEW.count, NEW.received_ms, NEW.payload, NEW.key_id);
     INSERT INTO message_log (message_id, received_ms)
         SELECT value, NEW.received_ms FROM json_each(NEW.ids);
 END;
@@ -75,9 +83,23 @@ connection only (TEMP), that is one statement in autocommit mode, atomic like an
 statement, instead of BEGIN, two INSERTs and COMMIT."""
 
 LOGGED_INSERT = (
-    "INSERT INTO logged_segments (last_seq, count, received_ms, payload, ids) "
-    "VALUES (?, ?, ?, ?, ?)"
+    "INSERT INTO logged_segments (last_seq, count, received_ms, payload, key_id, ids) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
 )
+
+SEALED_HEADER = b"\x00\x01"
+"""How a payload sealed by ``tagrelay.crypto`` starts (a JSON line never does); the key id
+follows in the next four bytes. Repeated here: this module runs on the standard library
+alone (tests/spool check it against ``tagrelay.crypto``)."""
+SEALED_MIN_BYTES = 50
+"""``tagrelay.crypto.OVERHEAD_BYTES``: no sealed payload is shorter."""
+
+
+def key_id_of(payload: bytes) -> bytes | None:
+    """The key id a sealed payload names (the ``key_id`` column), None for plaintext."""
+    if len(payload) >= SEALED_MIN_BYTES and payload[:2] == SEALED_HEADER:
+        return payload[2:6]
+    return None
 
 
 def open_connection(path: str, synchronous: str, max_page_count: int) -> sqlite3.Connection:
@@ -104,10 +126,23 @@ def insert(
     ids_json: str | None,
 ) -> None:
     """One group commit: one statement in autocommit mode, its own transaction."""
+    key_id = key_id_of(payload)
     if ids_json is None:
-        conn.execute(PLAIN_INSERT, (last_seq, count, received_ms, payload))
+        conn.execute(PLAIN_INSERT, (last_seq, count, received_ms, payload, key_id))
     else:
-        conn.execute(LOGGED_INSERT, (last_seq, count, received_ms, payload, ids_json))
+        conn.execute(LOGGED_INSERT, (last_seq, count, received_ms, payload, key_id, ids_json))
+
+
+def rewrite(
+    conn: sqlite3.Connection, last_seq: int, payload: bytes, old_key_id: bytes | None
+) -> int:
+    """Replace the payload of segment ``last_seq`` if it is still sealed under
+    ``old_key_id`` (None: plaintext): one statement, its own transaction. 1 if it was, 0
+    if the segment is gone (pruned) or was rewritten meanwhile."""
+    return conn.execute(
+        "UPDATE segments SET payload = ?, key_id = ? WHERE last_seq = ? AND key_id IS ?",
+        (payload, key_id_of(payload), last_seq, old_key_id),
+    ).rowcount
 
 
 def checkpoint(conn: sqlite3.Connection) -> None:
@@ -158,6 +193,8 @@ def serve(sock: socket.socket, conn: sqlite3.Connection) -> None:
                 reply(sock, OK, prune_segments(conn, a, b))
             elif op == OP_PRUNE_IDS:
                 reply(sock, OK, prune_ids(conn, a))
+            elif op == OP_REWRITE:
+                reply(sock, OK, rewrite(conn, a, first, second or None))
             else:
                 reply(sock, FAILED, 0, f"unknown operation {op}")
         except sqlite3.Error as exc:

@@ -7,6 +7,10 @@ every row in one statement that skips message ids already in the table. Values t
 do not fit their column land in the row's ``_unmapped_data`` JSON; no event is dropped
 except duplicates.
 
+With a ``PiiHasher`` (the forwarder's ``hash_pii``), emails and phones are replaced by keyed
+hashes before planning (``tagrelay.warehouse.pii``). ``Warehouse.expire`` deletes the rows
+received before a time (the forwarder's ``retention_days``).
+
 ``Warehouse.query`` answers ``tagrelay sql``: one read-only statement, a row cap, a timeout;
 it runs in another thread while a batch is loading, and never waits for it.
 
@@ -27,6 +31,7 @@ from typing import Any, Final
 from tagrelay.errors import WarehouseError, WarehouseLocked
 from tagrelay.model import Event
 from tagrelay.warehouse.dialects.base import Dialect, QueryResult
+from tagrelay.warehouse.pii import PiiHasher
 from tagrelay.warehouse.schema import BASE_COLUMNS, DEDUP_KEY, UNMAPPED_COLUMN, ColumnType, plan
 
 __all__ = [
@@ -97,9 +102,17 @@ class Warehouse:
     called from other threads meanwhile, several at once."""
 
     def __init__(
-        self, dialect: Dialect, table: str, max_columns: int, *, read_only: bool = False
+        self,
+        dialect: Dialect,
+        table: str,
+        max_columns: int,
+        *,
+        read_only: bool = False,
+        pii: PiiHasher | None = None,
     ) -> None:
         self.dialect = dialect
+        self.pii = pii
+        """Hashes emails and phones before they are stored (``hash_pii``), or None."""
         self.table = table
         self.max_columns = max_columns
         self.read_only = read_only
@@ -118,11 +131,13 @@ class Warehouse:
         max_columns: int = 1000,
         read_only: bool = False,
         settings: Mapping[str, str | int | bool] | None = None,
+        hash_pii_salt: bytes | None = None,
     ) -> Warehouse:
         """Open the database at ``target`` (a file path for duckdb, a connection string for
         postgres) and read ``table``'s
         columns; create the table with the base columns when it is missing (unless
-        ``read_only``). ``settings`` go to the engine (DuckDB: e.g. ``{"threads": 1}``)."""
+        ``read_only``). ``settings`` go to the engine (DuckDB: e.g. ``{"threads": 1}``).
+        With ``hash_pii_salt``, emails and phones are stored hashed (``warehouse.pii``)."""
         factory = DIALECTS.get(dialect)
         if factory is None:
             raise WarehouseError(
@@ -137,9 +152,10 @@ class Warehouse:
             raise WarehouseError(
                 f"max_columns is {max_columns}; it must be at least {len(BASE_COLUMNS)}"
             )
+        pii = PiiHasher(hash_pii_salt) if hash_pii_salt is not None else None
         engine = factory(target, read_only=read_only, settings=settings)
         engine.open()
-        warehouse = cls(engine, table, max_columns, read_only=read_only)
+        warehouse = cls(engine, table, max_columns, read_only=read_only, pii=pii)
         try:
             warehouse._load_columns(create=not read_only)
             if not read_only:
@@ -185,6 +201,8 @@ class Warehouse:
         can then be retried as a whole (nothing is written twice)."""
         if self.read_only:
             raise WarehouseError(f"the warehouse of table {self.table} was opened read-only")
+        if self.pii is not None:
+            events = self.pii.events(events)
         widened: dict[str, str] = {}
         try:
             while True:
@@ -239,6 +257,13 @@ class Warehouse:
             self._load_columns(create=False)
         except WarehouseError:
             log.debug("warehouse %s: cannot re-read the columns", self.table, exc_info=True)
+
+    def expire(self, before: str) -> int:
+        """Delete the rows received before ``before`` (an ISO-8601 time with its zone):
+        by ``received_at``, else ``timestamp`` for a row without one. How many were."""
+        if self.read_only:
+            raise WarehouseError(f"the warehouse of table {self.table} was opened read-only")
+        return self.dialect.delete_older_than(self.table, before)
 
     def query(
         self, sql: str, max_rows: int = 10_000, timeout_secs: float | None = 60.0

@@ -11,6 +11,7 @@ Loads, one request at a time, answered in order:
 
 ``("insert", ndjson_bytes)``         -> ``("ok", InsertResult)``
 ``("insert_span", spool, after, last)`` -> ``("ok", (InsertResult, arrivals))``
+``("expire", before)``                 -> ``("ok", rows deleted)`` (``retention_days``)
 any failure                          -> ``("error", kind, message)``
 
 Queries (``tagrelay sql``), on the second pair, so that a slow query never holds up a load:
@@ -45,15 +46,17 @@ import sys
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
 
 import orjson
 
+from tagrelay.crypto import CryptoError
 from tagrelay.datadir import CHILD_UMASK
-from tagrelay.errors import QueryRejected, QueryTimeout, WarehouseError
-from tagrelay.spool.segments import SpanMissing, open_read_only, read_span
+from tagrelay.errors import QueryRejected, QueryTimeout, TagrelayError, WarehouseError
+from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher, cipher_for
+from tagrelay.spool.segments import SealedSegment, SpanMissing, open_read_only, read_span
 from tagrelay.warehouse import InsertResult, QueryResult
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,11 @@ class WarehouseSpec:
     table: str
     max_columns: int
     settings: Mapping[str, str | int | bool]
+    encryption_keys: tuple[str, ...] = field(default=(), repr=False)
+    """``encryption.keys``: the child opens the spool's sealed segments with them (sent
+    in this frame over the socket pair, never on the command line)."""
+    hash_pii_salt: str | None = field(default=None, repr=False)
+    """``hash_pii_salt`` when ``hash_pii`` is on (``tagrelay.warehouse.pii``)."""
 
 
 IOPRIO_CLASS_IDLE = 3
@@ -136,6 +144,7 @@ def _child_main(conn: Connection, queries: Connection) -> None:
                 table=spec.table,
                 max_columns=spec.max_columns,
                 settings=dict(spec.settings),
+                hash_pii_salt=None if spec.hash_pii_salt is None else spec.hash_pii_salt.encode(),
             ),
             START_TIMEOUT_SECS,
         )
@@ -144,7 +153,7 @@ def _child_main(conn: Connection, queries: Connection) -> None:
         return
     conn.send(("ok", dict(warehouse.columns)))
     QueryServer(warehouse, queries).start()
-    spools = SpoolReaders()
+    spools = SpoolReaders(cipher_for(spec.encryption_keys))
     try:
         while True:
             try:
@@ -160,16 +169,17 @@ def _child_main(conn: Connection, queries: Connection) -> None:
 class SpoolReaders:
     """The child's read-only connections to spool files, opened on first use."""
 
-    def __init__(self) -> None:
+    def __init__(self, cipher: PayloadCipher = PLAINTEXT) -> None:
         self._connections: dict[str, sqlite3.Connection] = {}
+        self._cipher = cipher
 
     def read(self, path: str, after: int, last: int) -> tuple[list[bytes], list[tuple[int, int]]]:
         try:
             conn = self._connections.get(path)
             if conn is None:
                 conn = self._connections[path] = open_read_only(path)
-            return read_span(conn, after, last)
-        except (sqlite3.Error, SpanMissing) as exc:
+            return read_span(conn, after, last, self._cipher.open_segment)
+        except (sqlite3.Error, SpanMissing, SealedSegment, CryptoError, TagrelayError) as exc:
             self.close()  # the next request opens the file again
             raise WarehouseError(f"cannot read events {after + 1}-{last} of {path}: {exc}") from exc
 
@@ -188,6 +198,8 @@ def _serve(warehouse: Any, spools: SpoolReaders, request: tuple[Any, ...]) -> tu
             _, path, after, last = request
             lines, arrivals = spools.read(path, after, last)
             return ("ok", (warehouse.insert([orjson.loads(line) for line in lines]), arrivals))
+        if request[0] == "expire":
+            return ("ok", warehouse.expire(request[1]))
         return ("error", "protocol", f"unknown request {request[0]!r}")
     except WarehouseError as exc:
         return ("error", "warehouse", str(exc))
@@ -420,6 +432,11 @@ class WarehouseProcess:
         self.columns.update(result.new_columns)
         self.columns.update(result.widened_columns)
         return result, arrivals
+
+    def expire(self, before: str) -> int:
+        """Delete the rows received before ``before`` (ISO-8601); how many were."""
+        deleted: int = self._call(("expire", before))
+        return deleted
 
     def query(
         self, sql: str, max_rows: int = 10_000, timeout_secs: float | None = 60.0

@@ -4,7 +4,10 @@ router the route is on.
 
 - ``/healthz``: 200 while the process serves.
 - ``/readyz``: 200 once the spool is open and writable and the forwarders run; 503 with the
-  names of the problems otherwise.
+  names of the problems otherwise. With Google tag gateway routes, the body also reports
+  each route's start-up health check (``"gateway": {"/metrics": "ok"}``: pending, ok,
+  failed or off), which never makes the relay unready: Google's outage is not the relay's,
+  and taking it out of rotation would stop its own ingest too.
 - ``/metrics``: the Prometheus exposition of the relay's registry (the forwarders' lag
   measured at that moment).
 """
@@ -12,11 +15,13 @@ router the route is on.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from tagrelay.appkeys import METRICS, READY, SPOOL
+from tagrelay.web.gateway import GATEWAY
 from tagrelay.web.ingest import json_response
 
 __all__ = ["add_health_routes", "add_metrics_route", "readiness_problems"]
@@ -38,9 +43,13 @@ def add_health_routes(router: web.UrlDispatcher, main_app: web.Application, pref
 
     async def readyz(request: web.Request) -> web.Response:
         problems = readiness_problems(main_app)
-        if problems:
-            return json_response(503, {"status": "not_ready", "problems": problems})
-        return json_response(200, {"status": "ready"})
+        body: dict[str, Any] = (
+            {"status": "not_ready", "problems": problems} if problems else {"status": "ready"}
+        )
+        gateway = main_app.get(GATEWAY)
+        if gateway is not None:
+            body["gateway"] = gateway.health_report()
+        return json_response(503 if problems else 200, body)
 
     router.add_get(prefix + "/healthz", healthz)
     router.add_get(prefix + "/readyz", readyz)

@@ -74,6 +74,10 @@ class Dialect(Protocol):
         ``columns`` of ``table`` in one statement, skipping rows whose primary key is
         already in the table. Returns the number of rows inserted."""
 
+    def delete_older_than(self, table: str, before: str) -> int:
+        """Delete the rows of ``table`` whose ``received_at`` (or, when it is NULL,
+        ``timestamp``) is before ``before`` (ISO-8601 with a zone); how many there were."""
+
     def query(self, sql: str, max_rows: int, timeout_secs: float | None) -> QueryResult:
         """Run one read-only statement and return at most ``max_rows`` rows. Raises
         ``QueryRejected`` for anything that could write, ``QueryTimeout`` when it runs

@@ -304,6 +304,21 @@ class DuckDBDialect:
             self._insert_sql[key] = sql
         return sql
 
+    def delete_older_than(self, table: str, before: str) -> int:
+        try:
+            row = (
+                self._connection()
+                .execute(
+                    f"DELETE FROM {quote_identifier(table)} "
+                    'WHERE COALESCE("received_at", "timestamp") < CAST(? AS TIMESTAMPTZ)',
+                    [before],
+                )
+                .fetchone()
+            )
+        except duckdb.Error as e:
+            raise WarehouseError(f"cannot delete old rows from {table}: {e}") from e
+        return int(row[0]) if row else 0
+
     def _execute(self, sql: str) -> None:
         try:
             self._connection().execute(sql)

@@ -353,6 +353,21 @@ class PostgresDialect:
             ) from e
         return max(inserted, 0)
 
+    def delete_older_than(self, table: str, before: str) -> int:
+        received, timestamp = quote_identifier("received_at"), quote_identifier("timestamp")
+        con = self._connection()
+        try:
+            with con.transaction(), con.cursor() as cur:
+                cur.execute(
+                    f"DELETE FROM {self._table(table)} "
+                    f"WHERE COALESCE({received}, {timestamp}) < %s::timestamptz",
+                    [before],
+                )
+                deleted = cur.rowcount
+        except psycopg.Error as e:
+            raise WarehouseError(f"cannot delete old rows from {table}: {_message(e)}") from e
+        return max(deleted, 0)
+
     # -- reading ---------------------------------------------------------------------
 
     def query(self, sql: str, max_rows: int, timeout_secs: float | None) -> QueryResult:
