@@ -43,6 +43,7 @@ from tagrelay.appkeys import (
     METRICS,
     READY,
     SPOOL,
+    SUPPRESSION,
     WORKERS,
 )
 from tagrelay.capture import DebugHub
@@ -54,6 +55,7 @@ from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.identity_store import IDENTITY_WRITER_ID, StoreSettings
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
+from tagrelay.pipeline.suppression import Suppression
 from tagrelay.reload import RELOADER, Reloader
 from tagrelay.spool.dead_letters import Selection
 from tagrelay.spool.encryption import PayloadCipher
@@ -212,7 +214,8 @@ def create_app(
         buffer_events=config.debug.buffer_events,
         scrub=functools.partial(scrub_secrets, secrets=config.secrets()),
     )
-    app[INGEST] = IngestService(config, spool, metrics, capture)
+    suppression = app[SUPPRESSION] = Suppression.load(data_dir)
+    app[INGEST] = IngestService(config, spool, metrics, capture, suppression)
     metrics.watch_spool(
         depths=lambda: {fid: spool.depth(fid) for fid in app[WORKERS]},
         commits=lambda: spool.commits,

@@ -18,6 +18,7 @@ from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.metrics import Metrics
+from tagrelay.pipeline.suppression import Suppression
 from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.warehouse.process import WarehouseProcess
 from tagrelay.web.ingest import IngestService
@@ -31,8 +32,10 @@ __all__ = [
     "METRICS",
     "READY",
     "SPOOL",
+    "SUPPRESSION",
     "WORKERS",
     "warehouse_of",
+    "warehouses_of",
 ]
 
 CONFIG = web.AppKey("config", Config)
@@ -52,6 +55,8 @@ CAPTURE = web.AppKey("capture", DebugHub)
 """The debug view's capture (``tagrelay.capture``): ingest, the forwarders and the
 delivery process report to it while a view is open or ``debug.sample_rate`` asks."""
 INGEST = web.AppKey("ingest", IngestService)
+SUPPRESSION = web.AppKey("suppression", Suppression)
+"""The ids forgotten with ``--suppress``, whose events ingest drops (``pipeline.suppression``)."""
 READY = web.AppKey("ready", dict[str, bool])
 """What ``/readyz`` checks: each part's name and whether it is up."""
 
@@ -64,3 +69,14 @@ def warehouse_of(app: web.Application) -> WarehouseProcess | None:
         if isinstance(forwarder, WarehouseForwarder) and forwarder.warehouse is not None:
             return forwarder.warehouse
     return None
+
+
+def warehouses_of(app: web.Application) -> list[WarehouseProcess]:
+    """Every running warehouse forwarder's ``WarehouseProcess`` (erasure and access
+    requests reach them all)."""
+    return [
+        worker.forwarder.warehouse
+        for worker in app[WORKERS].values()
+        if isinstance(worker.forwarder, WarehouseForwarder)
+        and worker.forwarder.warehouse is not None
+    ]

@@ -226,6 +226,13 @@ class Metrics:
             ["source"],
             registry=r,
         )
+        self.events_suppressed = Counter(
+            "tagrelay_events_suppressed",
+            "Events dropped at ingest, and answered as accepted, because their userId, "
+            "anonymousId or email was forgotten with tagrelay forget --suppress.",
+            ["source"],
+            registry=r,
+        )
         self.sdk_metrics = Counter(
             "tagrelay_sdk_metrics",
             "Usage metrics SDKs report about themselves (analytics-next's /v1/m series), "

@@ -106,8 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this many seconds (default 3)",
     )
     for name, text in (
-        ("forget", "delete a person from the identity store (an erasure request)"),
-        ("export", "print what the identity store holds about a person (an access request)"),
+        (
+            "forget",
+            "delete a person from every store: identity store, warehouse, spool, dead "
+            "letters (an erasure request)",
+        ),
+        ("export", "print what every store holds about a person (an access request)"),
     ):
         person = sub.add_parser(name, help=text, description=text)
         _add_config(person)
@@ -115,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         person.add_argument("--user-id", help="the person's userId")
         person.add_argument("--anonymous-id", help="one of the person's anonymousIds")
         person.add_argument("--email", help="an email address the person gave")
+        if name == "forget":
+            person.add_argument(
+                "--suppress",
+                action="store_true",
+                help="also drop the person's future events at ingest (their ids are kept "
+                "as keyed hashes)",
+            )
     from tagrelay.cli.dlq_args import add_dlq_parser
 
     add_dlq_parser(sub, _add_config, _add_data_dir)
@@ -203,7 +214,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
             )
             return 2
-        return run_privacy(config, args.data_dir, args.command, ids)
+        return run_privacy(
+            config, args.data_dir, args.command, ids, getattr(args, "suppress", False)
+        )
     if args.command == "dlq":
         from tagrelay.cli.dlq import run_dlq
 

@@ -328,6 +328,12 @@ class Fleet:
         for process in self.processes.values():
             await process.set_capture_rate(rate)
 
+    async def forget_cached_events(self) -> None:
+        """Have the delivery processes drop the events they keep decoded: an erasure
+        (``tagrelay forget``) rewrote events of the spool."""
+        for process in self.processes.values():
+            await process.forget_cache()
+
     def _new_process(self, configs: Sequence[ForwarderConfigBase]) -> DeliveryProcess:
         process = DeliveryProcess(
             configs,

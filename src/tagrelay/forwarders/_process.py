@@ -30,7 +30,8 @@ from elsewhere than the spool, e.g. dead letters replayed), answered in any orde
 from now on; those removed or changed are closed once their deliveries in flight are
 answered, the new and changed ones started), and ``("capture_rate", rate)`` whenever the
 debug view's capture rate changes (a view connects or the last one leaves;
-``tagrelay.capture``), and after a start when it is not 0;
+``tagrelay.capture``), and after a start when it is not 0, and ``("forget_cache",)`` after
+an erasure rewrote events of the spool (``spool.erasure``);
 child -> relay: ``("started", {forwarder_id: error text or None})``, ``("result", id,
 SpanResult)``, ``("configured", id, {forwarder_id started: error text or None})``, ``("log",
 record fields)``, and, only while the rate is not 0, ``("capture", kind, record)``: a
@@ -72,6 +73,7 @@ from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder, ForwarderContext, SpanDelivery, SpoolSpan
 from tagrelay.metrics import Metrics
 from tagrelay.model import Delivered, Event, Outcome, Retry
+from tagrelay.spool.erasure import ERASED
 
 if TYPE_CHECKING:
     from tagrelay.identity_store import StoreSettings
@@ -352,6 +354,16 @@ class DeliveryProcess:
             writer.write(frame(("capture_rate", rate)))
             await writer.drain()
 
+    async def forget_cache(self) -> None:
+        """Have the child drop the events it keeps decoded (``SpanCache``): an erasure
+        rewrote some in the spool. A child not running has none."""
+        writer = self._writer
+        if writer is None or not self.running:
+            return
+        with contextlib.suppress(OSError, RuntimeError):
+            writer.write(frame(("forget_cache",)))
+            await writer.drain()
+
     async def deliver(self, forwarder_id: str, span: SpoolSpan) -> SpanResult:
         """Have the forwarder ``forwarder_id`` deliver ``span`` in the child (started again
         first if it is not running). Raises ``DeliveryProcessError`` when it cannot."""
@@ -626,6 +638,9 @@ class _Child:
                 elif request[0] == "capture_rate":
                     self.capture.set_rate(float(request[1]))
                     continue
+                elif request[0] == "forget_cache":
+                    self.cache.clear()  # an erasure rewrote events it may hold
+                    continue
                 else:
                     log.error("unknown request from the relay: %r", request[0])
                     continue
@@ -747,7 +762,8 @@ class _Child:
         f = config.filter
         filters = bool(f.include_types or f.exclude_types or f.include_events or f.exclude_events)
         required = tuple(config.requires_consent)
-        if not filters and not required:
+        erased = any(entry.line == ERASED for entry in entries)
+        if not filters and not required and not erased:
             outcome = await _delivered(forwarder.deliver([e.event() for e in entries]))
             arrivals = _runs([e.received_ms for e in entries])
             captured = self._captured(config, entries, None) if self.capture.rate else None
@@ -756,6 +772,8 @@ class _Child:
         events: list[Event] = []
         filtered = denied = 0
         for index, entry in enumerate(entries):
+            if entry.line == ERASED:
+                continue  # an erased event (``spool.erasure``): nobody's any more
             event = entry.event()
             if not accepts(config, event):
                 filtered += 1
@@ -837,6 +855,10 @@ class SpanCache:
         self._path: str | None = None
         self.hits = 0
         self.misses = 0
+
+    def clear(self) -> None:
+        """Forget every event held (``tagrelay forget`` erased some in the spool)."""
+        self._entries.clear()
 
     async def span(self, path: str, after: int, last: int) -> list[CachedEvent]:
         """The events ``after < seq <= last`` of the spool file ``path``."""

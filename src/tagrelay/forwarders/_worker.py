@@ -57,6 +57,7 @@ from tagrelay.forwarders._base import Forwarder, SpanDelivery, SpoolSpan
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
+from tagrelay.spool.erasure import ERASED
 from tagrelay.spool.sqlite import CursorState, SpooledEvent, SqliteSpool
 
 log = logging.getLogger(__name__)
@@ -380,6 +381,13 @@ class ForwarderWorker:
 
     async def _process(self, batch: list[SpooledEvent]) -> None:
         last = batch[-1].seq
+        if any(item.payload == ERASED for item in batch):
+            # Erased events (``spool.erasure``): nobody's any more; the cursor moves past.
+            batch = [item for item in batch if item.payload != ERASED]
+            if not batch:
+                await self.spool.advance(self.id, last)
+                self._moved(last)
+                return
         if self._filters or self._required_consent:
             kept: list[SpooledEvent] = []
             events: list[Event] = []

@@ -13,6 +13,7 @@ sender, and :meth:`Pipeline.run` turns the raw events into spool rows, one step 
       analytics denied: anonymize                pipeline.consent.anonymize
       else identity cookies, click/client ids    pipeline.identity.IdentityService.apply
     IP truncation                                pipeline.privacy.apply_ip_truncation
+    ids forgotten with --suppress: dropped       pipeline.suppression.Suppression
     source and sender                            context.source, context.writeKeyId
     serialize, size check                        one JSON row for the spool
 
@@ -48,6 +49,7 @@ from tagrelay.pipeline.consent import DENIED, GRANTED, ConsentPolicy, anonymize
 from tagrelay.pipeline.identity import IdentityService, Visit, VisitorState
 from tagrelay.pipeline.normalize import BatchSentAt, normalize_event
 from tagrelay.pipeline.privacy import apply_ip_truncation
+from tagrelay.pipeline.suppression import Suppression
 from tagrelay.sources import Decoded
 
 __all__ = ["Pipeline", "Processed", "RequestFacts", "Sender"]
@@ -99,6 +101,10 @@ class Processed:
     index counts ``Decoded.events``). Every event of the request is a row or a rejection."""
     visit: Visit | None
     """The visitor's cookies to set and its anonymous id, when identity cookies applied."""
+    suppressed: int = 0
+    """Events dropped because their ids were forgotten with ``--suppress``: neither rows
+    nor rejected (the request is answered as if they were stored: the drop is the
+    relay's choice, not the sender's error)."""
 
 
 class Pipeline:
@@ -118,6 +124,8 @@ class Pipeline:
         self.truncate_ip = config.privacy.truncate_ip
         self.max_nesting_depth = config.limits.max_nesting_depth
         self.max_event_bytes = config.limits.max_event_bytes
+        self.suppression = Suppression.empty()
+        """The ids forgotten with ``--suppress`` (set by ``web.ingest.IngestService``)."""
 
     def run(
         self, request: RequestFacts, decoded: Decoded, source: str, sender: Sender
@@ -161,6 +169,8 @@ class Pipeline:
             else []
         )
         events = decoded.events
+        suppression = self.suppression if self.suppression.hashes else None
+        suppressed = 0
 
         # -- per event, step by step --------------------------------------------------------
         for index, raw in enumerate(events):
@@ -197,6 +207,9 @@ class Pipeline:
                         now_ms=received_ms,
                         reset=decoded.reset,
                     )
+                if suppression is not None and suppression.suppressed(event):
+                    suppressed += 1
+                    continue
                 if truncate_ip:
                     apply_ip_truncation(event)
                 context["source"] = source
@@ -220,4 +233,4 @@ class Pipeline:
         events.clear()
         if identity is not None and visitor is not None and visit is not None:
             identity.keep(visitor, visit)
-        return Processed(rows, message_ids, rejected, visit)
+        return Processed(rows, message_ids, rejected, visit, suppressed)

@@ -55,7 +55,8 @@ import orjson
 from tagrelay.datadir import open_private, private_dir, private_file, tighten
 from tagrelay.errors import EncryptionKeyError, SpoolUnavailable
 from tagrelay.logthrottle import LogThrottle
-from tagrelay.spool import dead_letters, rotation
+from tagrelay.model.subject import Subject
+from tagrelay.spool import dead_letters, erasure, rotation
 from tagrelay.spool.dead_letters import DeadLetterRow, Selection
 from tagrelay.spool.dedup import RecentIds
 from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher, check_keys, stored_key_ids
@@ -239,6 +240,7 @@ class SqliteSpool:
         some (for metrics)."""
         self._encryption_backlog: rotation.Backlog = {}
         self._rotating: asyncio.Task[rotation.RotationReport] | None = None
+        self._erasing: asyncio.Lock | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -919,6 +921,43 @@ class SqliteSpool:
     def _reencrypted(self, store: str, events: int) -> None:
         if events and self.on_reencrypted is not None:
             self.on_reencrypted(store, events)
+
+    # -- erasure and access (``spool.erasure``) -----------------------------------------
+
+    async def erase(self, subject: Subject) -> dict[str, int]:
+        """Erase the events of ``subject`` from the segments (one at a time, each rewritten
+        by the commit process between two group commits) and its dead letters, then empty
+        the WAL: ``{"events": n, "dead_letters": m}``. One erasure at a time."""
+        if self._erasing is None:
+            self._erasing = asyncio.Lock()
+        async with self._erasing:
+            events = 0
+            after = 0
+            while True:
+                found = await self._on_reader(
+                    functools.partial(
+                        erasure.next_to_erase, cipher=self.cipher, subject=subject, after=after
+                    )
+                )
+                if found is None:
+                    break
+                last_seq, kid, payload, erased = found
+                if await self._commit_process().erase(last_seq, payload, kid):
+                    events += erased
+                    after = last_seq
+                # else: rotated meanwhile (read it again), or pruned (not found again)
+            letters = await self._on_writer(
+                self._dead_letters_deleted,
+                lambda conn, who: erasure.erase_dead_letters(conn, self.cipher, who),
+                subject,
+            )
+            await self.checkpoint()
+            await self._commit_process().truncate_wal()
+        return {"events": events, "dead_letters": letters}
+
+    async def export_subject(self, subject: Subject) -> dict[str, Any]:
+        """What the spool holds of ``subject`` (``spool.erasure.export``)."""
+        return await self._on_reader(lambda conn: erasure.export(conn, self.cipher, subject))
 
     # -- pruning -----------------------------------------------------------------------
 

@@ -23,10 +23,12 @@ from tagrelay.spool import writer_child
 from tagrelay.spool.writer_child import (
     OK,
     OP_CHECKPOINT,
+    OP_ERASE,
     OP_INSERT,
     OP_PRUNE_IDS,
     OP_PRUNE_SEGMENTS,
     OP_REWRITE,
+    OP_TRUNCATE,
     REPLY,
     REQUEST,
     SQLITE_ERROR,
@@ -128,6 +130,17 @@ class WriterProcess:
         return await self._call(
             REQUEST.pack(OP_REWRITE, last_seq, 0, 0, len(payload), len(old)), payload, old
         )
+
+    async def erase(self, last_seq: int, payload: bytes, old_key_id: bytes | None) -> int:
+        """``rewrite`` for an erasure; see ``writer_child.erase``."""
+        old = old_key_id or b""
+        return await self._call(
+            REQUEST.pack(OP_ERASE, last_seq, 0, 0, len(payload), len(old)), payload, old
+        )
+
+    async def truncate_wal(self) -> int:
+        """Empty the WAL file (``writer_child.truncate``); 1 if it could."""
+        return await self._call(REQUEST.pack(OP_TRUNCATE, 0, 0, 0, 0, 0))
 
     async def _call(self, *parts: bytes) -> int:
         async with self._lock:

@@ -23,6 +23,10 @@ request  ``REQUEST`` (op, a, b, c, len1, len2), then len1 + len2 bytes
                                 the first bytes, if it is still sealed under the key id
                                 given as the second (none: plaintext); answers 1, or 0
                                 when it was pruned or rewritten meanwhile
+         ``OP_ERASE``:          ``OP_REWRITE`` for an erasure (``spool.erasure``): the pages
+                                the old payload leaves are overwritten (``secure_delete``)
+         ``OP_TRUNCATE``:       a checkpoint that empties the WAL file (after an erasure:
+                                the old payloads' frames go with it); answers 1 if it did
 answer   ``REPLY`` (status, value, len), then len bytes of message; status ``OK``,
          ``SQLITE_ERROR`` (the statement failed and changed nothing) or ``FAILED``
 
@@ -55,6 +59,8 @@ OP_CHECKPOINT = 2
 OP_PRUNE_SEGMENTS = 3
 OP_PRUNE_IDS = 4
 OP_REWRITE = 5
+OP_ERASE = 6
+OP_TRUNCATE = 7
 
 OK = 0
 SQLITE_ERROR = 1
@@ -145,6 +151,24 @@ def rewrite(
     ).rowcount
 
 
+def erase(conn: sqlite3.Connection, last_seq: int, payload: bytes, old_key_id: bytes | None) -> int:
+    """``rewrite`` with ``secure_delete`` on: SQLite zeroes the pages (the overflow pages of
+    a large payload) the old payload leaves, instead of leaving them free with the erased
+    events in them."""
+    conn.execute("PRAGMA secure_delete=ON")
+    try:
+        return rewrite(conn, last_seq, payload, old_key_id)
+    finally:
+        conn.execute("PRAGMA secure_delete=OFF")
+
+
+def truncate(conn: sqlite3.Connection) -> int:
+    """Copy the WAL into the database and empty it; 1 if it could (no reader held it back
+    for the busy timeout), else 0 (the frames are overwritten as the WAL is reused)."""
+    busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+    return 0 if busy else 1
+
+
 def checkpoint(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
@@ -195,6 +219,10 @@ def serve(sock: socket.socket, conn: sqlite3.Connection) -> None:
                 reply(sock, OK, prune_ids(conn, a))
             elif op == OP_REWRITE:
                 reply(sock, OK, rewrite(conn, a, first, second or None))
+            elif op == OP_ERASE:
+                reply(sock, OK, erase(conn, a, first, second or None))
+            elif op == OP_TRUNCATE:
+                reply(sock, OK, truncate(conn))
             else:
                 reply(sock, FAILED, 0, f"unknown operation {op}")
         except sqlite3.Error as exc:

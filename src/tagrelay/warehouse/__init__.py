@@ -11,6 +11,9 @@ With a ``PiiHasher`` (the forwarder's ``hash_pii``), emails and phones are repla
 hashes before planning (``tagrelay.warehouse.pii``). ``Warehouse.expire`` deletes the rows
 received before a time (the forwarder's ``retention_days``).
 
+``Warehouse.link``, ``rows_of`` and ``erase`` find and delete one person's rows for
+``tagrelay forget`` and ``tagrelay export`` (``tagrelay.warehouse.erasure``).
+
 ``Warehouse.query`` answers ``tagrelay sql``: one read-only statement, a row cap, a timeout;
 it runs in another thread while a batch is loading, and never waits for it.
 
@@ -30,7 +33,9 @@ from typing import Any, Final
 
 from tagrelay.errors import WarehouseError, WarehouseLocked
 from tagrelay.model import Event
+from tagrelay.model.subject import Subject
 from tagrelay.warehouse.dialects.base import Dialect, QueryResult
+from tagrelay.warehouse.erasure import person_condition
 from tagrelay.warehouse.pii import PiiHasher
 from tagrelay.warehouse.schema import BASE_COLUMNS, DEDUP_KEY, UNMAPPED_COLUMN, ColumnType, plan
 
@@ -264,6 +269,58 @@ class Warehouse:
         if self.read_only:
             raise WarehouseError(f"the warehouse of table {self.table} was opened read-only")
         return self.dialect.delete_older_than(self.table, before)
+
+    # -- erasure and access (``tagrelay forget``, ``tagrelay export``) -------------------
+
+    LINK_ROUNDS = 3
+    """How many times ``link`` follows ids to more ids (email -> user id -> anonymous ids)."""
+
+    def link(self, subject: Subject) -> Subject:
+        """``subject`` with the ids its rows carry: the user ids its emails were given
+        under, and the anonymous ids its user ids were seen with (``warehouse.erasure``)."""
+        for _ in range(self.LINK_ROUNDS):
+            found = self._person_rows(subject, "DISTINCT user_id, anonymous_id")
+            if found is None:
+                return subject
+            wider = subject.widened(
+                user_ids=(str(u) for u, _ in found if u is not None),
+                anonymous_ids=(str(a) for _, a in found if a is not None),
+            )
+            if wider == subject:
+                return subject
+            subject = wider
+        return subject
+
+    def _person_rows(self, subject: Subject, what: str) -> list[tuple[Any, ...]] | None:
+        # Only rows found by a user id or an email carry ids of the person's: an anonymous
+        # id may be shared (``model.subject``).
+        direct = Subject(subject.user_ids, frozenset(), subject.emails)
+        condition = person_condition(direct, self._columns, self.pii, self.dialect.placeholder)
+        if condition is None:
+            return None
+        where, params = condition
+        result = self.dialect.select_where(self.table, where, params)
+        ids = [result.columns.index("user_id"), result.columns.index("anonymous_id")]
+        return [(row[ids[0]], row[ids[1]]) for row in result.rows]
+
+    def rows_of(self, subject: Subject) -> QueryResult:
+        """Every row of ``subject`` (an access request)."""
+        condition = person_condition(subject, self._columns, self.pii, self.dialect.placeholder)
+        if condition is None:
+            return QueryResult(tuple(self._columns), [], False)
+        return self.dialect.select_where(self.table, *condition)
+
+    def erase(self, subject: Subject) -> int:
+        """Delete every row of ``subject``; how many there were."""
+        if self.read_only:
+            raise WarehouseError(f"the warehouse of table {self.table} was opened read-only")
+        condition = person_condition(subject, self._columns, self.pii, self.dialect.placeholder)
+        if condition is None:
+            return 0
+        deleted = self.dialect.delete_where(self.table, *condition)
+        if deleted:
+            self.dialect.compact()
+        return deleted
 
     def query(
         self, sql: str, max_rows: int = 10_000, timeout_secs: float | None = 60.0

@@ -12,6 +12,9 @@ Loads, one request at a time, answered in order:
 ``("insert", ndjson_bytes)``         -> ``("ok", InsertResult)``
 ``("insert_span", spool, after, last)`` -> ``("ok", (InsertResult, arrivals))``
 ``("expire", before)``                 -> ``("ok", rows deleted)`` (``retention_days``)
+``("link", subject)``                  -> ``("ok", subject with the ids its rows link)``
+``("erase", subject)``                 -> ``("ok", rows deleted)`` (``tagrelay forget``)
+``("rows_of", subject)``               -> ``("ok", QueryResult)`` (``tagrelay export``)
 any failure                          -> ``("error", kind, message)``
 
 Queries (``tagrelay sql``), on the second pair, so that a slow query never holds up a load:
@@ -55,7 +58,9 @@ import orjson
 from tagrelay.crypto import CryptoError
 from tagrelay.datadir import CHILD_UMASK
 from tagrelay.errors import QueryRejected, QueryTimeout, TagrelayError, WarehouseError
+from tagrelay.model.subject import Subject
 from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher, cipher_for
+from tagrelay.spool.erasure import is_erased
 from tagrelay.spool.segments import SealedSegment, SpanMissing, open_read_only, read_span
 from tagrelay.warehouse import InsertResult, QueryResult
 
@@ -197,9 +202,16 @@ def _serve(warehouse: Any, spools: SpoolReaders, request: tuple[Any, ...]) -> tu
         if request[0] == "insert_span":
             _, path, after, last = request
             lines, arrivals = spools.read(path, after, last)
-            return ("ok", (warehouse.insert([orjson.loads(line) for line in lines]), arrivals))
+            events = [orjson.loads(line) for line in lines if not is_erased(line)]
+            return ("ok", (warehouse.insert(events), arrivals))
         if request[0] == "expire":
             return ("ok", warehouse.expire(request[1]))
+        if request[0] == "link":
+            return ("ok", warehouse.link(request[1]))
+        if request[0] == "erase":
+            return ("ok", warehouse.erase(request[1]))
+        if request[0] == "rows_of":
+            return ("ok", warehouse.rows_of(request[1]))
         return ("error", "protocol", f"unknown request {request[0]!r}")
     except WarehouseError as exc:
         return ("error", "warehouse", str(exc))
@@ -437,6 +449,21 @@ class WarehouseProcess:
         """Delete the rows received before ``before`` (ISO-8601); how many were."""
         deleted: int = self._call(("expire", before))
         return deleted
+
+    def link(self, subject: Subject) -> Subject:
+        """``Warehouse.link`` in the child (after the load in flight)."""
+        linked: Subject = self._call(("link", subject))
+        return linked
+
+    def erase(self, subject: Subject) -> int:
+        """``Warehouse.erase`` in the child; how many rows were deleted."""
+        deleted: int = self._call(("erase", subject))
+        return deleted
+
+    def rows_of(self, subject: Subject) -> QueryResult:
+        """``Warehouse.rows_of`` in the child."""
+        rows: QueryResult = self._call(("rows_of", subject))
+        return rows
 
     def query(
         self, sql: str, max_rows: int = 10_000, timeout_secs: float | None = 60.0

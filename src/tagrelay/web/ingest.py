@@ -37,6 +37,7 @@ from tagrelay.metrics import Metrics
 from tagrelay.pipeline.identity import Visit, VisitorState
 from tagrelay.pipeline.normalize import count_brackets_up_to
 from tagrelay.pipeline.run import Pipeline, Processed, Sender
+from tagrelay.pipeline.suppression import Suppression
 from tagrelay.sources import SOURCE_LABELS, SOURCES, Decoded
 from tagrelay.sources.segment import SEGMENT, sdk_source
 from tagrelay.spool.sqlite import SqliteSpool
@@ -119,8 +120,12 @@ class IngestService:
         spool: SqliteSpool,
         metrics: Metrics,
         capture: DebugHub | None = None,
+        suppression: Suppression | None = None,
     ) -> None:
         self.cors_refusals = CorsRefusals(metrics)
+        self.suppression = suppression
+        """The ids forgotten with ``--suppress`` (``pipeline.suppression``): every pipeline
+        made for this service drops their events."""
         self.spool = spool
         self.metrics = metrics
         self.capture = capture if capture is not None else DebugHub()
@@ -135,6 +140,8 @@ class IngestService:
         self.keys = KeyRing.from_config(config.keys)
         self.cors = CorsPolicy(config.keys)
         self.pipeline = pipeline
+        if self.suppression is not None:
+            pipeline.suppression = self.suppression
         # The shell needs two of the pipeline's parts itself: HTTPS detection behind
         # trusted proxies (the cookies' Secure flag), and identity for ``GET /id``.
         self.resolver = pipeline.resolver
@@ -386,7 +393,9 @@ class IngestService:
         processed = self.pipeline.run(request, decoded, source, sender)
         rows, rejected = processed.rows, processed.rejected
         counters = self.metrics.source(source)
-        counters.received.inc(len(rows) + len(rejected))
+        counters.received.inc(len(rows) + len(rejected) + processed.suppressed)
+        if processed.suppressed:
+            self.metrics.events_suppressed.labels(source).inc(processed.suppressed)
         for rejection in rejected:
             counters.rejected(rejection["error"])
 

@@ -78,6 +78,22 @@ class Dialect(Protocol):
         """Delete the rows of ``table`` whose ``received_at`` (or, when it is NULL,
         ``timestamp``) is before ``before`` (ISO-8601 with a zone); how many there were."""
 
+    placeholder: str
+    """How a statement marks a parameter (``?``, ``%s``), for ``select_where`` and
+    ``delete_where``."""
+
+    def select_where(self, table: str, where: str, params: Sequence[Any]) -> QueryResult:
+        """Every row of ``table`` that meets ``where`` (with ``params``), all columns
+        (erasure and access requests: ``tagrelay.warehouse.erasure``)."""
+
+    def delete_where(self, table: str, where: str, params: Sequence[Any]) -> int:
+        """Delete the rows of ``table`` that meet ``where``, in one transaction; how
+        many there were."""
+
+    def compact(self) -> None:
+        """After an erasure: make sure the deleted rows are gone from the storage, not only
+        from the table (DuckDB rewrites its file; PostgreSQL leaves it to vacuum)."""
+
     def query(self, sql: str, max_rows: int, timeout_secs: float | None) -> QueryResult:
         """Run one read-only statement and return at most ``max_rows`` rows. Raises
         ``QueryRejected`` for anything that could write, ``QueryTimeout`` when it runs

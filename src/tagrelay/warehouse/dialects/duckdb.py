@@ -19,6 +19,7 @@ database has no access to other files (``enable_external_access = false``: no
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import threading
 import time
@@ -97,6 +98,7 @@ class DuckDBDialect:
     connect (e.g. ``{"threads": 1}``); external file access is always off."""
 
     name = "duckdb"
+    placeholder = "?"
     widenings: frozenset[tuple[str, str]] = frozenset({(ColumnType.BIGINT, ColumnType.DOUBLE)})
 
     def __init__(
@@ -318,6 +320,62 @@ class DuckDBDialect:
         except duckdb.Error as e:
             raise WarehouseError(f"cannot delete old rows from {table}: {e}") from e
         return int(row[0]) if row else 0
+
+    def select_where(self, table: str, where: str, params: Sequence[Any]) -> QueryResult:
+        try:
+            cursor = self._connection().execute(
+                f"SELECT * FROM {quote_identifier(table)} WHERE {where}", list(params)
+            )
+            columns = tuple(d[0] for d in cursor.description or ())
+            rows = cursor.fetchall()
+        except duckdb.Error as e:
+            raise WarehouseError(f"cannot read rows of {table}: {e}") from e
+        return QueryResult(columns, rows, False)
+
+    def delete_where(self, table: str, where: str, params: Sequence[Any]) -> int:
+        try:
+            row = (
+                self._connection()
+                .execute(f"DELETE FROM {quote_identifier(table)} WHERE {where}", list(params))
+                .fetchone()
+            )
+        except duckdb.Error as e:
+            raise WarehouseError(f"cannot delete rows from {table}: {e}") from e
+        return int(row[0]) if row else 0
+
+    def compact(self) -> None:
+        """Rewrite the database file with its live rows only. DuckDB leaves the blocks of
+        deleted rows in the file, free but unchanged, where a raw read finds them: after an
+        erasure, the database is copied into a new file (``COPY FROM DATABASE``, which keeps
+        the tables and their keys), the new file replaces the old, and the database is
+        opened again. Interrupts the queries running; takes as long as copying the data."""
+        if self.read_only or self.path.startswith(":memory:"):
+            return
+        path = Path(self.path)
+        fresh = path.with_name(path.name + ".compact")
+        for leftover in (fresh, fresh.with_name(fresh.name + ".wal")):
+            leftover.unlink(missing_ok=True)
+        self.close()
+        try:
+            con = duckdb.connect(str(fresh))
+            try:
+                (name,) = con.execute("SELECT current_database()").fetchone() or ("",)
+                con.execute(f"ATTACH {_string_literal(str(path))} AS erasure_source (READ_ONLY)")
+                con.execute(f"COPY FROM DATABASE erasure_source TO {quote_identifier(name)}")
+                con.execute("DETACH erasure_source")
+                con.execute("CHECKPOINT")
+            finally:
+                con.close()
+            tighten(fresh)
+            with open(fresh, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(fresh, path)
+            path.with_name(path.name + ".wal").unlink(missing_ok=True)
+        except (duckdb.Error, OSError) as e:
+            fresh.unlink(missing_ok=True)
+            raise WarehouseError(f"cannot rewrite {self.path} without the erased rows: {e}") from e
+        finally:
+            self.open()
 
     def _execute(self, sql: str) -> None:
         try:

@@ -137,6 +137,7 @@ class PostgresDialect:
     missing), ``application_name``."""
 
     name = "postgres"
+    placeholder = "%s"
     widenings: frozenset[tuple[str, str]] = frozenset({(ColumnType.BIGINT, ColumnType.DOUBLE)})
 
     def __init__(
@@ -367,6 +368,32 @@ class PostgresDialect:
         except psycopg.Error as e:
             raise WarehouseError(f"cannot delete old rows from {table}: {_message(e)}") from e
         return max(deleted, 0)
+
+    def select_where(self, table: str, where: str, params: Sequence[Any]) -> QueryResult:
+        con = self._connection()
+        try:
+            with con.transaction(), con.cursor() as cur:
+                cur.execute(f"SELECT * FROM {self._table(table)} WHERE {where}", list(params))
+                columns = tuple(d.name for d in cur.description or ())
+                rows = cur.fetchall()
+        except psycopg.Error as e:
+            raise WarehouseError(f"cannot read rows of {table}: {_message(e)}") from e
+        return QueryResult(columns, rows, False)
+
+    def delete_where(self, table: str, where: str, params: Sequence[Any]) -> int:
+        con = self._connection()
+        try:
+            with con.transaction(), con.cursor() as cur:
+                cur.execute(f"DELETE FROM {self._table(table)} WHERE {where}", list(params))
+                deleted = cur.rowcount
+        except psycopg.Error as e:
+            raise WarehouseError(f"cannot delete rows from {table}: {_message(e)}") from e
+        return max(deleted, 0)
+
+    def compact(self) -> None:
+        """Nothing: PostgreSQL reclaims deleted rows' space itself (autovacuum); the bytes
+        of a deleted row stay in the table's pages until the space is reused, or until a
+        ``VACUUM FULL`` rewrites the table (README, "Erasure and access")."""
 
     # -- reading ---------------------------------------------------------------------
 
