@@ -35,7 +35,7 @@ from tagrelay.errors import WarehouseError, WarehouseLocked
 from tagrelay.model import Event
 from tagrelay.model.subject import Subject
 from tagrelay.warehouse.dialects.base import Dialect, QueryResult
-from tagrelay.warehouse.erasure import person_condition
+from tagrelay.warehouse.erasure import EMAIL_COLUMNS, person_condition
 from tagrelay.warehouse.pii import PiiHasher
 from tagrelay.warehouse.schema import BASE_COLUMNS, DEDUP_KEY, UNMAPPED_COLUMN, ColumnType, plan
 
@@ -277,31 +277,33 @@ class Warehouse:
 
     def link(self, subject: Subject) -> Subject:
         """``subject`` with the ids its rows carry: the user ids its emails were given
-        under, and the anonymous ids its user ids were seen with (``warehouse.erasure``)."""
+        under, the anonymous ids its user ids were seen with, and the emails (or, with
+        ``hash_pii``, their hashes) its rows hold (``warehouse.erasure``)."""
         for _ in range(self.LINK_ROUNDS):
-            found = self._person_rows(subject, "DISTINCT user_id, anonymous_id")
+            found = self._person_rows(subject)
             if found is None:
                 return subject
-            wider = subject.widened(
-                user_ids=(str(u) for u, _ in found if u is not None),
-                anonymous_ids=(str(a) for _, a in found if a is not None),
-            )
+            users, anonymous, emails = found
+            wider = subject.widened(user_ids=users, anonymous_ids=anonymous, emails=emails)
             if wider == subject:
                 return subject
             subject = wider
         return subject
 
-    def _person_rows(self, subject: Subject, what: str) -> list[tuple[Any, ...]] | None:
-        # Only rows found by a user id or an email carry ids of the person's: an anonymous
-        # id may be shared (``model.subject``).
+    def _person_rows(self, subject: Subject) -> tuple[set[str], set[str], set[str]] | None:
+        """The user ids, anonymous ids and emails of the rows found by ``subject``'s user
+        ids and emails. Not by its anonymous ids: one may be shared (``model.subject``)."""
         direct = Subject(subject.user_ids, frozenset(), subject.emails)
         condition = person_condition(direct, self._columns, self.pii, self.dialect.placeholder)
         if condition is None:
             return None
-        where, params = condition
-        result = self.dialect.select_where(self.table, where, params)
-        ids = [result.columns.index("user_id"), result.columns.index("anonymous_id")]
-        return [(row[ids[0]], row[ids[1]]) for row in result.rows]
+        result = self.dialect.select_where(self.table, *condition)
+        found: dict[str, set[str]] = {"user_id": set(), "anonymous_id": set(), "email": set()}
+        for index, column in enumerate(result.columns):
+            kind = "email" if column in EMAIL_COLUMNS else column
+            if kind in found:
+                found[kind].update(str(row[index]) for row in result.rows if row[index])
+        return found["user_id"], found["anonymous_id"], found["email"]
 
     def rows_of(self, subject: Subject) -> QueryResult:
         """Every row of ``subject`` (an access request)."""
