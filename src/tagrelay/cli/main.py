@@ -126,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
                 help="also drop the person's future events at ingest (their ids are kept "
                 "as keyed hashes)",
             )
+    privacy = sub.add_parser(
+        "privacy", help="the data map: where personal data is kept and who receives it"
+    )
+    privacy_actions = privacy.add_subparsers(dest="privacy_command", required=True)
+    report = privacy_actions.add_parser(
+        "report",
+        help="which personal fields are stored where, encrypted or not, for how long, and "
+        "which forwarder receives which fields, hashed or plain, under which consent",
+        description="From the running relay's configuration when one answers on the data "
+        "directory's admin socket, otherwise from the configuration file.",
+    )
+    _add_config(report)
+    _add_data_dir(report)
+    report.add_argument("--format", choices=["text", "json"], default="text")
     from tagrelay.cli.dlq_args import add_dlq_parser
 
     add_dlq_parser(sub, _add_config, _add_data_dir)
@@ -217,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_privacy(
             config, args.data_dir, args.command, ids, getattr(args, "suppress", False)
         )
+    if args.command == "privacy":
+        from tagrelay.cli.privacy import run_report
+
+        return run_report(config, args.data_dir, args.format)
     if args.command == "dlq":
         from tagrelay.cli.dlq import run_dlq
 

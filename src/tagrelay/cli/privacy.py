@@ -1,5 +1,6 @@
 """``tagrelay forget`` and ``tagrelay export``: an erasure or access request for one person,
-across every store (``privacy.requests``).
+across every store (``privacy.requests``); and ``tagrelay privacy report``, the data map
+(``privacy.report``).
 
 ``forget --user-id U | --anonymous-id A | --email E`` deletes the person those ids lead to
 from the identity store, the warehouse (their rows and those of their linked anonymous
@@ -40,6 +41,7 @@ from tagrelay.identity_store import FILE_NAME as IDENTITY_FILE
 from tagrelay.identity_store import IdentityStore
 from tagrelay.model.subject import Subject
 from tagrelay.pipeline.suppression import Suppression, privacy_salt, salted_ref
+from tagrelay.privacy.report import build_report, render_text
 from tagrelay.privacy.requests import Stores, audit_fields, count_of, export, forget
 from tagrelay.spool import erasure
 from tagrelay.spool.encryption import PayloadCipher, check_keys, stored_key_ids
@@ -158,4 +160,22 @@ def run_privacy(
         print(f"error: {answer.get('error')}: {answer.get('message')}", file=sys.stderr)
         return 1
     sys.stdout.write(orjson.dumps(answer, option=orjson.OPT_INDENT_2, default=str).decode() + "\n")
+    return 0
+
+
+def run_report(config: Config, data_dir: Path | None, fmt: str) -> int:
+    """``tagrelay privacy report``: the running relay's data map, or the file's."""
+    data_dir = data_dir or config.data_dir
+    try:
+        report = asyncio.run(ask(admin_socket_path(data_dir), "GET", "/privacy/report"))
+        via = "the running relay's configuration"
+    except NoRelay:
+        report, via = build_report(config, data_dir), "the configuration file (no relay runs)"
+    if "error" in report:
+        print(f"error: {report.get('error')}: {report.get('message')}", file=sys.stderr)
+        return 1
+    if fmt == "json":
+        print(orjson.dumps({**report, "from": via}, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print(f"tagrelay privacy report, from {via}\n\n{render_text(report)}")
     return 0

@@ -129,6 +129,15 @@ class Forwarder(ABC, Generic[C]):
     an event, or None when it takes events of any age. Retries never keep an event longer
     (``RetryConfig.max_age_secs`` is cut to it)."""
 
+    @classmethod
+    def personal_data(cls, config: C) -> dict[str, str]:
+        """Which personal data of an event the forwarder sends, and how: a field (``email``,
+        ``ip``, ``gclid``, ...) -> ``hashed`` or ``plain``, with the consent it needs beyond
+        ``requires_consent`` when it needs one (``tagrelay privacy report``). Read from the
+        tables the forwarder sends by, so that the report stays true; the default is a
+        forwarder that sends whole events (the webhook)."""
+        return {"every field of the event": "plain"}
+
     def __init__(self, config: C, context: ForwarderContext) -> None:
         self.config = config
         self.context = context

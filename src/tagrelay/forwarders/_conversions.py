@@ -110,6 +110,10 @@ from tagrelay.forwarders._user_data import DROP_REASONS as USER_DATA_DROP_REASON
 from tagrelay.forwarders._user_data import (
     FIELDS,
     MATCH_KEYS,
+    PLATFORM_BROWSER_IDS,
+    PLATFORM_CLICK_IDS,
+    PLATFORM_COOKIES,
+    RULES,
     PhoneCountry,
     Platform,
     Prepared,
@@ -186,6 +190,13 @@ FIELD_DROP_REASONS: Final = frozenset(
     }
 )
 """Reasons for which part of a sent event was left out."""
+
+_USER_DATA_KEY_OF: Final = {
+    "first_name": "name",
+    "last_name": "name",
+    **dict.fromkeys(("street", "city", "state", "zip", "country"), "address"),
+}
+"""The fields of ``_user_data.RULES`` that count as one key of ``USER_DATA_KEYS``."""
 
 USER_DATA_KEYS: Final = frozenset(
     {"email", "phone", "name", "address", "external_id", "ip", "gender", "birthday"}
@@ -558,6 +569,30 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
     """The match keys the platform's payload can carry: a key outside it is not counted
     (Google Ads click conversions carry no IP or user agent)."""
     platform_event_drop_reasons: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def personal_data(cls, config: CC) -> dict[str, str]:
+        """The platform's row of ``_user_data.RULES`` (hashed or plain), the IP and user
+        agent when its payload carries them, its click and browser ids (plain). User data
+        (``USER_DATA_KEYS``) needs ``ad_user_data`` (``ad_user_data_denied``)."""
+        needs = " (ad_user_data granted)"
+        fields: dict[str, str] = {}
+        for name, rule in RULES[cls.platform].items():
+            key = _USER_DATA_KEY_OF.get(name, name)
+            how = "hashed" if rule.hashed else "plain"
+            fields[name] = how + (needs if key in USER_DATA_KEYS else "")
+        if "ip" in cls.payload_match_keys:
+            fields["ip"] = "plain" + needs
+        if "user_agent" in cls.payload_match_keys:
+            fields["user_agent"] = "plain"
+        for click_id in PLATFORM_CLICK_IDS.get(cls.platform, ()):
+            fields[click_id] = "plain"
+        for browser_id in PLATFORM_BROWSER_IDS.get(cls.platform, ()):
+            fields[browser_id] = "plain"
+        for cookie in PLATFORM_COOKIES.get(cls.platform, {}):
+            fields[cookie] = "plain"
+        return fields
+
     """The platform's own reasons for not sending a whole event (added to the layer's)."""
     platform_field_drop_reasons: ClassVar[frozenset[str]] = frozenset()
     """The platform's own reasons for leaving part of a sent event out (added to the

@@ -126,14 +126,15 @@ from tagrelay.forwarders._ecommerce import (
 )
 from tagrelay.forwarders._http import MAX_DETAIL_CHARS, HttpRequest, HttpResponse, classify_status
 from tagrelay.forwarders._user_data import DROP_REASONS as USER_DATA_DROP_REASONS
-from tagrelay.forwarders._user_data import Field as UserDataField
 from tagrelay.forwarders._user_data import (
+    RULES,
     PhoneCountry,
     UserData,
     extract_user_data,
     looks_like_email,
     prepare,
 )
+from tagrelay.forwarders._user_data import Field as UserDataField
 from tagrelay.model import Dead, Delivered, Event, Outcome
 
 __all__ = [
@@ -1145,6 +1146,25 @@ class GA4Forwarder(BatchedHttpForwarder[GA4Config]):
     a backlog shifts them in time: the same limit applies)."""
     event_drop_reasons = EVENT_DROP_REASONS
     field_drop_reasons = FIELD_DROP_REASONS
+
+    @classmethod
+    def personal_data(cls, config: GA4Config) -> dict[str, str]:
+        """The visitor's ids, IP (``ip_override``), user agent and page URLs in clear; with
+        ``send_user_data``, ``user_data`` by Google's row of ``_user_data.RULES``."""
+        cookieless = " (analytics granted)" if config.analytics_denied == "cookieless" else ""
+        fields = {
+            "client_id": "plain" + cookieless,
+            "user_id": "plain" + cookieless,
+            "ip": "plain",
+            "user_agent": "plain",
+            "page_location": "plain",
+        }
+        if config.send_user_data:
+            rules = RULES["google"]
+            for name in ("email", "phone", *(field for field, _ in _ADDRESS_FIELDS)):
+                how = "hashed" if rules[name].hashed else "plain"
+                fields[name] = how + " (ad_user_data granted)"
+        return fields
 
     def __init__(self, config: GA4Config, context: ForwarderContext) -> None:
         super().__init__(config, context)

@@ -46,6 +46,7 @@ from tagrelay.errors import WarehouseError
 from tagrelay.forwarders._base import Forwarder, ForwarderContext, SpanDelivery, SpoolSpan
 from tagrelay.model import Delivered, Event, Outcome, Retry
 from tagrelay.warehouse import InsertResult, Warehouse
+from tagrelay.warehouse.pii import HASHED_KEYS
 from tagrelay.warehouse.process import WarehouseProcess, WarehouseSpec
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,16 @@ class WarehouseForwarder(Forwarder[WarehouseConfig]):
     config_model = WarehouseConfig
     reads_spool = True
     in_delivery_process = False  # it has a process of its own
+
+    @classmethod
+    def personal_data(cls, config: WarehouseConfig) -> dict[str, str]:
+        """Every field, as columns; with ``hash_pii``, the emails and phones of
+        ``warehouse.pii.HASHED_KEYS`` as keyed hashes."""
+        fields = {"every field of the event": "plain"}
+        if config.hash_pii:
+            for path in HASHED_KEYS:
+                fields[".".join(path)] = "hashed (HMAC-SHA256, hash_pii_salt)"
+        return fields
 
     def __init__(self, config: WarehouseConfig, context: ForwarderContext) -> None:
         super().__init__(config, context)

@@ -6,6 +6,7 @@ export`` (``cli.privacy``), across every store of the running relay
                           "suppress": true to drop their future events at ingest)
         -> {"stores": {"identity_store": {"persons": n, "ids": m}, "warehouse": {"rows": r},
                        "spool": {"events": s}, "dead_letters": {"events": d}}}
+    GET /privacy/report   -> the data map of the configuration in effect (``privacy.report``)
     POST /privacy/export  the same ids
         -> {"stores": {"identity_store": {"persons": [...]}, "warehouse": {"rows": [...]},
                        "spool": {"events": [...]}, "dead_letters": {"events": [...]}}}
@@ -28,13 +29,15 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from tagrelay.appkeys import DELIVERY_LOOP, FLEET, SPOOL, SUPPRESSION, warehouses_of
+from tagrelay.appkeys import CONFIG, DELIVERY_LOOP, FLEET, SPOOL, SUPPRESSION, warehouses_of
 from tagrelay.crypto import CryptoError
 from tagrelay.errors import IdentityStoreError, SpoolUnavailable, WarehouseError
 from tagrelay.identity_store import IdentityStore
 from tagrelay.model.subject import ID_KINDS
 from tagrelay.pipeline.suppression import privacy_salt, salted_ref
+from tagrelay.privacy.report import build_report
 from tagrelay.privacy.requests import Stores, audit_fields, count_of, export, forget
+from tagrelay.reload import RELOADER
 from tagrelay.web.ingest import encoded_json_response
 
 audit = logging.getLogger("tagrelay.audit")
@@ -149,5 +152,11 @@ def add_privacy_routes(admin: web.Application, main_app: web.Application) -> Non
     async def export_route(request: web.Request) -> web.Response:
         return await handle(request, "export")
 
+    async def report_route(request: web.Request) -> web.Response:
+        # The configuration in effect: the one the relay started with, then each reload's.
+        config = main_app[RELOADER].config if RELOADER in main_app else main_app[CONFIG]
+        return _json(build_report(config, main_app[FLEET].data_dir))
+
+    admin.router.add_get("/privacy/report", report_route)
     admin.router.add_post("/privacy/forget", forget_route)
     admin.router.add_post("/privacy/export", export_route)
