@@ -1,5 +1,5 @@
 """The ``tagrelay`` command: ``serve``, ``check``, ``sql``, ``dlq``, ``health``, ``reload``,
-``keys``, ``forget`` and ``export``.
+``keys``, ``forget``, ``export`` and ``privacy report``.
 
 Exit codes: 0 success, 1 invalid configuration, failed query or unhealthy relay, 2 usage
 error.
