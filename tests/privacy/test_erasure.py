@@ -292,3 +292,25 @@ async def test_suppress_drops_the_persons_future_events_and_only_with_suppress(
     assert resp.status == 200 and client.app[SPOOL].head == 2
     listed = (tmp_path / "data" / "suppressed.json").read_bytes()
     assert b"quiet" not in listed.lower() and len(orjson.loads(listed)["hashes"]) == 1
+
+
+async def test_suppress_without_a_relay_reaches_the_next_relay(
+    tmp_path: Path,
+    aiohttp_client: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+    destinations: TestServer,
+) -> None:
+    cfg = write_config(tmp_path, destinations, encrypted=True)
+    answer = await cli(
+        capsys, "forget", "--config", str(cfg), "--anonymous-id", "anon-9", "--suppress"
+    )
+    assert answer["stores"]["suppression"] == {"added": 1}
+    client = await aiohttp_client(create_app(load_config(cfg)))
+    batch = [
+        {"type": "page", "anonymousId": "anon-9", "context": {"consent": GRANTED}},
+        {"type": "page", "anonymousId": "anon-10", "context": {"consent": GRANTED}},
+    ]
+    resp = await client.post("/v1/batch", json={"batch": batch}, headers=basic(SERVER_KEY))
+    assert resp.status == 200
+    assert client.app[SPOOL].head == 1
+    assert metric_value(client.app, "tagrelay_events_suppressed_total", {"source": "segment"}) == 1

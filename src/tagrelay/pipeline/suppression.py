@@ -35,6 +35,8 @@ __all__ = ["LIST_FILE", "SALT_FILE", "Suppression", "privacy_salt", "salted_ref"
 SALT_FILE = "privacy.salt"
 LIST_FILE = "suppressed.json"
 SALT_BYTES = 32
+SEEN_IDS = 10_000
+"""Ids whose answer ``Suppression`` remembers (then it starts over)."""
 
 
 def privacy_salt(data_dir: Path) -> bytes:
@@ -79,6 +81,7 @@ class Suppression:
         self._salt = salt
         self.hashes: frozenset[str] = frozenset(hashes)
         self._lock = threading.Lock()
+        self._seen: dict[tuple[str, str], bool] = {}
 
     @classmethod
     def empty(cls) -> Suppression:
@@ -101,6 +104,17 @@ class Suppression:
         assert self._salt is not None
         return hmac.new(self._salt, f"{kind}:{value}".encode(), hashlib.sha256).hexdigest()
 
+    def _listed(self, kind: str, value: str) -> bool:
+        """Whether ``value`` is suppressed; remembered for the ids seen last (a visitor
+        sends many events: one HMAC per id, not per event), in memory only."""
+        key = (kind, value)
+        found = self._seen.get(key)
+        if found is None:
+            if len(self._seen) >= SEEN_IDS:
+                self._seen.clear()
+            found = self._seen[key] = self._digest(kind, value) in self.hashes
+        return found
+
     def add(self, subject: Subject) -> int:
         """Suppress every id of ``subject`` from now on, and write the list; how many
         hashes were new."""
@@ -117,6 +131,7 @@ class Suppression:
                 orjson.dumps({"version": 1, "hashes": sorted(hashes)}),
             )
             self.hashes = frozenset(hashes)
+            self._seen = {}  # answers given before the list grew
         return added
 
     def suppressed(self, event: Mapping[str, Any]) -> bool:
@@ -131,12 +146,12 @@ class Suppression:
             ("user_id", "previousId"),
         ):
             value = event.get(key)
-            if value is not None and self._digest(kind, str(value)) in hashes:
+            if value is not None and self._listed(kind, str(value)):
                 return True
         for path in EMAIL_PATHS:
             node: Any = event
             for part in path:
                 node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, str) and self._digest("email", normalized_email(node)) in hashes:
+            if isinstance(node, str) and self._listed("email", normalized_email(node)):
                 return True
         return False

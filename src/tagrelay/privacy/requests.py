@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Protocol
@@ -62,8 +62,6 @@ class Stores:
     after_spool_erasure: Callable[[], Awaitable[None]] | None = None
     """Called once the spool's events were erased (the running relay's delivery processes
     drop the events they keep decoded)."""
-    notes: list[str] = field(default_factory=list)
-    """Stores not searched, and why (a message each), for the answer."""
 
 
 async def _subject(ids: Mapping[str, str], stores: Stores) -> Subject:
@@ -154,7 +152,7 @@ def count_of(store: str, result: Any) -> dict[str, int]:
 def audit_fields(
     ids: Mapping[str, str], ref: str, by: Mapping[str, Any], stores: Mapping[str, Any]
 ) -> dict[str, Any]:
-    """The ``extra`` of an audit line: which kinds of id were given (``ids_given``, also
-    as ``by`` for the lines written before it had the others), the salted reference to
-    them, who asked (``requested_by``: a uid, a user name), and the counts per store."""
+    """The ``extra`` of an audit line: which kinds of id were given (``by``), the salted
+    reference to them (``subject_ref``), who asked (``requested_by``: a uid and a pid, or
+    a user name), and the counts per store. Never an id."""
     return {"by": ", ".join(sorted(ids)), "subject_ref": ref, "requested_by": dict(by), **stores}
