@@ -9,9 +9,9 @@ Prints CPU microseconds per row (this process's CPU time: DuckDB runs on one thr
 so other jobs on the machine do not count) for: DuckDB's ``json_transform`` of the planned
 rows alone (parsing); the same rows inserted into an in-memory table with and without the
 ``message_id`` primary key; the rows read by ``read_json`` from a newline-delimited file;
-and, for comparison, tagrelay's planning (``schema.plan``) and planning plus encoding the
-rows as JSON. Whatever the Python side does, a load cannot cost less per row than DuckDB's
-insert.
+the same rows as one Python list per column; and, for comparison, tagrelay's planning
+(``schema.plan``) and planning plus encoding the rows as JSON. Whatever the Python side
+does, a load cannot cost less per row than DuckDB's insert.
 """
 
 from __future__ import annotations
@@ -108,6 +108,33 @@ def main() -> None:
                 )
 
     timed("DuckDB insert via read_json (file), primary key", read_json)
+
+    # The same rows handed over as one Python list per column.
+    planned = [plan(b, columns, 1000).rows for b in batches]
+    by_column = [[[row.get(name) for row in rows] for name in columns] for rows in planned]
+    unnests = ", ".join(
+        f"CAST(unnest(${i + 1}) AS TIMESTAMPTZ)" if kind == "TIMESTAMPTZ" else f"unnest(${i + 1})"
+        for i, kind in enumerate(columns.values())
+    )
+    listed = table(True)
+    timed(
+        "DuckDB insert from a Python list per column",
+        lambda: (
+            [
+                listed.execute(
+                    f"insert into t ({names}) select {unnests}",
+                    [
+                        [orjson.dumps(v).decode() if v is not None else None for v in values]
+                        if kind == "JSON"
+                        else values
+                        for values, kind in zip(lists, columns.values(), strict=True)
+                    ],
+                )
+                for lists in by_column
+            ]
+            and None
+        ),
+    )
     timed("tagrelay plan (Python)", lambda: [plan(b, columns, 1000) for b in batches] and None)
     timed(
         "tagrelay plan + JSON encoding of the rows",
