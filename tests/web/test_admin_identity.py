@@ -1,6 +1,6 @@
 """The admin API's erasure and access routes refuse a body without an id (a 400 that says
-what is expected: an empty body must never match, let alone erase, anyone), and answer 404
-while the identity store is off."""
+what is expected: an empty body must never match, let alone erase, anyone), and search the
+stores there are: without the identity store, the spool and the dead letters still."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ BODIES_WITHOUT_AN_ID = [
     b'{"user_id": ""}',
     b'{"user_id": 42}',
     b'{"user_id": "u", "name": "x"}',
+    b'{"user_id": "u", "suppress": "yes"}',
 ]
 
 
@@ -41,13 +42,13 @@ async def test_a_body_without_an_id_is_refused(
             assert "user_id, anonymous_id, email" in answer["message"]
 
 
-async def test_without_the_store_the_routes_say_so(
+async def test_without_the_identity_store_the_other_stores_answer(
     relay: Any, aiohttp_client: Callable[..., Any]
 ) -> None:
     admin = await admin_of(relay, aiohttp_client)
     resp = await admin.post("/privacy/forget", json={"user_id": "u"})
-    assert resp.status == 404
-    assert (await resp.json())["error"] == "no_identity_store"
+    assert resp.status == 200
+    assert await resp.json() == {"stores": {"spool": {"events": 0}, "dead_letters": {"events": 0}}}
 
 
 async def test_an_unknown_person_is_nothing_to_forget(
@@ -56,4 +57,11 @@ async def test_an_unknown_person_is_nothing_to_forget(
     admin = await admin_of(relay, aiohttp_client, identity_store={"enabled": True})
     resp = await admin.post("/privacy/forget", json={"email": "nobody@example.com"})
     assert resp.status == 200
-    assert await resp.json() == {"stores": {"identity_store": {"persons": 0, "ids": 0}}}
+    assert (await resp.json())["stores"] == {
+        "identity_store": {"persons": 0, "ids": 0},
+        "spool": {"events": 0},
+        "dead_letters": {"events": 0},
+    }
+    resp = await admin.get("/privacy/report")
+    assert resp.status == 200
+    assert "identity_store" in [s["store"] for s in (await resp.json())["stores"]]
