@@ -6,9 +6,10 @@ The path of a request:
 2. the identity store, when it is on, adds the ids and emails of the persons they lead to;
 3. each warehouse adds the ids its rows link (``Warehouse.link``: the user ids an email
    was given under, the anonymous ids a user id was seen with);
-4. each store then deletes (or exports) what is the subject's: the identity store's
-   persons, the warehouse rows, the events still in the spool (``spool.erasure``: pending
-   for some forwarder or not), the dead letters.
+4. each store then deletes (or exports) what is the subject's: the events still in the
+   spool (``spool.erasure``: pending for some forwarder or not) and the dead letters first,
+   so that no event of theirs is loaded again into the other stores after they are
+   cleared, then the identity store's persons and the warehouse rows.
 
 ``Stores`` says how each store is reached: through the running relay (the admin socket's
 ``web.admin_identity``: its spool, its warehouse processes, its identity store) or on the
@@ -85,6 +86,14 @@ async def forget(ids: Mapping[str, str], stores: Stores) -> tuple[Subject, dict[
     ``--suppress``) and the counts per store."""
     subject = await _subject(ids, stores)
     counts: dict[str, Any] = {}
+    # The spool first: an event of theirs still waiting there would otherwise be loaded
+    # into the warehouse, or recorded in the identity store, again after those erasures.
+    if stores.spool is not None:
+        erased = await stores.spool.erase(subject)
+        counts["spool"] = {"events": erased["events"]}
+        counts["dead_letters"] = {"events": erased["dead_letters"]}
+        if stores.after_spool_erasure is not None:
+            await stores.after_spool_erasure()
     if stores.identity is not None:
         persons = ids_deleted = 0
         # The ids asked for, and the user ids and emails linked to them (a user id the
@@ -102,12 +111,6 @@ async def forget(ids: Mapping[str, str], stores: Stores) -> tuple[Subject, dict[
         for warehouse in stores.warehouses:
             rows += await asyncio.to_thread(warehouse.erase, subject)
         counts["warehouse"] = {"rows": rows}
-    if stores.spool is not None:
-        erased = await stores.spool.erase(subject)
-        counts["spool"] = {"events": erased["events"]}
-        counts["dead_letters"] = {"events": erased["dead_letters"]}
-        if stores.after_spool_erasure is not None:
-            await stores.after_spool_erasure()
     return subject, counts
 
 
