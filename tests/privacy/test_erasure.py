@@ -314,3 +314,23 @@ async def test_suppress_without_a_relay_reaches_the_next_relay(
     assert resp.status == 200
     assert client.app[SPOOL].head == 1
     assert metric_value(client.app, "tagrelay_events_suppressed_total", {"source": "segment"}) == 1
+
+
+def test_the_spools_shortcut_never_skips_an_event_of_the_person() -> None:
+    """Only lines holding an id or email of the person are decoded: the shortcut must find
+    them whatever the case of an email, an id stored as a number, or a non-ASCII id."""
+    from tagrelay.model.subject import Subject
+    from tagrelay.spool.erasure import _may_hold, _theirs, needles
+
+    cases = [
+        (Subject.of({"email": "Ada@Example.com"}), {"traits": {"email": " ADA@example.COM"}}),
+        (Subject.of({"user_id": "42"}), {"userId": 42}),
+        (Subject.of({"user_id": 'a"b\\c'}), {"userId": 'a"b\\c'}),
+        (Subject.of({"email": "émile@exemple.fr"}), {"properties": {"email": "ÉMILE@exemple.fr"}}),
+    ]
+    for subject, event in cases:
+        line = orjson.dumps(event)
+        assert _theirs(line, subject), event
+        assert _may_hold(line, needles(subject)), event
+    other = orjson.dumps({"userId": "someone", "traits": {"email": "x@example.com"}})
+    assert not _may_hold(other, needles(Subject.of({"user_id": "42"})))

@@ -58,6 +58,23 @@ def is_erased(line: bytes) -> bool:
     return line == ERASED
 
 
+def needles(subject: Subject) -> tuple[bytes, ...]:
+    """What an event of ``subject`` must contain, in lower case: each id and email as JSON
+    writes it inside a string. Only lines that hold one are decoded (most of a spool is
+    other people's); empty: decode every line."""
+    values = (*subject.user_ids, *subject.anonymous_ids, *subject.emails)
+    if not all(value.isascii() for value in values):
+        return ()  # bytes.lower() folds ASCII only: no shortcut, every line is decoded
+    return tuple(orjson.dumps(value)[1:-1].lower() for value in values)
+
+
+def _may_hold(data: bytes, looked_for: tuple[bytes, ...]) -> bool:
+    if not looked_for:
+        return True
+    low = data.lower()
+    return any(needle in low for needle in looked_for)
+
+
 def _theirs(line: bytes, subject: Subject) -> bool:
     if line == ERASED:
         return False
@@ -74,15 +91,19 @@ def next_to_erase(
     """The first segment past ``after`` that holds an event of ``subject``, filtered:
     ``(last_seq, the key id it is stored under, its new payload sealed under the first key,
     how many events were erased)``; None when no segment holds any."""
+    looked_for = needles(subject)
     cursor = conn.execute(
         "SELECT last_seq, payload FROM segments WHERE last_seq > ? ORDER BY last_seq", (after,)
     )
     try:
         for last_seq, stored in cursor:
-            lines = cipher.open_segment(last_seq, bytes(stored)).split(b"\n")
+            opened = cipher.open_segment(last_seq, bytes(stored))
+            if not _may_hold(opened, looked_for):
+                continue
+            lines = opened.split(b"\n")
             erased = 0
             for index, line in enumerate(lines):
-                if _theirs(line, subject):
+                if _may_hold(line, looked_for) and _theirs(line, subject):
                     lines[index] = ERASED
                     erased += 1
             if erased:
@@ -125,13 +146,17 @@ def export(conn: sqlite3.Connection, cipher: PayloadCipher, subject: Subject) ->
     """Every event of ``subject`` the spool holds: ``{"events": [...], "dead_letters":
     [...]}``, each with its sequence number (and a dead letter's forwarder and reason)."""
     events: list[dict[str, Any]] = []
+    looked_for = needles(subject)
     cursor = conn.execute("SELECT last_seq, count, received_ms, payload FROM segments")
     try:
         for last_seq, count, received_ms, stored in cursor:
-            lines = cipher.open_segment(last_seq, bytes(stored)).split(b"\n")
+            opened = cipher.open_segment(last_seq, bytes(stored))
+            if not _may_hold(opened, looked_for):
+                continue
+            lines = opened.split(b"\n")
             first = last_seq - count + 1
             for offset, line in enumerate(lines):
-                if _theirs(line, subject):
+                if _may_hold(line, looked_for) and _theirs(line, subject):
                     events.append(
                         {
                             "seq": first + offset,
