@@ -23,7 +23,7 @@ from typing import Any
 
 import orjson
 
-from tagrelay.app import admin_socket_path, spool_path
+from tagrelay.app import admin_socket_path
 from tagrelay.cli.relay_admin import Failed, NoRelay
 from tagrelay.cli.relay_admin import ask as _ask
 from tagrelay.cli.relay_admin import checked as _checked
@@ -33,6 +33,7 @@ from tagrelay.config.models import Config
 from tagrelay.crypto import CryptoError
 from tagrelay.errors import EncryptionKeyError
 from tagrelay.spool import dead_letters
+from tagrelay.spool.backend import spool_path
 from tagrelay.spool.dead_letters import Selection, describe
 from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher
 

@@ -40,7 +40,7 @@ from tagrelay.forwarders import FORWARDERS, Forwarder, ForwarderContext
 from tagrelay.forwarders._process import DeliveryProcess, remote_class
 from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.metrics import Metrics
-from tagrelay.spool.sqlite import SqliteSpool
+from tagrelay.spool.backend import Spool
 
 __all__ = ["Fleet", "FleetChange"]
 
@@ -68,7 +68,7 @@ class Fleet:
 
     def __init__(
         self,
-        spool: SqliteSpool,
+        spool: Spool,
         metrics: Metrics,
         data_dir: Path,
         *,
@@ -244,6 +244,7 @@ class Fleet:
             await process.close()
         if self._context is not None:
             await self._context.http.close()
+        await self.spool.leave_loop()
 
     async def set_capture_rate(self, rate: float) -> None:
         """Tell the delivery process the debug view's capture rate (a view connected, or
