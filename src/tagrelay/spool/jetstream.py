@@ -204,6 +204,8 @@ async def ensure_streams(js: JetStreamContext, settings: JetStreamSettings) -> N
             storage=js_api.StorageType.FILE,
             num_replicas=settings.replicas,
             max_age=settings.dead_letter_max_age_secs,
+            max_bytes=-1,
+            duplicate_window=settings.duplicate_window_secs,
             retention=js_api.RetentionPolicy.LIMITS,
         ),
     ]
@@ -227,9 +229,9 @@ async def ensure_streams(js: JetStreamContext, settings: JetStreamSettings) -> N
         if (
             have.subjects != config.subjects
             or have.num_replicas != config.num_replicas
-            or have.max_age != config.max_age
+            or abs((have.max_age or 0) - (config.max_age or 0)) > 0.001
             or (have.max_bytes or -1) != config.max_bytes
-            or (config.duplicate_window and have.duplicate_window != config.duplicate_window)
+            or abs((have.duplicate_window or 0) - config.duplicate_window) > 0.001
         ):
             await js.update_stream(config)
             log.info("updated the JetStream stream's settings", extra={"stream": config.name})
