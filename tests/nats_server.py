@@ -7,6 +7,7 @@ tests never see each other's messages. Without a server the tests skip, unless
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator
@@ -54,10 +55,8 @@ async def delete_streams(url: str, stream: str) -> None:
     try:
         js = client.jetstream()
         for name in (stream, f"{stream}_dead_letters"):
-            try:
+            with contextlib.suppress(NotFoundError):
                 await js.delete_stream(name)
-            except NotFoundError:
-                pass
     finally:
         await client.close()
 

@@ -407,6 +407,8 @@ async def _forget_cursors(spool: Spool, after_secs: float) -> None:
 async def _expire_dead_letters(spool: Spool, retention_secs: float) -> None:
     """Delete the dead letters older than ``retention_secs`` (``dead_letters.retention_days``;
     an indexed lookup that finds nothing most of the time)."""
+    if spool.expires_dead_letters:
+        return
     cutoff_ms = int((time.time() - retention_secs) * 1000)
     deleted = await spool.purge_dead_letters(Selection(before_ms=cutoff_ms))
     if deleted:

@@ -100,8 +100,7 @@ def test_three_replicas_lose_and_double_nothing(
             resends = 0
             killed_at = EVENTS // 3
             restarted_at = 2 * EVENTS // 3
-            turn = 0
-            for start in range(0, EVENTS, BATCH):
+            for turn, start in enumerate(range(0, EVENTS, BATCH)):
                 if start == killed_at:
                     replicas[1].stop(signal.SIGKILL)  # holding batches of both consumers
                 if start == restarted_at:
@@ -113,12 +112,11 @@ def test_three_replicas_lose_and_double_nothing(
                 ]
                 alive = [r for r in replicas if r.proc.poll() is None]
                 target = alive[turn % len(alive)]
-                turn += 1
                 status, _ = target.post("/v1/batch", {"batch": batch})
                 if status == 200:
                     acked.update(e["messageId"] for e in batch)
                 if (start // BATCH) % 7 == 0:  # the client did not see the answer: again,
-                    other = alive[turn % len(alive)]  # to another replica
+                    other = alive[(turn + 1) % len(alive)]  # to another replica
                     status, body = other.post("/v1/batch", {"batch": batch})
                     assert status == 200, body
                     acked.update(e["messageId"] for e in batch)

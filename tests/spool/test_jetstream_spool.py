@@ -35,7 +35,7 @@ def rows(*ids: str) -> tuple[list[tuple[int, bytes]], list[str]]:
     )
 
 
-async def read_until(spool: JetStreamSpool, forwarder: str, after: int, want: int, limit: int = 100):
+async def read_until(spool: JetStreamSpool, forwarder: str, after: int, want: int, limit=100):
     """Poll the replica's held messages (the puller fills them) until ``want`` arrived."""
     watch = spool.subscribe(forwarder)
     while True:

@@ -35,6 +35,8 @@ __all__ = ["Spool", "make_spool"]
 class Spool(Protocol):
     spans: bool
     """Whether forwarders that read the SQLite file themselves may get spans of it."""
+    expires_dead_letters: bool
+    """Whether the backend drops dead letters past their retention by itself."""
     cipher: PayloadCipher
     commits: int
     on_commit: Callable[[float], None] | None

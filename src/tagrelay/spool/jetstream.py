@@ -179,7 +179,8 @@ class _Connections:
                 await _close(client)
             elif loop.is_running():
                 with contextlib.suppress(Exception):
-                    await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(_close(client), loop))
+                    done = asyncio.run_coroutine_threadsafe(_close(client), loop)
+                    await asyncio.wrap_future(done)
         self._by_loop = {}
 
 
@@ -268,6 +269,8 @@ class JetStreamSpool:
 
     spans = False
     """Forwarders that read the SQLite file themselves get payloads here."""
+    expires_dead_letters = True
+    """The dead letters' stream drops those past ``dead_letters.retention_days`` itself."""
 
     def __init__(
         self,
@@ -674,10 +677,7 @@ class JetStreamSpool:
         return deleted
 
     async def purge_dead_letters(self, selection: Selection) -> int:
-        """Delete every dead letter of ``selection``. Only by age (the relay's retention)
-        is left to the stream's own ``max_age``."""
-        if selection == Selection(before_ms=selection.before_ms):
-            return 0
+        """Delete every dead letter of ``selection``."""
         deleted = await self.dead_letter_store.purge(selection)
         self._dead_counts = await self.dead_letter_store.counts()
         return deleted

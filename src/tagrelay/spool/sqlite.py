@@ -195,6 +195,8 @@ class SqliteSpool:
 
     spans = True
     """Forwarders that read the file themselves (``reads_spool``) may get spans of it."""
+    expires_dead_letters = False
+    """The relay's maintenance deletes dead letters past their retention."""
 
     def __init__(
         self,
