@@ -127,7 +127,8 @@ def main(argv: list[str]) -> int:
             for side in SIDES
         }
         print(
-            f"{scenario:<9} events/s, each run: sqlite {each['sqlite']}; jetstream {each['jetstream']}"
+            f"{scenario:<9} events/s, each run: sqlite {each['sqlite']}; "
+            f"jetstream {each['jetstream']}"
         )
     print()
     if ("track/req/s", "bare") in figures:
