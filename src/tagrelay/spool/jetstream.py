@@ -45,6 +45,7 @@ import asyncio
 import base64
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ PULL_WAIT_SECS = 2.0
 """How long one pull request waits on the server for messages before it is made again."""
 
 CONNECT_TIMEOUT_SECS = 5.0
+PUBLISH_TIMEOUT_SECS = 10.0
+"""How long an append waits for JetStream's acks before it answers 503."""
 PUBLISH_MAX_PENDING = 65_536
 """Publishes whose acks may be outstanding at once (the client's default, 4000, would cap
 a round of batch requests)."""
@@ -109,6 +112,28 @@ class JetStreamSettings:
         return f"{self.stream}_{forwarder}"
 
 
+def delivered_sequence(reply: str) -> int:
+    """The stream sequence of a delivered message, from its ack subject."""
+    return int(_ack_tokens(reply)[7])
+
+
+def stored_ms(reply: str) -> int:
+    """When the stream stored a delivered message (ms since the epoch): the event's
+    arrival, to within the publish's round trip. From its ack subject, without the client's
+    datetime parsing."""
+    return int(_ack_tokens(reply)[9]) // 1_000_000
+
+
+def _ack_tokens(reply: str) -> list[str]:
+    """An ack subject's tokens in the layout with domain and account hash:
+    ``$JS.ACK.<domain>.<hash>.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>``
+    (older servers leave out the domain and the hash)."""
+    tokens = reply.split(".")
+    if len(tokens) == 9:
+        tokens[2:2] = ["", ""]
+    return tokens
+
+
 def event_aad(stream: str, message_id: str) -> bytes:
     """The associated data of an event sealed in ``stream``."""
     return b"tagrelay jetstream event %s\x00%s" % (stream.encode(), message_id.encode())
@@ -122,6 +147,8 @@ async def _connect(servers: Sequence[str], name: str) -> NatsClient:
             connect_timeout=CONNECT_TIMEOUT_SECS,
             max_reconnect_attempts=-1,
             allow_reconnect=True,
+            # the subjects are the spool's own, checked once (``JetStreamSettings``)
+            skip_subject_validation=True,
         )
     except Exception as exc:  # the client raises several kinds; all mean "not reachable"
         raise SpoolUnavailable(
@@ -139,12 +166,92 @@ async def _close(client: NatsClient) -> None:
         await client.close()
 
 
+_DUPLICATE = re.compile(rb'"duplicate":\s*true')
+"""In a publish's ack: JetStream had the message id within its duplicate window."""
+
+
+class _Round:
+    """The publishes of one ``append``: how many acks are still due, how many of them
+    were duplicates, the first error, and the future completed once every ack is in."""
+
+    __slots__ = ("due", "duplicates", "error", "future")
+
+    def __init__(self, due: int, future: asyncio.Future[int]) -> None:
+        self.due = due
+        self.duplicates = 0
+        self.error: str | None = None
+        self.future = future
+
+
+class _Publisher:
+    """Asynchronous publishes with the acks awaited per round, leaner than the client's
+    ``publish_async`` (a future, a fresh inbox token and a parsed ``PubAck`` per message):
+    each message's reply subject is ``<inbox>.<round>``, and an ack only counts down its
+    round (``"duplicate": true`` and ``"error"`` are found in its bytes)."""
+
+    def __init__(self, client: NatsClient) -> None:
+        self.client = client
+        self.inbox = client.new_inbox()
+        self.rounds: dict[str, _Round] = {}
+        self.next_round = 0
+        self._subscribed = False
+
+    async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject[len(self.inbox) + 1 :]
+        round_ = self.rounds.get(token)
+        if round_ is None:
+            return
+        data = msg.data
+        if not data or b'"error"' in data or (msg.headers and "Status" in msg.headers):
+            if round_.error is None:
+                round_.error = (data or b"no stream answered").decode(errors="replace")[:300]
+        elif _DUPLICATE.search(data):
+            round_.duplicates += 1
+        round_.due -= 1
+        if round_.due == 0:
+            del self.rounds[token]
+            if not round_.future.done():
+                if round_.error is not None:
+                    round_.future.set_exception(SpoolUnavailable(round_.error))
+                else:
+                    round_.future.set_result(round_.duplicates)
+
+    async def publish(
+        self, subject: str, messages: Sequence[tuple[bytes, dict[str, str] | None]]
+    ) -> asyncio.Future[int]:
+        """Publish ``(payload, headers)`` messages; the future completes with how many were
+        duplicates once all are acknowledged (``SpoolUnavailable`` if any failed)."""
+        if not self._subscribed:
+            await self.client.subscribe(self.inbox + ".*", cb=self._on_ack)
+            self._subscribed = True
+        self.next_round += 1
+        token = str(self.next_round)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.rounds[token] = _Round(len(messages), future)
+        reply = f"{self.inbox}.{token}"
+        publish = self.client.publish
+        try:
+            for payload, headers in messages:
+                await publish(subject, payload, reply=reply, headers=headers)
+        except BaseException:
+            self.rounds.pop(token, None)
+            raise
+        return future
+
+    def fail_all(self, why: str) -> None:
+        rounds, self.rounds = self.rounds, {}
+        for round_ in rounds.values():
+            if not round_.future.done():
+                round_.future.set_exception(SpoolUnavailable(why))
+
+
 class _Connections:
     """One NATS connection per event loop that uses it (see the module docstring)."""
 
     def __init__(self, servers: Sequence[str]) -> None:
         self.servers = tuple(servers)
         self._by_loop: dict[asyncio.AbstractEventLoop, tuple[NatsClient, JetStreamContext]] = {}
+        self._publishers: dict[asyncio.AbstractEventLoop, _Publisher] = {}
 
     async def js(self) -> JetStreamContext:
         loop = asyncio.get_running_loop()
@@ -159,9 +266,14 @@ class _Connections:
             self._by_loop = {**self._by_loop, loop: found}
         return found[1]
 
-    def client(self) -> NatsClient | None:
-        found = self._by_loop.get(asyncio.get_running_loop())
-        return None if found is None else found[0]
+    async def publisher(self) -> _Publisher:
+        loop = asyncio.get_running_loop()
+        publisher = self._publishers.get(loop)
+        if publisher is None:
+            await self.js()
+            publisher = _Publisher(self._by_loop[loop][0])
+            self._publishers = {**self._publishers, loop: publisher}
+        return publisher
 
     async def leave_loop(self) -> None:
         """Close the connection of the running loop (before that loop stops)."""
@@ -372,21 +484,25 @@ class JetStreamSpool:
         if not events:
             return 0
         started = time.perf_counter()
-        subject = self.settings.subject
+        messages: list[tuple[bytes, dict[str, str] | None]]
+        if message_ids is None:
+            messages = [(payload, None) for _, payload in events]
+        elif self.cipher.enabled:
+            stream = self.settings.stream
+            messages = [
+                (self.cipher.seal(payload, event_aad(stream, mid)), {"Nats-Msg-Id": mid})
+                for (_, payload), mid in zip(events, message_ids, strict=True)
+            ]
+        else:
+            messages = [
+                (payload, {"Nats-Msg-Id": mid})
+                for (_, payload), mid in zip(events, message_ids, strict=True)
+            ]
         try:
-            js = await self._conns.js()
-            futures = []
-            for index, (received_ms, payload) in enumerate(events):
-                headers = {"Tagrelay-Received-Ms": str(received_ms)}
-                if message_ids is not None:
-                    message_id = message_ids[index]
-                    headers["Nats-Msg-Id"] = message_id
-                    if self.cipher.enabled:
-                        payload = self.cipher.seal(
-                            payload, event_aad(self.settings.stream, message_id)
-                        )
-                futures.append(await js.publish_async(subject, payload, headers=headers))
-            acks = await asyncio.gather(*futures)
+            publisher = await self._conns.publisher()
+            duplicates = await asyncio.wait_for(
+                await publisher.publish(self.settings.subject, messages), PUBLISH_TIMEOUT_SECS
+            )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -395,8 +511,8 @@ class JetStreamSpool:
                 logging.ERROR, "publish", "spool publish failed", {"error": str(exc)}
             )
             raise SpoolUnavailable(f"JetStream did not acknowledge: {exc}") from exc
-        stored = sum(1 for ack in acks if not ack.duplicate)
-        self.duplicates += len(acks) - stored
+        stored = len(events) - duplicates
+        self.duplicates += duplicates
         self.commits += 1
         if self.on_commit is not None:
             self.on_commit(time.perf_counter() - started)
@@ -488,14 +604,11 @@ class JetStreamSpool:
                 watch.notify(consumer.head, loop)
 
     def _opened(self, number: int, msg: Msg) -> SpooledEvent:
-        headers = msg.headers or {}
-        received = headers.get("Tagrelay-Received-Ms")
         payload = msg.data
         if self.cipher.enabled or payload[:1] != b"{":
-            message_id = headers.get("Nats-Msg-Id", "")
+            message_id = (msg.headers or {}).get("Nats-Msg-Id", "")
             payload = self.cipher.open(payload, event_aad(self.settings.stream, message_id))
-        received_ms = int(received) if received else _now_ms()
-        return SpooledEvent(number, received_ms, payload)
+        return SpooledEvent(number, stored_ms(msg.reply), payload)
 
     async def _keep(self, consumer: _Consumer) -> None:
         """Tell the stream the held messages are in progress, so that it does not hand
@@ -554,8 +667,7 @@ class JetStreamSpool:
             )
         except NotFoundError:
             return None
-        received = (raw.headers or {}).get("Tagrelay-Received-Ms")
-        return int(received) if received else None
+        return None if raw.time is None else int(raw.time.timestamp() * 1000)
 
     async def refresh(self) -> None:
         """Read the consumers' depths and ack floors and the dead letters' counts."""
@@ -625,7 +737,7 @@ class JetStreamSpool:
         consumer = self._consumers[forwarder]
         by_number = {h.event.seq: h for h in consumer.held}
         stream_seqs = [
-            by_number[e.seq].msg.metadata.sequence.stream if e.seq in by_number else e.seq
+            delivered_sequence(by_number[e.seq].msg.reply) if e.seq in by_number else e.seq
             for e in events
         ]
         await self.dead_letter_store.publish(
