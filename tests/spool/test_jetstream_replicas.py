@@ -94,8 +94,10 @@ def test_three_replicas_lose_and_double_nothing(
                 )
                 for i in range(3)
             ]
-            replicas = [Relay(config, tmp_path) for config in configs]
-            relays.extend(replicas)
+            replicas: list[Relay] = []
+            for config in configs:  # each killed at the end, even if a later one fails
+                replicas.append(Relay(config, tmp_path))
+                relays.append(replicas[-1])
             acked: set[str] = set()
             resends = 0
             killed_at = EVENTS // 3
