@@ -118,11 +118,12 @@ async def test_a_batch_not_acknowledged_goes_to_another_replica(settings):
     await a.append(*rows("m1", "m2"))
     got = await read_until(a, "hook", 0, 2)
     assert len(got) == 2
-    # the replica dies holding the batch: no ack, no "in progress" any more
+    # the replica dies holding the batch: its connection gone, no ack, no "in progress"
     for consumer in a._consumers.values():
         consumer.keeper.cancel()
         consumer.puller.cancel()
-    await a.close()
+    for client, _ in list(a._conns._by_loop.values()):
+        await client.close()
     b = JetStreamSpool(settings)
     await b.open()
     try:
@@ -213,5 +214,68 @@ async def test_an_append_the_stream_refuses_raises_and_is_not_acknowledged(setti
         with pytest.raises(SpoolUnavailable):
             await spool.append(big, [f"m{i}" for i in range(10)])
         assert not spool.writable()
+    finally:
+        await spool.close()
+
+
+async def test_a_stopped_worker_hands_its_batch_back_at_once(settings):
+    slow = JetStreamSettings(servers=settings.servers, stream=settings.stream, ack_wait_secs=600)
+    a, b = JetStreamSpool(slow), JetStreamSpool(slow)
+    await a.open()
+    await b.open()
+    try:
+        await a.register("hook", "earliest")
+        await a.append(*rows("m1", "m2"))
+        assert len(await read_until(a, "hook", 0, 2)) == 2
+        await a.leave_loop()  # a relay stopping (or a reload) while it holds the batch
+        await b.register("hook", "earliest")
+        got = await read_until(b, "hook", 0, 2)  # long before ack_wait (600 s)
+        assert [orjson.loads(e.payload)["messageId"] for e in got] == ["m1", "m2"]
+        # a reload registers the forwarder again: the previous worker's batch comes back
+        await b.register("hook", "earliest")
+        assert len(await read_until(b, "hook", 0, 2)) == 2
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_an_event_sealed_under_another_key_stays_in_the_stream(settings):
+    key = generate_key()
+    writer = JetStreamSpool(settings, cipher=PayloadCipher(Keyring.from_texts([key])))
+    wrong = JetStreamSpool(settings, cipher=PayloadCipher(Keyring.from_texts([generate_key()])))
+    await writer.open()
+    await wrong.open()
+    try:
+        await wrong.register("hook", "earliest")
+        await writer.append(*rows("sealed"))
+        await wrong.read(0, 10, forwarder="hook")  # its puller pulls, cannot open it
+        await asyncio.sleep(1.5)  # it tried, and handed the event back
+        assert await wrong.read(0, 10, forwarder="hook") == []
+        await wrong.leave_loop()
+        await writer.register("hook", "earliest")
+        got = await read_until(writer, "hook", 0, 1)  # the right key reads it
+        assert orjson.loads(got[0].payload)["messageId"] == "sealed"
+    finally:
+        await writer.close()
+        await wrong.close()
+
+
+async def test_depth_and_lag_come_from_the_stream(settings):
+    from tagrelay.app import forwarder_lags
+
+    spool = JetStreamSpool(settings)
+    await spool.open()
+    try:
+        await spool.register("hook", "earliest")
+        await spool.append(*rows("m1", "m2"))
+        await spool.refresh()
+        assert spool.depth("hook") == 2
+        lag = (await forwarder_lags(spool, ["hook"]))["hook"]
+        assert 0 < lag < 60
+        got = await read_until(spool, "hook", 0, 2)
+        await spool.advance("hook", got[-1].seq)
+        await spool.refresh()
+        assert spool.depth("hook") == 0
+        assert await forwarder_lags(spool, ["hook"]) == {"hook": 0.0}
     finally:
         await spool.close()

@@ -266,6 +266,15 @@ class _Connections:
             self._by_loop = {**self._by_loop, loop: found}
         return found[1]
 
+    def client(self) -> NatsClient | None:
+        """The running loop's connection, if it has one."""
+        found = self._by_loop.get(asyncio.get_running_loop())
+        return None if found is None else found[0]
+
+    def connected(self) -> bool:
+        """Whether every connection is up (from any thread: reads one flag each)."""
+        return all(client.is_connected for client, _ in self._by_loop.values())
+
     async def publisher(self) -> _Publisher:
         loop = asyncio.get_running_loop()
         publisher = self._publishers.get(loop)
@@ -365,6 +374,7 @@ class _Consumer:
     name: str
     durable: str
     sub: JetStreamContext.PullSubscription | None = None
+    sub_loop: asyncio.AbstractEventLoop | None = None
     held: list[_Held] = field(default_factory=list)
     head: int = 0
     position: int = 0
@@ -446,19 +456,39 @@ class JetStreamSpool:
         await self._conns.leave_loop()
 
     async def _stop_consumers(self) -> None:
-        """Stop the pullers and keepers that run on this loop."""
+        """Stop the pullers and keepers that run on this loop, handing back what they
+        hold."""
         loop = asyncio.get_running_loop()
         for consumer in list(self._consumers.values()):
-            for task in (consumer.puller, consumer.keeper):
-                if task is not None and task.get_loop() is loop and not task.done():
-                    consumer.stopped = True
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await task
+            if consumer.puller is not None and consumer.puller.get_loop() is loop:
+                await self._release(consumer)
+
+    async def _release(self, consumer: _Consumer) -> None:
+        """Stop ``consumer``'s puller and keeper and hand its held messages back to the
+        stream (``nak``), for another replica or the next worker within seconds, rather
+        than after ``ack_wait_secs``."""
+        consumer.stopped = True
+        for task in (consumer.puller, consumer.keeper):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        consumer.puller = consumer.keeper = None
+        held, consumer.held = consumer.held, []
+        for item in held:
+            # Once the pull request this replica may still have open on the server has
+            # expired (``PULL_WAIT_SECS``): else it would be handed them again at once.
+            with contextlib.suppress(Exception):
+                await item.msg.nak(delay=PULL_WAIT_SECS + 0.5)
+        if held:
+            client = self._conns.client()
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.flush(timeout=2)
 
     def writable(self, within_secs: float = 5.0) -> bool:
         """Open, connected, and no publish failed in the last ``within_secs``."""
-        if not self._open or self._closed:
+        if not self._open or self._closed or not self._conns.connected():
             return False
         recent = self._last_failure is not None and (
             time.monotonic() - self._last_failure <= within_secs
@@ -541,6 +571,8 @@ class JetStreamSpool:
         consumer = self._consumers.setdefault(
             forwarder, _Consumer(forwarder, self.settings.durable(forwarder))
         )
+        await self._release(consumer)  # a reload: the previous worker's batch goes back
+        consumer.stopped = False
         config = js_api.ConsumerConfig(
             durable_name=consumer.durable,
             ack_policy=js_api.AckPolicy.EXPLICIT,
@@ -557,7 +589,11 @@ class JetStreamSpool:
         except NotFoundError:
             with contextlib.suppress(BadRequestError):  # another replica made it meanwhile
                 await js.add_consumer(self.settings.stream, config)
-        consumer.sub = await js.pull_subscribe_bind(consumer.durable, self.settings.stream)
+        if consumer.sub is None or consumer.sub_loop is not asyncio.get_running_loop():
+            # Kept across registrations (a reload): a pull request still open on the
+            # server delivers to this subscription's inbox, and the next fetch drains it.
+            consumer.sub = await js.pull_subscribe_bind(consumer.durable, self.settings.stream)
+            consumer.sub_loop = asyncio.get_running_loop()
         consumer.held = []
         consumer.head = consumer.position = 0
         loop = asyncio.get_running_loop()
@@ -598,10 +634,30 @@ class JetStreamSpool:
                 await asyncio.sleep(1.0)
                 continue
             for msg in msgs:
+                try:
+                    event = self._opened(consumer.head + 1, msg)
+                except Exception as exc:  # sealed under a key not configured, or damaged
+                    await self._unreadable(consumer, msg, exc, throttle)
+                    continue
                 consumer.head += 1
-                consumer.held.append(_Held(self._opened(consumer.head, msg), msg))
+                consumer.held.append(_Held(event, msg))
             for watch in consumer.watches:
                 watch.notify(consumer.head, loop)
+
+    async def _unreadable(
+        self, consumer: _Consumer, msg: Msg, exc: Exception, throttle: LogThrottle
+    ) -> None:
+        """An event this replica cannot open stays in the stream, for a replica with the
+        right keys (or this one once they are configured): it is handed back, to come
+        again after ``ack_wait_secs``. The operator must act: an ERROR."""
+        throttle.log(
+            logging.ERROR,
+            "unreadable",
+            "an event in the stream cannot be opened with encryption.keys; it stays there",
+            {"forwarder": consumer.name, "error": f"{type(exc).__name__}: {exc}"},
+        )
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=self.settings.ack_wait_secs)
 
     def _opened(self, number: int, msg: Msg) -> SpooledEvent:
         payload = msg.data
