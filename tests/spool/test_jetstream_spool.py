@@ -274,8 +274,8 @@ async def test_depth_and_lag_come_from_the_stream(settings):
         assert 0 < lag < 60
         got = await read_until(spool, "hook", 0, 2)
         await spool.advance("hook", got[-1].seq)
-        await spool.refresh()
-        assert spool.depth("hook") == 0
+        while spool.depth("hook"):  # the acks are on their way to the server
+            await spool.refresh()
         assert await forwarder_lags(spool, ["hook"]) == {"hook": 0.0}
     finally:
         await spool.close()
