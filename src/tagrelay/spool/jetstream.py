@@ -174,9 +174,10 @@ class _Round:
     """The publishes of one ``append``: how many acks are still due, how many of them
     were duplicates, the first error, and the future completed once every ack is in."""
 
-    __slots__ = ("due", "duplicates", "error", "future")
+    __slots__ = ("deadline", "due", "duplicates", "error", "future")
 
-    def __init__(self, due: int, future: asyncio.Future[int]) -> None:
+    def __init__(self, due: int, future: asyncio.Future[int], deadline: float) -> None:
+        self.deadline = deadline
         self.due = due
         self.duplicates = 0
         self.error: str | None = None
@@ -195,6 +196,38 @@ class _Publisher:
         self.rounds: dict[str, _Round] = {}
         self.next_round = 0
         self._subscribed = False
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def _reap(self) -> None:
+        """Fail the rounds whose acks are overdue (``PUBLISH_TIMEOUT_SECS``): one task
+        looking once a second, rather than a timer per append."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(1.0)
+            now = loop.time()
+            late = [t for t, r in self.rounds.items() if r.deadline <= now]
+            for token in late:
+                round_ = self.rounds.pop(token)
+                if not round_.future.done():
+                    round_.future.set_exception(
+                        SpoolUnavailable(
+                            f"JetStream did not acknowledge within {PUBLISH_TIMEOUT_SECS:g}s"
+                        )
+                    )
+
+    def stop(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+
+    def loop_call(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the publisher's loop (from any thread)."""
+        if self._reaper is None:
+            return
+        loop = self._reaper.get_loop()
+        if loop is asyncio.get_running_loop():
+            fn()
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(fn)
 
     async def _on_ack(self, msg: Msg) -> None:
         token = msg.subject[len(self.inbox) + 1 :]
@@ -221,13 +254,15 @@ class _Publisher:
     ) -> asyncio.Future[int]:
         """Publish ``(payload, headers)`` messages; the future completes with how many were
         duplicates once all are acknowledged (``SpoolUnavailable`` if any failed)."""
+        loop = asyncio.get_running_loop()
         if not self._subscribed:
             await self.client.subscribe(self.inbox + ".*", cb=self._on_ack)
             self._subscribed = True
+            self._reaper = loop.create_task(self._reap(), name="jetstream-publish-timeouts")
         self.next_round += 1
         token = str(self.next_round)
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.rounds[token] = _Round(len(messages), future)
+        future: asyncio.Future[int] = loop.create_future()
+        self.rounds[token] = _Round(len(messages), future, loop.time() + PUBLISH_TIMEOUT_SECS)
         reply = f"{self.inbox}.{token}"
         publish = self.client.publish
         try:
@@ -288,12 +323,18 @@ class _Connections:
         """Close the connection of the running loop (before that loop stops)."""
         loop = asyncio.get_running_loop()
         found = self._by_loop.get(loop)
+        publisher = self._publishers.pop(loop, None)
+        if publisher is not None:
+            publisher.stop()
         if found is not None:
             self._by_loop = {k: v for k, v in self._by_loop.items() if k is not loop}
             await _close(found[0])
 
     async def close(self) -> None:
         """Close every connection: the running loop's here, others' on their loops."""
+        for publisher in self._publishers.values():
+            publisher.loop_call(publisher.stop)
+        self._publishers = {}
         for loop in list(self._by_loop):
             client = self._by_loop[loop][0]
             if loop is asyncio.get_running_loop():
@@ -530,9 +571,7 @@ class JetStreamSpool:
             ]
         try:
             publisher = await self._conns.publisher()
-            duplicates = await asyncio.wait_for(
-                await publisher.publish(self.settings.subject, messages), PUBLISH_TIMEOUT_SECS
-            )
+            duplicates = await (await publisher.publish(self.settings.subject, messages))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
