@@ -1,11 +1,13 @@
 """``create_app(config)``: the one place that wires the parts of the relay together.
 
-Start-up order (``cleanup_ctx``, torn down in reverse): the spool opens (and starts pruning
-and checkpointing every ``spool.prune_interval_secs``); the delivery loop starts in its own
-thread, with the shared HTTP client session and one worker per enabled forwarder on it
-(``forwarders._fleet``); the admin socket (for ``tagrelay sql``) listens, then the admin
-listener (``admin.listen``: /metrics, the admin API and the debug view,
-``tagrelay.web.admin_listener``). The debug view's capture (``tagrelay.capture.DebugHub``,
+Start-up order (``cleanup_ctx``, torn down in reverse): the identity store's keys are
+checked (``identity_store.enabled``: a key missing refuses the start); the spool opens (and
+starts pruning and checkpointing every ``spool.prune_interval_secs``); the delivery loop
+starts in its own thread, with the shared HTTP client session and one worker per enabled
+forwarder on it (``forwarders._fleet``; the identity store's writer among them); the admin
+socket (for ``tagrelay sql``) listens, then the admin listener (``admin.listen``:
+/metrics, the admin API and the debug view, ``tagrelay.web.admin_listener``). The debug
+view's capture (``tagrelay.capture.DebugHub``,
 ``app[CAPTURE]``) is handed to ingest, to the forwarders and their workers, and to the
 delivery process. On shutdown aiohttp first stops accepting connections and lets in-flight
 requests finish (their commits included), then the admin listener and socket close, the
@@ -49,6 +51,7 @@ from tagrelay.forwarders._fleet import Fleet
 from tagrelay.forwarders._http import scrub_secrets
 from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker
+from tagrelay.identity_store import IDENTITY_WRITER_ID, StoreSettings
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.reload import RELOADER, Reloader
@@ -70,6 +73,13 @@ from tagrelay.web.routes import ingest_routes
 from tagrelay.web.sdks import add_sdk_routes
 
 log = logging.getLogger(__name__)
+
+
+def identity_settings(config: Config) -> StoreSettings | None:
+    """How to open the identity store, or None when ``identity_store.enabled`` is off."""
+    if not config.identity_store.enabled:
+        return None
+    return StoreSettings(config.identity_store, tuple(config.encryption.keys))
 
 
 def admin_socket_path(data_dir: Path) -> Path:
@@ -225,6 +235,7 @@ def create_app(
         app[READY]["spool"] = False
         await spool.close()
 
+    identity = identity_settings(config)
     fleet = app[FLEET] = Fleet(
         spool,
         metrics,
@@ -234,6 +245,7 @@ def create_app(
         stop_timeout_secs=config.server.shutdown_timeout_secs,
         capture=capture,
         encryption_keys=encryption_keys,
+        identity=identity,
     )
 
     async def tell_process(rate: float) -> None:
@@ -242,7 +254,8 @@ def create_app(
 
     async def forwarders_ctx(app: web.Application) -> AsyncIterator[None]:
         enabled = [f for f in config.forwarders if f.enabled]
-        retired = await spool.retire_cursors_except({f.id for f in enabled})
+        internal = {IDENTITY_WRITER_ID} if identity is not None else set()
+        retired = await spool.retire_cursors_except({f.id for f in enabled} | internal)
         for name in retired:
             log.info(
                 "kept the cursor of a forwarder no longer configured",
@@ -270,6 +283,16 @@ def create_app(
             await delivery.call(fleet.close())
             await delivery.close()
 
+    async def identity_store_ctx(app: web.Application) -> AsyncIterator[None]:
+        # First of all: a key missing from encryption.keys stops the start here, with the
+        # key id the store needs, before anything else is open; a plaintext store is
+        # encrypted now. The writer and readers open it again where they run.
+        if identity is not None:
+            store = await identity.open(data_dir, writer=True)
+            await store.close()
+        yield
+
+    app.cleanup_ctx.append(identity_store_ctx)
     app.cleanup_ctx.append(spool_ctx)
     app.cleanup_ctx.append(forwarders_ctx)
     if admin_socket:

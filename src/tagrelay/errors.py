@@ -11,6 +11,8 @@
      |    +-- DataDirError      the data directory cannot be created or written to
      |    +-- ListenError       a listener (public or admin) cannot bind its address
      |    +-- EncryptionKeyError  data on disk is encrypted under a key not configured
+     +-- IdentityStoreError     the identity store cannot be opened (a key missing from
+     |                          encryption.keys) or read
      +-- WarehouseError         a warehouse statement failed
           +-- WarehouseLocked   another process holds the warehouse file
           +-- QueryRejected     ``tagrelay sql`` got a statement it may not run
@@ -97,6 +99,12 @@ class EncryptionKeyError(StartupError):
     ``encryption.keys`` does not hold, or encrypted data while no key is configured. The
     relay refuses to start rather than fail on every read later, or write plaintext next
     to data it cannot read."""
+
+
+class IdentityStoreError(TagrelayError):
+    """The identity store cannot be opened or read: encrypted under a key that is not in
+    ``encryption.keys``, or a record that does not decrypt. At start-up the relay refuses to
+    start with it."""
 
 
 class WarehouseError(TagrelayError):

@@ -280,6 +280,35 @@ class Metrics:
             ["forwarder", "key"],
             registry=r,
         )
+        self.forwarder_enriched = Counter(
+            "tagrelay_forwarder_enriched",
+            "Events an ad forwarder with enrich: true sent with a match key filled in from "
+            "the identity store (one count per key per event the platform took): email, "
+            "phone, name, address, external_id, click_id, browser_id.",
+            ["forwarder", "key"],
+            registry=r,
+        )
+        self.identity_store_events = Counter(
+            "tagrelay_identity_store_events",
+            "Events the identity store's writer read, by outcome: recorded (it told the "
+            "store an id, user data, a click or browser id), ignored (nothing to keep: no "
+            "ads consent, no id, or one id and no data).",
+            ["outcome"],
+            registry=r,
+        )
+        self.identity_store_expired = Counter(
+            "tagrelay_identity_store_expired",
+            "Persons deleted from the identity store, not seen for identity_store.ttl_days.",
+            registry=r,
+        )
+        self.identity_store_waits = Counter(
+            "tagrelay_identity_store_waits",
+            "Batches of a forwarder with enrich: true that waited for the identity store's "
+            "writer to take their events, by outcome: caught_up, timeout (sent after "
+            "identity_store.enrich_wait_secs with what the store held).",
+            ["forwarder", "outcome"],
+            registry=r,
+        )
         self.forwarder_retries = Counter(
             "tagrelay_forwarder_retries",
             "Failed delivery attempts that will be retried, by reason.",

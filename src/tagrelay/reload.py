@@ -80,6 +80,7 @@ RESTART_ONLY = (
     "metrics",
     "delivery",
     "encryption",
+    "identity_store",
 )
 """Settings a running relay cannot take: its listeners and their connection handling, the
 data directory and how the spool stores, where the forwarders run, the routes registered

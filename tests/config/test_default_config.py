@@ -44,7 +44,8 @@ def test_the_commented_out_examples_are_valid_once_uncommented() -> None:
     # The commented-out sections and the webhook example teach by example: they must stay valid.
     text = DEFAULT_CONFIG.read_text(encoding="utf-8")
     examples = (
-        r"server:|admin:|metrics:|debug:|paths:|identity:|consent:|privacy:|- id: my-webhook|  "
+        r"server:|admin:|metrics:|debug:|paths:|identity:|identity_store:|consent:|privacy:|"
+        r"- id: my-webhook|  "
     )
     uncommented = re.sub(rf"(?m)^(\s*)# (?={examples})", r"\1", text)
     assert uncommented != text
@@ -53,6 +54,7 @@ def test_the_commented_out_examples_are_valid_once_uncommented() -> None:
     assert config.server.port == 9000
     assert (config.admin.listen, config.admin.has_token) == ("127.0.0.1:9100", False)
     assert (config.debug.sample_rate, config.debug.buffer_events) == (0, 500)
+    assert (config.identity_store.enabled, config.identity_store.ttl_days) == (True, 90)
     assert [f.type for f in config.forwarders] == ["warehouse", "webhook"]
     webhook = config.forwarders[1]
     assert webhook.model_dump()["headers"] == {"Authorization": "Bearer t"}

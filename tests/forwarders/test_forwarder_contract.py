@@ -1708,3 +1708,87 @@ async def test_without_ads_consent_no_ad_platform_gets_the_event(
     assert fake.requests, f"{kind} did not get the event that grants ads"
     sent = [s for request in fake.requests for s in VALIDATORS[kind](request)]
     assert [s.event_id for s in sent] in ([None], ["contract-purchase"])
+
+
+# -- enrichment from the identity store -------------------------------------------------
+
+
+def thin(purchase: Mapping[str, Any], consent: Mapping[str, str]) -> dict[str, Any]:
+    """The purchase as a backend reports it: its ids, what was bought, nothing else."""
+    return {
+        "type": "track",
+        "event": purchase["event"],
+        "userId": USER_ID,
+        "messageId": f"thin-{consent['ad_user_data']}",
+        "timestamp": purchase["timestamp"],
+        "receivedAt": purchase["receivedAt"],
+        "properties": purchase["properties"],
+        "context": {"consent": dict(consent)},
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(set(HTTP_TYPES) - set(NOT_AD_PLATFORMS)))
+async def test_with_enrich_a_thin_event_goes_with_what_the_store_remembers(
+    kind: str, fake: Fake, context: ForwarderContext
+) -> None:
+    """``enrich: true`` (a conversions-layer option, so every ad platform has it): a
+    purchase that carries only its userId is sent with the person's hashed identifiers and
+    the click ids the platform takes, as the full purchase was, from the identity store's
+    record of an earlier event; the email counted as filled in. Not when the purchase
+    denies ``ad_user_data``."""
+    from tagrelay.identity_store import IdentityStoreConfig, StoreSettings
+    from tagrelay.identity_store.record import observe
+
+    events = contract_events()
+    purchase = next(e for e in events if e["messageId"] == "contract-purchase")
+    settings = StoreSettings(IdentityStoreConfig(enabled=True))
+    writer = settings.open_backend(context.data_dir, writer=True)
+    seen = observe(purchase, int(NOW.timestamp() * 1000))
+    assert seen is not None
+    writer.record([seen], int(NOW.timestamp() * 1000))
+    writer.close()
+
+    full = make(kind, fake.url, context)
+    await full.start()
+    try:
+        await full.deliver([purchase])
+    finally:
+        await full.close()
+    baseline = [s for request in fake.requests for s in request.strings(credentials=False)]
+    person = {h for s in baseline for h in HEX64.findall(s)} & _person_hashes()
+    # Click ids the platform takes as such (not inside the page's URL, which a thin event
+    # has none of).
+    as_such = [s for s in baseline if "shop.test" not in s]
+    clicks = [v for v in purchase["context"]["clickIds"].values() if any(v in s for s in as_such)]
+    assert person, f"{kind}: the full purchase carries no hashed identifier"
+
+    enriching_context = ForwarderContext(
+        data_dir=context.data_dir, http=context.http, metrics=context.metrics, identity=settings
+    )
+    cls = FORWARDERS[kind]
+    config = cls.config_model.model_validate(
+        {"id": f"contract-{kind}", "type": kind, "enrich": True, **raw_config(kind, fake.url)}
+    )
+    forwarder = cls(config, enriching_context)
+    await forwarder.start()
+    try:
+        first = len(fake.requests)
+        await forwarder.deliver([thin(purchase, GRANTED)])
+        granted = [
+            s for request in fake.requests[first:] for s in request.strings(credentials=False)
+        ]
+        first = len(fake.requests)
+        await forwarder.deliver([thin(purchase, {**GRANTED, "ad_user_data": "denied"})])
+        denied = [
+            s for request in fake.requests[first:] for s in request.strings(credentials=False)
+        ]
+    finally:
+        await forwarder.close()
+    sent = {h for s in granted for h in HEX64.findall(s)}
+    assert person <= sent, f"{kind}: identifiers not filled in: {sorted(person - sent)}"
+    assert [c for c in clicks if not any(c in s for s in granted)] == [], kind
+    labels = {"forwarder": f"contract-{kind}", "key": "email"}
+    value = context.metrics.registry.get_sample_value("tagrelay_forwarder_enriched_total", labels)
+    assert value == 1, kind
+    assert not {h for s in denied for h in HEX64.findall(s)} & _person_hashes(), kind
+    assert [c for c in clicks if any(c in s for s in denied)] == [], kind

@@ -1,5 +1,5 @@
-"""The ``tagrelay`` command: ``serve``, ``check``, ``sql``, ``dlq``, ``health``, ``reload``
-and ``keys``.
+"""The ``tagrelay`` command: ``serve``, ``check``, ``sql``, ``dlq``, ``health``, ``reload``,
+``keys``, ``forget`` and ``export``.
 
 Exit codes: 0 success, 1 invalid configuration, failed query or unhealthy relay, 2 usage
 error.
@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="give up after this many seconds (default 3)",
     )
+    for name, text in (
+        ("forget", "delete a person from the identity store (an erasure request)"),
+        ("export", "print what the identity store holds about a person (an access request)"),
+    ):
+        person = sub.add_parser(name, help=text, description=text)
+        _add_config(person)
+        _add_data_dir(person)
+        person.add_argument("--user-id", help="the person's userId")
+        person.add_argument("--anonymous-id", help="one of the person's anonymousIds")
+        person.add_argument("--email", help="an email address the person gave")
     from tagrelay.cli.dlq_args import add_dlq_parser
 
     add_dlq_parser(sub, _add_config, _add_data_dir)
@@ -179,6 +189,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             ready=args.ready,
             timeout_secs=args.timeout_secs,
         )
+    if args.command in ("forget", "export"):
+        from tagrelay.cli.privacy import run_privacy
+
+        ids = {
+            name: value
+            for name in ("user_id", "anonymous_id", "email")
+            if (value := getattr(args, name))
+        }
+        if not ids:
+            print(
+                f"tagrelay {args.command}: give --user-id, --anonymous-id or --email",
+                file=sys.stderr,
+            )
+            return 2
+        return run_privacy(config, args.data_dir, args.command, ids)
     if args.command == "dlq":
         from tagrelay.cli.dlq import run_dlq
 

@@ -20,6 +20,7 @@ from tagrelay.config.google_scripts import GoogleScriptsConfig
 from tagrelay.crypto import CryptoError, Keyring
 from tagrelay.forwarders import FORWARDERS
 from tagrelay.forwarders._http import header_secrets
+from tagrelay.identity_store.config import IDENTITY_WRITER_ID, IdentityStoreConfig
 from tagrelay.pipeline.host import valid_host_name
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -1062,6 +1063,13 @@ class Config(ConfigModel):
         description="Encryption at rest of personal data on disk.",
         examples=[{"keys": ["${TAGRELAY_KEY}"]}],
     )
+    identity_store: IdentityStoreConfig = Field(
+        default_factory=IdentityStoreConfig,
+        description=(
+            "What the relay remembers per visitor and user for ad forwarders with enrich: true."
+        ),
+        examples=[{"enabled": True, "ttl_days": 90}],
+    )
     google: GoogleConfig = Field(
         default_factory=GoogleConfig,
         description="GA4 (gtag hits, Measurement Protocol) and first-party Google scripts.",
@@ -1169,6 +1177,24 @@ class Config(ConfigModel):
                     f"google.gateway path {path!r} is taken by another endpoint"
                     + (" (metrics.public serves /metrics)" if path == "/metrics" else "")
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _identity_store_fits(self) -> Config:
+        problems = []
+        for fwd in self.forwarders:
+            if self.identity_store.enabled and fwd.id == IDENTITY_WRITER_ID:
+                problems.append(
+                    f"forwarder id {IDENTITY_WRITER_ID!r} is the identity store's own while "
+                    "identity_store.enabled: choose another"
+                )
+            if getattr(fwd, "enrich", False) and not self.identity_store.enabled:
+                problems.append(
+                    f"forwarders.{fwd.id}.enrich reads the identity store: set "
+                    "identity_store.enabled: true"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     def secrets(self) -> list[str]:

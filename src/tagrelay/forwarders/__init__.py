@@ -40,4 +40,20 @@ FORWARDERS: dict[str, type[Forwarder]] = {  # type: ignore[type-arg]
     "x": XForwarder,
 }
 
-__all__ = ["FORWARDERS", "Forwarder", "ForwarderContext"]
+INTERNAL_FORWARDERS = frozenset({"identity_store"})
+"""Forwarder types the relay runs on its own, never named in a configuration file: the
+identity store's writer (``tagrelay.identity_store.writer``)."""
+
+
+def forwarder_class(kind: str) -> type[Forwarder]:  # type: ignore[type-arg]
+    """The forwarder class of ``kind``: a registered type or an internal one."""
+    if kind == "identity_store":
+        # Imported here: the writer's module imports the forwarders' base, which comes
+        # after this package.
+        from tagrelay.identity_store.writer import IdentityWriter
+
+        return IdentityWriter
+    return FORWARDERS[kind]
+
+
+__all__ = ["FORWARDERS", "INTERNAL_FORWARDERS", "Forwarder", "ForwarderContext", "forwarder_class"]

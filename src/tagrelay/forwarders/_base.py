@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -30,6 +30,9 @@ from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.metrics import Metrics
 from tagrelay.model import Event, Outcome
 from tagrelay.spool.encryption import PayloadCipher, cipher_for
+
+if TYPE_CHECKING:
+    from tagrelay.identity_store import StoreSettings
 
 C = TypeVar("C", bound=ForwarderConfigBase)
 
@@ -55,6 +58,10 @@ class ForwarderContext:
     def spool_cipher(self) -> PayloadCipher:
         """What opens the spool's segments (the null cipher without keys)."""
         return cipher_for(self.encryption_keys)
+
+    identity: StoreSettings | None = None
+    """How to open the identity store (``identity_store.enabled``), for the forwarders that
+    read it (``enrich: true``); None when it is off."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,15 @@ The path of an event through an ad forwarder (after the runtime's filter and
    forwarder requires.
 5. **User data** read once (``_user_data.extract_user_data``) and normalized and hashed for
    the platform by the one table (``_user_data.prepare``, with ``default_phone_country``);
-   values that do not normalize are left out and counted (``invalid_email``, ...).
+   values that do not normalize are left out and counted (``invalid_email``, ...). With
+   ``enrich: true`` (and ``identity_store.enabled``), an event that grants
+   ``ad_user_data`` first gets what it lacks (email, phone, names, address, external id,
+   click and browser ids) from the identity store's record of its person, found by its
+   ``userId``, else its ``anonymousId`` (``identity_store.record.enrich``; its own values
+   win). The store is read once per batch, before planning, and a retried batch is
+   planned from the same reading, so that it is the same bytes. Each match key it filled
+   in counts ``tagrelay_forwarder_enriched_total{forwarder, key}`` once the platform took
+   the event.
 6. **Commerce**: value, currency, order id and items (``_ecommerce.commerce``); values that
    do not read are left out and counted (``invalid_value``, ``invalid_currency``,
    ``invalid_item``).
@@ -73,14 +81,17 @@ event tag configured for it: Google Ads, LinkedIn, X) overrides ``event_name`` w
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import re
 from abc import abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, Final, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Generic, Literal, TypeVar
 
+import orjson
 from pydantic import Field, field_validator
 
 from tagrelay.config.common import ConsentCategory, ForwarderConfigBase
@@ -93,6 +104,7 @@ from tagrelay.forwarders._ecommerce import (
     commerce,
     event_name_key,
 )
+from tagrelay.forwarders._enrichment import Profile, enrich, person_id
 from tagrelay.forwarders._http import HttpRequest
 from tagrelay.forwarders._user_data import DROP_REASONS as USER_DATA_DROP_REASONS
 from tagrelay.forwarders._user_data import (
@@ -107,7 +119,11 @@ from tagrelay.forwarders._user_data import (
     prepare,
 )
 from tagrelay.forwarders._user_data import Field as UserDataField
-from tagrelay.model import Dead, Delivered, Event
+from tagrelay.logthrottle import LogThrottle
+from tagrelay.model import Dead, Delivered, Event, Outcome
+
+if TYPE_CHECKING:
+    from tagrelay.identity_store import IdentityStore
 
 __all__ = [
     "AD_EVENT_NAMES",
@@ -230,6 +246,17 @@ class ConversionsConfig(ForwarderConfigBase):
         ),
         examples=["US"],
     )
+    enrich: bool = Field(
+        False,
+        description=(
+            "Fill in what an event lacks (email, phone, names, address, external id, click "
+            "and browser ids) from the identity store's record of its person (by userId, "
+            "else anonymousId), when the event grants ad_user_data. Needs "
+            "identity_store.enabled; each key filled in is counted in "
+            "tagrelay_forwarder_enriched_total."
+        ),
+        examples=[True],
+    )
     ad_user_data_denied: Literal["send_without", "skip"] = Field(
         "send_without",
         description=(
@@ -330,6 +357,8 @@ class Conversion:
     field_drops: Mapping[str, int] = field(default_factory=dict)
     """What was left out of it (``FIELD_DROP_REASONS``), counted only if it is sent. May be
     the mapping of its ``prepared`` or ``commerce`` itself: read it, never change it."""
+    enriched: frozenset[str] = frozenset()
+    """The ``match_keys`` it carries only thanks to the identity store (``enrich``)."""
 
     @property
     def properties(self) -> Mapping[str, Any]:
@@ -342,6 +371,8 @@ class ConversionPlan(Plan):
     keys), counted once the batch is done."""
 
     match_keys: dict[int, frozenset[str]] = field(default_factory=dict)
+    enriched: dict[int, frozenset[str]] = field(default_factory=dict)
+    """Batch index -> the match keys the identity store filled in (``enrich``)."""
     conversions: dict[int, Conversion] = field(default_factory=dict)
     """The planned conversions by batch index (a refused request is rebuilt from them)."""
 
@@ -433,6 +464,9 @@ def _added(counts: Mapping[str, int], more: Mapping[str, int]) -> Mapping[str, i
 
 def _text(value: Any) -> str | None:
     return (value.strip() or None) if isinstance(value, str) else None
+
+
+_store_failures: Final = LogThrottle(logging.getLogger(__name__))
 
 
 def named_event(event: Event) -> tuple[str, str | None] | str:
@@ -550,6 +584,10 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
         self._configured = {event_name_key(k): v for k, v in config.events.items()}
         window = self.max_event_age_secs
         self._max_age = None if window is None else timedelta(seconds=window - AGE_MARGIN_SECS)
+        self._identity: IdentityStore | None = None
+        self._profiles: dict[int, Profile] = {}
+        """The identity store's profiles of the batch being delivered, by batch index."""
+        self._profiles_batch = b""
 
     # -- what a platform writes --------------------------------------------------------
 
@@ -565,6 +603,64 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
         for start in range(0, len(conversions), size):
             chunk = conversions[start : start + size]
             yield PlannedRequest(self.request(chunk), tuple(c.index for c in chunk))
+
+    # -- the identity store (enrich) ---------------------------------------------------
+
+    async def start(self) -> None:
+        await super().start()
+        if self.config.enrich:
+            settings = self.context.identity
+            if settings is None:
+                raise RuntimeError(f"forwarder {self.id}: enrich needs identity_store.enabled")
+            self._identity = await settings.open(self.context.data_dir)
+
+    async def close(self) -> None:
+        if self._identity is not None:
+            await self._identity.close()
+            self._identity = None
+        await super().close()
+
+    async def deliver(self, events: list[Event]) -> Outcome:
+        if self._identity is not None:
+            batch = hashlib.sha256(orjson.dumps([e.get("messageId") for e in events])).digest()
+            if batch != self._profiles_batch:  # a retry keeps the first reading
+                self._profiles = await self._read_profiles(self._identity, events)
+                self._profiles_batch = batch
+        return await super().deliver(events)
+
+    async def _read_profiles(
+        self, store: IdentityStore, events: Sequence[Event]
+    ) -> dict[int, Profile]:
+        """The stored profiles of the events that may be enriched (conversions granting
+        ``ad_user_data`` with an id), by batch index. A store that cannot be read leaves
+        the batch as it is (logged once a minute): enrichment adds, it never holds back."""
+        wanted: list[int] = []
+        keys: list[tuple[str | None, str | None]] = []
+        for index, event in enumerate(events):
+            if event.get("type") not in ("track", "page", "screen"):
+                continue
+            context = _dict(event.get("context"))
+            if _dict(context.get("consent")).get("ad_user_data") != "granted":
+                continue
+            anonymous_id = person_id(event.get("anonymousId"))
+            user_id = person_id(event.get("userId"))
+            if anonymous_id is None and user_id is None:
+                continue
+            wanted.append(index)
+            keys.append((anonymous_id, user_id))
+        if not keys:
+            return {}
+        try:
+            found = await store.lookup(keys)
+        except Exception as exc:
+            _store_failures.log(
+                logging.WARNING,
+                self.id,
+                "the identity store could not be read; events go without enrichment",
+                {"forwarder": self.id, "error": f"{type(exc).__name__}: {exc}"},
+            )
+            return {}
+        return {i: p for i, p in zip(wanted, found, strict=True) if p is not None}
 
     # -- the shared path ---------------------------------------------------------------
 
@@ -618,13 +714,21 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             drops["ad_user_data_denied"] += 1
             return None
         user = extract_user_data(event)
+        country = self.config.default_phone_country
+        profile = self._profiles.get(index) if granted else None
+        own_keys: frozenset[str] | None = None
         if not granted:
             # What is left: the user agent, click ids and browser ids, whichever they are.
             cleared: dict[str, Any] = dict.fromkeys(_PERSONAL_FIELDS)
             user = replace(user, **cleared)
-        prepared = prepare(
-            user, self.platform, default_phone_country=self.config.default_phone_country
-        )
+        elif profile is not None:
+            enriched = enrich(user, profile)
+            if enriched is not user:
+                own = prepare(user, self.platform, default_phone_country=country)
+                own_keys = match_keys(own, user)
+                user = enriched
+        prepared = prepare(user, self.platform, default_phone_country=country)
+        keys = match_keys(prepared, user) & self.payload_match_keys
         properties = _dict(event.get("properties"))
         facts = commerce(properties, canonical)
         page = _dict(context.get("page"))
@@ -646,7 +750,8 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
             user=user,
             prepared=prepared,
             user_data_granted=granted,
-            match_keys=match_keys(prepared, user) & self.payload_match_keys,
+            match_keys=keys,
+            enriched=keys - own_keys if own_keys is not None else frozenset(),
             page_url=page_url,
             referrer=referrer,
             consent=consent,
@@ -666,6 +771,7 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
                 plan.drops.update(c.field_drops)
         plan.requests.extend(self.requests(conversions))
         plan.match_keys = {c.index: c.match_keys for c in conversions}
+        plan.enriched = {c.index: c.enriched for c in conversions if c.enriched}
         plan.conversions = {c.index: c for c in conversions}
         return plan
 
@@ -689,13 +795,19 @@ class ConversionsForwarder(BatchedHttpForwarder[CC]):
         if not isinstance(outcome, Delivered) or not isinstance(plan, ConversionPlan):
             return
         counts: Counter[str] = Counter()
+        filled: Counter[str] = Counter()
         for planned in plan.requests:
             for index in planned.indices:
                 if index in outcome.rejected:
                     continue
                 keys = plan.match_keys.get(index, frozenset())
                 counts.update(keys or (NO_MATCH_KEY,))
+                filled.update(plan.enriched.get(index, ()))
         counter = self.context.metrics.forwarder_match_keys
         for key in (*MATCH_KEYS, NO_MATCH_KEY):
             if counts[key]:
                 counter.labels(self.id, key).inc(counts[key])
+        enriched = self.context.metrics.forwarder_enriched
+        for key in MATCH_KEYS:
+            if filled[key]:
+                enriched.labels(self.id, key).inc(filled[key])

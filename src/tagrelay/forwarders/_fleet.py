@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,13 +36,16 @@ import aiohttp
 
 from tagrelay.capture import NO_CAPTURE, DebugHub
 from tagrelay.config.common import ForwarderConfigBase
-from tagrelay.forwarders import FORWARDERS, Forwarder, ForwarderContext
+from tagrelay.forwarders import Forwarder, ForwarderContext, forwarder_class
 from tagrelay.forwarders._process import DeliveryProcess, remote_class
 from tagrelay.forwarders._worker import ForwarderWorker
+from tagrelay.identity_store import IDENTITY_WRITER_ID, StoreSettings
+from tagrelay.identity_store.writer import writer_config
+from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.spool.backend import Spool
 
-__all__ = ["Fleet", "FleetChange"]
+__all__ = ["Fleet", "FleetChange", "WriterGate"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,61 @@ class FleetChange:
     """The settings of the forwarders running now."""
 
 
+class WriterGate:
+    """Where the identity store's writer is in the spool, for the forwarders that read the
+    store (``enrich: true``): each awaits ``passed(last)`` before delivering a batch that
+    ends at ``last``, so that its events see what every event before them told the store.
+    A writer more than ``wait_secs`` behind (failing, or stopped) does not hold them up
+    longer: the batch goes with what the store holds, counted. On the delivery loop only."""
+
+    def __init__(self, wait_secs: float, metrics: Metrics) -> None:
+        self.wait_secs = wait_secs
+        self.metrics = metrics
+        self.position = 0
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._throttle = LogThrottle(log)
+
+    def moved(self, position: int) -> None:
+        """The writer's cursor is at ``position``: wake those waiting for it."""
+        self.position = max(self.position, position)
+        still = []
+        for seq, waiter in self._waiters:
+            if seq <= self.position:
+                if not waiter.done():
+                    waiter.set_result(None)
+            else:
+                still.append((seq, waiter))
+        self._waiters = still
+
+    def for_forwarder(self, forwarder_id: str) -> Callable[[int], Awaitable[None]]:
+        async def passed(last: int) -> None:
+            await self.passed(forwarder_id, last)
+
+        return passed
+
+    async def passed(self, forwarder_id: str, last: int) -> None:
+        """Return once the writer has taken every event up to ``last`` (at once if it has),
+        or after ``wait_secs``."""
+        if self.position >= last:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((last, waiter))
+        try:
+            await asyncio.wait_for(waiter, self.wait_secs)
+        except TimeoutError:
+            self.metrics.identity_store_waits.labels(forwarder_id, "timeout").inc()
+            self._throttle.log(
+                logging.WARNING,
+                forwarder_id,
+                "the identity store's writer is behind; a batch goes without waiting longer",
+                {"forwarder": forwarder_id, "wait_secs": self.wait_secs},
+            )
+            return
+        finally:
+            self._waiters = [(s, w) for s, w in self._waiters if w is not waiter]
+        self.metrics.identity_store_waits.labels(forwarder_id, "caught_up").inc()
+
+
 class Fleet:
     """The workers of the enabled forwarders (see the module docstring). On the delivery
     loop only: ``start`` once, ``apply`` any number of times (one at a time), ``close``."""
@@ -77,11 +135,18 @@ class Fleet:
         stop_timeout_secs: float = 10.0,
         capture: DebugHub | None = None,
         encryption_keys: tuple[str, ...] = (),
+        identity: StoreSettings | None = None,
     ) -> None:
         self.spool = spool
         self.encryption_keys = encryption_keys
         """``encryption.keys``, for the processes that read the spool file themselves (the
         delivery processes, the warehouse's), which open its sealed segments with them."""
+        self.identity = identity
+        """The identity store, when ``identity_store.enabled``: the fleet runs its writer
+        (``identity_store.writer``) and gates the forwarders that read it."""
+        self.gate = (
+            WriterGate(identity.config.enrich_wait_secs, metrics) if identity is not None else None
+        )
         self.capture = capture
         """The debug view's capture, which the forwarders, their workers and the delivery
         process report to (``tagrelay.capture``)."""
@@ -104,7 +169,7 @@ class Fleet:
     def group(config: ForwarderConfigBase) -> str:
         """Which delivery process ``config``'s forwarder runs in (``delivery_group``)."""
         kind: str = config.type  # type: ignore[attr-defined]  # every member has one
-        return FORWARDERS[kind].delivery_group
+        return forwarder_class(kind).delivery_group
 
     def _remote_by_group(
         self, extra: Sequence[ForwarderConfigBase] = ()
@@ -120,7 +185,15 @@ class Fleet:
     def remote(self, config: ForwarderConfigBase) -> bool:
         """Whether ``config``'s forwarder runs in the delivery process."""
         kind: str = config.type  # type: ignore[attr-defined]  # every member has one
-        return self.delivery_process and FORWARDERS[kind].in_delivery_process
+        return self.delivery_process and forwarder_class(kind).in_delivery_process
+
+    def _with_internal(self, configs: Sequence[ForwarderConfigBase]) -> list[ForwarderConfigBase]:
+        """``configs`` and the internal forwarders: the identity store's writer first (its
+        worker must exist before those that wait for it)."""
+        if self.identity is None:
+            return list(configs)
+        writer = writer_config(self.identity.config, list(self.identity.keys))
+        return [writer, *configs]
 
     async def start(self, configs: Sequence[ForwarderConfigBase]) -> dict[str, ForwarderWorker]:
         """Open the shared HTTP session and start a worker for each of ``configs`` (the
@@ -136,12 +209,15 @@ class Fleet:
             metrics=self.metrics,
             capture=self.capture.delivery if self.capture is not None else NO_CAPTURE,
             encryption_keys=self.encryption_keys,
+            identity=self.identity,
         )
+        configs = self._with_internal(configs)
         for group, remote in self._remote_by_group(configs).items():
             self.processes[group] = self._new_process(remote)
         for config in configs:
             worker = self._worker(config)
             await worker.start()
+            self._started(worker)
             self.workers[config.id] = worker
         return dict(self.workers)
 
@@ -149,7 +225,7 @@ class Fleet:
         """Run ``configs`` (the forwarders enabled now) from now on; see the module
         docstring. Returns what changed and what runs now."""
         running = {fid: worker.config for fid, worker in self.workers.items()}
-        wanted = {config.id: config for config in configs}
+        wanted = {config.id: config for config in self._with_internal(configs)}
         change = FleetChange(
             added=[fid for fid in wanted if fid not in running],
             removed=[fid for fid in running if fid not in wanted],
@@ -221,6 +297,7 @@ class Fleet:
                 with contextlib.suppress(Exception):
                     await worker.stop(0, flush=False)
                 continue
+            self._started(worker)
             self.workers[config.id] = worker
         if failed and remote_coming:
             # A delivery process runs only what has a worker.
@@ -259,6 +336,7 @@ class Fleet:
             self.metrics,
             niceness=self.niceness,
             encryption_keys=self.encryption_keys,
+            identity=self.identity,
         )
         if self.capture is not None:
             process.capture_rate = self.capture.rate
@@ -268,14 +346,25 @@ class Fleet:
     def _worker(self, config: ForwarderConfigBase) -> ForwarderWorker:
         assert self._context is not None, "start the fleet first"
         kind: str = config.type  # type: ignore[attr-defined]  # every member has one
-        cls = FORWARDERS[kind]
+        cls = forwarder_class(kind)
         forwarder: Forwarder  # type: ignore[type-arg]
         if self.remote(config):
             process = self.processes[self.group(config)]
             forwarder = remote_class(cls)(config, self._context, process)
         else:
             forwarder = cls(config, self._context)
-        return ForwarderWorker(forwarder, self.spool, self.metrics)
+        worker = ForwarderWorker(forwarder, self.spool, self.metrics)
+        if self.gate is not None:
+            if config.id == IDENTITY_WRITER_ID:
+                worker.on_moved = self.gate.moved
+            elif getattr(config, "enrich", False):
+                worker.gate = self.gate.for_forwarder(config.id)
+        return worker
+
+    def _started(self, worker: ForwarderWorker) -> None:
+        """The writer starts where its cursor is: the events before it are passed."""
+        if self.gate is not None and worker.id == IDENTITY_WRITER_ID:
+            self.gate.moved(int(worker.status()["position"]))
 
     def _forget_metrics(self, forwarder_id: str) -> None:
         """Drop a removed forwarder's gauges (its counters stay: they only ever grow)."""

@@ -38,6 +38,11 @@ class DeliveryLoop:
             self._loop.run_until_complete(self._loop.shutdown_asyncgens())
             self._loop.close()
 
+    @property
+    def running(self) -> bool:
+        """Whether the loop's thread runs (started and not closed)."""
+        return self._thread.is_alive()
+
     async def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the delivery loop and wait for it from the caller's loop."""
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))

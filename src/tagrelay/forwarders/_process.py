@@ -62,7 +62,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, S
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 from prometheus_client import Counter
@@ -72,6 +72,9 @@ from tagrelay.config.common import ForwarderConfigBase
 from tagrelay.forwarders._base import Forwarder, ForwarderContext, SpanDelivery, SpoolSpan
 from tagrelay.metrics import Metrics
 from tagrelay.model import Delivered, Event, Outcome, Retry
+
+if TYPE_CHECKING:
+    from tagrelay.identity_store import StoreSettings
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,8 @@ class StartSpec:
     encryption_keys: tuple[str, ...] = field(default=(), repr=False)
     """``encryption.keys``: the child opens the spool's sealed segments with them. They
     reach it in this frame, over the socket pair: never on its command line."""
+    identity: StoreSettings | None = None
+    """How to open the identity store (``ForwarderContext.identity``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +228,7 @@ class DeliveryProcess:
         *,
         niceness: int = 0,
         encryption_keys: tuple[str, ...] = (),
+        identity: StoreSettings | None = None,
     ) -> None:
         self.spec = StartSpec(
             data_dir=data_dir,
@@ -230,6 +236,7 @@ class DeliveryProcess:
             niceness=niceness,
             log_level=logging.getLogger().getEffectiveLevel(),
             encryption_keys=encryption_keys,
+            identity=identity,
         )
         self.metrics = metrics
         self.start_errors: dict[str, str | None] = {}
@@ -598,6 +605,7 @@ class _Child:
             metrics=self.metrics,
             capture=self.capture,
             encryption_keys=spec.encryption_keys,
+            identity=spec.identity,
         )
         self._open_segment = self.context.spool_cipher().open_segment
         self.send(frame(("started", await self._start(spec.forwarders))))
@@ -640,13 +648,13 @@ class _Child:
 
     async def _start(self, configs: Iterable[ForwarderConfigBase]) -> dict[str, str | None]:
         """Start a forwarder for each of ``configs``: their errors (None: started)."""
-        from tagrelay.forwarders import FORWARDERS
+        from tagrelay.forwarders import forwarder_class
 
         assert self.context is not None
         errors: dict[str, str | None] = {}
         for config in configs:
             kind: str = config.type  # type: ignore[attr-defined]  # every member has one
-            forwarder = FORWARDERS[kind](config, self.context)
+            forwarder = forwarder_class(kind)(config, self.context)
             try:
                 await forwarder.start()
             except Exception as exc:

@@ -45,7 +45,7 @@ import logging
 import random
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,6 +222,12 @@ class ForwarderWorker:
         self._capture: DeliveryCapture = getattr(context, "capture", NO_CAPTURE)
         self.last_error: LastError | None = None
         """The last failure (a retry or dead letters), for the debug view's panel."""
+        self.gate: Callable[[int], Awaitable[None]] | None = None
+        """Awaited with a batch's last sequence number before it is delivered (an enriching
+        forwarder waits for the identity store's writer to pass it; ``_fleet``)."""
+        self.on_moved: Callable[[int], None] | None = None
+        """Called with the cursor's new position each time it moves past a batch (the
+        identity store's writer tells the enriching forwarders' gate)."""
 
     @property
     def id(self) -> str:
@@ -409,10 +415,14 @@ class ForwarderWorker:
                 await self.spool.advance(self.id, last)
                 self._moved(last)
                 return
+            if self.gate is not None:
+                await self.gate(last)
             delivery = self.forwarder.deliver(events)
         else:
             # No filter: the forwarder gets the stored JSON and decodes only if it must.
             kept = batch
+            if self.gate is not None:
+                await self.gate(last)
             delivery = self.forwarder.deliver_payloads([item.payload for item in batch])
 
         self.metrics.batch_size.labels(self.id).observe(len(kept))
@@ -431,6 +441,8 @@ class ForwarderWorker:
         after = self._state.position
         count = last - after
         self.metrics.batch_size.labels(self.id).observe(count)
+        if self.gate is not None:
+            await self.gate(last)
         try:
             delivery = await self.forwarder.deliver_span(SpoolSpan(self._file().path, after, last))
         except asyncio.CancelledError:
@@ -605,6 +617,8 @@ class ForwarderWorker:
         """The cursor is past a batch (now at ``position``): the next batch starts with no
         attempts. If this one had failed, the backlog behind it goes out at once (``_step``);
         ``resumed``: the destination took it."""
+        if self.on_moved is not None:
+            self.on_moved(position)
         state = self._state
         if state.attempts:
             self._backlog = True

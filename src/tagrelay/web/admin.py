@@ -1,5 +1,7 @@
 """The admin socket: a Unix socket in the data directory through which ``tagrelay sql``
-queries the warehouse of a running relay.
+queries the warehouse of a running relay (and ``tagrelay dlq``, ``reload``, ``keys``,
+``forget`` and ``export`` reach it: ``admin_dlq``, ``admin_reload``, ``admin_keys``,
+``admin_identity``).
 
 DuckDB holds an exclusive lock on its file while the relay writes to it, so a second process
 cannot open the file at all. Instead the CLI sends its query here, and the relay runs it on
@@ -25,6 +27,7 @@ from tagrelay.appkeys import warehouse_of
 from tagrelay.datadir import PRIVATE_FILE_MODE, private_dir
 from tagrelay.errors import QueryRejected, QueryTimeout, WarehouseError
 from tagrelay.web.admin_dlq import add_dlq_routes
+from tagrelay.web.admin_identity import add_privacy_routes
 from tagrelay.web.admin_keys import add_keys_routes
 from tagrelay.web.admin_reload import add_reload_route
 from tagrelay.web.ingest import encoded_json_response
@@ -88,6 +91,7 @@ def build_admin_app(main_app: web.Application) -> web.Application:
     admin.router.add_post("/sql", sql)
     add_dlq_routes(admin, main_app)
     add_reload_route(admin, main_app)
+    add_privacy_routes(admin, main_app)
     add_keys_routes(admin, main_app)
     return admin
 
