@@ -369,7 +369,14 @@ class SpoolConfig(ConfigModel):
     @model_validator(mode="after")
     def _jetstream_keys_for_jetstream(self) -> SpoolConfig:
         if self.type != "jetstream":
-            given = [name for name in JETSTREAM_FIELDS if name in self.model_fields_set]
+            # Compared with the defaults, not ``model_fields_set``: a configuration dumped
+            # and validated again (a reload does) names every field.
+            fields = type(self).model_fields
+            given = [
+                name
+                for name in JETSTREAM_FIELDS
+                if getattr(self, name) != fields[name].get_default(call_default_factory=True)
+            ]
             if given:
                 raise ValueError(
                     f"{', '.join(given)} apply to type: jetstream only; set type: jetstream "
