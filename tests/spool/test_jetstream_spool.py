@@ -167,6 +167,8 @@ async def test_dead_letters_live_in_their_own_stream(settings):
         assert found[0].reason == "status_4xx" and found[0].detail == "HTTP 400: no"
         assert await spool.dead_letter_by_id(found[1].id) == found[1]
         assert await spool.last_dead_letter_id() == found[1].id
+        newest = await spool.dead_letters(limit=1, newest_first=True)
+        assert newest == [found[1]]
         assert await spool.dead_letters_died_again([found[0].id], "status_5xx", "HTTP 503") == 1
         rows_now = await spool.dead_letters("hook")
         assert [(r.reason, r.attempts) for r in rows_now] == [("status_4xx", 1), ("status_5xx", 2)]

@@ -1018,8 +1018,22 @@ class JetStreamDeadLetters:
             chosen = [r for r in chosen if self._matches(r, selection)]
             return (chosen[::-1] if newest_first else chosen)[:limit]
         found: list[DeadLetterRow] = []
+        if newest_first:  # the debug view's last ones: from the end, backwards
+            js = await self._conns.js()
+            state = (await js.stream_info(self.settings.dead_letter_stream)).state
+            seq = int(state.last_seq)
+            while seq > max(after_id, int(state.first_seq) - 1) and len(found) < limit:
+                row = await self.get(seq)
+                seq -= 1
+                if (
+                    row is not None
+                    and selection.forwarder in (None, row.forwarder)
+                    and self._matches(row, selection)
+                ):
+                    found.append(row)
+            return found
         position = after_id
-        while newest_first or len(found) < limit:
+        while len(found) < limit:
             got = await self._next(position, subject)
             if got is None:
                 break
@@ -1027,8 +1041,6 @@ class JetStreamDeadLetters:
             row = self._row(*got)
             if self._matches(row, selection):
                 found.append(row)
-        if newest_first:
-            return found[::-1][:limit]
         return found
 
     async def get(self, dead_letter_id: int) -> DeadLetterRow | None:
