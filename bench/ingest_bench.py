@@ -78,6 +78,7 @@ admin: {{listen: "127.0.0.1:0"}}
 keys:
   - {{id: backend, kind: server, key: {key}}}
 {encryption}
+{spool}
 forwarders:
   - {{id: {forwarder}, type: warehouse, batch: {{max_events: {max_events}, max_wait_secs: 0.5}}}}
 """
@@ -86,6 +87,30 @@ ENCRYPTION_KEY_ENV = "TAGRELAY_BENCH_KEY"
 """With ``--encryption on``: a fresh key, given to the relay through its environment (as in
 production; never on its command line)."""
 ENCRYPTION_CONFIG = 'encryption: {keys: ["${' + ENCRYPTION_KEY_ENV + '}"]}'
+
+JETSTREAM_CONFIG = "spool: {{type: jetstream, servers: [{url}], stream: {stream}, replicas: 1}}"
+"""With ``--spool jetstream``: the relay's spool is a stream of its own on the local NATS
+server (R1, file storage), deleted after the run."""
+
+
+def delete_streams(url: str, stream: str) -> None:
+    """Delete the run's streams (``--spool jetstream``)."""
+    import asyncio
+    import contextlib
+
+    import nats
+
+    async def delete() -> None:
+        client = await nats.connect(url, connect_timeout=3, max_reconnect_attempts=0)
+        try:
+            js = client.jetstream()
+            for name in (stream, f"{stream}_dead_letters"):
+                with contextlib.suppress(Exception):
+                    await js.delete_stream(name)
+        finally:
+            await client.close()
+
+    asyncio.run(delete())
 
 
 def log(msg: str) -> None:
@@ -1549,6 +1574,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="on: the relay encrypts the spool at rest (encryption.keys, a fresh key); "
         "bench/encryption_bench.py compares both (default off)",
     )
+    p.add_argument(
+        "--spool",
+        choices=("sqlite", "jetstream"),
+        default="sqlite",
+        help="jetstream: the relay's spool on NATS JetStream (a stream of the run's own on "
+        "--nats, R1, file storage); bench/jetstream_bench.py compares the two (default sqlite)",
+    )
+    p.add_argument(
+        "--nats", default="nats://127.0.0.1:4222", help="the NATS server for --spool jetstream"
+    )
     args = p.parse_args(argv)
     args.scenario_list = [s.strip() for s in args.scenarios.split(",") if s.strip()]
     unknown = [s for s in args.scenario_list if s not in SCENARIOS]
@@ -1607,6 +1642,11 @@ def main(argv: list[str]) -> int:
             forwarder=FORWARDER,
             max_events=WAREHOUSE_MAX_EVENTS,
             encryption=ENCRYPTION_CONFIG if args.encryption == "on" else "",
+            spool=(
+                JETSTREAM_CONFIG.format(url=args.nats, stream=f"bench_{os.getpid()}")
+                if args.spool == "jetstream"
+                else ""
+            ),
         )
     )
     relay_port, bare_port = free_port(), free_port()
@@ -1707,6 +1747,8 @@ def main(argv: list[str]) -> int:
     finally:
         for srv in servers.values():
             srv.stop()
+        if args.spool == "jetstream":
+            delete_streams(args.nats, f"bench_{os.getpid()}")
         if args.keep:
             log(f"kept {tmp}")
         else:

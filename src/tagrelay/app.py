@@ -57,6 +57,7 @@ from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.pipeline.suppression import Suppression
 from tagrelay.reload import RELOADER, Reloader
+from tagrelay.spool.backend import Spool, make_spool
 from tagrelay.spool.dead_letters import Selection
 from tagrelay.spool.encryption import PayloadCipher
 from tagrelay.spool.sqlite import SqliteSpool
@@ -81,10 +82,6 @@ def identity_settings(config: Config) -> StoreSettings | None:
     if not config.identity_store.enabled:
         return None
     return StoreSettings(config.identity_store, tuple(config.encryption.keys))
-
-
-def spool_path(data_dir: Path) -> Path:
-    return data_dir / "spool.sqlite3"
 
 
 def admin_socket_path(data_dir: Path) -> Path:
@@ -195,14 +192,7 @@ def create_app(
         handler_args=SERVER_HANDLER_ARGS,
     )
     encryption_keys = tuple(key.get_secret_value() for key in config.encryption.keys)
-    spool = SqliteSpool(
-        spool_path(data_dir),
-        synchronous=config.spool.synchronous,
-        max_size_mb=config.spool.max_size_mb,
-        dedup_window_secs=config.spool.dedup_window_secs,
-        dedup_capacity=config.spool.dedup_max_ids,
-        cipher=PayloadCipher(config.encryption.keyring()),
-    )
+    spool = make_spool(config, data_dir, PayloadCipher(config.encryption.keyring()))
     app[CONFIG] = config
     app[METRICS] = metrics
     app[SPOOL] = spool
@@ -219,7 +209,7 @@ def create_app(
     metrics.watch_spool(
         depths=lambda: {fid: spool.depth(fid) for fid in app[WORKERS]},
         commits=lambda: spool.commits,
-        size_bytes=lambda: spool_size_bytes(spool.path),
+        size_bytes=lambda: spool_size_bytes(spool.path) if isinstance(spool, SqliteSpool) else 0,
     )
     metrics.watch_disk(data_dir, config.spool.max_size_mb * 1024 * 1024)
     spool.on_commit = metrics.spool_commit_duration.observe
@@ -373,7 +363,7 @@ def spool_size_bytes(path: Path) -> int:
 
 
 async def forwarder_lags(
-    spool: SqliteSpool, forwarders: list[str], now: Callable[[], float] = time.time
+    spool: Spool, forwarders: list[str], now: Callable[[], float] = time.time
 ) -> dict[str, float]:
     """Each forwarder's lag: the age in seconds of the oldest event past its cursor (when
     the relay received it), 0 when it has caught up. One indexed read per distinct cursor."""
@@ -397,7 +387,7 @@ ENCRYPTION_RECOUNT_SECS = 60.0
 purges shrink it), while there are some."""
 
 
-async def _prune_loop(spool: SqliteSpool, current: Callable[[], Config]) -> None:
+async def _prune_loop(spool: Spool, current: Callable[[], Config]) -> None:
     """Every ``spool.prune_interval_secs``: forget the cursors of forwarders removed longer
     ago than ``spool.forget_cursor_after_secs``, delete delivered events, expired message
     ids and dead letters older than ``dead_letters.retention_days``, and checkpoint the WAL;
@@ -428,7 +418,7 @@ async def _prune_loop(spool: SqliteSpool, current: Callable[[], Config]) -> None
             )
 
 
-async def _forget_cursors(spool: SqliteSpool, after_secs: float) -> None:
+async def _forget_cursors(spool: Spool, after_secs: float) -> None:
     """Forget the cursors of forwarders removed (retired) ``after_secs`` ago or longer."""
     cutoff_ms = int((time.time() - after_secs) * 1000)
     for name in await spool.forget_retired_cursors(cutoff_ms):
@@ -438,9 +428,11 @@ async def _forget_cursors(spool: SqliteSpool, after_secs: float) -> None:
         )
 
 
-async def _expire_dead_letters(spool: SqliteSpool, retention_secs: float) -> None:
+async def _expire_dead_letters(spool: Spool, retention_secs: float) -> None:
     """Delete the dead letters older than ``retention_secs`` (``dead_letters.retention_days``;
     an indexed lookup that finds nothing most of the time)."""
+    if spool.expires_dead_letters:
+        return
     cutoff_ms = int((time.time() - retention_secs) * 1000)
     deleted = await spool.purge_dead_letters(Selection(before_ms=cutoff_ms))
     if deleted:

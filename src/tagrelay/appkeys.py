@@ -19,7 +19,7 @@ from tagrelay.forwarders._worker import ForwarderWorker
 from tagrelay.forwarders.warehouse import WarehouseForwarder
 from tagrelay.metrics import Metrics
 from tagrelay.pipeline.suppression import Suppression
-from tagrelay.spool.sqlite import SqliteSpool
+from tagrelay.spool.backend import Spool
 from tagrelay.warehouse.process import WarehouseProcess
 from tagrelay.web.ingest import IngestService
 
@@ -42,7 +42,7 @@ CONFIG = web.AppKey("config", Config)
 """The configuration the relay started with; after a reload, the one in effect is
 ``app[tagrelay.reload.RELOADER].config``."""
 METRICS = web.AppKey("metrics", Metrics)
-SPOOL = web.AppKey("spool", SqliteSpool)
+SPOOL = web.AppKey("spool", Spool)
 WORKERS = web.AppKey("workers", dict[str, ForwarderWorker])
 """The running forwarders' workers by forwarder id; filled as the delivery loop starts,
 changed by a reload (on the relay's loop, where everything that reads it runs)."""

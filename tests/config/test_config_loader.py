@@ -563,3 +563,34 @@ def test_format_config_error_prints_one_problem_per_line() -> None:
         "config/tagrelay.yaml:7: server.hots: unknown key 'hots'; valid keys here: "
         f"{SERVER_KEYS} (did you mean 'host'?)"
     )
+
+
+def test_the_spool_is_sqlite_unless_jetstream_is_chosen() -> None:
+    assert parse(KEYS).spool.type == "sqlite"
+    config = parse(
+        KEYS
+        + """
+spool:
+  type: jetstream
+  servers: ["nats://nats:4222"]
+  stream: relay-eu
+  replicas: 3
+"""
+    )
+    assert (config.spool.type, config.spool.servers, config.spool.stream) == (
+        "jetstream",
+        ["nats://nats:4222"],
+        "relay-eu",
+    )
+    assert config.spool.replicas == 3 and config.spool.ack_wait_secs == 30
+
+
+def test_jetstream_keys_without_type_jetstream_are_an_error() -> None:
+    ((path, line, message),) = problems_of(KEYS + "spool:\n  stream: relay\n  replicas: 3\n")
+    assert path == "spool" and line == 5  # where spool: starts
+    assert "stream, replicas apply to type: jetstream only" in message
+
+
+def test_a_stream_name_nats_would_refuse_is_an_error() -> None:
+    ((path, _, _),) = problems_of(KEYS + "spool:\n  type: jetstream\n  stream: a.b\n")
+    assert path == "spool.stream"

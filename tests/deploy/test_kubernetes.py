@@ -121,3 +121,100 @@ def test_services_select_the_pods() -> None:
             selector = doc["spec"]["selector"]
             selector = selector.get("matchLabels", selector)
             assert selector.items() <= labels.items(), name
+
+
+# --- the JetStream-backed Deployment (deploy/kubernetes/jetstream/) -----------------------
+
+JETSTREAM = MANIFESTS / "jetstream"
+
+
+def jetstream_documents() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in sorted(JETSTREAM.glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc:
+                found.append((f"jetstream/{path.name}:{doc['kind']}", doc))
+    return found
+
+
+def jetstream_one(kind: str) -> dict[str, Any]:
+    (doc,) = [doc for _, doc in jetstream_documents() if doc["kind"] == kind]
+    return doc
+
+
+def test_the_jetstream_manifests_are_there() -> None:
+    kinds = sorted(doc["kind"] for _, doc in jetstream_documents())
+    assert kinds == [
+        "ConfigMap",
+        "Deployment",
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "Service",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "doc"), jetstream_documents(), ids=[name for name, _ in jetstream_documents()]
+)
+def test_every_jetstream_document_is_valid_kubernetes(name: str, doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+
+
+def jetstream_config_text() -> str:
+    text: str = jetstream_one("ConfigMap")["data"]["tagrelay.yaml"]
+    return text
+
+
+def test_the_deployment_runs_on_the_jetstream_spool_and_the_postgres_warehouse() -> None:
+    config = parse_config(jetstream_config_text(), "jetstream/configmap.yaml", env=secret_env())
+    assert config.spool.type == "jetstream"
+    assert config.spool.replicas == 3  # the stream survives the loss of a NATS server
+    (warehouse,) = config.forwarders
+    assert warehouse.dialect == "postgres"  # type: ignore[attr-defined]
+    used = set(re.findall(r"\$\{([A-Z_][A-Z0-9_]*)", jetstream_config_text()))
+    assert used <= set(secret_env())
+    # nothing that must survive the pod lives on it
+    spec = jetstream_one("Deployment")["spec"]
+    volumes = {v["name"]: v for v in spec["template"]["spec"]["volumes"]}
+    assert volumes["data"] == {"name": "data", "emptyDir": {}}
+    assert volumes["config"]["configMap"]["name"] == jetstream_one("ConfigMap")["metadata"]["name"]
+
+
+def test_the_deployment_probes_ports_and_paths_agree_with_its_configuration() -> None:
+    config = parse_config(jetstream_config_text(), "jetstream/configmap.yaml", env=secret_env())
+    spec = jetstream_one("Deployment")["spec"]
+    (main,) = spec["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in main["ports"]}
+    assert ports["http"] == config.server.port
+    assert ports["admin"] == int(str(config.admin.listen).rsplit(":", 1)[1])
+    assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+    assert main["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    assert mounts["data"] == str(config.data_dir)
+    env = {e["name"]: e["value"] for e in main["env"]}
+    assert Path(env["TAGRELAY_CONFIG"]).parent == Path(mounts["config"])
+    grace = spec["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > config.server.shutdown_timeout_secs
+    # a rolling update never takes a replica away before its successor is ready
+    assert spec["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    assert main["resources"]["requests"]["cpu"]  # what the autoscaler's utilisation is of
+
+
+def test_the_autoscaler_budget_and_service_point_at_the_deployment() -> None:
+    deployment = jetstream_one("Deployment")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    hpa = jetstream_one("HorizontalPodAutoscaler")["spec"]
+    assert hpa["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": deployment["metadata"]["name"],
+    }
+    (metric,) = hpa["metrics"]
+    assert metric["resource"]["name"] == "cpu"
+    pdb = jetstream_one("PodDisruptionBudget")["spec"]
+    assert pdb["minAvailable"] < hpa["minReplicas"]  # a node drain can always proceed
+    assert pdb["selector"]["matchLabels"].items() <= labels.items()
+    assert jetstream_one("Service")["spec"]["selector"].items() <= labels.items()
+    # the SQLite StatefulSet's pods are not selected by the Deployment's objects, nor
+    # the other way round
+    assert labels != one("StatefulSet")["spec"]["template"]["metadata"]["labels"]

@@ -3,7 +3,8 @@
 While ``tagrelay serve`` runs on the same data directory, every command goes through the
 relay's admin socket (``<data_dir>/admin.sock``, ``web.admin_dlq``): the spool is the
 relay's, and a replay is delivered by the relay's own forwarders. When no relay answers,
-``list``, ``show`` and ``purge`` open the spool file here (``purge`` holding the spool's
+``list``, ``show`` and ``purge`` open the spool file here (on ``spool.type: jetstream``,
+the dead letters' stream, through a connection of their own) (``purge`` holding the spool's
 lock, so that no relay starts meanwhile); ``replay`` needs the relay.
 
 Table output cuts long details to one short line (``show`` prints a dead letter in full);
@@ -23,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from tagrelay.app import admin_socket_path, spool_path
+from tagrelay.app import admin_socket_path
 from tagrelay.cli.relay_admin import Failed, NoRelay
 from tagrelay.cli.relay_admin import ask as _ask
 from tagrelay.cli.relay_admin import checked as _checked
@@ -33,6 +34,7 @@ from tagrelay.config.models import Config
 from tagrelay.crypto import CryptoError
 from tagrelay.errors import EncryptionKeyError
 from tagrelay.spool import dead_letters
+from tagrelay.spool.backend import jetstream_settings, spool_path
 from tagrelay.spool.dead_letters import Selection, describe
 from tagrelay.spool.encryption import PLAINTEXT, PayloadCipher
 
@@ -181,8 +183,9 @@ SKIP_REASONS = {
 def run_dlq(config: Config, args: argparse.Namespace) -> int:
     data_dir = args.data_dir or config.data_dir
     cipher = PayloadCipher(config.encryption.keyring())
+    jetstream = jetstream_settings(config) if config.spool.type == "jetstream" else None
     try:
-        return _run(args, admin_socket_path(data_dir), spool_path(data_dir), cipher)
+        return _run(args, admin_socket_path(data_dir), spool_path(data_dir), cipher, jetstream)
     except Failed as exc:
         print(f"error: {exc.code}: {exc}", file=sys.stderr)
         return 1
@@ -191,8 +194,24 @@ def run_dlq(config: Config, args: argparse.Namespace) -> int:
         return 1
 
 
+async def _on_stream(settings: Any, cipher: PayloadCipher, use: Any) -> Any:
+    """``use(store)`` on the JetStream dead letters' stream, with a connection of its own
+    (``tagrelay dlq`` without a relay, on ``spool.type: jetstream``)."""
+    from tagrelay.spool.jetstream import JetStreamDeadLetters
+
+    store = JetStreamDeadLetters.standalone(settings, cipher)
+    try:
+        return await use(store)
+    finally:
+        await store.close()
+
+
 def _run(
-    args: argparse.Namespace, sock: Path, spool: Path, cipher: PayloadCipher = PLAINTEXT
+    args: argparse.Namespace,
+    sock: Path,
+    spool: Path,
+    cipher: PayloadCipher = PLAINTEXT,
+    jetstream: Any = None,
 ) -> int:
     command = args.dlq_command
     if command == "list":
@@ -202,7 +221,15 @@ def _run(
         try:
             found, more = asyncio.run(_list_via_relay(sock, selection, args.limit))
         except NoRelay:
-            found, more = _list_direct(spool, selection, args.limit, cipher)
+            if jetstream is None:
+                found, more = _list_direct(spool, selection, args.limit, cipher)
+            else:
+                rows = asyncio.run(
+                    _on_stream(
+                        jetstream, cipher, lambda s: s.select(selection, limit=args.limit + 1)
+                    )
+                )
+                found, more = [describe(row) for row in rows[: args.limit]], len(rows) > args.limit
         print(render_list(found, args.format))
         if more:
             print(
@@ -215,8 +242,11 @@ def _run(
             answer = _checked(asyncio.run(_ask(sock, "GET", f"/dead-letters/{args.id}")))
             item = answer["dead_letter"]
         except NoRelay:
-            with contextlib.closing(_open_spool(spool)) as conn:
-                row = dead_letters.get(conn, args.id, cipher=cipher)
+            if jetstream is None:
+                with contextlib.closing(_open_spool(spool)) as conn:
+                    row = dead_letters.get(conn, args.id, cipher=cipher)
+            else:
+                row = asyncio.run(_on_stream(jetstream, cipher, lambda s: s.get(args.id)))
             if row is None:
                 raise Failed("not_found", f"no dead letter with id {args.id}") from None
             item = describe(row, with_event=True)
@@ -258,7 +288,10 @@ def _run(
         )
         purged = int(answer["purged"])
     except NoRelay:
-        with _spool_for_writing(spool) as conn:
-            purged = dead_letters.purge(conn, selection)
+        if jetstream is None:
+            with _spool_for_writing(spool) as conn:
+                purged = dead_letters.purge(conn, selection)
+        else:
+            purged = asyncio.run(_on_stream(jetstream, cipher, lambda s: s.purge(selection)))
     print(f"purged {purged} dead letter{'s' if purged != 1 else ''}")
     return 0

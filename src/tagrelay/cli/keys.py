@@ -24,11 +24,12 @@ from typing import Any
 
 import orjson
 
-from tagrelay.app import admin_socket_path, spool_path
+from tagrelay.app import admin_socket_path
 from tagrelay.cli.relay_admin import Failed, NoRelay, ask, checked, spool_for_writing
 from tagrelay.config.models import Config
 from tagrelay.crypto import CryptoError, generate_key
 from tagrelay.errors import EncryptionKeyError
+from tagrelay.spool.backend import spool_path
 from tagrelay.spool.encryption import PayloadCipher, check_keys, stored_key_ids
 from tagrelay.spool.rotation import rotate_offline
 

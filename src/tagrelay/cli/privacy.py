@@ -30,7 +30,7 @@ from typing import Any
 
 import orjson
 
-from tagrelay.app import admin_socket_path, identity_settings, spool_path
+from tagrelay.app import admin_socket_path, identity_settings
 from tagrelay.cli.logs import setup_logging
 from tagrelay.cli.relay_admin import Failed, NoRelay, ask, open_spool, spool_for_writing
 from tagrelay.config.models import Config
@@ -44,6 +44,7 @@ from tagrelay.pipeline.suppression import Suppression, privacy_salt, salted_ref
 from tagrelay.privacy.report import build_report, render_text
 from tagrelay.privacy.requests import Stores, audit_fields, count_of, export, forget
 from tagrelay.spool import erasure
+from tagrelay.spool.backend import spool_path
 from tagrelay.spool.encryption import PayloadCipher, check_keys, stored_key_ids
 from tagrelay.warehouse import Warehouse
 
@@ -132,6 +133,14 @@ def run_privacy(
 ) -> int:
     """``tagrelay forget`` (``action`` forget) or ``export``; prints the result as JSON."""
     data_dir = data_dir or config.data_dir
+    if config.spool.type != "sqlite":
+        # as the running relay answers: not done in part while events wait in the stream
+        print(
+            "error: not_supported: erasure and access do not reach the jetstream spool yet; "
+            "its events leave the stream after spool.max_age_secs",
+            file=sys.stderr,
+        )
+        return 1
     body: dict[str, Any] = {**ids, "suppress": True} if suppress else dict(ids)
     try:
         answer = asyncio.run(

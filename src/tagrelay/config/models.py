@@ -223,8 +223,99 @@ class LimitsConfig(ConfigModel):
     )
 
 
+JETSTREAM_FIELDS = (
+    "servers",
+    "stream",
+    "replicas",
+    "max_age_secs",
+    "max_bytes",
+    "duplicate_window_secs",
+    "ack_wait_secs",
+)
+"""The ``spool`` keys that apply to ``type: jetstream`` only."""
+
+
 class SpoolConfig(ConfigModel):
-    """The durable SQLite queue between ingestion and forwarders."""
+    """The durable queue between ingestion and forwarders: SQLite in the data directory
+    (the default), or a NATS JetStream stream shared by several replicas."""
+
+    type: Literal["sqlite", "jetstream"] = Field(
+        "sqlite",
+        description=(
+            "sqlite: a file in data_dir, for one relay on a persistent disk (the fastest). "
+            "jetstream: a NATS JetStream stream that several replicas share, each "
+            "forwarder a durable pull consumer of it, so that any replica delivers any "
+            "event and a replica's death loses nothing acknowledged (see the README's "
+            "'Running more than one replica')."
+        ),
+        examples=["jetstream"],
+    )
+    servers: list[str] = Field(
+        default_factory=lambda: ["nats://127.0.0.1:4222"],
+        min_length=1,
+        description="type: jetstream: the NATS servers to connect to (any of them will do).",
+        examples=[["nats://nats-0.nats:4222", "nats://nats-1.nats:4222"]],
+    )
+    stream: str = Field(
+        "tagrelay",
+        pattern=r"^[A-Za-z0-9_-]{1,32}$",
+        description=(
+            "type: jetstream: the stream's name. Its subject is <stream>.events and its "
+            "dead letters go to the stream <stream>_dead_letters (subjects "
+            "<stream>_dead_letters.<forwarder>), so that relays with streams of their own "
+            "share a server. Created at start-up when missing, checked when present."
+        ),
+        examples=["tagrelay"],
+    )
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=5,
+        description=(
+            "type: jetstream: copies of each event the NATS cluster keeps (file storage); "
+            "3 survives the loss of one NATS server."
+        ),
+        examples=[3],
+    )
+    max_age_secs: float = Field(
+        7 * 86_400.0,
+        gt=0,
+        description=(
+            "type: jetstream: events older than this leave the stream, delivered or not "
+            "(the backlog a long outage of a destination may build up)."
+        ),
+        examples=[604_800],
+    )
+    max_bytes: int = Field(
+        0,
+        ge=0,
+        description=(
+            "type: jetstream: cap on the stream's size; when full, ingestion answers 503. "
+            "0 means no cap (the server's limits apply)."
+        ),
+        examples=[10_737_418_240],
+    )
+    duplicate_window_secs: float = Field(
+        600.0,
+        gt=0,
+        description=(
+            "type: jetstream: an event whose messageId the stream took within this window "
+            "is acknowledged but not stored again, whichever replica it reached (the "
+            "server keeps every id of the window in memory)."
+        ),
+        examples=[600],
+    )
+    ack_wait_secs: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "type: jetstream: how long a replica may hold a batch without word before the "
+            "stream hands it to another replica. A replica that is still working on it "
+            "(retrying, waiting for it to fill) tells the stream so in time; a replica "
+            "that died has its batches redelivered after this."
+        ),
+        examples=[30],
+    )
 
     synchronous: Literal["full", "normal"] = Field(
         "full",
@@ -274,6 +365,24 @@ class SpoolConfig(ConfigModel):
         ),
         examples=[86_400],
     )
+
+    @model_validator(mode="after")
+    def _jetstream_keys_for_jetstream(self) -> SpoolConfig:
+        if self.type != "jetstream":
+            # Compared with the defaults, not ``model_fields_set``: a configuration dumped
+            # and validated again (a reload does) names every field.
+            fields = type(self).model_fields
+            given = [
+                name
+                for name in JETSTREAM_FIELDS
+                if getattr(self, name) != fields[name].get_default(call_default_factory=True)
+            ]
+            if given:
+                raise ValueError(
+                    f"{', '.join(given)} apply to type: jetstream only; set type: jetstream "
+                    "or remove them"
+                )
+        return self
 
 
 class DeadLettersConfig(ConfigModel):

@@ -43,7 +43,7 @@ from tagrelay.identity_store import IDENTITY_WRITER_ID, StoreSettings
 from tagrelay.identity_store.writer import writer_config
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
-from tagrelay.spool.sqlite import SqliteSpool
+from tagrelay.spool.backend import Spool
 
 __all__ = ["Fleet", "FleetChange", "WriterGate"]
 
@@ -126,7 +126,7 @@ class Fleet:
 
     def __init__(
         self,
-        spool: SqliteSpool,
+        spool: Spool,
         metrics: Metrics,
         data_dir: Path,
         *,
@@ -321,6 +321,7 @@ class Fleet:
             await process.close()
         if self._context is not None:
             await self._context.http.close()
+        await self.spool.leave_loop()
 
     async def set_capture_rate(self, rate: float) -> None:
         """Tell the delivery process the debug view's capture rate (a view connected, or

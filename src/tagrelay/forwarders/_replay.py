@@ -37,15 +37,15 @@ from tagrelay.forwarders._loop import DeliveryLoop
 from tagrelay.forwarders._worker import ForwarderWorker, accepts, consented
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Outcome, Retry
+from tagrelay.spool.backend import Spool
 from tagrelay.spool.dead_letters import DeadLetterRow, Selection
-from tagrelay.spool.sqlite import SqliteSpool
 
 log = logging.getLogger(__name__)
 
 PAGE_ROWS = 1000
 """Dead letters read from the spool at a time."""
 
-_locks: weakref.WeakKeyDictionary[SqliteSpool, asyncio.Lock] = weakref.WeakKeyDictionary()
+_locks: weakref.WeakKeyDictionary[Spool, asyncio.Lock] = weakref.WeakKeyDictionary()
 
 
 @dataclass
@@ -93,7 +93,7 @@ class ReplayReport:
 
 
 async def replay(
-    spool: SqliteSpool,
+    spool: Spool,
     workers: Mapping[str, ForwarderWorker],
     delivery: DeliveryLoop,
     metrics: Metrics,
@@ -105,10 +105,13 @@ async def replay(
     async with lock:
         reports: dict[str, ReplayReport] = {}
         after_id = 0
+        # By id, a page at a time, up to the last id now: rows that fail again keep their
+        # id over SQLite, and come back under a new one over JetStream (its messages do
+        # not change), which this bound keeps from being visited twice.
+        upto = await spool.last_dead_letter_id()
         while True:
-            # By id, a page at a time: rows that fail again keep their id, so none is
-            # visited twice.
-            rows = await spool.dead_letters(selection=selection, after_id=after_id, limit=PAGE_ROWS)
+            page = await spool.dead_letters(selection=selection, after_id=after_id, limit=PAGE_ROWS)
+            rows = [row for row in page if row.id <= upto]
             if not rows:
                 break
             after_id = rows[-1].id
@@ -121,7 +124,7 @@ async def replay(
                     report = reports[forwarder] = ReplayReport(forwarder)
                 report.selected += len(group)
                 await _replay_group(spool, workers.get(forwarder), delivery, report, group)
-            if len(rows) < PAGE_ROWS:
+            if len(page) < PAGE_ROWS or len(rows) < len(page):
                 break
     for report in reports.values():
         _count(metrics, report)
@@ -147,7 +150,7 @@ def _count(metrics: Metrics, report: ReplayReport) -> None:
 
 
 async def _replay_group(
-    spool: SqliteSpool,
+    spool: Spool,
     worker: ForwarderWorker | None,
     delivery: DeliveryLoop,
     report: ReplayReport,
@@ -199,7 +202,7 @@ async def _deliver(
 
 
 async def _settle(
-    spool: SqliteSpool, report: ReplayReport, batch: Sequence[DeadLetterRow], outcome: Outcome
+    spool: Spool, report: ReplayReport, batch: Sequence[DeadLetterRow], outcome: Outcome
 ) -> None:
     if isinstance(outcome, Delivered):
         refused = {i: text for i, text in outcome.rejected.items() if 0 <= i < len(batch)}
@@ -224,7 +227,7 @@ async def _settle(
 
 
 async def _failed(
-    spool: SqliteSpool,
+    spool: Spool,
     report: ReplayReport,
     rows: Sequence[DeadLetterRow],
     reason: str,

@@ -57,6 +57,7 @@ from tagrelay.forwarders._base import Forwarder, SpanDelivery, SpoolSpan
 from tagrelay.logthrottle import LogThrottle
 from tagrelay.metrics import Metrics
 from tagrelay.model import Dead, Delivered, Event, Outcome, Retry
+from tagrelay.spool.backend import Spool
 from tagrelay.spool.erasure import ERASED
 from tagrelay.spool.sqlite import CursorState, SpooledEvent, SqliteSpool
 
@@ -178,7 +179,7 @@ class ForwarderWorker:
     def __init__(
         self,
         forwarder: Forwarder,  # type: ignore[type-arg]
-        spool: SqliteSpool,
+        spool: Spool,
         metrics: Metrics,
         *,
         clock: Callable[[], float] = time.time,
@@ -190,7 +191,7 @@ class ForwarderWorker:
         self.metrics = metrics
         self._clock = clock
         self._rand = rand
-        self._wake = spool.subscribe()
+        self._wake = spool.subscribe(forwarder.config.id)
         self._stopping = asyncio.Event()
         self._flush = True
         self._task: asyncio.Task[None] | None = None
@@ -200,8 +201,10 @@ class ForwarderWorker:
             f.include_types or f.exclude_types or f.include_events or f.exclude_events
         )
         self._required_consent = tuple(self.config.requires_consent)
-        self._spans = forwarder.reads_spool and (
-            forwarder.filters_spans or not (self._filters or self._required_consent)
+        self._spans = (
+            spool.spans
+            and forwarder.reads_spool
+            and (forwarder.filters_spans or not (self._filters or self._required_consent))
         )
         """Batches go to the forwarder as spans of the spool (``deliver_span``): nothing
         here needs their events."""
@@ -232,6 +235,11 @@ class ForwarderWorker:
     @property
     def id(self) -> str:
         return self.config.id
+
+    def _file(self) -> SqliteSpool:
+        """The SQLite spool, for spans (only ever made over one: ``spool.spans``)."""
+        assert isinstance(self.spool, SqliteSpool)
+        return self.spool
 
     def status(self) -> dict[str, Any]:
         """Where the worker is, for the debug view's forwarder panel (read from any
@@ -294,7 +302,7 @@ class ForwarderWorker:
             while not self._state.attempts:  # a failing batch is retried after the restart
                 before = self._state.position
                 if self._spans:
-                    if self.spool.head <= before:
+                    if self._file().head <= before:
                         return
                     await self._process_span(self._span_end())
                 else:
@@ -331,7 +339,9 @@ class ForwarderWorker:
     async def _read_batch(self) -> list[SpooledEvent]:
         """The events of the next batch: up to ``max_events`` after the cursor; for a batch
         that has failed, no event committed after its first try."""
-        batch = await self.spool.read(self._state.position, self.config.batch.max_events)
+        batch = await self.spool.read(
+            self._state.position, self.config.batch.max_events, forwarder=self.id
+        )
         end = self._state.batch_last
         if self._state.attempts and end is not None and batch and batch[-1].seq > end:
             batch = [item for item in batch if item.seq <= end]
@@ -339,7 +349,7 @@ class ForwarderWorker:
 
     def _span_end(self) -> int:
         """``_read_batch`` for spans: the last sequence number of the next batch."""
-        last = min(self.spool.head, self._state.position + self.config.batch.max_events)
+        last = min(self._file().head, self._state.position + self.config.batch.max_events)
         end = self._state.batch_last
         if self._state.attempts and end is not None:
             last = min(last, max(end, self._state.position + 1))
@@ -351,15 +361,15 @@ class ForwarderWorker:
         batch_cfg = self.config.batch
         position = self._state.position
         self._wake.arm(position + 1)  # any commit past the cursor
-        if self.spool.head <= position:
+        if self._file().head <= position:
             await self._wait_for_wake(IDLE_POLL_SECS)
             return
         full_at = position + batch_cfg.max_events
-        if self.spool.head < full_at and self._state.attempts == 0:
+        if self._file().head < full_at and self._state.attempts == 0:
             if self._backlog:
                 self._backlog = False  # the last of the backlog: it goes out now
             else:
-                first_ms = await self.spool.first_received_ms(position)
+                first_ms = await self._file().first_received_ms(position)
                 oldest = self._clock() if first_ms is None else first_ms / 1000
                 await self._wait_until_full(oldest + batch_cfg.max_wait_secs)
         await self._process_span(self._span_end())
@@ -374,7 +384,8 @@ class ForwarderWorker:
         while True:
             self._wake.arm(full_at)  # before the checks, so no commit goes unnoticed
             remaining = deadline - self._clock()
-            if self._stopping.is_set() or self.spool.head >= full_at or remaining <= 0:
+            head = self.spool.head_of(self.id)
+            if self._stopping.is_set() or head >= full_at or remaining <= 0:
                 return waited
             await self._wait_for_wake(remaining)
             waited = True
@@ -443,7 +454,7 @@ class ForwarderWorker:
         if self.gate is not None:
             await self.gate(last)
         try:
-            delivery = await self.forwarder.deliver_span(SpoolSpan(self.spool.path, after, last))
+            delivery = await self.forwarder.deliver_span(SpoolSpan(self._file().path, after, last))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -468,7 +479,7 @@ class ForwarderWorker:
             if delivered > 0:
                 self._count_delivered(delivered, _first(delivery.arrivals, delivered))
             return
-        items = await self.spool.read(after, count)
+        items = await self._file().read(after, count)
         if delivery.kept is not None:
             items = [items[i] for i in delivery.kept if 0 <= i < len(items)]
         if not items and isinstance(outcome, Retry | Dead):
@@ -535,7 +546,7 @@ class ForwarderWorker:
                 ids = [mid for _, mid, why in delivery.captured if why is None]
                 self._report_ids(ids, {"status": "sent", "dropped": dict(outcome.dropped)})
             return
-        items = await self.spool.read(after, count)
+        items = await self._file().read(after, count)
         kept = (
             items
             if delivery.kept is None

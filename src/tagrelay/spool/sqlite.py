@@ -194,6 +194,11 @@ def _now_ms() -> int:
 class SqliteSpool:
     """A durable event queue in ``<data_dir>/spool.sqlite3``."""
 
+    spans = True
+    """Forwarders that read the file themselves (``reads_spool``) may get spans of it."""
+    expires_dead_letters = False
+    """The relay's maintenance deletes dead letters past their retention."""
+
     def __init__(
         self,
         path: Path,
@@ -573,9 +578,10 @@ class SqliteSpool:
 
     # -- cursors -----------------------------------------------------------------------
 
-    def subscribe(self) -> HeadWatch:
+    def subscribe(self, forwarder: str | None = None) -> HeadWatch:
         """A wake-up for commits (see ``HeadWatch``), first armed for any commit. Call it
-        from the loop that will wait on it; it may differ from the appenders'."""
+        from the loop that will wait on it; it may differ from the appenders'. (Every
+        forwarder reads the same sequence here: ``forwarder`` is not needed.)"""
         watch = HeadWatch(asyncio.get_running_loop())
         self._watches = [*self._watches, watch]
         return watch
@@ -682,8 +688,17 @@ class SqliteSpool:
     def positions(self) -> dict[str, int]:
         return dict(self._positions)
 
-    async def read(self, after: int, limit: int) -> list[SpooledEvent]:
-        """Up to ``limit`` events with ``seq > after``, in order."""
+    def head_of(self, forwarder: str) -> int:
+        """The last sequence number ``forwarder`` may read: the head, the same for all."""
+        return self._head
+
+    async def leave_loop(self) -> None:
+        """Nothing is bound to the delivery loop here (see ``JetStreamSpool``)."""
+
+    async def read(
+        self, after: int, limit: int, *, forwarder: str | None = None
+    ) -> list[SpooledEvent]:
+        """Up to ``limit`` events with ``seq > after``, in order (for any forwarder)."""
         return await asyncio.get_running_loop().run_in_executor(
             self._reader, self._read, after, limit
         )
@@ -804,6 +819,14 @@ class SqliteSpool:
                 limit=limit,
                 newest_first=newest_first,
                 cipher=self.cipher,
+            )
+        )
+
+    async def last_dead_letter_id(self) -> int:
+        """The highest dead letter id now (a replay visits none above it)."""
+        return await self._on_reader(
+            lambda conn: int(
+                conn.execute("SELECT COALESCE(MAX(id), 0) FROM dead_letters").fetchone()[0]
             )
         )
 

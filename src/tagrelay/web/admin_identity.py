@@ -38,6 +38,7 @@ from tagrelay.pipeline.suppression import privacy_salt, salted_ref
 from tagrelay.privacy.report import build_report
 from tagrelay.privacy.requests import Stores, audit_fields, count_of, export, forget
 from tagrelay.reload import RELOADER
+from tagrelay.spool.sqlite import SqliteSpool
 from tagrelay.web.ingest import encoded_json_response
 
 audit = logging.getLogger("tagrelay.audit")
@@ -95,7 +96,7 @@ def add_privacy_routes(admin: web.Application, main_app: web.Application) -> Non
             Stores(
                 identity=identity,
                 warehouses=warehouses_of(main_app),
-                spool=main_app[SPOOL],
+                spool=spool if isinstance(spool := main_app[SPOOL], SqliteSpool) else None,
                 after_spool_erasure=forget_cached,
             ),
             identity,
@@ -115,6 +116,17 @@ def add_privacy_routes(admin: web.Application, main_app: web.Application) -> Non
                 400,
             )
         ids, suppress = parsed
+        if not isinstance(main_app[SPOOL], SqliteSpool):
+            # Refused whole rather than done in part: a person asked to be erased must not
+            # be told so while their events still wait in the stream.
+            return _json(
+                {
+                    "error": "not_supported",
+                    "message": "erasure and access do not reach the jetstream spool yet; its "
+                    "events leave the stream after spool.max_age_secs",
+                },
+                409,
+            )
         fleet = main_app[FLEET]
         ref = salted_ref(privacy_salt(fleet.data_dir), ids)
         who = peer(request)

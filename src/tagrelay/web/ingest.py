@@ -40,7 +40,7 @@ from tagrelay.pipeline.run import Pipeline, Processed, Sender
 from tagrelay.pipeline.suppression import Suppression
 from tagrelay.sources import SOURCE_LABELS, SOURCES, Decoded
 from tagrelay.sources.segment import SEGMENT, sdk_source
-from tagrelay.spool.sqlite import SqliteSpool
+from tagrelay.spool.backend import Spool
 from tagrelay.web.auth import NO_KEY, CorsPolicy, CorsRefusals, KeyRing, key_from_headers
 from tagrelay.web.bodies import read_body
 
@@ -117,7 +117,7 @@ class IngestService:
     def __init__(
         self,
         config: Config,
-        spool: SqliteSpool,
+        spool: Spool,
         metrics: Metrics,
         capture: DebugHub | None = None,
         suppression: Suppression | None = None,
