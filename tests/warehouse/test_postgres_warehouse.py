@@ -298,3 +298,27 @@ forwarders:
             assert sql("select count(*) as n from events") == "n\n40\n"
         finally:
             os.environ.pop("TEST_DATABASE_URL", None)
+
+
+def test_batches_load_through_the_typed_staging_table_as_the_table_changes(
+    target: Target, warehouse: Warehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The usual path copies typed columns; the JSON-document path is only for values
+    PostgreSQL's text cannot hold. New and widened columns must not need it."""
+    from tagrelay.warehouse.dialects.postgres import PostgresDialect
+
+    def no_documents(*args: object, **kwargs: object) -> int:
+        raise AssertionError("the batch fell back to JSON documents")
+
+    monkeypatch.setattr(PostgresDialect, "_insert_documents", no_documents)
+    warehouse.insert([page("m1", "/a", NOW, revenue=20, tags=["x"])])
+    warehouse.insert([page("m2", "/a", NOW, revenue=19.99, plan="pro")])  # widened, added
+    warehouse.insert([page("m3", "/a", NOW, revenue=1, at="2024-05-01T10:00:00Z")])
+    assert rows(
+        warehouse,
+        "select message_id, properties_revenue, properties_plan, properties_tags "
+        "from events order by 1",
+    ) == [("m1", 20.0, None, '["x"]'), ("m2", 19.99, "pro", None), ("m3", 1.0, None, None)]
+    monkeypatch.undo()
+    # NUL takes the other path, and still loads
+    assert warehouse.insert([page("m4", "/a\x00", NOW)]).inserted == 1

@@ -1,10 +1,11 @@
 """PostgreSQL: the warehouse a team already runs, shared by every replica of the relay.
 
-Loading: a batch is copied (``COPY ... FROM STDIN``, one JSON document per row) into a
-temporary staging table of the session, then moved with one ``INSERT ... SELECT`` that
-unpacks each document into typed columns (``json_to_record``) and skips message ids the
-table already has (``ON CONFLICT (message_id) DO NOTHING``): two statements per batch,
-whatever its size, in one transaction.
+Loading: a batch is copied (``COPY ... FROM STDIN``, typed columns) into a temporary
+staging table of the session, then moved with one ``INSERT ... SELECT`` that skips message
+ids the table already has (``ON CONFLICT (message_id) DO NOTHING``): two statements per
+batch, whatever its size, in one transaction. A batch holding a value PostgreSQL's text
+cannot (NUL) or UTF-8 cannot (a lone surrogate) goes again as one JSON document per row,
+unpacked by ``json_to_record``, with those replaced.
 
 Several replicas load into one table at once. Every change of the table's shape (create,
 add columns, widen) runs in a transaction holding a transaction-level advisory lock named
@@ -13,8 +14,8 @@ worst that happens (``ADD COLUMN IF NOT EXISTS`` makes the second a no-op). A re
 idea of the columns is stale finds out when its insert fails; ``Warehouse`` then reads them
 again and plans the batch anew.
 
-PostgreSQL refuses the NUL character in text and ``jsonb``: a ``\\u0000`` in an event
-becomes U+FFFD, the replacement character, rather than failing the batch.
+PostgreSQL refuses the NUL character in text and ``jsonb``: a NUL in an event becomes
+U+FFFD, the replacement character, rather than failing the batch.
 
 Queries (``tagrelay sql``): one statement per call (the extended protocol takes no more),
 which must start with SELECT, WITH, VALUES, TABLE, EXPLAIN or SHOW, run on a connection of
@@ -159,6 +160,8 @@ class PostgresDialect:
         self.application_name = str(settings.get("application_name", "tagrelay"))
         self._con: psycopg.Connection[Any] | None = None
         self._running: set[psycopg.Connection[Any]] = set()
+        self._stages: dict[str, dict[str, str]] = {}
+        """Table -> the columns of its staging table in this session (``_typed_stage``)."""
         self._queries_done = threading.Condition()
         """Guards ``_running`` and ``_closed``; notified when a query ends."""
         self._closed = False
@@ -207,6 +210,7 @@ class PostgresDialect:
                 raise WarehouseError(f"cannot prepare schema {self.schema}: {_message(e)}") from e
         self._con = con
         self._closed = False
+        self._stages = {}
 
     def close(self) -> None:
         """Cancel the queries still running, wait for them to stop, then disconnect."""
@@ -328,6 +332,81 @@ class PostgresDialect:
     ) -> int:
         if not rows:
             return 0
+        con = self._connection()
+        try:
+            return self._insert_typed(con, table, columns, rows)
+        except (psycopg.DataError, UnicodeEncodeError):
+            # A value PostgreSQL's text cannot hold (NUL, in text or in JSON) or UTF-8 cannot
+            # (a lone surrogate): the batch goes again as JSON documents, where both are
+            # replaced (rare; see _insert_documents).
+            pass
+        except psycopg.Error as e:
+            raise WarehouseError(
+                f"cannot insert {len(rows)} rows into {table}: {_message(e)}"
+            ) from e
+        try:
+            return self._insert_documents(con, table, columns, rows)
+        except psycopg.Error as e:
+            raise WarehouseError(
+                f"cannot insert {len(rows)} rows into {table}: {_message(e)}"
+            ) from e
+
+    def _insert_typed(
+        self,
+        con: psycopg.Connection[Any],
+        table: str,
+        columns: Mapping[str, str],
+        rows: Sequence[Mapping[str, Any]],
+    ) -> int:
+        """The batch copied column by column into a typed staging table (PostgreSQL parses
+        no JSON but the JSON columns'), then moved with one INSERT ... SELECT."""
+        stage = self._typed_stage(con, table, columns)
+        names = ", ".join(quote_identifier(name) for name in columns)
+        order = list(columns)
+        json_columns = [i for i, kind in enumerate(columns.values()) if kind == ColumnType.JSON]
+        with con.transaction(), con.cursor() as cur:
+            with cur.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
+                for row in rows:
+                    values = [row.get(name) for name in order]
+                    for i in json_columns:
+                        if values[i] is not None:
+                            values[i] = _json_text(values[i])
+                    copy.write_row(values)
+            cur.execute(
+                f"INSERT INTO {self._table(table)} ({names}) SELECT {names} FROM {stage} "
+                f"ON CONFLICT ({quote_identifier('message_id')}) DO NOTHING"
+            )
+            return max(cur.rowcount, 0)
+
+    def _typed_stage(
+        self, con: psycopg.Connection[Any], table: str, columns: Mapping[str, str]
+    ) -> str:
+        """The session's staging table for ``table``, with at least ``columns`` at their
+        types: made again (a temporary table, emptied at each commit) when the table has
+        gained or widened a column since."""
+        stage = quote_identifier(f"tagrelay_stage_{table}")
+        known = self._stages.get(table)
+        if known is not None and all(known.get(n) == k for n, k in columns.items()):
+            return stage
+        wanted = {**(known or {}), **columns}
+        definitions = ", ".join(
+            f"{quote_identifier(name)} {_NATIVE_TYPES[kind]}" for name, kind in wanted.items()
+        )
+        with con.transaction():
+            con.execute(f"DROP TABLE IF EXISTS pg_temp.{stage}")
+            con.execute(f"CREATE TEMP TABLE {stage} ({definitions}) ON COMMIT DELETE ROWS")
+        self._stages[table] = dict(wanted)
+        return stage
+
+    def _insert_documents(
+        self,
+        con: psycopg.Connection[Any],
+        table: str,
+        columns: Mapping[str, str],
+        rows: Sequence[Mapping[str, Any]],
+    ) -> int:
+        """The batch as one JSON document per row, unpacked by ``json_to_record``; NUL
+        escapes replaced by U+FFFD on the way (``_copy_text``)."""
         try:
             lines = [orjson.dumps(row) for row in rows]
         except (TypeError, orjson.JSONEncodeError):
@@ -337,22 +416,15 @@ class PostgresDialect:
         record = ", ".join(
             f"{quote_identifier(name)} {_NATIVE_TYPES[kind]}" for name, kind in columns.items()
         )
-        con = self._connection()
-        try:
-            with con.transaction(), con.cursor() as cur:
-                with cur.copy(f"COPY {_STAGE} (doc) FROM STDIN") as copy:
-                    copy.write(data)
-                cur.execute(
-                    f"INSERT INTO {self._table(table)} ({names}) SELECT {names} "
-                    f"FROM {_STAGE} s, json_to_record(s.doc) AS r({record}) "
-                    f"ON CONFLICT ({quote_identifier('message_id')}) DO NOTHING"
-                )
-                inserted = cur.rowcount
-        except psycopg.Error as e:
-            raise WarehouseError(
-                f"cannot insert {len(rows)} rows into {table}: {_message(e)}"
-            ) from e
-        return max(inserted, 0)
+        with con.transaction(), con.cursor() as cur:
+            with cur.copy(f"COPY {_STAGE} (doc) FROM STDIN") as copy:
+                copy.write(data)
+            cur.execute(
+                f"INSERT INTO {self._table(table)} ({names}) SELECT {names} "
+                f"FROM {_STAGE} s, json_to_record(s.doc) AS r({record}) "
+                f"ON CONFLICT ({quote_identifier('message_id')}) DO NOTHING"
+            )
+            return max(cur.rowcount, 0)
 
     def delete_older_than(self, table: str, before: str) -> int:
         received, timestamp = quote_identifier("received_at"), quote_identifier("timestamp")
@@ -472,6 +544,14 @@ class PostgresDialect:
             rows=[tuple(r) for r in rows[:max_rows]],
             truncated=len(rows) > max_rows,
         )
+
+
+def _json_text(value: Any) -> str:
+    """A JSON column's value as the text COPY gives PostgreSQL."""
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return orjson.dumps(json_safe(value)).decode()
 
 
 def _copy_text(lines: Sequence[bytes]) -> bytes:
