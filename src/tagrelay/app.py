@@ -230,7 +230,9 @@ def create_app(
     async def spool_ctx(app: web.Application) -> AsyncIterator[None]:
         await spool.open()
         app[READY]["spool"] = True
-        pruner = asyncio.create_task(_prune_loop(spool, current_config))
+        pruner = asyncio.create_task(
+            _prune_loop(spool, current_config, metrics.dead_letters_expired.inc)
+        )
         yield
         pruner.cancel()
         app[READY]["spool"] = False
@@ -387,7 +389,11 @@ ENCRYPTION_RECOUNT_SECS = 60.0
 purges shrink it), while there are some."""
 
 
-async def _prune_loop(spool: Spool, current: Callable[[], Config]) -> None:
+async def _prune_loop(
+    spool: Spool,
+    current: Callable[[], Config],
+    on_expired: Callable[[int], object] | None = None,
+) -> None:
     """Every ``spool.prune_interval_secs``: forget the cursors of forwarders removed longer
     ago than ``spool.forget_cursor_after_secs``, delete delivered events, expired message
     ids and dead letters older than ``dead_letters.retention_days``, and checkpoint the WAL;
@@ -404,7 +410,9 @@ async def _prune_loop(spool: Spool, current: Callable[[], Config]) -> None:
             await _forget_cursors(spool, config.spool.forget_cursor_after_secs)
             await spool.prune()
             await spool.prune_message_ids()
-            await _expire_dead_letters(spool, config.dead_letters.retention_days * 86_400)
+            expired = await _expire_dead_letters(spool, config.dead_letters.retention_days * 86_400)
+            if expired and on_expired is not None:
+                on_expired(expired)
             await spool.checkpoint()
             if time.monotonic() >= recount_at:  # free once nothing is left
                 await spool.count_encryption_backlog()
@@ -428,11 +436,11 @@ async def _forget_cursors(spool: Spool, after_secs: float) -> None:
         )
 
 
-async def _expire_dead_letters(spool: Spool, retention_secs: float) -> None:
+async def _expire_dead_letters(spool: Spool, retention_secs: float) -> int:
     """Delete the dead letters older than ``retention_secs`` (``dead_letters.retention_days``;
-    an indexed lookup that finds nothing most of the time)."""
+    an indexed lookup that finds nothing most of the time); how many."""
     if spool.expires_dead_letters:
-        return
+        return 0
     cutoff_ms = int((time.time() - retention_secs) * 1000)
     deleted = await spool.purge_dead_letters(Selection(before_ms=cutoff_ms))
     if deleted:
@@ -440,3 +448,4 @@ async def _expire_dead_letters(spool: Spool, retention_secs: float) -> None:
             "deleted dead letters past their retention",
             extra={"dead_letters": deleted, "retention_days": round(retention_secs / 86_400, 3)},
         )
+    return deleted

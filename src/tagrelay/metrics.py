@@ -479,6 +479,12 @@ class Metrics:
             ["store"],
             registry=r,
         )
+        self.dead_letters_expired = Counter(
+            "tagrelay_dead_letters_expired",
+            "Dead letters deleted because they were older than dead_letters.retention_days "
+            "(on the SQLite spool; the JetStream spool's dead-letter stream drops them itself).",
+            registry=r,
+        )
         self.warehouse_expired = Counter(
             "tagrelay_warehouse_expired_rows",
             "Warehouse rows deleted because they were older than the forwarder's retention_days.",

@@ -388,6 +388,7 @@ async def test_dead_letters_past_their_retention_are_pruned(
         await asyncio.sleep(0.05)
     assert [d["message_id"] for d in await rig.listed(capsys)] == ["kept"]
     assert stored(rig.app, "hook") == 1 and stored(rig.app, "other") == 0
+    assert metric_value(rig.app, "tagrelay_dead_letters_expired_total") == 2  # counted
 
 
 async def test_dead_letters_of_a_forwarder_no_longer_running_are_skipped_and_kept(

@@ -79,7 +79,9 @@ forwarders:
 
 
 def test_three_replicas_lose_and_double_nothing(
-    tmp_path: Path, relays: list[Relay], monkeypatch: pytest.MonkeyPatch  # noqa: F811
+    tmp_path: Path,
+    relays: list[Relay],
+    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
 ) -> None:
     url = nats_url_sync()
     dsn = postgres_dsn()
