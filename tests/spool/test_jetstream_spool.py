@@ -281,3 +281,21 @@ async def test_depth_and_lag_come_from_the_stream(settings):
         assert await forwarder_lags(spool, ["hook"]) == {"hook": 0.0}
     finally:
         await spool.close()
+
+
+async def test_events_without_message_ids_are_sealed_too(settings):
+    cipher = PayloadCipher(Keyring.from_texts([generate_key()]))
+    spool = JetStreamSpool(settings, cipher=cipher)
+    await spool.open()
+    try:
+        await spool.register("hook", "earliest")
+        events, _ = rows("no-id-visitor")
+        await spool.append(events)  # no ids: nothing to deduplicate on, still sealed
+        got = await read_until(spool, "hook", 0, 1)
+        assert orjson.loads(got[0].payload)["messageId"] == "no-id-visitor"
+        client = await nats.connect(settings.servers[0])
+        stored = await client.jetstream().get_msg(settings.stream, 1)
+        await client.close()
+        assert b"no-id-visitor" not in stored.data
+    finally:
+        await spool.close()

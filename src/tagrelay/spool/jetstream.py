@@ -557,7 +557,13 @@ class JetStreamSpool:
         started = time.perf_counter()
         messages: list[tuple[bytes, dict[str, str] | None]]
         if message_ids is None:
-            messages = [(payload, None) for _, payload in events]
+            # no ids to deduplicate on; sealed all the same when keys are set (the reader
+            # opens an event without an id with the empty one)
+            aad = event_aad(self.settings.stream, "")
+            messages = [
+                (self.cipher.seal(payload, aad) if self.cipher.enabled else payload, None)
+                for _, payload in events
+            ]
         elif self.cipher.enabled:
             stream = self.settings.stream
             messages = [
