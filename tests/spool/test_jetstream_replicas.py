@@ -80,8 +80,8 @@ forwarders:
 
 def test_three_replicas_lose_and_double_nothing(
     tmp_path: Path,
-    relays: list[Relay],
-    monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+    relays: list[Relay],  # noqa: F811 (the fixture imported above)
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     url = nats_url_sync()
     dsn = postgres_dsn()
