@@ -16,36 +16,23 @@ neighbours' load. Options after ``--`` go to
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _alternating import Rows, alternate, ingest_rows, split_argv
+
 SIDES = ("off", "on")
 TARGET_LOSS = 0.10
 
 
-def uptime() -> str:
-    try:
-        return subprocess.run(
-            ["uptime"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        return "(uptime not available)"
-
-
-def one_run(side: str, args: argparse.Namespace, extra: list[str]) -> dict[str, dict[str, Any]]:
+def one_run(side: str, args: argparse.Namespace, extra: list[str]) -> Rows:
     """One ``ingest_bench.py`` run against the relay: its rows by scenario."""
-    with tempfile.TemporaryDirectory(prefix="tagrelay-encbench-") as tmp:
-        out = Path(tmp) / "run.json"
-        cmd = [
-            sys.executable,
-            str(BENCH_DIR / "ingest_bench.py"),
+    rows = ingest_rows(
+        [
             "--only",
             "relay",
             "--no-sql",
@@ -55,14 +42,9 @@ def one_run(side: str, args: argparse.Namespace, extra: list[str]) -> dict[str, 
             str(args.duration),
             "--encryption",
             side,
-            "--json",
-            str(out),
-            *extra,
-        ]
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)
-        if done.returncode != 0 or not out.exists():
-            raise SystemExit(f"ingest_bench.py failed (exit {done.returncode}): {' '.join(cmd)}")
-        rows = json.loads(out.read_text())["rows"]
+        ],
+        extra,
+    )
     return {row["scenario"]: row for row in rows}
 
 
@@ -75,11 +57,7 @@ def per_request(row: dict[str, Any], field: str) -> float:
 
 
 def main(argv: list[str]) -> int:
-    own, _, extra = (
-        (argv[: argv.index("--")], None, argv[argv.index("--") + 1 :])
-        if ("--" in argv)
-        else (argv, None, [])
-    )
+    own, extra = split_argv(argv)
     p = argparse.ArgumentParser(
         prog="encryption_bench.py",
         description=__doc__,
@@ -90,18 +68,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--scenarios", default="track", help="ingest_bench.py scenarios (default track)")
     args = p.parse_args(own)
 
-    before = uptime()
-    runs: dict[str, list[dict[str, dict[str, Any]]]] = {side: [] for side in SIDES}
-    for i in range(args.runs):
-        for side in SIDES:
-            started = time.strftime("%H:%M:%S")
-            result = one_run(side, args, extra)
-            runs[side].append(result)
-            summary = ", ".join(
-                f"{name} {row['events_per_s']:,.0f} ev/s" for name, row in result.items()
-            )
-            print(f"[{started}] run {i + 1}/{args.runs} encryption {side}: {summary}", flush=True)
-    after = uptime()
+    runs, before, after = alternate(
+        SIDES, args.runs, lambda side: one_run(side, args, extra), "encryption"
+    )
 
     print()
     print(f"load before: {before}")

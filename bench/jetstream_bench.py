@@ -15,38 +15,25 @@ go to ``ingest_bench.py``. Exit status 0 when every run ran.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-BENCH_DIR = Path(__file__).resolve().parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _alternating import Rows, alternate, ingest_rows, split_argv
+
 SIDES = ("sqlite", "jetstream")
 TARGET_TRACK_RATIO = 0.25
 TARGET_BATCH_EVENTS = 30_000
 
 
-def uptime() -> str:
-    try:
-        return subprocess.run(
-            ["uptime"], capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        return "(uptime not available)"
-
-
-def one_run(side: str, args: argparse.Namespace, extra: list[str]) -> dict[str, dict[str, Any]]:
+def one_run(side: str, args: argparse.Namespace, extra: list[str]) -> Rows:
     """One ``ingest_bench.py`` run (bare app, then the relay on ``side``'s spool): rows by
     ``(server, scenario)``."""
-    with tempfile.TemporaryDirectory(prefix="tagrelay-jsbench-") as tmp:
-        out = Path(tmp) / "run.json"
-        cmd = [
-            sys.executable,
-            str(BENCH_DIR / "ingest_bench.py"),
+    rows = ingest_rows(
+        [
             "--no-sql",
             "--scenarios",
             args.scenarios,
@@ -54,21 +41,14 @@ def one_run(side: str, args: argparse.Namespace, extra: list[str]) -> dict[str, 
             str(args.duration),
             "--spool",
             side,
-            "--json",
-            str(out),
-            *extra,
-        ]
-        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)
-        if done.returncode != 0 or not out.exists():
-            raise SystemExit(f"ingest_bench.py failed (exit {done.returncode}): {' '.join(cmd)}")
-        rows = json.loads(out.read_text())["rows"]
+        ],
+        extra,
+    )
     return {f"{row['server']}/{row['scenario']}": row for row in rows}
 
 
 def main(argv: list[str]) -> int:
-    own, extra = (
-        (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
-    )
+    own, extra = split_argv(argv)
     p = argparse.ArgumentParser(
         prog="jetstream_bench.py",
         description=__doc__,
@@ -79,18 +59,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--scenarios", default="track,batch", help="(default track,batch)")
     args = p.parse_args(own)
 
-    before = uptime()
-    runs: dict[str, list[dict[str, dict[str, Any]]]] = {side: [] for side in SIDES}
-    for i in range(args.runs):
-        for side in SIDES:
-            started = time.strftime("%H:%M:%S")
-            result = one_run(side, args, extra)
-            runs[side].append(result)
-            summary = ", ".join(
-                f"{key} {row['events_per_s']:,.0f} ev/s" for key, row in result.items()
-            )
-            print(f"[{started}] run {i + 1}/{args.runs} spool {side}: {summary}", flush=True)
-    after = uptime()
+    runs, before, after = alternate(
+        SIDES, args.runs, lambda side: one_run(side, args, extra), "spool"
+    )
 
     def median(side: str, key: str, get: Any) -> float:
         return statistics.median(get(run[key]) for run in runs[side] if key in run)
