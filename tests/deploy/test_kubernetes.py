@@ -21,17 +21,19 @@ KUBERNETES_VERSION = "1.33.0"
 """The API version validated against: a release current clusters run."""
 
 
-def documents() -> list[tuple[str, dict[str, Any]]]:
+def documents(folder: Path = MANIFESTS) -> list[tuple[str, dict[str, Any]]]:
+    """Every document of the manifests in ``folder`` (not below it), named for test ids."""
     found = []
-    for path in sorted(MANIFESTS.glob("*.yaml")):
+    for path in sorted(folder.glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
-                found.append((f"{path.name}:{doc['kind']}/{doc['metadata']['name']}", doc))
+                name = f"{path.relative_to(MANIFESTS)}:{doc['kind']}/{doc['metadata']['name']}"
+                found.append((name, doc))
     return found
 
 
-def one(kind: str) -> dict[str, Any]:
-    (doc,) = [doc for _, doc in documents() if doc["kind"] == kind]
+def one(kind: str, folder: Path = MANIFESTS) -> dict[str, Any]:
+    (doc,) = [doc for _, doc in documents(folder) if doc["kind"] == kind]
     return doc
 
 
@@ -129,17 +131,11 @@ JETSTREAM = MANIFESTS / "jetstream"
 
 
 def jetstream_documents() -> list[tuple[str, dict[str, Any]]]:
-    found = []
-    for path in sorted(JETSTREAM.glob("*.yaml")):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if doc:
-                found.append((f"jetstream/{path.name}:{doc['kind']}", doc))
-    return found
+    return documents(JETSTREAM)
 
 
 def jetstream_one(kind: str) -> dict[str, Any]:
-    (doc,) = [doc for _, doc in jetstream_documents() if doc["kind"] == kind]
-    return doc
+    return one(kind, JETSTREAM)
 
 
 def test_the_jetstream_manifests_are_there() -> None:
