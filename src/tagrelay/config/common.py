@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.fields import FieldInfo
+from yarl import URL
 
 ConsentCategory = Literal["analytics", "ads", "ad_user_data", "ad_personalization"]
 CONSENT_CATEGORIES: tuple[str, ...] = ("analytics", "ads", "ad_user_data", "ad_personalization")
@@ -174,4 +175,18 @@ class ForwarderConfigBase(ConfigModel):
             "other events are dropped and counted with reason consent_denied."
         ),
         examples=[["ads", "ad_user_data"]],
+    )
+
+
+def is_bare_origin(url: URL) -> bool:
+    """Whether ``url`` is an origin and nothing more: http or https, a host, an optional
+    port; no path, query, fragment or credentials (an ``upstream`` setting)."""
+    return (
+        url.scheme in ("http", "https")
+        and bool(url.host)
+        and url.user is None
+        and url.password is None
+        and url.path in ("", "/")
+        and not url.query_string
+        and not url.fragment
     )

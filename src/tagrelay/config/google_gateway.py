@@ -14,7 +14,7 @@ from typing import Final
 from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
-from tagrelay.config.common import ConfigModel
+from tagrelay.config.common import ConfigModel, is_bare_origin
 
 __all__ = [
     "GATEWAY_PATH_PATTERN",
@@ -183,15 +183,7 @@ class GoogleGatewayConfig(ConfigModel):
             url = URL(value.replace(TAG_ID_PLACEHOLDER, "gtm-abc"))
         except ValueError:
             raise ValueError(problem) from None
-        if (
-            url.scheme not in ("http", "https")
-            or not url.host
-            or url.user is not None
-            or url.password is not None
-            or url.path not in ("", "/")
-            or url.query_string
-            or url.fragment
-        ):
+        if not is_bare_origin(url):
             raise ValueError(problem)
         return value.rstrip("/")
 

@@ -12,7 +12,7 @@ from typing import Annotated, Final, Literal
 from pydantic import Field, field_validator, model_validator
 from yarl import URL
 
-from tagrelay.config.common import ConfigModel
+from tagrelay.config.common import ConfigModel, is_bare_origin
 
 __all__ = [
     "DATA_LAYER_PATTERN",
@@ -143,15 +143,7 @@ class GoogleScriptsConfig(ConfigModel):
             origin = url.origin()
         except ValueError:
             raise ValueError(problem) from None
-        if (
-            url.scheme not in ("http", "https")
-            or not url.host
-            or url.user is not None
-            or url.password is not None
-            or url.path not in ("", "/")
-            or url.query_string
-            or url.fragment
-        ):
+        if not is_bare_origin(url):
             raise ValueError(problem)
         return str(origin)
 
