@@ -334,18 +334,13 @@ class PostgresDialect:
             return 0
         con = self._connection()
         try:
-            return self._insert_typed(con, table, columns, rows)
-        except (psycopg.DataError, UnicodeEncodeError):
-            # A value PostgreSQL's text cannot hold (NUL, in text or in JSON) or UTF-8 cannot
-            # (a lone surrogate): the batch goes again as JSON documents, where both are
-            # replaced (rare; see _insert_documents).
-            pass
-        except psycopg.Error as e:
-            raise WarehouseError(
-                f"cannot insert {len(rows)} rows into {table}: {_message(e)}"
-            ) from e
-        try:
-            return self._insert_documents(con, table, columns, rows)
+            try:
+                return self._insert_typed(con, table, columns, rows)
+            except (psycopg.DataError, UnicodeEncodeError):
+                # A value PostgreSQL's text cannot hold (NUL, in text or in JSON) or UTF-8
+                # cannot (a lone surrogate): the batch goes again as JSON documents, where
+                # both are replaced (rare; see _insert_documents).
+                return self._insert_documents(con, table, columns, rows)
         except psycopg.Error as e:
             raise WarehouseError(
                 f"cannot insert {len(rows)} rows into {table}: {_message(e)}"
