@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tagrelay.warehouse import Warehouse
-from tagrelay.warehouse.schema import plan
+from tagrelay.warehouse.shapes import plan
 
 PATHS = ["/", "/signup", "/pricing", "/blog/launch", "/docs/start", "/checkout", "/account"]
 SOURCES = ["google", "newsletter", "facebook", "linkedin", None]

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from warehouse_bench import make_event
 
 from tagrelay.warehouse.dialects.duckdb import _NATIVE_TYPES, _TRANSFORM_TYPES
-from tagrelay.warehouse.schema import plan
+from tagrelay.warehouse.shapes import plan
 
 
 def main() -> None:

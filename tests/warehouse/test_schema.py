@@ -1,5 +1,7 @@
 """The pure schema planner: column names, flattening, type inference, lossless conversions,
-misfits, collisions, limits and deduplication, with no database."""
+misfits, collisions, limits and deduplication, with no database. Every test of ``plan``
+runs twice: against the planner by shape (``shapes.plan``, what the warehouse uses) and the
+row-by-row reference (``schema.plan_rows``)."""
 
 from __future__ import annotations
 
@@ -21,8 +23,18 @@ from tagrelay.warehouse.schema import (
     flatten,
     infer_type,
     is_timestamp,
-    plan,
+    plan_rows,
 )
+from tagrelay.warehouse.shapes import plan as plan_by_shape
+
+plan = plan_by_shape
+
+
+@pytest.fixture(autouse=True, params=["by_shape", "row_by_row"])
+def _planner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``plan`` in this module is each planner in turn."""
+    chosen = plan_by_shape if request.param == "by_shape" else plan_rows
+    monkeypatch.setitem(globals(), "plan", chosen)
 
 V, B, D, BO, TS, J = (
     ColumnType.VARCHAR,

@@ -37,7 +37,8 @@ from tagrelay.model.subject import Subject
 from tagrelay.warehouse.dialects.base import Dialect, QueryResult
 from tagrelay.warehouse.erasure import EMAIL_COLUMNS, person_condition
 from tagrelay.warehouse.pii import PiiHasher
-from tagrelay.warehouse.schema import BASE_COLUMNS, DEDUP_KEY, UNMAPPED_COLUMN, ColumnType, plan
+from tagrelay.warehouse.schema import BASE_COLUMNS, DEDUP_KEY, UNMAPPED_COLUMN, ColumnType
+from tagrelay.warehouse.shapes import plan
 
 __all__ = [
     "DIALECTS",
@@ -224,7 +225,9 @@ class Warehouse:
             if batch.new_columns:
                 self.dialect.add_columns(self.table, batch.new_columns)
                 self._columns.update(batch.new_columns)
-            inserted = self.dialect.insert_rows(self.table, batch.insert_columns, batch.rows)
+            inserted = self.dialect.insert_rows(
+                self.table, batch.insert_columns, batch.columns, batch.row_count
+            )
         except WarehouseError:
             self._reload_after_failure()
             raise
@@ -235,7 +238,7 @@ class Warehouse:
         }
         return InsertResult(
             inserted=inserted,
-            duplicates=batch.duplicates + len(batch.rows) - inserted,
+            duplicates=batch.duplicates + batch.row_count - inserted,
             unmapped_values=batch.unmapped_values,
             new_columns=dict(batch.new_columns),
             widened_columns=widened,

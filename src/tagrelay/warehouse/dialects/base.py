@@ -1,6 +1,6 @@
 """The dialect contract: what a SQL engine must do for the warehouse.
 
-``tagrelay.warehouse.Warehouse`` plans every batch with the pure ``schema.plan`` and hands
+``tagrelay.warehouse.Warehouse`` plans every batch with the pure ``shapes.plan`` and hands
 a dialect only finished work: columns to add (logical ``ColumnType`` names), and rows whose
 values already fit their column types. A dialect maps the logical types to its own, quotes
 identifiers, loads a batch in one statement, deduplicates on ``message_id`` against the
@@ -68,11 +68,16 @@ class Dialect(Protocol):
         one would not (an int beyond 2**53 into DOUBLE)."""
 
     def insert_rows(
-        self, table: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, Any]]
+        self,
+        table: str,
+        columns: Mapping[str, str],
+        values: Mapping[str, Sequence[Any]],
+        count: int,
     ) -> int:
-        """Insert ``rows`` (values already converted, see ``schema.Plan.rows``) into the
-        ``columns`` of ``table`` in one statement, skipping rows whose primary key is
-        already in the table. Returns the number of rows inserted."""
+        """Insert ``count`` rows into the ``columns`` of ``table`` in one statement,
+        skipping rows whose primary key is already in the table. ``values`` holds the rows
+        by column, ``count`` values per column, already converted (``schema.Plan.columns``:
+        None is NULL). Returns the number of rows inserted."""
 
     def delete_older_than(self, table: str, before: str) -> int:
         """Delete the rows of ``table`` whose ``received_at`` (or, when it is NULL,

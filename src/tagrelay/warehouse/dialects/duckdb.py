@@ -1,9 +1,10 @@
 """DuckDB, the embedded default: one file in the data directory.
 
-Loading: a batch travels as one list of JSON texts (one per row) and is unpacked in SQL by
-``json_transform`` into typed columns, in a single ``INSERT ... ON CONFLICT DO NOTHING`` on
-the ``message_id`` primary key. Row-at-a-time inserts (``executemany``) cost milliseconds
-per row; this costs microseconds (``bench/warehouse_bench.py``).
+Loading: a batch travels as Arrow columns, one array per column built by ``nanoarrow``
+from the planned values and read by DuckDB without a copy, in a single ``INSERT ... SELECT``
+that skips ``message_id``s already in the table. One JSON text per row unpacked by
+``json_transform`` cost DuckDB twice as much per row; row-at-a-time inserts (``executemany``)
+cost milliseconds per row (``bench/warehouse_bench.py``, ``bench/warehouse_floor_bench.py``).
 
 Locking: DuckDB locks the file for one process. While the relay writes, no other process
 can open it, not even read-only, so ``tagrelay sql`` asks the running relay, which answers
@@ -18,6 +19,7 @@ database has no access to other files (``enable_external_access = false``: no
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import re
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import duckdb
+import nanoarrow as na
 import orjson
 
 from tagrelay.datadir import PRIVATE_DIR_MODE, tighten
@@ -51,11 +54,14 @@ _LOGICAL_TYPES: Final[Mapping[str, str]] = {
     "TIMESTAMP WITH TIME ZONE": ColumnType.TIMESTAMPTZ,
     "JSON": ColumnType.JSON,
 }
-_TRANSFORM_TYPES: Final[Mapping[str, str]] = {
-    **_NATIVE_TYPES,
-    # json_transform reads the ISO text; the CAST below parses it with the offset.
-    ColumnType.TIMESTAMPTZ: "VARCHAR",
+_TEXT_CASTS: Final[Mapping[str, str]] = {
+    # Arrow carries these as text: the ISO-8601 time (DuckDB's cast reads its offset), and
+    # the JSON document.
+    ColumnType.TIMESTAMPTZ: "TIMESTAMPTZ",
+    ColumnType.JSON: "JSON",
 }
+_BATCH_VIEW: Final = "tagrelay_batch"
+"""The name a batch's Arrow columns are registered under while its INSERT runs."""
 
 _READ_PRAGMAS: Final = frozenset(
     {
@@ -258,27 +264,34 @@ class DuckDBDialect:
     # -- loading ---------------------------------------------------------------------
 
     def insert_rows(
-        self, table: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, Any]]
+        self,
+        table: str,
+        columns: Mapping[str, str],
+        values: Mapping[str, Sequence[Any]],
+        count: int,
     ) -> int:
-        if not rows:
+        if not count:
             return 0
         try:
-            payload = [orjson.dumps(row).decode() for row in rows]
-        except (TypeError, orjson.JSONEncodeError):
-            payload = [orjson.dumps(json_safe(row)).decode() for row in rows]
+            batch = _arrow_batch(columns, values, count)
+        except (ValueError, TypeError, OverflowError) as e:
+            raise WarehouseError(f"cannot convert {count} rows for {table}: {e}") from e
         con = self._connection()
         try:
+            con.register(_BATCH_VIEW, batch)
             try:
                 # Optimistic: a plain INSERT is several times cheaper than ON CONFLICT on a
                 # wide table, and fresh ids are the rule. The statement is atomic: on a
                 # duplicate key nothing of it stays, and the batch goes again, skipping.
                 sql = self._insert_statement(table, columns, skip_existing=False)
-                result = con.execute(sql, [payload]).fetchone()
+                result = con.execute(sql).fetchone()
             except duckdb.ConstraintException:
                 sql = self._insert_statement(table, columns, skip_existing=True)
-                result = con.execute(sql, [payload]).fetchone()
+                result = con.execute(sql).fetchone()
+            finally:
+                con.unregister(_BATCH_VIEW)
         except duckdb.Error as e:
-            raise WarehouseError(f"cannot insert {len(rows)} rows into {table}: {e}") from e
+            raise WarehouseError(f"cannot insert {count} rows into {table}: {e}") from e
         return int(result[0]) if result else 0
 
     def _insert_statement(
@@ -287,18 +300,14 @@ class DuckDBDialect:
         key = (table, tuple(columns.items()), skip_existing)
         sql = self._insert_sql.get(key)
         if sql is None:
-            spec = orjson.dumps({name: _TRANSFORM_TYPES[kind] for name, kind in columns.items()})
+            names = [quote_identifier(name) for name in columns]
             values = ", ".join(
-                f"CAST(r.{quote_identifier(name)} AS TIMESTAMPTZ)"
-                if kind == ColumnType.TIMESTAMPTZ
-                else f"r.{quote_identifier(name)}"
-                for name, kind in columns.items()
+                f"CAST({name} AS {_TEXT_CASTS[kind]})" if kind in _TEXT_CASTS else name
+                for name, kind in zip(names, columns.values(), strict=True)
             )
             sql = (
-                f"INSERT INTO {quote_identifier(table)} "
-                f"({', '.join(quote_identifier(name) for name in columns)}) "
-                f"SELECT {values} FROM "
-                f"(SELECT json_transform(unnest($1), {_string_literal(spec.decode())}) AS r)"
+                f"INSERT INTO {quote_identifier(table)} ({', '.join(names)}) "
+                f"SELECT {values} FROM {_BATCH_VIEW}"
                 + (" ON CONFLICT DO NOTHING" if skip_existing else "")
             )
             if len(self._insert_sql) > 256:
@@ -483,6 +492,50 @@ def _run_read_only(
                 timer.join()
         _rollback(cursor)
     return QueryResult(columns=columns, rows=rows[:max_rows], truncated=len(rows) > max_rows)
+
+
+_ARROW_TYPES: Final[Mapping[str, na.Schema]] = {
+    ColumnType.VARCHAR: na.string(),
+    ColumnType.BIGINT: na.int64(),
+    ColumnType.DOUBLE: na.float64(),
+    ColumnType.BOOLEAN: na.bool_(),
+    ColumnType.TIMESTAMPTZ: na.string(),
+    ColumnType.JSON: na.string(),
+}
+_DENSE_FORMATS: Final[Mapping[str, str]] = {ColumnType.BIGINT: "q", ColumnType.DOUBLE: "d"}
+"""``array`` type codes of the number columns: a column without NULLs becomes its Arrow
+buffer in one C call, several times faster than nanoarrow's conversion value by value."""
+
+
+def _arrow_batch(
+    columns: Mapping[str, str], values: Mapping[str, Sequence[Any]], count: int
+) -> na.Array:
+    """The batch as one Arrow struct array (a table DuckDB can scan), a child per column."""
+    children = [_arrow_column(kind, values[name]) for name, kind in columns.items()]
+    schema = na.struct({name: _ARROW_TYPES[kind] for name, kind in columns.items()})
+    return na.Array(na.c_array_from_buffers(schema, count, [None], children=children))
+
+
+def _arrow_column(kind: str, values: Sequence[Any]) -> na.CArray:
+    if kind == ColumnType.JSON:
+        values = [None if value is None else _json_text(value) for value in values]
+    dense = _DENSE_FORMATS.get(kind)
+    if dense is not None and None not in values:
+        data = array.array(dense, values)
+        return na.c_array_from_buffers(_ARROW_TYPES[kind], len(data), [None, data])
+    try:
+        return na.c_array(values, _ARROW_TYPES[kind])
+    except ValueError:  # nanoarrow's, around the UnicodeEncodeError
+        # A lone surrogate (from a JSON "\udc80" escape) has no UTF-8: stored as U+FFFD,
+        # as the JSON documents of the other dialect store it (rare).
+        return na.c_array([json_safe(value) for value in values], _ARROW_TYPES[kind])
+
+
+def _json_text(value: Any) -> str:
+    try:
+        return orjson.dumps(value).decode()
+    except (TypeError, orjson.JSONEncodeError):
+        return orjson.dumps(json_safe(value)).decode()
 
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:

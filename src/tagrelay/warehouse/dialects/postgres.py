@@ -29,7 +29,7 @@ import contextlib
 import re
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Final
 
@@ -328,11 +328,16 @@ class PostgresDialect:
     # -- loading ---------------------------------------------------------------------
 
     def insert_rows(
-        self, table: str, columns: Mapping[str, str], rows: Sequence[Mapping[str, Any]]
+        self,
+        table: str,
+        columns: Mapping[str, str],
+        values: Mapping[str, Sequence[Any]],
+        count: int,
     ) -> int:
-        if not rows:
+        if not count:
             return 0
         con = self._connection()
+        rows = zip(*(values[name] for name in columns), strict=True)
         try:
             try:
                 return self._insert_typed(con, table, columns, rows)
@@ -340,33 +345,35 @@ class PostgresDialect:
                 # A value PostgreSQL's text cannot hold (NUL, in text or in JSON) or UTF-8
                 # cannot (a lone surrogate): the batch goes again as JSON documents, where
                 # both are replaced (rare; see _insert_documents).
+                rows = zip(*(values[name] for name in columns), strict=True)
                 return self._insert_documents(con, table, columns, rows)
         except psycopg.Error as e:
-            raise WarehouseError(
-                f"cannot insert {len(rows)} rows into {table}: {_message(e)}"
-            ) from e
+            raise WarehouseError(f"cannot insert {count} rows into {table}: {_message(e)}") from e
 
     def _insert_typed(
         self,
         con: psycopg.Connection[Any],
         table: str,
         columns: Mapping[str, str],
-        rows: Sequence[Mapping[str, Any]],
+        rows: Iterable[tuple[Any, ...]],
     ) -> int:
         """The batch copied column by column into a typed staging table (PostgreSQL parses
-        no JSON but the JSON columns'), then moved with one INSERT ... SELECT."""
+        no JSON but the JSON columns'), then moved with one INSERT ... SELECT. ``rows``:
+        one value per column of ``columns``, in their order."""
         stage = self._typed_stage(con, table, columns)
         names = ", ".join(quote_identifier(name) for name in columns)
-        order = list(columns)
         json_columns = [i for i, kind in enumerate(columns.values()) if kind == ColumnType.JSON]
         with con.transaction(), con.cursor() as cur:
             with cur.copy(f"COPY {stage} ({names}) FROM STDIN") as copy:
                 for row in rows:
-                    values = [row.get(name) for name in order]
-                    for i in json_columns:
-                        if values[i] is not None:
-                            values[i] = _json_text(values[i])
-                    copy.write_row(values)
+                    if json_columns:
+                        values = list(row)
+                        for i in json_columns:
+                            if values[i] is not None:
+                                values[i] = _json_text(values[i])
+                        copy.write_row(values)
+                    else:
+                        copy.write_row(row)
             cur.execute(
                 f"INSERT INTO {self._table(table)} ({names}) SELECT {names} FROM {stage} "
                 f"ON CONFLICT ({quote_identifier('message_id')}) DO NOTHING"
@@ -398,14 +405,15 @@ class PostgresDialect:
         con: psycopg.Connection[Any],
         table: str,
         columns: Mapping[str, str],
-        rows: Sequence[Mapping[str, Any]],
+        rows: Iterable[tuple[Any, ...]],
     ) -> int:
         """The batch as one JSON document per row, unpacked by ``json_to_record``; NUL
         escapes replaced by U+FFFD on the way (``_copy_text``)."""
+        documents = [dict(zip(columns, row, strict=True)) for row in rows]
         try:
-            lines = [orjson.dumps(row) for row in rows]
+            lines = [orjson.dumps(document) for document in documents]
         except (TypeError, orjson.JSONEncodeError):
-            lines = [orjson.dumps(json_safe(row)) for row in rows]
+            lines = [orjson.dumps(json_safe(document)) for document in documents]
         data = _copy_text(lines)
         names = ", ".join(quote_identifier(name) for name in columns)
         record = ", ".join(
