@@ -31,7 +31,7 @@ def test_the_default_file_loads_with_an_empty_environment() -> None:
     assert server.key.get_secret_value() == "dev-server-key"
     (warehouse,) = config.forwarders
     assert (warehouse.id, warehouse.type) == ("warehouse", "warehouse")
-    assert (warehouse.batch.max_events, warehouse.batch.max_wait_secs) == (1000, 1.0)
+    assert (warehouse.batch.max_events, warehouse.batch.max_wait_secs) == (5000, 1.0)
 
 
 def test_the_keys_come_from_the_environment_when_set() -> None:

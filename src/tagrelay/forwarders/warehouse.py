@@ -64,15 +64,24 @@ keeps the warehouse from competing with ingestion for the CPU on small machines;
 batch gains little from more (``bench/warehouse_bench.py --threads``)."""
 
 
+WAREHOUSE_BATCH_EVENTS = 5000
+"""The warehouse's default ``batch.max_events``. An INSERT costs DuckDB a few milliseconds
+whatever its size: per row of the bench's events, 9.1 us in batches of 1000 and 5.4 us in
+batches of 5000 (``bench/warehouse_bench.py``), so a relay that has fallen behind catches
+up faster with larger batches. Full batches happen only under load; the memory a batch
+holds in the warehouse process is measured in ``bench/memory_bench.py``."""
+
+
 class WarehouseConfig(ForwarderConfigBase):
     """Load events into a SQL warehouse table (embedded DuckDB by default)."""
 
     type: Literal["warehouse"] = Field(description="Forwarder type.", examples=["warehouse"])
     batch: BatchConfig = Field(
-        default_factory=lambda: BatchConfig(max_events=1000),
-        description="Batching. Each insert has a fixed cost, so the warehouse loads in "
-        "batches of 1000 by default.",
-        examples=[{"max_events": 1000, "max_wait_secs": 1.0}],
+        default_factory=lambda: BatchConfig(max_events=WAREHOUSE_BATCH_EVENTS),
+        description="Batching. Each insert has a fixed cost, so the warehouse loads up to "
+        f"{WAREHOUSE_BATCH_EVENTS} events at once by default; with little traffic a batch "
+        "goes after max_wait_secs, however small.",
+        examples=[{"max_events": WAREHOUSE_BATCH_EVENTS, "max_wait_secs": 1.0}],
     )
     dialect: Literal["duckdb", "postgres"] = Field(
         "duckdb",
