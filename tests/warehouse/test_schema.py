@@ -36,6 +36,7 @@ def _planner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     chosen = plan_by_shape if request.param == "by_shape" else plan_rows
     monkeypatch.setitem(globals(), "plan", chosen)
 
+
 V, B, D, BO, TS, J = (
     ColumnType.VARCHAR,
     ColumnType.BIGINT,
