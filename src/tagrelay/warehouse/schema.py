@@ -116,9 +116,9 @@ WIDENINGS: Final[Mapping[str, ColumnType]] = MappingProxyType(
 int beyond 2**53 never widens BIGINT). The only rules the planner applies; see the module
 docstring for the changes it never makes."""
 
-_INT64_MIN: Final = -(2**63)
-_INT64_MAX: Final = 2**63 - 1
-_EXACT_DOUBLE_INT: Final = 2**53
+INT64_MIN: Final = -(2**63)
+INT64_MAX: Final = 2**63 - 1
+EXACT_DOUBLE_INT: Final = 2**53
 
 _TIMESTAMP_RE: Final = re.compile(
     r"\d{4}-\d{2}-\d{2}T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d(?:\.\d{1,9})?"
@@ -235,6 +235,12 @@ def _name_miss(names: dict[str, str], prefix: str, key: Any) -> str:
     return name
 
 
+def cached_column_name(prefix: str, key: Any) -> str:
+    """``column_name(prefix, key)`` through the cache ``flatten`` uses."""
+    names = _names_under(prefix)
+    return names.get(key) or _name_miss(names, prefix, key)
+
+
 def _flatten_into(out: list[tuple[str, Any]], prefix: str, obj: Mapping[str, Any]) -> None:
     names = _names_under(prefix)
     append = out.append
@@ -280,7 +286,7 @@ def infer_type(value: Any) -> ColumnType | None:
     if isinstance(value, bool):
         return ColumnType.BOOLEAN
     if isinstance(value, int):
-        if _INT64_MIN <= value <= _INT64_MAX:
+        if INT64_MIN <= value <= INT64_MAX:
             return ColumnType.BIGINT
         return ColumnType.DOUBLE if _fits_double(value) else ColumnType.VARCHAR
     if isinstance(value, float):
@@ -316,12 +322,12 @@ def convert(column_type: str, value: Any) -> Any:
         return str(value)
     if column_type == ColumnType.BIGINT:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value if _INT64_MIN <= value <= _INT64_MAX else _MISFIT
+            return value if INT64_MIN <= value <= INT64_MAX else _MISFIT
         return _MISFIT
     if column_type == ColumnType.DOUBLE:
         if isinstance(value, float):
             return value
-        exact = isinstance(value, int) and -_EXACT_DOUBLE_INT <= value <= _EXACT_DOUBLE_INT
+        exact = isinstance(value, int) and -EXACT_DOUBLE_INT <= value <= EXACT_DOUBLE_INT
         return float(value) if exact and not isinstance(value, bool) else _MISFIT
     if column_type == ColumnType.BOOLEAN:
         return value if isinstance(value, bool) else _MISFIT
@@ -370,7 +376,7 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, bool) or value is None:
         return value
     if isinstance(value, int):
-        return value if _INT64_MIN <= value <= 2**64 - 1 else str(value)
+        return value if INT64_MIN <= value <= 2**64 - 1 else str(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, list | tuple):
@@ -448,7 +454,7 @@ def plan_rows(
     isfinite = math.isfinite
 
     for event in events:
-        message_id = _message_id(event)
+        message_id = message_id_of(event)
         generated = message_id is None
         if message_id is None:
             message_id = content_id(event)
@@ -490,7 +496,7 @@ def plan_rows(
                     row[name] = value
                     continue
             elif cls is int:
-                if column_type is bigint and _INT64_MIN <= value <= _INT64_MAX:
+                if column_type is bigint and INT64_MIN <= value <= INT64_MAX:
                     row[name] = value
                     continue
             elif cls is float:
@@ -572,7 +578,7 @@ def _widen_planned(rows: list[dict[str, Any]], name: str, wider: ColumnType) -> 
     return True
 
 
-def _message_id(event: Mapping[str, Any]) -> str | None:
+def message_id_of(event: Mapping[str, Any]) -> str | None:
     """The value the ``message_id`` column gets: that of the first top-level key named so
     (``messageId`` in practice) with a value, as text; None when it is missing, empty or
     not a scalar."""

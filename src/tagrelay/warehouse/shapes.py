@@ -1,29 +1,31 @@
 """Planning a batch by the shapes of its events: the warehouse's fast path.
 
 ``schema.plan_rows`` applies the rules of ``tagrelay.warehouse.schema`` value by value, in
-Python: tens of microseconds per event, more than the database takes to store it. Yet the
-events of one source almost all have the same shape: the same keys, nested the same way,
-with values of the same Python types. ``plan`` decides the rules once per shape and applies
-them to whole columns:
+Python: 15-20 us per event of the bench's, more than DuckDB takes to store it. Yet the events
+of one source almost all have the same shape: the same keys, nested the same way. ``plan``
+decides the rules once per shape and applies them to whole columns:
 
-1. Each event is read once into its *shape* (its keys and the type of each value, nested)
-   and the tuple of its values, with C-level calls only (``tuple``, ``map(type, ...)``).
-2. For a shape seen for the first time against these table columns, every leaf is given its
-   column and what its values need: nothing (a string into VARCHAR), a check over the
-   column (ints within BIGINT, floats finite, timestamps valid), or a conversion (an int
-   into a DOUBLE column). A shape whose events would add a column, collide, or put a value
-   into ``_unmapped_data`` has no such plan.
-3. The events of one shape are turned into columns with ``zip(*rows)``, and each column is
-   checked and converted as a whole.
-4. Whatever the shapes cannot plan (events of a shape without a plan, a column that fails
-   its check) goes through ``schema.plan_rows`` with the table's columns: new columns,
-   misfits and collisions are decided there, as always. If that widens a column of the
-   table, the whole batch is planned by ``plan_rows``, once: a widening converts values
-   of earlier events too, and it happens once in a column's life.
+1. Each event is read into the tuple of its values, object after object, with C-level calls
+   (``tuple(obj.values())``). Its top-level keys find the shapes seen with them; a shape
+   knows where its nested objects are and which keys each has, compared rather than
+   hashed (``_read_as``). An event of a shape new to the cache is walked once (``_read``).
+2. For each shape, once per set of table columns, every leaf gets its column: a shape
+   whose leaves collide, or take ``_unmapped_data``'s name, is not stored here; a leaf
+   without a column may stay, as long as its values are null.
+3. The events of one shape become columns with ``zip(*rows)``, and each column is checked
+   and converted as a whole by the types its values have (``_checked``): strings into
+   VARCHAR as they are, ints within BIGINT by their min and max, floats finite, every
+   timestamp of a column by one regular expression, ints into DOUBLE exact; a column of
+   mixed types value by value. An event with a value that does not fit leaves its group.
+4. What the shapes do not store (an event that adds a column, a misfit, a collision, an
+   odd id) goes through ``schema.plan_rows`` with the table's columns, in batch order: new
+   columns, ``_unmapped_data`` and its counts are decided there, as always. If that widens
+   a column of the table, the whole batch is planned by ``plan_rows``: a widening converts
+   the values of earlier events too, and happens once in a column's life.
 
-The result is the ``Plan`` ``plan_rows`` would give for the same batch, with its columns in
-batch order (``tests/warehouse/test_shapes.py`` checks both against each other on
-generated batches).
+The result is the ``Plan`` ``plan_rows`` gives for the same batch, its columns in batch
+order: ``tests/warehouse/test_shapes.py`` compares the two on targeted and generated
+batches, and ``tests/warehouse/test_schema.py`` runs every rule against both.
 """
 
 from __future__ import annotations
@@ -39,22 +41,21 @@ from typing import Any, Final
 from tagrelay.model import Event
 from tagrelay.warehouse.schema import (
     DEDUP_KEY,
+    EXACT_DOUBLE_INT,
+    INT64_MAX,
+    INT64_MIN,
     MISFIT,
     UNMAPPED_COLUMN,
     ColumnType,
     Plan,
-    _message_id,
-    _name_miss,
-    _names_under,
+    cached_column_name,
     content_id,
     convert,
     is_timestamp,
+    message_id_of,
     plan_rows,
 )
 
-_INT64_MIN: Final = -(2**63)
-_INT64_MAX: Final = 2**63 - 1
-_EXACT_DOUBLE_INT: Final = 2**53
 _NONE: Final = type(None)
 
 Shape = tuple[Any, ...]
@@ -88,11 +89,11 @@ def _timestamps(values: Column) -> Column | None:
 
 
 def _bigints(values: Column) -> Column | None:
-    return values if min(values) >= _INT64_MIN and max(values) <= _INT64_MAX else None
+    return values if min(values) >= INT64_MIN and max(values) <= INT64_MAX else None
 
 
 def _exact_doubles(values: Column) -> Column | None:
-    if min(values) >= -_EXACT_DOUBLE_INT and max(values) <= _EXACT_DOUBLE_INT:
+    if min(values) >= -EXACT_DOUBLE_INT and max(values) <= EXACT_DOUBLE_INT:
         return list(map(float, values))
     return None
 
@@ -226,11 +227,10 @@ def _leaves_of(shape: Shape, prefix: str, start: int, out: list[tuple[int, str]]
     (``schema.flatten``); return the position after its values."""
     keys = shape[0]
     nested_at = shape[1] if len(shape) > 1 else ()
-    names = _names_under(prefix)
     after = start + len(keys)
     nested = iter(shape[2:])
     for index, key in enumerate(keys):
-        name = names.get(key) or _name_miss(names, prefix, key)
+        name = cached_column_name(prefix, key)
         if index in nested_at:
             after = _leaves_of(next(nested), name, after, out)
         else:
@@ -327,7 +327,7 @@ _SHAPES: Final = _ShapeCache()
 
 _ID_TYPES: Final = frozenset({str, int, float, bool, _NONE})
 """Types of a ``messageId`` value that ``plan_rows`` would store in ``message_id`` (or skip):
-the column's values come from ``schema._message_id`` for these."""
+the column's values come from ``schema.message_id_of`` for these."""
 
 
 @dataclass(slots=True)
@@ -374,7 +374,7 @@ def plan(
             elif value.__class__ not in _ID_TYPES:
                 shape_plan = _NO_PLAN  # a list or the like: a misfit id
         if message_id is None:
-            message_id = _message_id(event)
+            message_id = message_id_of(event)
         made = not message_id
         if not message_id:
             message_id = content_id(event)
