@@ -157,9 +157,9 @@ def run(
     events: list[dict[str, Any]], batch: int, args: argparse.Namespace, directory: Path
 ) -> None:
     drop_schema(args, batch)
+    lines = [[orjson.dumps(e) for e in events[s : s + batch]] for s in range(0, len(events), batch)]
     rss_before = rss_mb()
     warehouse = open_warehouse(args, batch, directory)
-    lines = [[orjson.dumps(e) for e in events[s : s + batch]] for s in range(0, len(events), batch)]
     phases = Phases()
     parse_secs = 0.0
     inserted = 0
