@@ -1,6 +1,7 @@
 """A relay started with the default configuration (config/tagrelay.yaml: the warehouse and
-nothing else) holds only what that configuration needs: the other forwarders' modules stay
-unimported (bench/memory_bench.py says what that saves). The relay is started in a fresh interpreter, as ``tagrelay serve`` starts it,
+nothing else) holds only what that configuration needs: the other forwarders' modules, and
+the libraries only they or encryption use, stay unimported (bench/memory_bench.py says what
+that saves). The relay is started in a fresh interpreter, as ``tagrelay serve`` starts it,
 so that nothing this test process imported counts."""
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ async def main() -> None:
 asyncio.run(main())
 """
 
+LIBRARIES_NOT_NEEDED = ("cryptography", "phonenumbers")
+"""cryptography: encryption.keys and Google service accounts only; phonenumbers: the ad
+forwarders' user data only."""
+
+
 @pytest.fixture(scope="module")
 def modules_of_a_started_relay(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     data_dir = tmp_path_factory.mktemp("data")
@@ -64,3 +70,10 @@ def test_a_forwarder_no_configuration_names_is_not_imported(
 ) -> None:
     assert FORWARDERS[kind].__module__ not in modules_of_a_started_relay
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("library", LIBRARIES_NOT_NEEDED)
+def test_a_library_only_other_options_need_is_not_imported(
+    library: str, modules_of_a_started_relay: set[str]
+) -> None:
+    assert library not in modules_of_a_started_relay
