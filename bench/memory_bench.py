@@ -48,6 +48,7 @@ import json
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -302,6 +303,77 @@ def print_report(
         p(f"  {name:<5} RSS sum {value:6.1f} MiB < {limit:.0f}: {verdict}")
 
 
+FLOOR_STEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "spool writer": (("-I", "-S"), ("sqlite3",)),
+    "relay": ((), ("asyncio", "aiohttp.web", "pydantic", "tagrelay.cli.serve")),
+    "warehouse": ((), ("duckdb", "duckdb.connect", "tagrelay.warehouse.process")),
+}
+"""``--floor``: per process, its interpreter's flags (the spool writer runs isolated, with
+the standard library only) and the steps measured one after the other: modules imported,
+and ``duckdb.connect`` (a new database file)."""
+
+_FLOOR_CHILD = """
+import sys
+for step in sys.argv[1:]:
+    if step == "duckdb.connect":
+        import duckdb, tempfile
+        folder = tempfile.TemporaryDirectory()
+        connection = duckdb.connect(folder.name + "/floor.duckdb")
+    elif step != "python":
+        __import__(step)
+    print(step, flush=True)
+    sys.stdin.readline()
+"""
+"""The child of ``floor_steps``: nothing imported before the first figures but ``sys``."""
+
+
+def floor_steps(flags: tuple[str, ...], steps: tuple[str, ...]) -> list[tuple[str, Footprint]]:
+    """A fresh interpreter with ``flags`` takes ``steps`` one by one; its figures after the
+    bare start and after each step (read while it waits for the next)."""
+    child = subprocess.Popen(
+        [sys.executable, *flags, "-c", _FLOOR_CHILD, "python", *steps],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    figures = []
+    try:
+        for _ in range(len(steps) + 1):
+            step = child.stdout.readline().strip()
+            fp = footprint(child.pid)
+            if not step or fp is None:
+                raise SystemExit(f"the floor step after {figures[-1:]} failed")
+            figures.append((step, fp))
+            child.stdin.write("\n")
+            child.stdin.flush()
+    finally:
+        child.stdin.close()
+        child.wait(timeout=30)
+    return figures
+
+
+def print_floor() -> None:
+    """What each process holds before it does anything of its own: the interpreter, then
+    each library it cannot start without, measured step by step."""
+    print()
+    print("tagrelay memory floor (a fresh interpreter per process, one step at a time)")
+    print(f"  load average: {uptime()}")
+    hdr = f"{'process':<13} {'step':<28} {'RSS':>7} {'+RSS':>6} {'USS':>7} {'anon':>7} {'file':>7}"
+    print(hdr)
+    print("-" * len(hdr))
+    for process, (flags, steps) in FLOOR_STEPS.items():
+        previous = 0
+        for step, fp in floor_steps(flags, steps):
+            label = f"python {' '.join(flags)}".strip() if step == "python" else step
+            print(
+                f"{process:<13} {label:<28} {mb(fp.rss):>7} {mb(fp.rss - previous):>6} "
+                f"{mb(fp.uss):>7} {mb(fp.anon):>7} {mb(fp.file):>7}"
+            )
+            previous = fp.rss
+        print()
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="memory_bench.py",
@@ -347,6 +419,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--start-timeout", type=float, default=60.0, help="seconds for /healthz")
     p.add_argument("--idle-only", action="store_true", help="measure at idle only, with no load")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help="print instead what each process holds once its interpreter and the libraries "
+        "it cannot do without are loaded (no relay is started)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return p.parse_args(argv)
@@ -354,6 +432,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
+    if args.floor:
+        print_floor()
+        return 0
     args.wrk = None if args.idle_only else find_wrk(args)
     interrupt_on_signals()
     tmp = Path(tempfile.mkdtemp(prefix="tagrelay-membench-"))
