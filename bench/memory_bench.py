@@ -171,20 +171,26 @@ class Moment:
     processes: dict[str, Footprint] = field(default_factory=dict)
     total: Footprint = field(default_factory=Footprint)
     hwm_kb: dict[str, int] = field(default_factory=dict)
-    """VmHWM by process (peak rows only)."""
+    """VmHWM by process (peak rows only; their sum is an upper bound of the sum's peak,
+    as the processes need not peak at once)."""
+
+
+def named_processes(root: int) -> dict[str, int]:
+    """The relay's processes by role (two of one role told apart by their pid)."""
+    named: dict[str, int] = {}
+    for pid in relay_processes(root):
+        name = role(pid, root)
+        named[f"{name} {pid}" if name in named else name] = pid
+    return named
 
 
 def measure(root: int) -> Moment:
     moment = Moment()
-    for pid in relay_processes(root):
+    for name, pid in named_processes(root).items():
         fp = footprint(pid)
-        if fp is None:
-            continue
-        name = role(pid, root)
-        if name in moment.processes:  # two processes of one role: keep them apart
-            name = f"{name} {pid}"
-        moment.processes[name] = fp
-        moment.total = moment.total.plus(fp)
+        if fp is not None:
+            moment.processes[name] = fp
+            moment.total = moment.total.plus(fp)
     return moment
 
 
@@ -209,11 +215,8 @@ class PeakSampler:
         self._thread.join()
         self._sample()
         # The kernel's own peak, which also sees what happened between two samples.
-        for pid in relay_processes(self.root):
-            name = role(pid, self.root)
-            self.peak.hwm_kb[name] = max(
-                self.peak.hwm_kb.get(name, 0), proc_status_kb(pid, "VmHWM")
-            )
+        for name, pid in named_processes(self.root).items():
+            self.peak.hwm_kb[name] = proc_status_kb(pid, "VmHWM")
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -239,6 +242,10 @@ def bench_config(source: Path, data_dir: Path) -> str:
         {"id": "memory-bench", "kind": "server", "key": WRITE_KEY},
     ]
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def events_per_s(args: argparse.Namespace, load: LoadResult) -> float:
+    return load.req_per_s * (args.batch_size if args.scenario == "batch" else 1)
 
 
 def mb(kb: int) -> str:
@@ -281,10 +288,9 @@ def print_report(
             )
         p()
     if load is not None:
-        events = load.req_per_s * (args.batch_size if args.scenario == "batch" else 1)
         depth, secs = drained
         p(
-            f"load: {events:,.0f} events/s acknowledged ({load.failed} failed); "
+            f"load: {events_per_s(args, load):,.0f} events/s acknowledged ({load.failed} failed); "
             + (
                 f"the warehouse spool drained {secs:.1f} s after the load"
                 if depth == 0 and secs is not None
@@ -501,11 +507,7 @@ def main(argv: list[str]) -> int:
             json.dumps(
                 {
                     "moments": {name: asdict(m) for name, m in moments.items()},
-                    "events_per_s": (
-                        load.req_per_s * (args.batch_size if args.scenario == "batch" else 1)
-                        if load
-                        else None
-                    ),
+                    "events_per_s": events_per_s(args, load) if load else None,
                     "drained": drained,
                     "load_average": [before, uptime()],
                 },
