@@ -18,6 +18,9 @@ only safe for about 2**32 messages per key, which a busy relay writes in days. S
 ``Keyring`` derives a fresh subkey (HKDF-SHA256 over the configured key and a random 16-byte
 salt carried in the blob) and counts nonces under it; a subkey is replaced long before its
 counter could wrap. Decryption derives each salt's subkey once and caches it.
+
+The ``cryptography`` package (some megabytes of native code) is imported by the first
+``Keyring``: a relay without ``encryption.keys`` never loads it.
 """
 
 from __future__ import annotations
@@ -30,11 +33,10 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 KEY_BYTES = 32
 _MAGIC = 0x00
@@ -96,6 +98,11 @@ class Keyring:
     """
 
     def __init__(self, keys: Sequence[bytes]) -> None:
+        from cryptography.exceptions import InvalidTag
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+        self._aead_of = AESGCM
+        self._invalid_tag = InvalidTag
         if not keys:
             raise CryptoError("a keyring needs at least one key")
         for key in keys:
@@ -164,14 +171,14 @@ class Keyring:
         aead = self._subkey(kid, salt)
         try:
             return aead.decrypt(nonce, bytes(blob[HEADER_BYTES:]), bytes(blob[:HEADER_BYTES]) + aad)
-        except InvalidTag:
+        except self._invalid_tag:
             raise CryptoError(
                 "an encrypted blob failed authentication (tampered, truncated or moved)"
             ) from None
 
     def _new_subkey(self) -> None:
         self._salt = os.urandom(_SALT_BYTES)
-        self._aead = AESGCM(_derive(self._primary_key, self._salt))
+        self._aead = self._aead_of(_derive(self._primary_key, self._salt))
         self._counter = itertools.count()
         self._remember(self._primary_id, self._salt, self._aead)
 
@@ -181,7 +188,7 @@ class Keyring:
             if aead is not None:
                 self._subkeys.move_to_end((kid, salt))
                 return aead
-        aead = AESGCM(_derive(self._keys[kid], salt))
+        aead = self._aead_of(_derive(self._keys[kid], salt))
         with self._lock:
             self._remember(kid, salt, aead)
         return aead
@@ -194,4 +201,7 @@ class Keyring:
 
 
 def _derive(key: bytes, salt: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=salt, info=_HKDF_INFO).derive(key)

@@ -8,14 +8,19 @@ from typing import Annotated, Any, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
+from tagrelay.config.common import LazyUnion
 from tagrelay.config.models import Config
 from tagrelay.config.reference import iter_sections, render_reference
 from tagrelay.forwarders import FORWARDERS
 
 
 def models_in(annotation: Any) -> Iterator[type[BaseModel]]:
-    """Every model class an annotation mentions, through Annotated, lists, dicts, unions."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+    """Every model class an annotation mentions, through Annotated, lists, dicts, unions
+    (a ``LazyUnion``'s members included)."""
+    if isinstance(annotation, LazyUnion):
+        for member in annotation.members():
+            yield from models_in(member)
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
         yield annotation
         for field in annotation.model_fields.values():
             yield from models_in(field.annotation)

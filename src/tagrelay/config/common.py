@@ -6,10 +6,22 @@ README's reference are generated from them, and a test enforces that none is mis
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args, get_origin
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    TypeAdapter,
+)
 from pydantic.fields import FieldInfo
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 from yarl import URL
 
 ConsentCategory = Literal["analytics", "ads", "ad_user_data", "ad_personalization"]
@@ -28,14 +40,61 @@ ForwarderId = Annotated[
 ]
 
 
+@dataclass(frozen=True, eq=False)
+class LazyUnion:
+    """A discriminated union of models whose members are looked up by tag as values are
+    validated, put on a field as ``Annotated[Base, LazyUnion(...)]``.
+
+    Validation is a tagged union like pydantic's own (the same errors, with the tag in their
+    locations), but each member is asked of ``model`` only when a value carries its tag: a
+    union over every forwarder's config would import every forwarder's module (and what
+    each imports) to validate a file that names one of them. The JSON Schema is the whole
+    union, every member looked up, as a plain discriminated union would give it.
+    """
+
+    discriminator: str
+    tags: Collection[str]
+    """Every valid tag; iterated without looking any member up."""
+    model: Callable[[str], type[BaseModel]]
+    """The member of a tag (imported on first use)."""
+
+    def members(self) -> tuple[type[BaseModel], ...]:
+        """Every member, in tag order: each one looked up."""
+        return tuple(self.model(tag) for tag in self.tags)
+
+    def union(self) -> Any:
+        """The same union as a plain pydantic discriminated union of every member."""
+        return Annotated[Union[self.members()], Field(discriminator=self.discriminator)]  # noqa: UP007
+
+    def _validate(self, tag: str, value: Any) -> BaseModel:
+        return self.model(tag).model_validate(value)
+
+    def __get_pydantic_core_schema__(
+        self, source: Any, handler: GetCoreSchemaHandler
+    ) -> CoreSchema:
+        choices: dict[str, CoreSchema] = {
+            tag: core_schema.no_info_plain_validator_function(partial(self._validate, tag))
+            for tag in self.tags
+        }
+        return core_schema.tagged_union_schema(choices, self.discriminator)
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return handler(TypeAdapter(self.union()).core_schema)
+
+
 def unwrap_annotated(annotation: Any, discriminator: str | None = None) -> tuple[Any, str | None]:
     """Strip ``Annotated[...]`` layers from a field's annotation; also return the union
-    discriminator one of them declares (or ``discriminator`` when none does)."""
+    discriminator one of them declares (or ``discriminator`` when none does). A
+    ``LazyUnion`` in them is returned as the annotation, with its discriminator."""
     while get_origin(annotation) is Annotated:
         annotation, *metadata = get_args(annotation)
         for meta in metadata:
             if isinstance(meta, FieldInfo) and isinstance(meta.discriminator, str):
                 discriminator = meta.discriminator
+            elif isinstance(meta, LazyUnion):
+                return meta, meta.discriminator
     return annotation, discriminator
 
 

@@ -44,7 +44,7 @@ from pydantic_core import ErrorDetails
 from yaml.constructor import ConstructorError, SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
-from tagrelay.config.common import unwrap_annotated
+from tagrelay.config.common import LazyUnion, unwrap_annotated
 from tagrelay.config.models import Config
 from tagrelay.errors import ConfigError, ConfigProblem
 
@@ -449,6 +449,11 @@ def _walk(error_loc: tuple[int | str, ...]) -> _Where:
         elif origin is dict:
             loc.append(item)
             annotation, discriminator = get_args(annotation)[1], None
+        elif isinstance(annotation, LazyUnion):
+            # ``item`` is the tag, inserted as a discriminated union does: not in the file.
+            known = isinstance(item, str) and item in annotation.tags
+            annotation = annotation.model(str(item)) if known else None
+            discriminator = None
         elif origin in (Union, types.UnionType):
             # ``item`` is the tag pydantic inserted for the union member: not in the file.
             members = get_args(annotation)
@@ -590,9 +595,12 @@ def _unknown_key_message(where: _Where) -> str:
 
 
 def _tag_message(error: ErrorDetails, where: _Where) -> str:
-    members = get_args(where.annotation) if where.annotation is not None else ()
-    discriminator = where.discriminator or ""
-    valid = sorted(str(tag) for member in members for tag in _tags(member, discriminator))
+    if isinstance(where.annotation, LazyUnion):
+        valid = sorted(where.annotation.tags)
+    else:
+        members = get_args(where.annotation) if where.annotation is not None else ()
+        discriminator = where.discriminator or ""
+        valid = sorted(str(tag) for member in members for tag in _tags(member, discriminator))
     choices = ", ".join(valid)
     if error["type"] == "union_tag_not_found":
         if isinstance(error["input"], dict):

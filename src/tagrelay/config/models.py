@@ -10,11 +10,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from tagrelay.config.common import ConfigModel, ForwarderConfigBase
+from tagrelay.config.common import ConfigModel, ForwarderConfigBase, LazyUnion
 from tagrelay.config.google_gateway import GoogleGatewayConfig
 from tagrelay.config.google_scripts import GoogleScriptsConfig
 from tagrelay.crypto import CryptoError, Keyring
@@ -985,20 +985,23 @@ class DemoConfig(ConfigModel):
     )
 
 
-def _forwarder_union() -> Any:
-    models = tuple(cls.config_model for cls in FORWARDERS.values())
-    return Annotated[Union[models], Field(discriminator="type")]  # noqa: UP007
+def _forwarder_config_model(kind: str) -> type[ForwarderConfigBase]:
+    return FORWARDERS[kind].config_model
 
 
 if TYPE_CHECKING:
-    # The union is built from the registry at run time, which mypy cannot follow.
+    # The union is looked up in the registry at run time, which mypy cannot follow.
     # Statically, an item of ``Config.forwarders`` is what every member has in common.
 
     class ForwarderConfig(ForwarderConfigBase):
         type: str
 
 else:
-    ForwarderConfig = _forwarder_union()
+    # Each type's config model (and its forwarder's module) is imported when a file
+    # names the type: see ``LazyUnion``.
+    ForwarderConfig = Annotated[
+        ForwarderConfigBase, LazyUnion("type", FORWARDERS, _forwarder_config_model)
+    ]
 
 
 class Config(ConfigModel):

@@ -29,7 +29,7 @@ from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined, to_jsonable_python
 
-from tagrelay.config.common import unwrap_annotated
+from tagrelay.config.common import LazyUnion, unwrap_annotated
 from tagrelay.config.models import Config
 
 __all__ = [
@@ -94,6 +94,8 @@ def _nested(path: str, annotation: Any) -> Iterator[Section]:
         yield from _nested(f"{path}[]", get_args(annotation)[0])
     elif origin is dict:
         yield from _nested(f"{path}.<name>", get_args(annotation)[1])
+    elif isinstance(annotation, LazyUnion):
+        yield from _discriminated(path, list(annotation.members()), annotation.discriminator)
     elif origin in (Union, types.UnionType):
         members = [m for m in get_args(annotation) if _is_model(m)]
         if discriminator and members:
@@ -234,6 +236,8 @@ def _type_name(annotation: Any) -> str:
     if origin is dict:
         key, value = get_args(annotation)
         return f"mapping of {_type_name(key)} to {_type_name(value)}"
+    if isinstance(annotation, LazyUnion):
+        return f"mapping, by `{annotation.discriminator}`"
     if origin in (Union, types.UnionType):
         if discriminator:
             return f"mapping, by `{discriminator}`"

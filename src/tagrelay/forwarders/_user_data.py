@@ -114,7 +114,6 @@ from operator import attrgetter
 from typing import Annotated, Any, Final, Literal, get_args
 from urllib.parse import parse_qsl, urlsplit
 
-import phonenumbers
 from pydantic import AfterValidator
 
 from tagrelay.forwarders._memo import ObjectMemo
@@ -560,6 +559,10 @@ def _parse_phone(value: str, region: str | None) -> str | None:
         text = "+" + compact[2:]
     if not text.startswith("+") and region is None:
         text = "+" + text  # no country to assume: the digits must start with one
+    # Imported on first use, as in ``is_phone_country``: a relay none of whose forwarders
+    # reads phone numbers never loads the library.
+    import phonenumbers
+
     try:
         number = phonenumbers.parse(text, region)
     except phonenumbers.NumberParseException:
@@ -856,6 +859,8 @@ def looks_like_email(text: str) -> bool:
 
 def is_phone_country(code: str) -> bool:
     """An ISO 3166-1 alpha-2 code (upper case) that phone numbers can be read for."""
+    import phonenumbers
+
     return code in phonenumbers.SUPPORTED_REGIONS
 
 
