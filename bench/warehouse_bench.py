@@ -38,6 +38,7 @@ from typing import Any
 import orjson
 
 import tagrelay.warehouse
+from tagrelay.forwarders.warehouse import WAREHOUSE_MEMORY_LIMIT_MB
 from tagrelay.warehouse import Warehouse
 from tagrelay.warehouse.process import collector_paused
 from tagrelay.warehouse.schema import plan_rows
@@ -264,8 +265,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="DuckDB threads (default 1)")
     parser.add_argument(
         "--memory-limit",
-        default="256MB",
-        help="DuckDB memory_limit (default 256MB, the relay's default memory_limit_mb)",
+        default=f"{WAREHOUSE_MEMORY_LIMIT_MB}MB",
+        help=f"DuckDB memory_limit (default {WAREHOUSE_MEMORY_LIMIT_MB}MB, the relay's default "
+        "memory_limit_mb)",
     )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--dialect", choices=["duckdb", "postgres"], default="duckdb")

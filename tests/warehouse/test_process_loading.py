@@ -1,9 +1,13 @@
-"""The warehouse process's load of a batch: parsed and stored with the cyclic collector
-paused, and the collector as it was afterwards, whatever happened."""
+"""The warehouse process's loads: a batch parsed and stored with the cyclic collector paused
+(and the collector as it was afterwards, whatever happened), and a checkpoint once the loads
+stop."""
 
 from __future__ import annotations
 
 import gc
+import multiprocessing
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +15,7 @@ import orjson
 import pytest
 
 from tagrelay.warehouse import Warehouse
-from tagrelay.warehouse.process import SpoolReaders, _serve, collector_paused
+from tagrelay.warehouse.process import SpoolReaders, _serve, collector_paused, serve_loads
 
 
 @pytest.fixture
@@ -62,3 +66,38 @@ def test_a_collector_that_was_off_stays_off() -> None:
     finally:
         if was:
             gc.enable()
+
+
+def test_the_process_checkpoints_once_loads_stop(tmp_path: Path) -> None:
+    database = tmp_path / "w.duckdb"
+    wal = tmp_path / "w.duckdb.wal"
+    warehouse = Warehouse.open("duckdb", str(database), settings={"checkpoint_threshold": "1GB"})
+    relay_end, child_end = multiprocessing.Pipe()
+    checkpoints: list[int] = []
+    checkpoint = warehouse.checkpoint
+
+    def counted() -> None:
+        checkpoints.append(wal.stat().st_size)
+        checkpoint()
+
+    warehouse.checkpoint = counted  # type: ignore[method-assign]
+    serving = threading.Thread(
+        target=serve_loads, args=(child_end, warehouse, SpoolReaders(), 0.2), daemon=True
+    )
+    serving.start()
+    try:
+        lines = b"\n".join(orjson.dumps({"messageId": f"m{i}", "n": i}) for i in range(200))
+        relay_end.send(("insert", lines))
+        assert relay_end.recv()[0] == "ok"
+        assert wal.stat().st_size > 0  # the rows are in the log only
+        deadline = time.monotonic() + 30
+        while not checkpoints and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # no second checkpoint without a new load
+        assert len(checkpoints) == 1 and checkpoints[0] > 0
+        assert not wal.exists() or wal.stat().st_size == 0
+    finally:
+        relay_end.close()
+        serving.join(10)
+        warehouse.close()
+    assert not serving.is_alive()

@@ -72,6 +72,21 @@ up faster with larger batches. Full batches happen only under load; the memory a
 holds in the warehouse process is measured in ``bench/memory_bench.py``."""
 
 
+CHECKPOINT_THRESHOLD = "256MB"
+"""How much write-ahead log DuckDB gathers before it checkpoints (its default is 16MB). A
+checkpoint costs more the larger the table: loading the bench's events in batches of 5,000
+into a table past 300,000 rows cost 15-18 us per row with 16MB, 9 with 64MB and 6 with
+256MB. The cost is a log of up to 256 MB on disk, replayed when the relay starts after a
+crash (a clean stop checkpoints)."""
+
+WAREHOUSE_MEMORY_LIMIT_MB = 128
+"""The default ``memory_limit_mb``. DuckDB's buffer pool fills up to its limit while a
+backlog loads, mostly at checkpoints: under ``bench/memory_bench.py --scenario batch`` the
+warehouse process peaked at 324 MB with 256, 239 MB with 128 and 180 MB with 64, and took
+the backlog in 14.5, 16.3 and 18.1 s. 128 gives back about a tenth of the load rate for a
+third of the peak; a relay with memory to spare loads faster with more."""
+
+
 class WarehouseConfig(ForwarderConfigBase):
     """Load events into a SQL warehouse table (embedded DuckDB by default)."""
 
@@ -123,12 +138,12 @@ class WarehouseConfig(ForwarderConfigBase):
         examples=[1000],
     )
     memory_limit_mb: int = Field(
-        256,
+        WAREHOUSE_MEMORY_LIMIT_MB,
         ge=64,
         description="Memory the embedded database may use (DuckDB's memory_limit, which "
         "bounds its cache and the message_id index too); larger queries spill to disk "
         "(duckdb only).",
-        examples=[256],
+        examples=[WAREHOUSE_MEMORY_LIMIT_MB],
     )
     hash_pii: bool = Field(
         False,
@@ -194,7 +209,11 @@ class WarehouseConfig(ForwarderConfigBase):
             return {"schema": self.db_schema, "application_name": f"tagrelay-{self.id}"}
         if read_only:
             return {}
-        return {"threads": WRITER_THREADS, "memory_limit": f"{self.memory_limit_mb}MB"}
+        return {
+            "threads": WRITER_THREADS,
+            "memory_limit": f"{self.memory_limit_mb}MB",
+            "checkpoint_threshold": CHECKPOINT_THRESHOLD,
+        }
 
 
 def database_path(config: WarehouseConfig, data_dir: Path) -> Path:

@@ -338,6 +338,12 @@ class Warehouse:
             raise WarehouseError(f"max_rows must be at least 1, got {max_rows}")
         return self.dialect.query(sql, max_rows, timeout_secs)
 
+    def checkpoint(self) -> None:
+        """Make what is stored durable in the database's own file (DuckDB's CHECKPOINT;
+        nothing to do on PostgreSQL)."""
+        if not self.read_only:
+            self.dialect.checkpoint()
+
     def close(self) -> None:
         """Close the database. Idempotent."""
         self.dialect.close()

@@ -161,15 +161,45 @@ def _child_main(conn: Connection, queries: Connection) -> None:
     QueryServer(warehouse, queries).start()
     spools = SpoolReaders(cipher_for(spec.encryption_keys))
     try:
-        while True:
-            try:
-                request = conn.recv()
-            except (EOFError, OSError):
-                return  # the relay is gone
-            conn.send(_serve(warehouse, spools, request))
+        serve_loads(conn, warehouse, spools)
     finally:
         spools.close()
         warehouse.close()  # interrupts the queries still running
+
+
+def serve_loads(
+    conn: Connection, warehouse: Any, spools: SpoolReaders, idle_secs: float | None = None
+) -> None:
+    """Answer the requests on ``conn`` until it closes; once a request has been served and
+    ``idle_secs`` (default ``IDLE_CHECKPOINT_SECS``) pass without another, checkpoint."""
+    idle = IDLE_CHECKPOINT_SECS if idle_secs is None else idle_secs
+    unsaved = False
+    while True:
+        try:
+            if unsaved and not conn.poll(idle):
+                _checkpoint(warehouse)
+                unsaved = False
+                continue
+            request = conn.recv()
+        except (EOFError, OSError):
+            return  # the relay is gone
+        conn.send(_serve(warehouse, spools, request))
+        unsaved = True
+
+
+IDLE_CHECKPOINT_SECS = 5.0
+"""After a load, how long without a request before the child checkpoints the database."""
+
+
+def _checkpoint(warehouse: Any) -> None:
+    """Write what the database holds only in its log to its file, and free the memory it
+    held there: with a large ``checkpoint_threshold`` (``forwarders.warehouse``) DuckDB
+    would otherwise keep up to that much of the last loads in memory while the relay is
+    quiet. Best effort: a failure is logged, and the next load or checkpoint tries again."""
+    try:
+        warehouse.checkpoint()
+    except WarehouseError:
+        log.warning("warehouse: checkpoint failed", exc_info=True)
 
 
 class SpoolReaders:

@@ -95,6 +95,11 @@ class Dialect(Protocol):
         """Delete the rows of ``table`` that meet ``where``, in one transaction; how
         many there were."""
 
+    def checkpoint(self) -> None:
+        """Write what the engine holds only in its log to its data file (DuckDB: the log
+        and the memory it took since the last checkpoint); nothing where the engine does
+        this itself."""
+
     def compact(self) -> None:
         """After an erasure: make sure the deleted rows are gone from the storage, not only
         from the table (DuckDB rewrites its file; PostgreSQL leaves it to vacuum)."""

@@ -352,6 +352,9 @@ class DuckDBDialect:
             raise WarehouseError(f"cannot delete rows from {table}: {e}") from e
         return int(row[0]) if row else 0
 
+    def checkpoint(self) -> None:
+        self._execute("CHECKPOINT")
+
     def compact(self) -> None:
         """Rewrite the database file with its live rows only. DuckDB leaves the blocks of
         deleted rows in the file, free but unchanged, where a raw read finds them: after an

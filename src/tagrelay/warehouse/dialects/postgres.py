@@ -465,6 +465,9 @@ class PostgresDialect:
             raise WarehouseError(f"cannot delete rows from {table}: {_message(e)}") from e
         return max(deleted, 0)
 
+    def checkpoint(self) -> None:
+        """PostgreSQL checkpoints on its own."""
+
     def compact(self) -> None:
         """Nothing: PostgreSQL reclaims deleted rows' space itself (autovacuum); the bytes
         of a deleted row stay in the table's pages until the space is reused, or until a
