@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 
 import tagrelay.warehouse
-from tagrelay.forwarders.warehouse import WAREHOUSE_MEMORY_LIMIT_MB
+from tagrelay.forwarders.warehouse import CHECKPOINT_THRESHOLD, WAREHOUSE_MEMORY_LIMIT_MB
 from tagrelay.warehouse import Warehouse
 from tagrelay.warehouse.process import collector_paused
 from tagrelay.warehouse.schema import plan_rows
@@ -117,7 +117,13 @@ def open_warehouse(args: argparse.Namespace, batch: int, directory: Path) -> War
         return Warehouse.open("postgres", args.dsn, settings={"schema": f"bench_{batch}"})
     path = directory / f"bench_{batch}.duckdb"
     return Warehouse.open(
-        "duckdb", str(path), settings={"threads": args.threads, "memory_limit": args.memory_limit}
+        "duckdb",
+        str(path),
+        settings={
+            "threads": args.threads,
+            "memory_limit": args.memory_limit,
+            "checkpoint_threshold": CHECKPOINT_THRESHOLD,  # as the relay's
+        },
     )
 
 
