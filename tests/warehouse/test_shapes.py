@@ -12,17 +12,10 @@ from typing import Any
 import pytest
 
 from tagrelay.warehouse import shapes
-from tagrelay.warehouse.schema import BASE_COLUMNS, WIDENINGS, ColumnType, Plan, plan_rows
+from tagrelay.warehouse.schema import BASE_COLUMNS, WIDENINGS, Plan, plan_rows
 from tagrelay.warehouse.shapes import plan
+from tests.warehouse.test_schema import BO, TS, B, D, J, V
 
-V, B, D, BO, TS, J = (
-    ColumnType.VARCHAR,
-    ColumnType.BIGINT,
-    ColumnType.DOUBLE,
-    ColumnType.BOOLEAN,
-    ColumnType.TIMESTAMPTZ,
-    ColumnType.JSON,
-)
 TABLE: dict[str, str] = {
     **BASE_COLUMNS,
     "properties_revenue": D,

@@ -27,7 +27,9 @@ own (up to ``MAX_CONCURRENT_QUERIES`` at once), and interrupts it past its time 
 the child reads itself (``tagrelay.spool.segments``, a read-only connection kept open): a
 batch then costs the relay one small message each way instead of its events, read, split,
 joined and sent on in the relay's process, under its GIL. ``arrivals`` are the events'
-``(count, received_ms)`` runs, for the latency metric.
+``(count, received_ms)`` runs, for the latency metric. A batch is parsed and loaded with
+the cyclic garbage collector paused (``collector_paused``); ``IDLE_CHECKPOINT_SECS`` after
+the last request the child checkpoints the database (``serve_loads``).
 
 The child holds DuckDB's file lock. It exits when the load pipe closes, i.e. when the relay
 exits or dies (a SIGKILL included), interrupting the queries still running, so a restarted
