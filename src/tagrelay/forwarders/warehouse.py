@@ -77,7 +77,8 @@ CHECKPOINT_THRESHOLD = "256MB"
 checkpoint costs more the larger the table: loading the bench's events in batches of 5,000
 into a table past 300,000 rows cost 15-18 us per row with 16MB, 9 with 64MB and 6 with
 256MB. The cost is a log of up to 256 MB on disk, replayed when the relay starts after a
-crash (a clean stop checkpoints)."""
+crash (a clean stop checkpoints): 1.8 s for a log of 240 MB, 485,000 of those rows, after
+a kill."""
 
 WAREHOUSE_MEMORY_LIMIT_MB = 128
 """The default ``memory_limit_mb``. DuckDB's buffer pool fills up to its limit while a
