@@ -286,13 +286,19 @@ async def test_dead_letter_only_once_older_than_max_age(relay: Any, recorder: Re
         "max_age_secs": 0.3,
     }
     client = await relay(forwarders=[hook(recorder, retry=retry)])
-    sent_ms = time.time() * 1000
+    sent_ms, sent_at = time.time() * 1000, time.monotonic()
     await send(client, 1)
     await wait_idle(client.app)
     [dead] = await client.app[SPOOL].dead_letters("hook")
     assert dead.reason == "max_age"
     assert dead.dead_at_ms - sent_ms >= 300
-    assert dead.attempts == len(recorder.requests) > 2
+    ages = [request["at"] - sent_at for request in recorder.requests]
+    assert dead.attempts == len(ages) >= retry["max_attempts"]
+    # Its attempts used up while the event was still clearly younger than max_age, the
+    # batch was tried again. (On a busy machine the last allowed attempt may come only once
+    # the event is that old: then it is dead at once, which is right too.)
+    if ages[retry["max_attempts"] - 1] < retry["max_age_secs"] - 0.1:
+        assert len(ages) > retry["max_attempts"]
     assert "older than 0.3s (retry.max_age_secs)" in dead.detail
     assert (
         metric_value(
