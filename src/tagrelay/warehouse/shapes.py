@@ -34,6 +34,7 @@ import math
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any, Final
@@ -400,23 +401,18 @@ def plan(
     rest = None
     if slow:
         slow.sort()
-        rest = plan_rows(
-            [kept[place] for place in slow],
-            existing_columns,
-            max_columns,
+        by_rows = partial(
+            plan_rows,
+            existing_columns=existing_columns,
+            max_columns=max_columns,
             widenings=widenings,
             fixed_columns=fixed_columns,
         )
+        rest = by_rows([kept[place] for place in slow])
         if rest.widened_columns:
             # A widening converts the values of earlier events as well: plan the batch
             # event by event (once in a column's life).
-            return plan_rows(
-                events,
-                existing_columns,
-                max_columns,
-                widenings=widenings,
-                fixed_columns=fixed_columns,
-            )
+            return by_rows(events)
         stored.append((slow, dict(rest.columns)))
     insert_columns = _insert_columns(columns, rest, stored)
     return Plan(
