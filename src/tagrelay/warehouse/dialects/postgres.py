@@ -337,7 +337,7 @@ class PostgresDialect:
         if not count:
             return 0
         con = self._connection()
-        rows = zip(*(values[name] for name in columns), strict=True)
+        rows = list(zip(*(values[name] for name in columns), strict=True))
         try:
             try:
                 return self._insert_typed(con, table, columns, rows)
@@ -345,7 +345,6 @@ class PostgresDialect:
                 # A value PostgreSQL's text cannot hold (NUL, in text or in JSON) or UTF-8
                 # cannot (a lone surrogate): the batch goes again as JSON documents, where
                 # both are replaced (rare; see _insert_documents).
-                rows = zip(*(values[name] for name in columns), strict=True)
                 return self._insert_documents(con, table, columns, rows)
         except psycopg.Error as e:
             raise WarehouseError(f"cannot insert {count} rows into {table}: {_message(e)}") from e
